@@ -1,0 +1,38 @@
+"""runlens: post-hoc diagnosis of neural-network training runs.
+
+Library API (the CLI is a thin layer over it)::
+
+    import runlens
+    run = runlens.load_run("runs/exp1")
+    report = runlens.analyze(run)                 # -> runlens.Report
+    for f in report.findings:                     # -> runlens.Finding
+        print(f.signature, f.severity, f.summary)
+"""
+
+from __future__ import annotations
+
+from runlens.engine import AnalyzeOptions, analyze, parse_set
+from runlens.errors import OptionError, RunlensError, RunLoadError
+from runlens.findings import Evidence, Finding, LayerHealth, Report, RunSummary, Skipped
+from runlens.run import Run, load_run
+from runlens.signatures import REGISTRY
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "REGISTRY",
+    "AnalyzeOptions",
+    "Evidence",
+    "Finding",
+    "LayerHealth",
+    "OptionError",
+    "Report",
+    "Run",
+    "RunLoadError",
+    "RunSummary",
+    "RunlensError",
+    "Skipped",
+    "analyze",
+    "load_run",
+    "parse_set",
+]

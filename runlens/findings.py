@@ -1,0 +1,176 @@
+"""Typed values the analyzer returns: findings, the run summary, the report.
+
+Everything here is a frozen dataclass. Signatures build :class:`Finding` values and never
+print; reporters turn a :class:`Report` into text; only the CLI writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Severity = Literal["error", "warning", "info"]
+SEVERITY_ORDER: dict[str, int] = {"error": 0, "warning": 1, "info": 2}
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One named number behind a finding, with the threshold it was compared to.
+
+    ``op`` reads as "value op threshold" held, e.g. ``value=0.93 op='>' threshold=0.5``.
+    """
+
+    name: str
+    value: float
+    threshold: float | None = None
+    op: str | None = None
+    unit: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.name} = {fmt_num(self.value)}{' ' + self.unit if self.unit else ''}"
+        if self.threshold is not None:
+            text += f" ({self.op or 'vs'} {fmt_num(self.threshold)})"
+        return text
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosis: what is wrong, where, the numbers, the likely causes, the fix."""
+
+    signature: str
+    severity: Severity
+    confidence: float
+    summary: str
+    fix: str
+    steps: tuple[int, int] | None = None
+    layers: tuple[str, ...] = ()
+    evidence: tuple[Evidence, ...] = ()
+    causes: tuple[str, ...] = ()
+    # Filled by the engine's linking pass: findings explained by this one (root cause) or
+    # the finding that explains this one.
+    explains: tuple[str, ...] = ()
+    explained_by: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITY_ORDER:
+            raise ValueError(f"bad severity {self.severity!r}")
+        object.__setattr__(self, "confidence", float(min(1.0, max(0.0, self.confidence))))
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "evidence", tuple(self.evidence))
+        object.__setattr__(self, "causes", tuple(self.causes))
+        if self.steps is not None:
+            a, b = (int(s) for s in self.steps)
+            object.__setattr__(self, "steps", (min(a, b), max(a, b)))
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A signature that could not run on this run, and why (e.g. missing series)."""
+
+    signature: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    name: str
+    path: str
+    run_id: str | None
+    kind: str
+    status: str
+    schema_version: int | None
+    source_format: str = "runlens"
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    steps: int
+    first_step: int | None
+    last_step: int | None
+    duration_s: float | None
+    steps_per_s: float | None
+    final_train_loss: float | None
+    best_train_loss: float | None
+    best_train_step: int | None
+    final_val_loss: float | None
+    best_val_loss: float | None
+    best_val_step: int | None
+    ended_abnormally: bool
+    end_reason: str
+    # Extra results of special runs (e.g. suggested_lr of an LR range test).
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LayerHealth:
+    """One row of the per-layer health table (last recorded values, smoothed)."""
+
+    layer: str
+    grad_norm: float | None
+    update_ratio: float | None
+    dead_fraction: float | None
+    saturated_fraction: float | None
+    flagged_by: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CurvePreview:
+    """A curve downsampled for display (sparklines, tables, plots)."""
+
+    name: str
+    steps: tuple[int, ...]
+    values: tuple[float, ...]
+    smoothed: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Report:
+    run: RunInfo
+    summary: RunSummary
+    findings: tuple[Finding, ...]
+    skipped: tuple[Skipped, ...] = ()
+    layers: tuple[LayerHealth, ...] = ()
+    curves: tuple[CurvePreview, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def worst_severity(self) -> Severity | None:
+        if not self.findings:
+            return None
+        return min((f.severity for f in self.findings), key=SEVERITY_ORDER.__getitem__)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (non-finite floats become None). Schema: docs/report-schema.md."""
+        return _jsonable(dataclasses.asdict(self))
+
+
+def fmt_num(x: float | None) -> str:
+    """Compact human number: 3 significant digits, scientific when tiny or huge."""
+    if x is None:
+        return "n/a"
+    x = float(x)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    ax = abs(x)
+    if ax >= 1e5 or ax < 1e-3:
+        return f"{x:.2e}"
+    return f"{x:.4g}"
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _jsonable(obj.item())
+    return obj

@@ -1,0 +1,341 @@
+"""Loading a run directory into polars frames: the only place the analyzer reads files.
+
+The data model (what signatures see) is:
+
+* ``Run.meta``: the parsed ``run.json`` (an empty-ish dict when it was missing/corrupt).
+* ``Run.scalars``: LazyFrame ``step:i64, wall_time:f64, name:str, value:f64, rank:i64``.
+* ``Run.layers``: LazyFrame with the columns of ``format.LAYERS_SCHEMA`` plus ``rank``, or
+  ``None`` when the run has no layer statistics.
+* ``Run.events``: the parsed lines of ``events.jsonl``.
+* ``Run.warnings``: one line per problem tolerated while loading (a skipped segment...).
+
+Helpers return numpy arrays: :meth:`Run.scalar` one series (sorted by step, one value per
+step: the last one written wins), :meth:`Run.layer_matrix` a step × layer matrix of one
+statistic. Both are cached, so signatures can ask freely.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+from runlens_collect import format as fmt
+
+from runlens.errors import RunLoadError
+
+
+@dataclass(frozen=True)
+class Series:
+    """One scalar series: strictly increasing ``steps`` and their ``values`` (float64)."""
+
+    name: str
+    steps: np.ndarray
+    values: np.ndarray
+    wall_time: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+@dataclass(frozen=True)
+class LayerMatrix:
+    """``values[i, j]`` is the statistic of ``layers[j]`` at ``steps[i]`` (NaN if absent)."""
+
+    kind: str
+    stat: str
+    steps: np.ndarray
+    layers: tuple[str, ...]
+    values: np.ndarray
+
+    def column(self, layer: str) -> np.ndarray:
+        return self.values[:, self.layers.index(layer)]
+
+
+@dataclass
+class Run:
+    path: Path
+    meta: dict[str, Any]
+    scalars: pl.LazyFrame
+    layers: pl.LazyFrame | None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    source_format: str = "runlens"
+    rank: int | None = None
+    """Rank whose layer/scalar data is analyzed (the lowest present); None if no data."""
+
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    # -- identity ---------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name") or self.path.name)
+
+    @property
+    def status(self) -> str:
+        return str(self.meta.get("status") or "unknown")
+
+    @property
+    def kind(self) -> str:
+        return str(self.meta.get("kind") or "train")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        cfg = self.meta.get("config")
+        return cfg if isinstance(cfg, dict) else {}
+
+    @property
+    def clean_close(self) -> bool:
+        return any(e.get("kind") == "close" for e in self.events)
+
+    # -- scalars ----------------------------------------------------------------------
+    @cached_property
+    def scalar_names(self) -> tuple[str, ...]:
+        names = self.scalars.select(pl.col("name").unique()).collect()["name"].to_list()
+        return tuple(sorted(str(n) for n in names if n is not None))
+
+    def has_scalar(self, name: str) -> bool:
+        return name in self.scalar_names
+
+    def scalar(self, name: str) -> Series | None:
+        """The series ``name`` sorted by step, one value per step (last write wins)."""
+        key = ("scalar", name)
+        if key not in self._cache:
+            self._cache[key] = self._load_scalar(name) if self.has_scalar(name) else None
+        return self._cache[key]
+
+    def _load_scalar(self, name: str) -> Series | None:
+        df = (
+            self.scalars.filter(pl.col("name") == name)
+            .select("step", "wall_time", "value")
+            .collect()
+        )
+        if df.height == 0:
+            return None
+        # Sort stably on step only, so for duplicated steps the last written row wins.
+        df = df.with_row_index("_i").sort(["step", "_i"]).unique("step", keep="last")
+        df = df.sort("step")
+        return Series(
+            name=name,
+            steps=df["step"].to_numpy().astype(np.int64),
+            values=df["value"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
+            wall_time=df["wall_time"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
+        )
+
+    # -- layers -----------------------------------------------------------------------
+    @cached_property
+    def layer_kinds(self) -> tuple[str, ...]:
+        if self.layers is None:
+            return ()
+        kinds = self.layers.select(pl.col("kind").unique()).collect()["kind"].to_list()
+        return tuple(sorted(str(k) for k in kinds if k is not None))
+
+    def has_layers(self, kind: str | None = None) -> bool:
+        return bool(self.layer_kinds) if kind is None else kind in self.layer_kinds
+
+    def layer_frame(self, kind: str, columns: tuple[str, ...]) -> pl.DataFrame:
+        """Rows of one kind: ``step, layer`` plus ``columns``; duplicates resolved (last)."""
+        key = ("frame", kind, columns)
+        if key not in self._cache:
+            if self.layers is None:
+                df = pl.DataFrame()
+            else:
+                df = (
+                    self.layers.filter(pl.col("kind") == kind)
+                    .select("step", pl.col("layer").cast(pl.String), *columns)
+                    .collect()
+                )
+                if df.height:
+                    df = df.unique(["step", "layer"], keep="last", maintain_order=True)
+            self._cache[key] = df
+        return self._cache[key]
+
+    def layer_matrix(self, kind: str, stat: str) -> LayerMatrix | None:
+        """A step × layer matrix of one statistic, layers in first-seen (model) order."""
+        key = ("matrix", kind, stat)
+        if key in self._cache:
+            return self._cache[key]
+        result = None
+        if self.has_layers(kind):
+            df = self.layer_frame(kind, (stat,)) if stat != "missing" else None
+            if df is None:
+                df = self.layer_frame(kind, ("missing",)).with_columns(
+                    pl.col("missing").cast(pl.Float64)
+                )
+            if df.height:
+                result = _pivot(df, kind, stat)
+        self._cache[key] = result
+        return result
+
+    @cached_property
+    def layer_names(self) -> tuple[str, ...]:
+        """Parameter names in model order (from the weight rows, else run.json)."""
+        m = self.layer_matrix(fmt.KIND_WEIGHT, "norm")
+        if m is not None:
+            return m.layers
+        names: list[str] = []
+        for mod in (self.meta.get("model") or {}).get("modules", []) or []:
+            for p in mod.get("params", []) or []:
+                path = mod.get("path") or ""
+                names.append(f"{path}.{p['name']}" if path else str(p["name"]))
+        return tuple(names)
+
+    @cached_property
+    def module_types(self) -> dict[str, str]:
+        """Module path -> class name, from run.json's model summary."""
+        out: dict[str, str] = {}
+        for mod in (self.meta.get("model") or {}).get("modules", []) or []:
+            if isinstance(mod, dict) and "path" in mod:
+                out[str(mod["path"])] = str(mod.get("type", ""))
+        return out
+
+    @cached_property
+    def output_width(self) -> int | None:
+        shape = (self.meta.get("model") or {}).get("output_shape")
+        if isinstance(shape, list) and shape and isinstance(shape[-1], int):
+            return int(shape[-1])
+        return None
+
+
+def _pivot(df: pl.DataFrame, kind: str, stat: str) -> LayerMatrix:
+    # Model order = order of first appearance (the collector writes in named_parameters order).
+    layers = df["layer"].unique(maintain_order=True).to_list()
+    steps = np.unique(df["step"].to_numpy())
+    li = {name: j for j, name in enumerate(layers)}
+    rows = np.searchsorted(steps, df["step"].to_numpy())
+    cols = df["layer"].replace_strict(li, return_dtype=pl.Int64).to_numpy()
+    values = np.full((len(steps), len(layers)), np.nan)
+    values[rows, cols] = df[stat].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    return LayerMatrix(kind, stat, steps.astype(np.int64), tuple(layers), values)
+
+
+# -- loading ------------------------------------------------------------------------------
+
+
+def load_run(path: str | os.PathLike[str]) -> Run:
+    """Open a run directory lazily. Raises :class:`RunLoadError` with a one-line message."""
+    root = Path(path)
+    if not root.exists():
+        raise RunLoadError(f"no such run directory: {root}")
+    if not root.is_dir():
+        raise RunLoadError(f"not a run directory: {root} (a file; see `runlens import`)")
+
+    warnings: list[str] = []
+    meta = _read_meta(root, warnings)
+    scalar_files = _good_segments(root, fmt.SCALARS_DIR, fmt.SCALARS_SCHEMA.names, warnings)
+    layer_files = _good_segments(root, fmt.LAYERS_DIR, ("step", "layer", "kind"), warnings)
+    if meta is None and not scalar_files and not layer_files:
+        raise RunLoadError(f"not a runlens run: {root} has no run.json and no segments")
+    if meta is None:
+        meta = {"name": root.name, "status": "unknown"}
+    else:
+        try:
+            fmt.check_schema_version(meta)
+        except fmt.SchemaVersionError as exc:
+            raise RunLoadError(f"{root}: {exc}") from None
+
+    ranks = sorted({_rank_of(f) for f in scalar_files + layer_files})
+    rank = ranks[0] if ranks else None
+    if len(ranks) > 1:
+        warnings.append(f"run has ranks {ranks}; analyzing rank {rank}")
+    scalars = _scan(scalar_files, rank, fmt.SCALARS_SCHEMA)
+    layers = _scan(layer_files, rank, fmt.LAYERS_SCHEMA) if layer_files else None
+    if not scalar_files and not layer_files:
+        warnings.append("run has no data segments yet")
+    run = Run(
+        path=root,
+        meta=meta,
+        scalars=scalars,
+        layers=layers,
+        events=_read_events(root, warnings),
+        warnings=warnings,
+        rank=rank,
+    )
+    return run
+
+
+def _read_meta(root: Path, warnings: list[str]) -> dict[str, Any] | None:
+    p = root / fmt.RUN_JSON
+    if not p.exists():
+        return None
+    try:
+        meta = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        warnings.append(f"run.json unreadable ({type(exc).__name__}); using defaults")
+        return {"name": root.name, "status": "unknown"}
+    if not isinstance(meta, dict):
+        warnings.append("run.json is not an object; using defaults")
+        return {"name": root.name, "status": "unknown"}
+    return meta
+
+
+def _good_segments(
+    root: Path, table: str, required: tuple[str, ...] | list[str], warnings: list[str]
+) -> list[Path]:
+    """Segments whose Parquet footer reads and that have the required columns."""
+    good = []
+    for f in sorted((root / table).glob(fmt.SEGMENT_GLOB)):
+        try:
+            names = pq.read_schema(f).names
+        except Exception as exc:  # truncated / not parquet: skip, say which
+            warnings.append(f"skipped unreadable segment {f.relative_to(root)}: {_short(exc)}")
+            continue
+        missing = [c for c in required if c not in names]
+        if missing:
+            warnings.append(f"skipped segment {f.relative_to(root)}: missing columns {missing}")
+            continue
+        good.append(f)
+    return good
+
+
+def _rank_of(f: Path) -> int:
+    try:
+        return int(f.parent.name.split("=", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def _scan(files: list[Path], rank: int | None, schema: Any) -> pl.LazyFrame:
+    files = [f for f in files if rank is None or _rank_of(f) == rank]
+    if not files:
+        empty = pl.from_arrow(schema.empty_table())
+        assert isinstance(empty, pl.DataFrame)
+        return empty.with_columns(pl.lit(0, pl.Int64).alias("rank")).lazy()
+    lf = pl.scan_parquet([str(f) for f in files], missing_columns="insert", extra_columns="ignore")
+    return lf.with_columns(pl.lit(rank, pl.Int64).alias("rank"))
+
+
+def _read_events(root: Path, warnings: list[str]) -> list[dict[str, Any]]:
+    p = root / fmt.EVENTS_JSONL
+    if not p.exists():
+        return []
+    events: list[dict[str, Any]] = []
+    bad = 0
+    try:
+        with open(p, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    ev = json.loads(line)
+                except json.JSONDecodeError:
+                    bad += 1
+                    continue
+                if isinstance(ev, dict):
+                    events.append(ev)
+    except OSError as exc:
+        warnings.append(f"events.jsonl unreadable: {_short(exc)}")
+    if bad:
+        warnings.append(f"events.jsonl: skipped {bad} malformed line(s)")
+    return events
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__

@@ -1,0 +1,204 @@
+"""The series toolkit: smoothing, robust level/trend/noise, spikes, alignment.
+
+All functions take and return numpy arrays and accept any length, including 0 and 1,
+and non-finite values. They never raise on odd data: a statistic that cannot be computed
+is NaN.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage, signal
+
+DEFAULT_SMOOTHING = 0.9
+"""EMA weight used for verdicts (TensorBoard's slider default is 0.6; verdicts need less
+noise). Configurable per analysis."""
+
+
+def ema_debiased(values: np.ndarray, weight: float = DEFAULT_SMOOTHING) -> np.ndarray:
+    """TensorBoard's scalar smoothing: a debiased exponential moving average.
+
+    Non-finite points are passed through unchanged and not fed into the state; a constant
+    series is returned as is (TensorBoard does the same, avoiding float drift).
+    """
+    x = np.asarray(values, dtype=np.float64)
+    out = x.copy()
+    if x.size == 0:
+        return out
+    if not 0.0 <= weight < 1.0:
+        if weight == 1.0:  # TensorBoard: no debiasing, state never moves from 0
+            out[np.isfinite(x)] = 0.0
+            return out
+        raise ValueError(f"smoothing weight must be in [0, 1], got {weight}")
+    finite = np.isfinite(x)
+    xs = x[finite]
+    if xs.size == 0 or np.all(xs == xs[0]):
+        return out
+    # last_t = w*last_{t-1} + (1-w)*x_t, with last_0 = 0; then divide by 1 - w**t.
+    state = signal.lfilter([1.0 - weight], [1.0, -weight], xs)
+    k = np.arange(1, xs.size + 1, dtype=np.float64)
+    debias = 1.0 - np.power(weight, k) if weight > 0 else np.ones_like(k)
+    out[finite] = state / debias
+    return out
+
+
+def rolling_median(values: np.ndarray, window: int) -> np.ndarray:
+    """Centered rolling median over the finite points (non-finite points stay NaN)."""
+    x = np.asarray(values, dtype=np.float64)
+    out = np.full(x.shape, np.nan)
+    finite = np.isfinite(x)
+    if not finite.any():
+        return out
+    w = max(1, min(int(window), int(finite.sum())))
+    out[finite] = ndimage.median_filter(x[finite], size=w, mode="nearest")
+    return out
+
+
+def rolling_mad(values: np.ndarray, window: int) -> np.ndarray:
+    """Centered rolling median absolute deviation, scaled to σ for Gaussian noise."""
+    x = np.asarray(values, dtype=np.float64)
+    med = rolling_median(x, window)
+    return 1.4826 * rolling_median(np.abs(x - med), window)
+
+
+def robust_level(values: np.ndarray) -> float:
+    """Median of the finite values (NaN if none)."""
+    x = _finite(values)
+    return float(np.median(x)) if x.size else float("nan")
+
+
+def robust_noise(values: np.ndarray) -> float:
+    """σ of step-to-step noise, robustly: MAD of first differences / √2."""
+    x = _finite(values)
+    if x.size < 3:
+        return float("nan")
+    d = np.diff(x)
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
+
+
+def robust_slope(steps: np.ndarray, values: np.ndarray, max_points: int = 2000) -> float:
+    """Theil–Sen slope (value per step) over the finite points, subsampled for speed."""
+    s = np.asarray(steps, dtype=np.float64)
+    x = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(s) & np.isfinite(x)
+    s, x = s[ok], x[ok]
+    if s.size < 2 or np.ptp(s) == 0:
+        return float("nan")
+    if s.size > max_points:
+        idx = np.linspace(0, s.size - 1, max_points).astype(np.int64)
+        s, x = s[idx], x[idx]
+    # Pairwise slopes of a random subset keep this O(n) on long series.
+    rng = np.random.default_rng(0)
+    n = s.size
+    m = min(20 * n, n * (n - 1) // 2)
+    i = rng.integers(0, n, m)
+    j = rng.integers(0, n, m)
+    keep = s[i] != s[j]
+    if not keep.any():
+        return float("nan")
+    slopes = (x[j[keep]] - x[i[keep]]) / (s[j[keep]] - s[i[keep]])
+    return float(np.median(slopes))
+
+
+@dataclass(frozen=True)
+class Spike:
+    index: int
+    step: int
+    value: float
+    baseline: float
+    score: float
+    """(value - baseline) / robust noise σ."""
+
+
+def find_spikes(
+    steps: np.ndarray,
+    values: np.ndarray,
+    threshold: float = 6.0,
+    window: int = 25,
+    min_rel: float = 0.0,
+) -> list[Spike]:
+    """Points far above the rolling median, measured in robust noise units.
+
+    ``min_rel`` additionally requires ``(value - baseline) / |baseline| >= min_rel``,
+    so that a tiny absolute wobble on a very smooth curve is not called a spike.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    st = np.asarray(steps)
+    if x.size < 5:
+        return []
+    base = rolling_median(x, window)
+    noise = rolling_mad(x, window)
+    # Floor the noise so a perfectly smooth curve does not give infinite scores.
+    global_noise = robust_noise(x)
+    floor = max(
+        np.nanmedian(noise) * 0.25 if np.isfinite(noise).any() else 0.0,
+        global_noise if np.isfinite(global_noise) else 0.0,
+        1e-12,
+    )
+    sigma = np.maximum(np.nan_to_num(noise, nan=floor), floor)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = (x - base) / sigma
+        rel = (x - base) / np.maximum(np.abs(base), 1e-12)
+    hit = np.isfinite(score) & (score > threshold) & (rel >= min_rel)
+    return [
+        Spike(int(i), int(st[i]), float(x[i]), float(base[i]), float(score[i]))
+        for i in np.flatnonzero(hit)
+    ]
+
+
+def align(a_steps: np.ndarray, a_values: np.ndarray, b_steps: np.ndarray) -> np.ndarray:
+    """Values of series ``a`` at the steps of ``b`` by linear interpolation over finite
+    points; NaN outside ``a``'s range (never extrapolated)."""
+    s = np.asarray(a_steps, dtype=np.float64)
+    x = np.asarray(a_values, dtype=np.float64)
+    q = np.asarray(b_steps, dtype=np.float64)
+    ok = np.isfinite(x)
+    out = np.full(q.shape, np.nan)
+    if ok.sum() == 0:
+        return out
+    s, x = s[ok], x[ok]
+    inside = (q >= s[0]) & (q <= s[-1])
+    out[inside] = np.interp(q[inside], s, x)
+    return out
+
+
+def windows_where(mask: np.ndarray, min_len: int = 1) -> list[tuple[int, int]]:
+    """Index ranges [start, end] (inclusive) of runs of True at least ``min_len`` long."""
+    m = np.asarray(mask, dtype=bool)
+    if m.size == 0:
+        return []
+    d = np.diff(np.concatenate([[0], m.astype(np.int8), [0]]))
+    starts = np.flatnonzero(d == 1)
+    ends = np.flatnonzero(d == -1) - 1
+    return [(int(a), int(b)) for a, b in zip(starts, ends, strict=True) if b - a + 1 >= min_len]
+
+
+def downsample_minmax(
+    steps: np.ndarray, values: np.ndarray, max_points: int = 400
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep at most ~max_points, preserving each bucket's min, max and non-finite points,
+    so spikes and NaNs stay visible in plots."""
+    s = np.asarray(steps)
+    x = np.asarray(values, dtype=np.float64)
+    n = x.size
+    if n <= max_points:
+        return s, x
+    buckets = max(1, max_points // 2)
+    edges = np.linspace(0, n, buckets + 1).astype(np.int64)
+    keep = [np.flatnonzero(~np.isfinite(x))]
+    for a, b in itertools.pairwise(edges):
+        if b <= a:
+            continue
+        seg = x[a:b]
+        if np.isfinite(seg).any():
+            keep.append(np.array([a + np.nanargmin(seg), a + np.nanargmax(seg)]))
+    idx = np.unique(np.concatenate(keep))
+    return s[idx], x[idx]
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    x = np.asarray(values, dtype=np.float64)
+    return x[np.isfinite(x)]

@@ -1,0 +1,32 @@
+"""The signature registry: every signature runlens knows, in report order.
+
+One module per signature; each is imported and listed here explicitly, so the set of
+signatures is visible in one place and a name cannot silently disappear.
+"""
+
+from __future__ import annotations
+
+from runlens.signatures.base import Signature
+from runlens.signatures.nan_inf import NanInf
+
+# Signatures read from loss and metric curves.
+CURVE_SIGNATURES: tuple[type[Signature], ...] = (NanInf,)
+
+# Signatures read from per-layer statistics and timing.
+LAYER_SIGNATURES: tuple[type[Signature], ...] = ()
+
+# Signatures of sanity runs and initialization.
+SANITY_SIGNATURES: tuple[type[Signature], ...] = ()
+
+REGISTRY: dict[str, type[Signature]] = {
+    s.name: s for s in (*CURVE_SIGNATURES, *LAYER_SIGNATURES, *SANITY_SIGNATURES)
+}
+
+
+def get(name: str) -> type[Signature]:
+    from runlens.errors import OptionError
+
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise OptionError(f"unknown signature {name!r} (see `runlens signatures`)") from None
