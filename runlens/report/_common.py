@@ -1,0 +1,187 @@
+"""What every text reporter shows, computed once: header facts, sparklines, row order.
+
+Values here are plain strings straight from the run; each reporter escapes them for its
+own output format (rich markup, Markdown) at the last moment.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from runlens.findings import CurvePreview, Finding, LayerHealth, Report, Skipped, fmt_num
+
+SPARK_CHARS = "▁▂▃▄▅▆▇█"
+SPARK_WIDTH = 24
+MAX_LAYER_ROWS = 40
+"""The health table shows at most this many rows (flagged ones first), then "… N more"."""
+
+NO_PROBLEMS = "No problems found"
+
+
+def sparkline(values: Sequence[float], width: int = SPARK_WIDTH) -> str:
+    """Unicode sparkline of ``values`` resampled to ``width`` points; ``×`` marks NaN/Inf."""
+    n = len(values)
+    if n == 0:
+        return ""
+    if n > width:
+        # Take the value at evenly spaced indices: keeps spikes visible better than means.
+        picks = [values[round(i * (n - 1) / (width - 1))] for i in range(width)]
+    else:
+        picks = list(values)
+    finite = [v for v in picks if math.isfinite(v)]
+    if not finite:
+        return "×" * len(picks)
+    lo, hi = min(finite), max(finite)
+    span = hi - lo
+    out = []
+    for v in picks:
+        if not math.isfinite(v):
+            out.append("×")
+        elif span <= 0:
+            out.append(SPARK_CHARS[len(SPARK_CHARS) // 2])
+        else:
+            out.append(SPARK_CHARS[min(len(SPARK_CHARS) - 1, int((v - lo) / span * 8))])
+    return "".join(out)
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "n/a"
+    s = round(seconds)
+    if s < 60:
+        return f"{seconds:.1f}s"
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
+
+
+def fmt_steps(steps: tuple[int, int] | None) -> str:
+    if steps is None:
+        return "-"
+    a, b = steps
+    return str(a) if a == b else f"{a}–{b}"
+
+
+def fmt_frac(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def fmt_opt(x: float | None) -> str:
+    return "-" if x is None else fmt_num(x)
+
+
+def loss_fact(final: float | None, best: float | None, best_step: int | None) -> str | None:
+    if final is None and best is None:
+        return None
+    text = f"final {fmt_num(final)}"
+    if best is not None:
+        text += f" · best {fmt_num(best)}"
+        if best_step is not None:
+            text += f" @ step {best_step}"
+    return text
+
+
+def header_facts(report: Report) -> list[tuple[str, str]]:
+    """(label, value) pairs describing the run, in display order."""
+    s = report.summary
+    facts = [("run", report.run.name), ("path", report.run.path)]
+    if report.run.kind != "train":
+        facts.append(("kind", report.run.kind))
+    facts.append(("status", f"{report.run.status} ({s.end_reason})"))
+    if s.first_step is not None and s.last_step is not None:
+        facts.append(("steps", f"{s.steps} recorded, steps {s.first_step}–{s.last_step}"))
+    else:
+        facts.append(("steps", str(s.steps)))
+    facts.append(("duration", fmt_duration(s.duration_s)))
+    if s.steps_per_s is not None:
+        facts.append(("throughput", f"{fmt_num(s.steps_per_s)} steps/s"))
+    train = loss_fact(s.final_train_loss, s.best_train_loss, s.best_train_step)
+    if train:
+        facts.append(("train loss (smoothed)", train))
+    val = loss_fact(s.final_val_loss, s.best_val_loss, s.best_val_step)
+    if val:
+        facts.append(("val loss (smoothed)", val))
+    for key, value in sorted(s.extras.items()):
+        facts.append((str(key), fmt_num(value) if isinstance(value, float) else str(value)))
+    return facts
+
+
+def verdict(report: Report) -> str:
+    """One line: the clean-run message, or the count of findings by severity."""
+    if not report.findings:
+        return NO_PROBLEMS
+    counts: dict[str, int] = {}
+    for f in report.findings:
+        counts[f.severity] = counts.get(f.severity, 0) + 1
+    parts = [f"{n} {sev}{'s' if n > 1 else ''}" for sev, n in counts.items()]
+    return f"{len(report.findings)} finding{'s' if len(report.findings) > 1 else ''}: " + ", ".join(
+        parts
+    )
+
+
+def link_note(f: Finding) -> str | None:
+    if f.explained_by:
+        return f"probably a consequence of {f.explained_by}"
+    if f.explains:
+        return f"root cause of: {', '.join(f.explains)}"
+    return None
+
+
+@dataclass(frozen=True)
+class CurveRow:
+    name: str
+    spark: str
+    first: str
+    last: str
+    low: str
+    high: str
+
+
+def curve_rows(curves: Sequence[CurvePreview]) -> list[CurveRow]:
+    rows = []
+    for c in curves:
+        finite = [v for v in c.smoothed if math.isfinite(v)]
+        rows.append(
+            CurveRow(
+                name=c.name,
+                spark=sparkline(c.smoothed),
+                first=fmt_num(c.smoothed[0]) if c.smoothed else "-",
+                last=fmt_num(c.smoothed[-1]) if c.smoothed else "-",
+                low=fmt_num(min(finite)) if finite else "-",
+                high=fmt_num(max(finite)) if finite else "-",
+            )
+        )
+    return rows
+
+
+def layer_rows(
+    layers: Sequence[LayerHealth], cap: int = MAX_LAYER_ROWS
+) -> tuple[list[LayerHealth], int]:
+    """Rows to show (flagged first, then model order) and how many were left out."""
+    flagged = [r for r in layers if r.flagged_by]
+    rest = [r for r in layers if not r.flagged_by]
+    ordered = flagged + rest
+    return ordered[:cap], max(0, len(ordered) - cap)
+
+
+def skipped_groups(skipped: Sequence[Skipped]) -> list[tuple[str, list[str]]]:
+    """Group skipped signatures by a readable reason, keeping first-seen order."""
+    groups: dict[str, list[str]] = {}
+    for s in skipped:
+        groups.setdefault(_reason_text(s.reason), []).append(s.signature)
+    return list(groups.items())
+
+
+def _reason_text(reason: str) -> str:
+    if reason.startswith("needs "):
+        needs = [r.strip() for r in reason[len("needs ") :].split(",")]
+        if needs and all(n.startswith("layers:") for n in needs):
+            return "layer statistics not available"
+    return reason
+
+
+def skipped_line(reason: str, names: Sequence[str]) -> str:
+    n = len(names)
+    return f"{reason}: {n} signature{'s' if n > 1 else ''} skipped ({', '.join(names)})"

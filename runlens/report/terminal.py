@@ -1,0 +1,171 @@
+"""The terminal report: rich tables rendered to a string (colour only when asked).
+
+Everything taken from the run goes through :class:`rich.text.Text`, never through markup
+strings, so a layer called ``[red]x`` prints as ``[red]x``.
+"""
+
+from __future__ import annotations
+
+from io import StringIO
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.padding import Padding
+from rich.rule import Rule
+from rich.table import Table
+from rich.text import Text
+
+from runlens.findings import Finding, Report, fmt_num
+from runlens.report import _common as C
+
+SEVERITY_STYLE = {"error": "bold red", "warning": "bold yellow", "info": "bold cyan"}
+
+
+def render(report: Report, width: int = 100, color: bool = False) -> str:
+    """The whole report as text ``width`` columns wide; ANSI colours only if ``color``."""
+    buf = StringIO()
+    console = Console(
+        file=buf,
+        width=width,
+        force_terminal=color,
+        no_color=not color,
+        color_system="standard" if color else None,
+        highlight=False,
+        markup=False,
+        emoji=False,
+        soft_wrap=False,
+    )
+    for i, section in enumerate(_sections(report)):
+        if i:
+            console.print()
+        for part in section:
+            console.print(part)
+    # Trailing spaces come from table padding; they only make diffs and pastes noisy.
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
+
+
+def _sections(report: Report) -> list[list[RenderableType]]:
+    """Blocks separated by one blank line: header, verdict, findings, tables, notes."""
+    title = Rule(Text("runlens report", style="bold"), align="left")
+    sections: list[list[RenderableType]] = [[title, _header(report)], [_verdict(report)]]
+    sections += [[_finding(i, f)] for i, f in enumerate(report.findings, 1)]
+    if report.curves:
+        sections.append([_curves(report)])
+    if report.layers:
+        sections.append([_layers(report)])
+    notes: list[RenderableType] = [
+        Text(C.skipped_line(reason, names), style="dim")
+        for reason, names in C.skipped_groups(report.skipped)
+    ]
+    if report.warnings:
+        notes.append(Text("Load warnings:", style="bold yellow"))
+        notes += [Text("  ! ") + Text(_one_line(w)) for w in report.warnings]
+    if notes:
+        sections.append(notes)
+    return sections
+
+
+def _header(report: Report) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    for label, value in C.header_facts(report):
+        grid.add_row(Text(label), Text(_one_line(value)))
+    return grid
+
+
+def _verdict(report: Report) -> Text:
+    worst = report.worst_severity
+    style = "bold green" if worst is None else SEVERITY_STYLE[worst]
+    text = Text(C.verdict(report), style=style)
+    if not report.findings:
+        ran = len(_checked(report))
+        text.append(f" ({ran} signature{'s' if ran != 1 else ''} checked)", style="green")
+    return text
+
+
+def _checked(report: Report) -> list[str]:
+    from runlens.signatures import REGISTRY
+
+    skipped = {s.signature for s in report.skipped}
+    return [n for n in REGISTRY if n not in skipped]
+
+
+def _finding(index: int, f: Finding) -> Group:
+    title = Text(f"{index}. ")
+    title.append(f.severity.upper(), style=SEVERITY_STYLE[f.severity])
+    title.append("  ")
+    title.append(f.signature, style="bold")
+    title.append(f"  steps {C.fmt_steps(f.steps)}  confidence {100 * f.confidence:.0f}%")
+    body: list[RenderableType] = [Text(_one_line(f.summary))]
+    note = C.link_note(f)
+    if note:
+        body.append(Text("→ " + note, style="italic"))
+    if f.layers:
+        body.append(Text("layers: ", style="bold") + Text(", ".join(f.layers)))
+    if f.evidence:
+        ev = Table(box=None, show_header=True, header_style="dim", padding=(0, 2, 0, 0))
+        ev.add_column("evidence")
+        ev.add_column("value", justify="right")
+        ev.add_column("threshold")
+        for e in f.evidence:
+            value = fmt_num(e.value) + (f" {e.unit}" if e.unit else "")
+            thr = "" if e.threshold is None else f"{e.op or 'vs'} {fmt_num(e.threshold)}"
+            ev.add_row(Text(e.name), Text(value), Text(thr))
+        body.append(ev)
+    if f.causes:
+        body.append(Text("likely causes:", style="bold"))
+        body.extend(Padding(Text("- ") + Text(_one_line(c)), (0, 0, 0, 2)) for c in f.causes)
+    body.append(Text("fix: ", style="bold green") + Text(_one_line(f.fix)))
+    # Padding indents wrapped lines too, so long summaries stay inside their finding.
+    return Group(title, Padding(Group(*body), (0, 0, 0, 3)))
+
+
+def _curves(report: Report) -> Table:
+    t = Table(title="Curves (smoothed)", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
+    for name, justify in (
+        ("curve", "left"),
+        ("trend", "left"),
+        ("first", "right"),
+        ("last", "right"),
+        ("min", "right"),
+        ("max", "right"),
+    ):
+        t.add_column(name, justify=justify, no_wrap=name == "trend")  # type: ignore[arg-type]
+    for r in C.curve_rows(report.curves):
+        t.add_row(*(Text(v) for v in (r.name, r.spark, r.first, r.last, r.low, r.high)))
+    return t
+
+
+def _layers(report: Report) -> Group:
+    rows, hidden = C.layer_rows(report.layers)
+    t = Table(
+        title="Layer health (last 10% of steps)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+    )
+    t.add_column("", width=1)
+    t.add_column("layer", overflow="fold")
+    for name in ("grad norm", "update ratio", "dead", "saturated"):
+        t.add_column(name, justify="right")
+    t.add_column("flagged by", overflow="fold")
+    for r in rows:
+        mark = Text("!", style="bold red") if r.flagged_by else Text("")
+        t.add_row(
+            mark,
+            Text(r.layer),
+            Text(C.fmt_opt(r.grad_norm)),
+            Text(C.fmt_opt(r.update_ratio)),
+            Text(C.fmt_frac(r.dead_fraction)),
+            Text(C.fmt_frac(r.saturated_fraction)),
+            Text(", ".join(r.flagged_by)),
+        )
+    if hidden:
+        return Group(t, Text(f"  … {hidden} more layer{'s' if hidden > 1 else ''}", style="dim"))
+    return Group(t)
+
+
+def _one_line(text: str) -> str:
+    # A newline or carriage return in a run-provided string must not forge report lines.
+    return " ".join(str(text).splitlines()) if text else ""
