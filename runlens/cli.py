@@ -48,7 +48,39 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineUsageError(click.UsageError):
+    """A click usage error shown as ``runlens: error: ...`` (one line) with exit 2."""
+
+    def show(self, file: Any = None) -> None:
+        hint = f" (see `{self.ctx.command_path} --help`)" if self.ctx is not None else ""
+        click.echo(f"runlens: error: {self.format_message()}{hint}", err=True)
+
+
+class RunlensCommand(click.Command):
+    """A command whose bad arguments give one line on stderr, not usage + hint + error."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `cmd` alone: show the help
+                raise
+            raise _OneLineUsageError(exc.format_message(), ctx) from None
+
+
+class RunlensGroup(click.Group):
+    command_class = RunlensCommand
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as exc:
+            raise _OneLineUsageError(exc.format_message(), ctx) from None
+
+
+@click.group(cls=RunlensGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="runlens")
 def cli() -> None:
     """runlens: diagnose neural-network training runs.
@@ -58,6 +90,212 @@ def cli() -> None:
       runlens analyze runs/exp1
       runlens compare runs/lr_*
     """
+
+
+# -- shared options (reusable by every command) -----------------------------------------
+
+
+def format_option(choices: tuple[str, ...], default: str) -> Callable[[F], F]:
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(choices),
+        default=default,
+        show_default=True,
+        help="Output format.",
+    )
+
+
+output_option = click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Write the output to FILE instead of stdout.",
+)
+
+fail_on_option = click.option(
+    "--fail-on",
+    type=click.Choice(["warning", "error"]),
+    default=None,
+    help="Exit 1 when a finding of this severity (or worse) is found: gates CI jobs.",
+)
+
+
+def analysis_options(fn: F) -> F:
+    """--set / --config / --smoothing / --only; read them with :func:`analyze_options`."""
+    decorators = [
+        click.option(
+            "--set",
+            "set_",
+            multiple=True,
+            metavar="NAME.PARAM=V",
+            help="Override a signature parameter, e.g. --set loss-spike.threshold=8 "
+            "(repeatable; see `runlens explain NAME`).",
+        ),
+        click.option(
+            "--config",
+            "config",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="TOML file of parameter overrides, one [signature-name] table each.",
+        ),
+        click.option(
+            "--smoothing",
+            type=float,
+            default=None,
+            metavar="W",
+            help="EMA smoothing weight in [0, 1) used for verdicts (default 0.9).",
+        ),
+        click.option(
+            "--only",
+            multiple=True,
+            metavar="NAME",
+            help="Run only this signature (repeatable or comma-separated).",
+        ),
+    ]
+    for d in reversed(decorators):
+        fn = d(fn)
+    return fn
+
+
+def analyze_options(
+    set_: tuple[str, ...], config: str | None, smoothing: float | None, only: tuple[str, ...]
+) -> Any:
+    """AnalyzeOptions from the :func:`analysis_options` values (--set wins over --config)."""
+    from runlens.engine import AnalyzeOptions, load_config, parse_set
+
+    overrides: dict[str, dict[str, float]] = load_config(config) if config else {}
+    for sig, values in parse_set(set_).items():
+        overrides.setdefault(sig, {}).update(values)
+    names = tuple(n.strip() for item in only for n in item.split(",") if n.strip())
+    kwargs: dict[str, Any] = {"overrides": overrides, "only": names or None}
+    if smoothing is not None:
+        kwargs["smoothing"] = smoothing
+    return AnalyzeOptions(**kwargs)
+
+
+def emit(text: str, output: str | None) -> None:
+    """Write ``text`` to ``output`` (only there) or to stdout."""
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    with open(output, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def _stdout_is_tty() -> bool:
+    import os
+
+    stream = click.get_text_stream("stdout")
+    return bool(stream.isatty()) and "NO_COLOR" not in os.environ
+
+
+# -- analyze / signatures / explain -----------------------------------------------------
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN_DIR")
+@format_option(("terminal", "markdown", "json"), "terminal")
+@output_option
+@fail_on_option
+@analysis_options
+@handle_errors
+def analyze(
+    run_dir: str,
+    fmt: str,
+    output: str | None,
+    fail_on: str | None,
+    set_: tuple[str, ...],
+    config: str | None,
+    smoothing: float | None,
+    only: tuple[str, ...],
+) -> None:
+    """Diagnose one recorded run: what went wrong, where, the evidence, the fix.
+
+    \b
+    Exit status: 0 ok, 1 when --fail-on is hit, 2 on bad input.
+    \b
+    Examples:
+      runlens analyze runs/exp1
+      runlens analyze runs/exp1 --format markdown -o report.md
+      runlens analyze runs/exp1 --fail-on error --set loss-spike.threshold=8
+    """
+    import shutil
+
+    from runlens.engine import analyze as run_analysis
+    from runlens.findings import SEVERITY_ORDER
+    from runlens.report import json_report, markdown, terminal
+
+    options = analyze_options(set_, config, smoothing, only)
+    report = run_analysis(run_dir, options)
+    if fmt == "json":
+        text = json_report.render(report)
+    elif fmt == "markdown":
+        text = markdown.render(report)
+    else:
+        tty = output is None and _stdout_is_tty()
+        width = shutil.get_terminal_size((100, 24)).columns if tty else 100
+        text = terminal.render(report, width=width, color=tty)
+    emit(text, output)
+    if fail_on is not None and any(
+        SEVERITY_ORDER[f.severity] <= SEVERITY_ORDER[fail_on] for f in report.findings
+    ):
+        sys.exit(EXIT_FAIL_ON)
+
+
+@cli.command()
+@format_option(("text", "markdown", "json"), "text")
+@handle_errors
+def signatures(fmt: str) -> None:
+    """List every signature runlens checks: name, category, severity, summary.
+
+    \b
+    Examples:
+      runlens signatures
+      runlens signatures --format json
+    """
+    import json
+
+    from runlens.docgen import signature_table
+    from runlens.signatures import REGISTRY
+
+    if fmt == "json":
+        text = json.dumps([s.describe() for s in REGISTRY.values()], indent=2) + "\n"
+    elif fmt == "markdown":
+        text = signature_table() + "\n"
+    else:
+        width = max(len(n) for n in REGISTRY) if REGISTRY else 4
+        lines = [f"{'NAME':<{width}}  {'CATEGORY':<8}  {'SEVERITY':<8}  SUMMARY"]
+        for name, s in REGISTRY.items():
+            lines.append(f"{name:<{width}}  {s.category:<8}  {s.severity:<8}  {s.summary}")
+        n = len(REGISTRY)
+        lines.append(f"\n{n} signature{'s' if n != 1 else ''}; `runlens explain NAME` for details.")
+        text = "\n".join(lines) + "\n"
+    click.echo(text, nl=False)
+
+
+@cli.command()
+@click.argument("name")
+@handle_errors
+def explain(name: str) -> None:
+    """Explain one signature: what it detects, why, evidence, fix, parameters.
+
+    \b
+    Example:
+      runlens explain nan-inf
+    """
+    import difflib
+
+    from runlens.docgen import explain_text
+    from runlens.errors import OptionError
+    from runlens.signatures import REGISTRY
+
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, list(REGISTRY), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (see `runlens signatures`)"
+        raise OptionError(f"unknown signature {name!r}{hint}")
+    click.echo(explain_text(REGISTRY[name]), nl=False)
 
 
 def main(argv: list[str] | None = None) -> None:
