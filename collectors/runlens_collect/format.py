@@ -64,6 +64,13 @@ RUN_JSON_KEYS: Final = {
     "collector": "dict, the collector settings in effect",
     "model": "dict, see MODEL_SUMMARY_KEYS",
     "repro": "dict, reproducibility record (command line, seeds, git, flags)",
+    "source_format": "str, 'runlens' when the collector wrote the run; for a log converted "
+    "by `runlens import`: 'tensorboard' | 'csv' | 'hf-trainer'",
+    "imported": "dict | null, for converted logs: {source (absolute path of the log), "
+    "importer_version, imported_at (UNIX s), names (source name -> runlens name, null = "
+    "dropped), warnings (list of str, shown as run warnings)}",
+    "summary_extras": "dict, extra facts for the report's run summary (JSON scalars), e.g. "
+    "an imported Hugging Face run's train_runtime",
 }
 
 MODEL_SUMMARY_KEYS: Final = {
@@ -253,6 +260,9 @@ def new_run_json(run_id: str, name: str, start_time: float) -> dict[str, Any]:
         "collector": {},
         "model": {},
         "repro": {},
+        "source_format": "runlens",
+        "imported": None,
+        "summary_extras": {},
     }
 
 

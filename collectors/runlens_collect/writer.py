@@ -1,0 +1,372 @@
+"""The writer thread: waits on each step's copy event, decodes it, writes Parquet segments.
+
+Everything that touches the host copy of the statistics, derives the published columns
+from raw sums, or does I/O runs here, never on the training thread. A failure here is
+reported once and the thread keeps going: segments already written stay valid.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from runlens_collect import format as fmt
+from runlens_collect.stats import NBINS, NRAW
+
+_HIST_TYPE = pa.list_(pa.int64())
+_FLOAT_COLS = (
+    *fmt.BASE_STATS,
+    "update_ratio",
+    "frac_dead_units",
+    "frac_saturated",
+    "min",
+    "max",
+    "row_sum_mean",
+)
+_NONFINITE_EXEMPT = (fmt.LR_PREFIX, "time/")
+
+
+@dataclass
+class Block:
+    """Rows of one kind in a step's package: RAW (+ extra) columns, then optional hist."""
+
+    kind: str
+    layers: np.ndarray  # int32 ids into the writer's layer-name list
+    numels: np.ndarray  # int64
+    extra: tuple[str, ...] = ()
+    hist: bool = False
+    missing: np.ndarray | None = None  # bool per row: stats are NaN
+    pads: np.ndarray | None = None  # zero padding counted in the hist zero bin
+    negate: bool = False  # data holds -x (updates measured as before - after)
+    ratio_ref: int | None = None  # index of the block holding ||w_before||² (update_ratio)
+    write: bool = True  # False: only feeds another block (update_ratio)
+    grad_norm: bool = False  # emit the total L2 norm of the non-missing rows as grad_norm
+
+    @property
+    def width(self) -> int:
+        return NRAW + len(self.extra)
+
+    @property
+    def size(self) -> int:
+        n = len(self.layers)
+        return n * self.width + (n * NBINS if self.hist else 0)
+
+
+@dataclass
+class Package:
+    """One step's worth of statistics on its way to disk."""
+
+    step: int
+    wall_time: float
+    blocks: list[Block] = field(default_factory=list)
+    dev_scalars: list[tuple[int, str]] = field(default_factory=list)  # values after blocks
+    host_scalars: list[tuple[int, str, float]] = field(default_factory=list)
+    extern: list[tuple[int, str, Any]] = field(default_factory=list)  # tensors read here
+    host: Any = None  # host buffer (torch tensor) holding `size` float64 values
+    size: int = 0
+    event: Any = None
+    slot: int | None = None
+
+
+class Writer(threading.Thread):
+    """Consumes Packages from a bounded queue; flushes by steps, by seconds and on close."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        layer_names: list[str],
+        *,
+        flush_steps: int,
+        flush_seconds: float,
+        max_queue: int,
+        free_slots: queue.SimpleQueue[int],
+        on_flush: Callable[[int], None],
+        report: Callable[[str, str, BaseException | None], None],
+        write_events: bool,
+    ) -> None:
+        super().__init__(name="runlens-writer", daemon=True)
+        self.run_dir = run_dir
+        self.rank = rank
+        self.layer_names = layer_names  # grows on the training thread; append-only
+        self.flush_steps = max(1, int(flush_steps))
+        self.flush_seconds = float(flush_seconds)
+        self.queue: queue.Queue[Package | None] = queue.Queue(maxsize=max(1, 2 * max_queue))
+        self.free_slots = free_slots
+        self.on_flush = on_flush
+        self.report = report
+        self.write_events = write_events
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
+        self.skipped: collections.deque[int] = collections.deque(maxlen=100_000)
+        self.skipped_total = 0
+        self._seq = {fmt.SCALARS_DIR: 0, fmt.LAYERS_DIR: 0}
+        self._scalar_ids: dict[str, int] = {}
+        self._scalar_names: list[str] = []
+        self._kind_ids = {k: i for i, k in enumerate(fmt.KINDS)}
+        self._seen_nonfinite: set[str] = set()
+        self._reset_pending()
+        self.last_step: int | None = None
+        self.flush_requested = threading.Event()
+
+    # -- pending rows -------------------------------------------------------------------
+
+    def _reset_pending(self) -> None:
+        self._sc: dict[str, list[np.ndarray]] = {"step": [], "wall": [], "name": [], "value": []}
+        self._ly: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+        self._ly_hist: list[tuple[int, np.ndarray | None]] = []
+        self._pending_steps = 0
+        self._pending_max_step: int | None = None
+
+    def _add_scalars(self, steps: list[int], wall: float, names: list[str], values: list[float]):
+        if not names:
+            return
+        ids = []
+        for n in names:
+            i = self._scalar_ids.get(n)
+            if i is None:
+                i = self._scalar_ids[n] = len(self._scalar_names)
+                self._scalar_names.append(n)
+            ids.append(i)
+        vals = np.asarray(values, dtype=np.float64)
+        self._sc["step"].append(np.asarray(steps, dtype=np.int64))
+        self._sc["wall"].append(np.full(len(names), wall, dtype=np.float64))
+        self._sc["name"].append(np.asarray(ids, dtype=np.int32))
+        self._sc["value"].append(vals)
+        if "scalar" not in self._seen_nonfinite and not np.isfinite(vals).all():
+            for s, n, v in zip(steps, names, vals, strict=True):
+                if not np.isfinite(v) and not n.startswith(_NONFINITE_EXEMPT):
+                    self._seen_nonfinite.add("scalar")
+                    self.event("nonfinite", step=s, where="scalar", name=n)
+                    break
+
+    def _decode(self, pkg: Package, arr: np.ndarray | None) -> None:
+        step = pkg.step
+        off = 0
+        raws: list[np.ndarray] = []
+        for b in pkg.blocks:
+            n = len(b.layers)
+            raw = arr[off : off + n * b.width].reshape(n, b.width)
+            off += n * b.width
+            hist = None
+            if b.hist:
+                hist = arr[off : off + n * NBINS].reshape(n, NBINS)
+                off += n * NBINS
+            raws.append(raw)
+            if b.grad_norm:
+                ok = np.ones(n, bool) if b.missing is None else ~b.missing
+                gn = float(np.sqrt(raw[ok, 1].sum())) if ok.any() else float("nan")
+                self._add_scalars([step], pkg.wall_time, [fmt.GRAD_NORM], [gn])
+            if b.write:
+                ref = raws[b.ratio_ref] if b.ratio_ref is not None else None
+                self._add_block(step, b, raw, hist, ref)
+        names = [n for _, n in pkg.dev_scalars]
+        if names:
+            vals = arr[off : off + len(names)]
+            self._add_scalars([s for s, _ in pkg.dev_scalars], pkg.wall_time, names, list(vals))
+
+    def _add_block(self, step, b: Block, raw, hist, ref) -> None:
+        n = len(b.layers)
+        numel = b.numels.astype(np.float64)
+        s1, s2, nonzero, nonfinite, absmax = (raw[:, i] for i in range(NRAW))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = s1 / numel
+            var = (s2 - s1 * s1 / numel) / (numel - 1)
+            std = np.where(numel > 1, np.sqrt(np.maximum(var, 0.0)), np.nan)
+            std = np.where(np.isfinite(var), std, np.nan)
+            cols = {
+                "mean": -mean if b.negate else mean,
+                "std": std,
+                "norm": np.sqrt(s2),
+                "absmax": absmax,
+                "frac_zero": (numel - nonzero) / numel,
+                "frac_nonfinite": nonfinite / numel,
+            }
+            if ref is not None:
+                cols["update_ratio"] = np.sqrt(s2) / np.sqrt(ref[:, 1])
+        for i, name in enumerate(b.extra):
+            cols[name] = raw[:, NRAW + i]
+        missing = b.missing if b.missing is not None else np.zeros(n, bool)
+        for name in _FLOAT_COLS:
+            v = cols.get(name)
+            v = np.full(n, np.nan, np.float32) if v is None else v.astype(np.float32)
+            if missing.any():
+                v[missing] = np.nan
+            self._ly[name].append(v)
+        self._ly["step"].append(np.full(n, step, np.int64))
+        self._ly["layer"].append(b.layers)
+        self._ly["kind"].append(np.full(n, self._kind_ids[b.kind], np.int32))
+        self._ly["numel"].append(b.numels)
+        self._ly["missing"].append(missing)
+        if hist is not None:
+            counts = np.rint(hist).astype(np.int64)
+            if b.pads is not None:
+                counts[:, fmt.HIST_ZERO_BIN] -= b.pads
+            if b.negate:
+                counts = counts[:, ::-1]
+            self._ly_hist.append((n, np.where(missing[:, None], -1, counts)))
+        else:
+            self._ly_hist.append((n, None))
+        if "layer" not in self._seen_nonfinite:
+            bad = ~missing & ((nonfinite > 0) | ~np.isfinite(s2))
+            if bad.any():
+                i = int(np.argmax(bad))
+                self._seen_nonfinite.add("layer")
+                name = self.layer_names[int(b.layers[i])]
+                self.event("nonfinite", step=step, where="layer", name=name, layer_kind=b.kind)
+
+    # -- segments -----------------------------------------------------------------------
+
+    def _scalars_table(self) -> pa.Table:
+        c = self._sc
+        names = pa.array(list(self._scalar_names), pa.string())
+        return pa.Table.from_arrays(
+            [
+                pa.array(np.concatenate(c["step"])),
+                pa.array(np.concatenate(c["wall"])),
+                pa.DictionaryArray.from_arrays(pa.array(np.concatenate(c["name"])), names),
+                pa.array(np.concatenate(c["value"])),
+            ],
+            schema=fmt.SCALARS_SCHEMA,
+        )
+
+    def _layers_table(self) -> pa.Table:
+        c = self._ly
+        layer_dict = pa.array(list(self.layer_names), pa.string())
+        kind_dict = pa.array(list(fmt.KINDS), pa.string())
+        cols: dict[str, pa.Array] = {
+            "step": pa.array(np.concatenate(c["step"])),
+            "layer": pa.DictionaryArray.from_arrays(
+                pa.array(np.concatenate(c["layer"]).astype(np.int32)), layer_dict
+            ),
+            "kind": pa.DictionaryArray.from_arrays(pa.array(np.concatenate(c["kind"])), kind_dict),
+            "numel": pa.array(np.concatenate(c["numel"]).astype(np.int64)),
+            "missing": pa.array(np.concatenate(c["missing"])),
+        }
+        for name in _FLOAT_COLS:
+            cols[name] = pa.array(np.concatenate(c[name]), pa.float32())
+        cols["hist"] = self._hist_array()
+        return pa.Table.from_arrays([cols[n] for n in fmt.LAYERS_COLUMNS], schema=fmt.LAYERS_SCHEMA)
+
+    def _hist_array(self) -> pa.Array:
+        lengths, values, mask = [], [], []
+        for n, counts in self._ly_hist:
+            if counts is None:
+                lengths.append(np.zeros(n, np.int32))
+                mask.append(np.ones(n, bool))
+                continue
+            null = counts[:, 0] < 0
+            lengths.append(np.where(null, 0, NBINS).astype(np.int32))
+            mask.append(null)
+            values.append(counts[~null].reshape(-1))
+        offsets = np.zeros(sum(len(x) for x in lengths) + 1, np.int32)
+        np.cumsum(np.concatenate(lengths), out=offsets[1:])
+        vals = np.concatenate(values) if values else np.zeros(0, np.int64)
+        return pa.ListArray.from_arrays(
+            pa.array(offsets),
+            pa.array(vals, pa.int64()),
+            type=_HIST_TYPE,
+            mask=pa.array(np.concatenate(mask)),
+        )
+
+    def flush(self) -> None:
+        if self._pending_steps == 0 and not self._sc["step"]:
+            return
+        last = self._pending_max_step
+        try:
+            if self._sc["step"]:
+                self._write(fmt.SCALARS_DIR, self._scalars_table())
+            if self._ly["step"]:
+                self._write(fmt.LAYERS_DIR, self._layers_table())
+        except Exception as exc:  # e.g. ENOSPC: drop these rows, keep going
+            self.report("writer", "writing a segment failed; those rows are lost", exc)
+        finally:
+            self._reset_pending()
+        if last is not None:
+            self.last_step = last
+            try:
+                self.on_flush(last)
+            except Exception as exc:
+                self.report("writer", "updating run.json failed", exc)
+
+    def _write(self, table_dir: str, table: pa.Table) -> None:
+        seq = self._seq[table_dir]
+        # Consume the sequence number even on failure so no segment is ever overwritten.
+        self._seq[table_dir] = seq + 1
+        fmt.write_segment(table, fmt.segment_path(self.run_dir, table_dir, self.rank, seq))
+
+    # -- events -------------------------------------------------------------------------
+
+    def event(self, kind: str, **fields: Any) -> None:
+        self.events.append({"kind": kind, "time": time.time(), "rank": self.rank, **fields})
+
+    def drain_events(self) -> None:
+        if self.skipped:
+            steps = []
+            while self.skipped:
+                steps.append(self.skipped.popleft())
+            self.event("skipped", steps=steps, total=self.skipped_total)
+        while self.events:
+            ev = self.events.popleft()
+            if not self.write_events:
+                continue
+            try:
+                fmt.append_event(self.run_dir, ev)
+            except Exception as exc:
+                self.report("writer", "appending to events.jsonl failed", exc, event=False)
+
+    # -- the thread ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        last_flush = time.monotonic()
+        while True:
+            timeout = max(0.01, self.flush_seconds - (time.monotonic() - last_flush))
+            try:
+                pkg = self.queue.get(timeout=timeout)
+            except queue.Empty:
+                pkg = False  # type: ignore[assignment]
+            if pkg is None:
+                break
+            if pkg:
+                self._consume(pkg)
+            due = (
+                self._pending_steps >= self.flush_steps
+                or time.monotonic() - last_flush >= self.flush_seconds
+                or self.flush_requested.is_set()
+            )
+            if due:
+                self.flush_requested.clear()
+                self.flush()
+                last_flush = time.monotonic()
+            self.drain_events()
+        self.flush()
+        self.drain_events()
+
+    def _consume(self, pkg: Package) -> None:
+        try:
+            arr = None
+            if pkg.host is not None:
+                try:
+                    pkg.event.synchronize()
+                    arr = pkg.host[: pkg.size].numpy().copy()
+                finally:
+                    self.free_slots.put(pkg.slot)
+            for step, name, value in pkg.host_scalars:
+                self._add_scalars([step], pkg.wall_time, [name], [value])
+            for step, name, t in pkg.extern:
+                self._add_scalars([step], pkg.wall_time, [name], [float(t)])
+            if arr is not None:
+                self._decode(pkg, arr)
+            self._pending_steps += 1
+            if self._pending_max_step is None or pkg.step > self._pending_max_step:
+                self._pending_max_step = pkg.step
+        except Exception as exc:
+            self.report("writer", f"decoding step {pkg.step} failed; it is dropped", exc)
