@@ -7,10 +7,13 @@ Library API (the CLI is a thin layer over it)::
     report = runlens.analyze(run)                 # -> runlens.Report
     for f in report.findings:                     # -> runlens.Finding
         print(f.signature, f.severity, f.summary)
+    cmp = runlens.compare(["runs/lr_*"])          # -> runlens.Comparison
 """
 
 from __future__ import annotations
 
+# The function shadows the module name on purpose: ``runlens.compare(runs)``.
+from runlens.compare import CompareOptions, Comparison, compare
 from runlens.engine import AnalyzeOptions, analyze, parse_set
 from runlens.errors import OptionError, RunlensError, RunLoadError
 from runlens.findings import Evidence, Finding, LayerHealth, Report, RunSummary, Skipped
@@ -22,6 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "REGISTRY",
     "AnalyzeOptions",
+    "CompareOptions",
+    "Comparison",
     "Evidence",
     "Finding",
     "LayerHealth",
@@ -33,6 +38,7 @@ __all__ = [
     "RunlensError",
     "Skipped",
     "analyze",
+    "compare",
     "load_run",
     "parse_set",
 ]

@@ -298,6 +298,80 @@ def explain(name: str) -> None:
     click.echo(explain_text(REGISTRY[name]), nl=False)
 
 
+# -- compare ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, metavar="RUN...")
+@format_option(("terminal", "markdown", "json"), "terminal")
+@output_option
+@click.option(
+    "--metric",
+    default=None,
+    metavar="NAME",
+    help="Scalar to rank by (default: val/loss if every run has it, else train/loss). "
+    "Names with acc/accuracy/f1/auc/... rank higher-is-better, others lower-is-better.",
+)
+@click.option(
+    "--by",
+    type=click.Choice(["step", "time"]),
+    default="step",
+    show_default=True,
+    help="Align curves by step or by wall-clock seconds since each run started.",
+)
+@analysis_options
+@handle_errors
+def compare(
+    runs: tuple[str, ...],
+    fmt: str,
+    output: str | None,
+    metric: str | None,
+    by: str,
+    set_: tuple[str, ...],
+    config: str | None,
+    smoothing: float | None,
+    only: tuple[str, ...],
+) -> None:
+    """Compare runs side by side: ranking, config differences, findings per run, the
+    step where curves separate, layers that differ by 10x or more.
+
+    RUN is a run directory, a folder of runs, or a glob (quoted globs are expanded
+    here too). The first run is the baseline for pairwise results. Unreadable runs are
+    reported and skipped; exit 2 only when none can be read.
+
+    \b
+    Examples:
+      runlens compare runs/baseline runs/fix
+      runlens compare 'runs/lr_*' --metric val/accuracy
+      runlens compare runs/sweep --format json -o sweep.json
+    """
+    import shutil
+
+    from runlens.compare import CompareOptions, progress_bar
+    from runlens.compare import compare as run_compare
+    from runlens.report import compare_json, compare_markdown, compare_terminal
+
+    options = CompareOptions(
+        metric=metric,
+        by=by,
+        analyze=analyze_options(set_, config, smoothing, only),  # type: ignore[arg-type]
+    )
+    with progress_bar() as on_progress:
+        comparison = run_compare(list(runs), options, on_progress=on_progress)
+    if fmt == "json":
+        text = compare_json.render(comparison)
+    elif fmt == "markdown":
+        text = compare_markdown.render(comparison)
+    else:
+        tty = output is None and _stdout_is_tty()
+        width = shutil.get_terminal_size((120, 24)).columns if tty else 120
+        text = compare_terminal.render(comparison, width=width, color=tty)
+    emit(text, output)
+    if fmt != "terminal" or output is not None:
+        for e in comparison.errors:  # the report has them too; say so where a person looks
+            click.echo(f"runlens: warning: skipped {e.path}: {e.message}", err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:
