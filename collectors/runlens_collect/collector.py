@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 import queue
@@ -410,12 +411,10 @@ class Collector:
         if event and self._writer is not None:
             self._writer.event("warning", message=msg, site=site, step=self._step)
         elif event and site == "setup":
-            try:
+            with contextlib.suppress(Exception):
                 fmt.append_event(
                     self.run_dir, {"kind": "warning", "message": msg, "time": time.time()}
                 )
-            except Exception:
-                pass
 
     def _guard(self, site: str, exc: BaseException) -> None:
         self._disabled.add(site)
@@ -523,16 +522,20 @@ class Collector:
         if len(optimizer.param_groups) != self._n_groups:
             self._refresh_optimizer_membership()
         self._read_grads()
-        if self._stat_step and self._wlayout is not None and "weight" not in self._disabled:
-            try:
-                torch._foreach_copy_(self._wviews, self._wsrc)
-                block, data = self._flat_block(
-                    fmt.KIND_WEIGHT, self._wlayout, write=fmt.KIND_WEIGHT in self.kinds
-                )
-                self._blocks["weight"] = (block, data)
-            except Exception as exc:
-                self._blocks.pop("weight", None)
-                self._guard("weight", exc)
+        self._read_weights()
+
+    @torch.no_grad()
+    def _read_weights(self) -> None:
+        """Snapshot the weights (kept for the update) and take their statistics."""
+        if not self._stat_step or self._wlayout is None or "weight" in self._disabled:
+            return
+        try:
+            torch._foreach_copy_(self._wviews, self._wsrc)
+            write = fmt.KIND_WEIGHT in self.kinds
+            self._blocks["weight"] = self._flat_block(fmt.KIND_WEIGHT, self._wlayout, write=write)
+        except Exception as exc:
+            self._blocks.pop("weight", None)
+            self._guard("weight", exc)
 
     @torch.no_grad()
     def _on_opt_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -728,6 +731,7 @@ class Collector:
         if not self._opt_fired:
             # No optimizer, or the optimizer step was skipped (e.g. AMP found infs).
             self._read_grads()
+            self._read_weights()
         if self._grad_norm_dev is not None:
             dev.append((step, fmt.GRAD_NORM, self._grad_norm_dev.reshape(1)))
         self._emit(step, wall, host, dev, extern)
@@ -801,10 +805,8 @@ class Collector:
 
     def _remove_hooks(self) -> None:
         for h in self._handles:
-            try:
+            with contextlib.suppress(Exception):
                 h.remove()
-            except Exception:
-                pass
         self._handles = []
 
     def _shutdown(self, status: str | None, timeout: float = 60.0) -> None:
@@ -823,10 +825,8 @@ class Collector:
             self._emit(max(0, self._step - 1), time.time(), host, dev, extern)
         if status is not None:
             writer.event("close", last_step=self._step - 1 if self._step else None, status=status)
-        try:
+        with contextlib.suppress(queue.Full):
             writer.queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
         writer.join(timeout)
         if writer.is_alive():
             self._report("writer", "writer did not finish in time; the last rows may be lost", None)
@@ -847,10 +847,8 @@ def _flush_at_exit(ref: weakref.ref[Collector]) -> None:
     col = ref()
     if col is not None and not col._closed:
         col._closed = True
-        try:
+        with contextlib.suppress(Exception):
             col._shutdown(None, timeout=10.0)
-        except Exception:
-            pass
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:

@@ -1,0 +1,388 @@
+"""The collector end to end on CPU: what it records, and that it equals torch's own numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import runlens_collect
+import torch
+from runlens_collect import Collector
+from runlens_collect import format as fmt
+from torch import nn
+
+RTOL = 1e-4
+
+
+def read_table(run_dir, table: str) -> dict[str, list]:
+    """All segments of one table, read with pyarrow directly, as columns of Python values."""
+    files = sorted((run_dir / table).glob(fmt.SEGMENT_GLOB))
+    assert files, f"no {table} segments"
+    t = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+    return {name: t.column(name).to_pylist() for name in t.column_names}
+
+
+def rows(cols, **where):
+    n = len(cols["step"])
+    out = []
+    for i in range(n):
+        if all(cols[k][i] == v for k, v in where.items()):
+            out.append({k: cols[k][i] for k in cols})
+    return out
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)
+    )
+
+
+def direct(t: torch.Tensor) -> dict[str, float]:
+    x = t.detach().double().reshape(-1)
+    return {
+        "mean": x.mean().item(),
+        "std": x.std().item(),
+        "norm": x.norm().item(),
+        "absmax": x.abs().max().item(),
+        "frac_zero": (x == 0).double().mean().item(),
+    }
+
+
+def close(a: float, b: float, rtol: float = RTOL, atol: float = 1e-7) -> bool:
+    return math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
+
+
+def test_records_everything_and_matches_torch(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    names = [n for n, _ in model.named_parameters()]
+    expected: dict[tuple[int, str, str], dict[str, float]] = {}
+    hists: dict[tuple[int, str, str], np.ndarray] = {}
+    relu_outs: dict[int, torch.Tensor] = {}
+    model[1].register_forward_hook(lambda m, a, o: relu_outs.__setitem__(0, o.detach().clone()))
+    steps = 7
+    gen = torch.Generator().manual_seed(1)
+    with Collector(model, opt, run_dir=tmp_path, activation_every=3, hist_every=3) as col:
+        for step in range(steps):
+            x = torch.randn(16, 6, generator=gen)
+            y = torch.randint(0, 3, (16,), generator=gen)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+            opt.step()
+            for n, p in model.named_parameters():
+                upd = p.detach() - before[n]
+                expected[(step, n, "weight")] = direct(before[n])
+                expected[(step, n, "grad")] = direct(grads[n])
+                expected[(step, n, "update")] = {
+                    **direct(upd),
+                    "update_ratio": (upd.double().norm() / before[n].double().norm()).item(),
+                }
+                if step % 3 == 0:
+                    for kind, t in (("weight", before[n]), ("grad", grads[n]), ("update", upd)):
+                        idx = fmt.hist_bin_index(t.double().numpy().reshape(-1))
+                        hists[(step, n, kind)] = np.bincount(idx, minlength=fmt.HIST_NUM_BINS)
+            expected[(step, "total", "grad_norm")] = {
+                "v": torch.cat([g.reshape(-1) for g in grads.values()]).double().norm().item()
+            }
+            if step % 3 == 0:
+                r = relu_outs[0]
+                expected[(step, "1", "dead")] = {"v": (r == 0).all(0).double().mean().item()}
+            col.step(loss=loss, acc=torch.tensor(0.25))
+            col.log({"val/loss": 2.0 * step})
+    assert col.warnings == []
+
+    layers = read_table(tmp_path, fmt.LAYERS_DIR)
+    for step in range(steps):
+        for n in names:
+            for kind in ("weight", "grad", "update"):
+                (row,) = rows(layers, step=step, layer=n, kind=kind)
+                assert row["missing"] is False
+                for stat, want in expected[(step, n, kind)].items():
+                    assert close(row[stat], want), (step, n, kind, stat, row[stat], want)
+                if step % 3 == 0:
+                    assert row["hist"] == hists[(step, n, kind)].tolist(), (step, n, kind)
+                else:
+                    assert row["hist"] is None
+        out = rows(layers, step=step, kind="output")
+        assert len(out) == 1 and out[0]["layer"] == fmt.OUTPUT_LAYER
+        acts = rows(layers, step=step, kind="activation")
+        if step % 3 == 0:
+            assert {a["layer"] for a in acts} == {"0", "1", "2", "3", "4"}
+            (relu,) = rows(layers, step=step, kind="activation", layer="1")
+            assert close(relu["frac_dead_units"], expected[(step, "1", "dead")]["v"])
+            assert relu["frac_zero"] > 0
+        else:
+            assert acts == []
+
+    scalars = read_table(tmp_path, fmt.SCALARS_DIR)
+    by_name: dict[str, dict[int, float]] = {}
+    for s, n, v in zip(scalars["step"], scalars["name"], scalars["value"], strict=True):
+        by_name.setdefault(n, {})[s] = v
+    for step in range(steps):
+        assert close(by_name["grad_norm"][step], expected[(step, "total", "grad_norm")]["v"])
+        assert by_name["lr/0"][step] == 0.05
+        assert by_name["train/acc"][step] == 0.25
+        assert by_name["val/loss"][step] == 2.0 * step
+    assert set(by_name["time/step"]) == set(range(1, steps))
+    assert all(v >= 0 for v in by_name["time/data"].values())
+    assert len(by_name["train/loss"]) == steps
+
+    meta = json.loads((tmp_path / fmt.RUN_JSON).read_text())
+    assert set(meta) >= set(fmt.RUN_JSON_KEYS)
+    assert meta["status"] == fmt.STATUS_FINISHED and meta["last_step"] == steps - 1
+    assert meta["model"]["output_shape"] == [16, 3]
+    assert set(meta["model"]) >= set(fmt.MODEL_SUMMARY_KEYS)
+    assert {"argv", "git_commit", "torch_initial_seed"} <= set(meta["repro"])
+    events = [json.loads(line) for line in (tmp_path / fmt.EVENTS_JSONL).read_text().splitlines()]
+    assert [e["kind"] for e in events] == ["start", "close"]
+
+
+def test_no_host_sync_on_training_thread(tmp_path, monkeypatch):
+    main = threading.main_thread()
+
+    def forbid(name):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            if threading.current_thread() is main:
+                raise AssertionError(f"Tensor.{name} called on the training thread")
+            return orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    model = mlp()
+    # SGD: Adam reads its step counter with .item() on CPU, which is not ours to test.
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(6)]
+    for name in ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__"):
+        forbid(name)
+
+    def no_sync(*a, **k):
+        raise AssertionError("cuda.synchronize on the training thread")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
+    with Collector(model, opt, run_dir=tmp_path, activation_every=2, hist_every=2) as col:
+        for x, y in data:
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            col.step(loss=loss, acc=(loss * 0 + 1))
+            runlens_collect.log({"val/loss": loss.detach() * 2})
+    monkeypatch.undo()
+    assert col.warnings == []
+    layers = read_table(tmp_path, fmt.LAYERS_DIR)
+    n_params = len(list(model.parameters()))
+    for step in range(len(data)):
+        for kind in ("weight", "grad", "update"):
+            got = rows(layers, step=step, kind=kind)
+            assert len(got) == n_params and not any(r["missing"] for r in got)
+    scalars = read_table(tmp_path, fmt.SCALARS_DIR)
+    assert scalars["name"].count("train/loss") == len(data)
+    assert scalars["name"].count("val/loss") == len(data)
+
+
+def test_frozen_unoptimized_integer_and_none_grads(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 2))
+    model[0].requires_grad_(False)  # frozen
+    model.register_parameter("counter", nn.Parameter(torch.arange(5), requires_grad=False))
+    model.register_buffer("ints", torch.arange(3))
+    opt = torch.optim.SGD(list(model[2].parameters()) + list(model[3].parameters()), lr=0.1)
+    # model[3] gets no gradient in odd steps (its output is unused there)
+    with Collector(model, opt, run_dir=tmp_path, activation_every=1) as col:
+        for step in range(4):
+            h = model[2](model[1](model[0](torch.randn(5, 4))))
+            loss = (model[3](h) if step % 2 == 0 else h).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            col.step(loss=loss)
+    assert col.warnings == []
+    layers = read_table(tmp_path, fmt.LAYERS_DIR)
+    for step in range(4):
+        for n in ("0.weight", "0.bias", "counter"):
+            (g,) = rows(layers, step=step, layer=n, kind="grad")
+            assert g["missing"] is True and math.isnan(g["norm"])
+            (u,) = rows(layers, step=step, layer=n, kind="update")
+            assert u["missing"] is True
+            (w,) = rows(layers, step=step, layer=n, kind="weight")
+            assert w["missing"] is False
+        (g,) = rows(layers, step=step, layer="3.weight", kind="grad")
+        (u,) = rows(layers, step=step, layer="3.weight", kind="update")
+        assert g["missing"] is (step % 2 == 1)
+        assert u["missing"] is False
+        if step % 2 == 1:
+            assert u["update_ratio"] == 0.0  # in the optimizer, no grad: unchanged
+    (w,) = rows(layers, step=0, layer="counter", kind="weight")
+    assert w["mean"] == 2.0 and w["numel"] == 5
+    (t,) = rows(layers, step=0, layer="1", kind="activation")
+    assert t["frac_saturated"] is not None and 0.0 <= t["frac_saturated"] <= 1.0
+
+
+def test_exception_in_stats_is_swallowed_once(tmp_path, monkeypatch):
+    from runlens_collect import stats
+
+    def boom(*a, **k):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(stats, "flat_raw", boom)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (
+        pytest.warns(RuntimeWarning, match="injected") as record,
+        Collector(model, opt, run_dir=tmp_path) as col,
+    ):
+        for _ in range(5):
+            loss = model(torch.randn(4, 6)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            col.step(loss=loss)
+    ours = [w for w in record if "runlens_collect" in str(w.message)]
+    assert len(ours) == 1
+    events = [json.loads(line) for line in (tmp_path / fmt.EVENTS_JSONL).read_text().splitlines()]
+    assert any(e["kind"] == "warning" and "injected" in e["message"] for e in events)
+    assert events[-1]["kind"] == "close"
+    scalars = read_table(tmp_path, fmt.SCALARS_DIR)
+    assert scalars["name"].count("train/loss") == 5  # the rest still recorded
+
+
+def test_writer_oserror_is_reported_and_training_continues(tmp_path, monkeypatch):
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fmt, "write_segment", full)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (
+        pytest.warns(RuntimeWarning, match="No space left") as record,
+        Collector(model, opt, run_dir=tmp_path, flush_steps=2) as col,
+    ):
+        for _ in range(6):
+            loss = model(torch.randn(4, 6)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            col.step(loss=loss)
+    assert len([w for w in record if "runlens_collect" in str(w.message)]) == 1
+    events = [json.loads(line) for line in (tmp_path / fmt.EVENTS_JSONL).read_text().splitlines()]
+    assert any(e["kind"] == "warning" and "No space" in e["message"] for e in events)
+    assert json.loads((tmp_path / fmt.RUN_JSON).read_text())["status"] == fmt.STATUS_FINISHED
+
+
+def test_writer_behind_drops_steps_without_blocking(tmp_path, monkeypatch):
+    from runlens_collect import writer
+
+    gate = threading.Event()
+    orig = writer.Writer._consume
+
+    def slow(self, pkg):
+        gate.wait(10)
+        orig(self, pkg)
+
+    monkeypatch.setattr(writer.Writer, "_consume", slow)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="fell behind"):
+        col = Collector(model, opt, run_dir=tmp_path, max_queue=2)
+        for _ in range(10):
+            loss = model(torch.randn(4, 6)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            col.step(loss=loss)
+        gate.set()
+        col.close()
+    events = [json.loads(line) for line in (tmp_path / fmt.EVENTS_JSONL).read_text().splitlines()]
+    skipped = [e for e in events if e["kind"] == "skipped"]
+    assert skipped and skipped[0]["total"] >= 1
+
+
+def test_nonfinite_event_and_eval_not_recorded(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Collector(model, opt, run_dir=tmp_path, activation_every=1) as col:
+        for step in range(3):
+            loss = model(torch.randn(4, 6)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            col.step(loss=loss * float("nan") if step == 1 else loss)
+            model.eval()
+            with torch.no_grad():
+                model(torch.randn(100, 6))  # must not replace the training activations
+            model.train()
+    events = [json.loads(line) for line in (tmp_path / fmt.EVENTS_JSONL).read_text().splitlines()]
+    nf = [e for e in events if e["kind"] == "nonfinite"]
+    assert (
+        nf and nf[0]["step"] == 1 and nf[0]["where"] == "scalar" and nf[0]["name"] == "train/loss"
+    )
+    layers = read_table(tmp_path, fmt.LAYERS_DIR)
+    assert {r["numel"] for r in rows(layers, kind="output")} == {12}
+
+
+def test_no_optimizer_reads_grads_at_step(tmp_path):
+    model = mlp()
+    with Collector(model, None, run_dir=tmp_path) as col:
+        for _ in range(3):
+            model.zero_grad()
+            model(torch.randn(4, 6)).sum().backward()
+            col.step()
+    layers = read_table(tmp_path, fmt.LAYERS_DIR)
+    assert set(layers["kind"]) == {"weight", "grad", "activation", "output"}
+    assert not any(r["missing"] for r in rows(layers, kind="grad"))
+
+
+def test_tied_parameters_recorded_once(tmp_path):
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, head)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Collector(model, opt, run_dir=tmp_path) as col:
+        loss = model(torch.randint(0, 10, (3,))).sum()
+        loss.backward()
+        opt.step()
+        col.step(loss=loss)
+    layers = read_table(tmp_path, fmt.LAYERS_DIR)
+    assert {r["layer"] for r in rows(layers, kind="grad")} == {"0.weight"}
+
+
+def test_log_is_noop_without_collector():
+    from runlens_collect import _active
+
+    assert _active.get_active() is None
+    runlens_collect.log({"val/loss": torch.tensor(1.0)})
+
+
+def test_compiled_model(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        compiled = torch.compile(model, backend="eager")
+        compiled(torch.randn(2, 6))
+    except Exception as exc:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"torch.compile unavailable: {exc}")
+    with Collector(compiled, opt, run_dir=tmp_path) as col:
+        for _ in range(3):
+            loss = compiled(torch.randn(4, 6)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            col.step(loss=loss)
+    assert col.warnings == []
+    layers = read_table(tmp_path, fmt.LAYERS_DIR)
+    assert "0.weight" in set(layers["layer"])
+    assert len(rows(layers, kind="output")) == 3
