@@ -227,14 +227,18 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         raise RunLoadError(f"not a run directory: {root} (a file; see `runlens import`)")
 
     warnings: list[str] = []
+    n_warnings = len(warnings)
     meta = _read_meta(root, warnings)
+    # A corrupt run.json gets defaults and a warning; the data segments are still analyzed.
+    meta_unreadable = len(warnings) > n_warnings
     scalar_files = _good_segments(root, fmt.SCALARS_DIR, fmt.SCALARS_SCHEMA.names, warnings)
     layer_files = _good_segments(root, fmt.LAYERS_DIR, ("step", "layer", "kind"), warnings)
-    if meta is None and not scalar_files and not layer_files:
-        raise RunLoadError(f"not a runlens run: {root} has no run.json and no segments")
+    if (meta is None or meta_unreadable) and not scalar_files and not layer_files:
+        what = "an unreadable run.json" if meta_unreadable else "no run.json"
+        raise RunLoadError(f"not a runlens run: {root} has {what} and no segments")
     if meta is None:
         meta = {"name": root.name, "status": "unknown"}
-    else:
+    elif not meta_unreadable:
         try:
             fmt.check_schema_version(meta)
         except fmt.SchemaVersionError as exc:
