@@ -175,6 +175,28 @@ def analyze_options(
     return AnalyzeOptions(**kwargs)
 
 
+def input_options(fn: F) -> F:
+    """--input-format / --map: how to read logs that are not runlens runs."""
+    from runlens.importers import FORMATS
+
+    fn = click.option(
+        "--map",
+        "map_",
+        multiple=True,
+        metavar="SRC=NAME",
+        help="Map a metric name of an imported log to a runlens name, e.g. "
+        "--map eval/loss=val/loss (repeatable; SRC= drops it). See docs/importing.md.",
+    )(fn)
+    return click.option(
+        "--input-format",
+        type=click.Choice(["auto", *FORMATS]),
+        default="auto",
+        show_default=True,
+        help="Format of the input: a runlens run, a TensorBoard log, a CSV metrics file or "
+        "a Hugging Face trainer_state.json (auto detects it).",
+    )(fn)
+
+
 def emit(text: str, output: str | None) -> None:
     """Write ``text`` to ``output`` (only there) or to stdout."""
     if output is None:
@@ -200,6 +222,7 @@ def _stdout_is_tty() -> bool:
 @output_option
 @fail_on_option
 @analysis_options
+@input_options
 @handle_errors
 def analyze(
     run_dir: str,
@@ -210,6 +233,8 @@ def analyze(
     config: str | None,
     smoothing: float | None,
     only: tuple[str, ...],
+    input_format: str,
+    map_: tuple[str, ...],
 ) -> None:
     """Diagnose one recorded run: what went wrong, where, the evidence, the fix.
 
@@ -220,15 +245,19 @@ def analyze(
       runlens analyze runs/exp1
       runlens analyze runs/exp1 --format markdown -o report.md
       runlens analyze runs/exp1 --fail-on error --set loss-spike.threshold=8
+      runlens analyze tb_logs/run1            # TensorBoard, CSV, HF trainer_state too
     """
     import shutil
 
     from runlens.engine import analyze as run_analysis
     from runlens.findings import SEVERITY_ORDER
+    from runlens.importers import parse_map
     from runlens.report import json_report, markdown, terminal
+    from runlens.sources import open_run
 
     options = analyze_options(set_, config, smoothing, only)
-    report = run_analysis(run_dir, options)
+    run = open_run(run_dir, input_format, parse_map(map_) or None)
+    report = run_analysis(run, options)
     if fmt == "json":
         text = json_report.render(report)
     elif fmt == "markdown":
@@ -370,6 +399,46 @@ def compare(
     if fmt != "terminal" or output is not None:
         for e in comparison.errors:  # the report has them too; say so where a person looks
             click.echo(f"runlens: warning: skipped {e.path}: {e.message}", err=True)
+
+
+# -- import -------------------------------------------------------------------------------
+
+
+@cli.command("import")
+@click.argument("path", metavar="PATH")
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Run directory to create (must not exist or be empty).",
+)
+@input_options
+@handle_errors
+def import_(path: str, out_dir: str, input_format: str, map_: tuple[str, ...]) -> None:
+    """Convert a TensorBoard log, a CSV metrics file or a Hugging Face trainer_state.json
+    into a runlens run directory (analyze and compare read those logs directly too; this
+    keeps a converted copy).
+
+    \b
+    Examples:
+      runlens import tb_logs/run1 -o runs/run1
+      runlens import lightning_logs/version_0/metrics.csv -o runs/v0 --map val_acc=val/accuracy
+      runlens import out/checkpoint-500 -o runs/bert --input-format hf-trainer
+    """
+    from runlens.importers import convert, parse_map
+    from runlens.run import load_run
+
+    fmt = None if input_format == "auto" else input_format
+    dest = convert(path, out_dir, fmt, parse_map(map_) or None)
+    run = load_run(dest)
+    click.echo(
+        f"imported {run.source_format} log {path} -> {dest} "
+        f"({len(run.scalar_names)} series, {len(run.layer_kinds)} layer kinds)"
+    )
+    for w in run.warnings:
+        click.echo(f"runlens: warning: {w}", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

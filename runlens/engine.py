@@ -26,9 +26,10 @@ from runlens.findings import (
 )
 from runlens.health import layer_health
 from runlens.links import link_findings
-from runlens.run import Run, load_run
+from runlens.run import Run
 from runlens.signatures import REGISTRY
 from runlens.signatures.base import Params, Signature
+from runlens.sources import open_run
 
 PREVIEW_CURVES = (fmt.TRAIN_LOSS, fmt.VAL_LOSS, "val/accuracy", "lr/0", fmt.GRAD_NORM)
 
@@ -112,20 +113,23 @@ def resolve_params(sig: type[Signature], overrides: Mapping[str, float]) -> Para
 
 
 def analyze(run: Run | str | os.PathLike[str], options: AnalyzeOptions | None = None) -> Report:
-    """Diagnose one run. ``run`` is a :class:`Run` or a path to a run directory."""
+    """Diagnose one run. ``run`` is a :class:`Run` or a path to a run directory or to a
+    log :func:`runlens.sources.open_run` imports (TensorBoard, CSV, HF trainer state)."""
     options = options or AnalyzeOptions()
     if not isinstance(run, Run):
-        run = load_run(run)
+        run = open_run(run)
     ctx = Context(run, options.smoothing)
     findings: list[Finding] = []
     skipped: list[Skipped] = []
     warnings = list(run.warnings)
+    no_layers = 0  # signatures skipped for want of layer statistics
     for name, sig in REGISTRY.items():
         if options.only is not None and name not in options.only:
             continue
         missing = ctx.missing(sig.requires)
         if missing:
             skipped.append(Skipped(name, "needs " + ", ".join(missing)))
+            no_layers += any("layers:" in m for m in missing)
             continue
         params = resolve_params(sig, options.overrides.get(name, {}))
         try:
@@ -135,6 +139,11 @@ def analyze(run: Run | str | os.PathLike[str], options: AnalyzeOptions | None = 
             warnings.append(f"signature {name} failed: {type(exc).__name__}: {exc}")
             continue
         findings.extend(_clip_steps(f, ctx) for f in found)
+    if no_layers and not run.has_layers():
+        what = "log" if run.source_format != "runlens" else "run"
+        warnings.append(
+            f"layer statistics not available in this {what}: {no_layers} signatures skipped"
+        )
     findings = link_findings(findings)
     findings.sort(key=_finding_order)
     return Report(
@@ -177,7 +186,8 @@ def _run_info(run: Run) -> RunInfo:
     version = run.meta.get("schema_version")
     return RunInfo(
         name=run.name,
-        path=str(run.path),
+        # An imported log is named by where the user's log is, not by the cache entry.
+        path=str((run.meta.get("imported") or {}).get("source") or run.path),
         run_id=run.meta.get("run_id"),
         kind=run.kind,
         status=run.status,

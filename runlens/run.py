@@ -252,6 +252,10 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     layers = _scan(layer_files, rank, fmt.LAYERS_SCHEMA) if layer_files else None
     if not scalar_files and not layer_files:
         warnings.append("run has no data segments yet")
+    # A log converted by `runlens import` says so in run.json, with its import warnings.
+    imported = meta.get("imported")
+    if isinstance(imported, dict):
+        warnings.extend(str(w) for w in imported.get("warnings") or [])
     run = Run(
         path=root,
         meta=meta,
@@ -259,6 +263,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         layers=layers,
         events=_read_events(root, warnings),
         warnings=warnings,
+        source_format=str(meta.get("source_format") or "runlens"),
         rank=rank,
     )
     return run
