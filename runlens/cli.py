@@ -349,6 +349,7 @@ def explain(name: str) -> None:
     help="Align curves by step or by wall-clock seconds since each run started.",
 )
 @analysis_options
+@input_options
 @handle_errors
 def compare(
     runs: tuple[str, ...],
@@ -360,12 +361,15 @@ def compare(
     config: str | None,
     smoothing: float | None,
     only: tuple[str, ...],
+    input_format: str,
+    map_: tuple[str, ...],
 ) -> None:
     """Compare runs side by side: ranking, config differences, findings per run, the
     step where curves separate, layers that differ by 10x or more.
 
     RUN is a run directory, a folder of runs, or a glob (quoted globs are expanded
-    here too). The first run is the baseline for pairwise results. Unreadable runs are
+    here too), or a log to import: TensorBoard, CSV metrics, HF trainer_state.json.
+    The first run is the baseline for pairwise results. Unreadable runs are
     reported and skipped; exit 2 only when none can be read.
 
     \b
@@ -378,12 +382,15 @@ def compare(
 
     from runlens.compare import CompareOptions, progress_bar
     from runlens.compare import compare as run_compare
+    from runlens.importers import parse_map
     from runlens.report import compare_json, compare_markdown, compare_terminal
 
     options = CompareOptions(
         metric=metric,
         by=by,
         analyze=analyze_options(set_, config, smoothing, only),  # type: ignore[arg-type]
+        input_format=input_format,
+        mapping=tuple(parse_map(map_).items()),
     )
     with progress_bar() as on_progress:
         comparison = run_compare(list(runs), options, on_progress=on_progress)

@@ -34,7 +34,8 @@ from runlens.context import Context, Curve
 from runlens.engine import AnalyzeOptions, analyze
 from runlens.errors import OptionError, RunlensError
 from runlens.findings import SEVERITY_ORDER, Report, Severity, _jsonable
-from runlens.run import Run, load_run
+from runlens.run import Run
+from runlens.sources import open_run
 
 Mode = Literal["min", "max"]
 By = Literal["step", "time"]
@@ -84,6 +85,10 @@ class CompareOptions:
     layer_tail: float = 0.25
     """Per-layer values are medians over this last fraction of the recorded steps."""
     workers: int | None = None
+    input_format: str | None = None
+    """Format of inputs that are not runlens runs (None: detect; see runlens.sources)."""
+    mapping: tuple[tuple[str, str], ...] = ()
+    """Source-name -> runlens-name overrides for imported logs (``--map``)."""
 
     def __post_init__(self) -> None:
         if self.by not in ("step", "time"):
@@ -354,7 +359,11 @@ class _Loaded:
 def _load_one(
     source: Run | Path, curve_names: Sequence[str] | None, opts: CompareOptions
 ) -> _Loaded:
-    run = source if isinstance(source, Run) else load_run(source)
+    run = (
+        source
+        if isinstance(source, Run)
+        else open_run(source, opts.input_format, dict(opts.mapping) or None)
+    )
     report = analyze(run, opts.analyze)
     ctx = Context(run, opts.analyze.smoothing)
     names = list(curve_names) if curve_names is not None else [fmt.TRAIN_LOSS, fmt.VAL_LOSS]
@@ -383,7 +392,7 @@ def _load_one(
     }
     return _Loaded(
         run_meta=run.meta,
-        path=str(run.path),
+        path=report.run.path,  # for an imported log: the user's log, not the cache entry
         report=report,
         curves=curves,
         curve_steps=curve_steps,

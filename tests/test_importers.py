@@ -510,3 +510,21 @@ def test_cli_analyze_forced_format_and_errors(keras_csv: Path, tmp_path: Path) -
     res = CliRunner().invoke(cli, ["analyze", str(bad)])
     assert res.exit_code == 2
     assert res.output.startswith("runlens: error: ") and res.output.count("\n") == 1
+
+
+def test_compare_imported_logs(lightning_csv: Path, hf_output: Path, tmp_path: Path) -> None:
+    from runlens.compare import CompareOptions, compare
+
+    comparison = compare([lightning_csv, hf_output], CompareOptions(workers=1))
+    assert not comparison.errors
+    assert comparison.metric == "val/loss"  # both imported logs have it, under their names
+    paths = [r.path for r in comparison.runs]
+    assert paths == [str(lightning_csv.resolve()), str(hf_output.resolve())]
+    res = CliRunner().invoke(
+        cli,
+        ["compare", str(lightning_csv), str(hf_output), "--format", "json",
+         "--map", "val_loss=val/xent"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    # --map applies to every imported input: the CSV's val loss is now val/xent.
+    assert json.loads(res.output)["metric"] == "train/loss"
