@@ -213,14 +213,56 @@ def _stdout_is_tty() -> bool:
     return bool(stream.isatty()) and "NO_COLOR" not in os.environ
 
 
+def _refuse_html_to_tty(output: str | None) -> None:
+    if output is None and click.get_text_stream("stdout").isatty():
+        fail("--format html writes a web page: add -o report.html")
+
+
+def _html_report(run: Any, report: Any, smoothing: float) -> str:
+    from runlens.plotdata import build_plot_data
+    from runlens.report import html
+
+    return html.render(report, build_plot_data(run, report, smoothing=smoothing))
+
+
+def _write_plots(
+    text: str, run: Any, report: Any, plots: str, output: str | None, smoothing: float
+) -> str:
+    """Write the PNG plots into ``plots`` and return ``text`` with an image section whose
+    paths are relative to the Markdown file (or to the current directory for stdout)."""
+    import os
+
+    from runlens.plotdata import build_plot_data
+    from runlens.report.figures import render_pngs, with_images
+
+    pngs = render_pngs(build_plot_data(run, report, smoothing=smoothing))
+    os.makedirs(plots, exist_ok=True)
+    base = os.path.dirname(os.path.abspath(output)) if output else os.getcwd()
+    images = []
+    for name, data in pngs.items():
+        path = os.path.join(plots, name)
+        with open(path, "wb") as fh:
+            fh.write(data)
+        images.append((name, os.path.relpath(os.path.abspath(path), base).replace(os.sep, "/")))
+    return with_images(text, images)
+
+
 # -- analyze / signatures / explain -----------------------------------------------------
 
 
 @cli.command()
 @click.argument("run_dir", metavar="RUN_DIR")
-@format_option(("terminal", "markdown", "json"), "terminal")
+@format_option(("terminal", "markdown", "json", "html"), "terminal")
 @output_option
 @fail_on_option
+@click.option(
+    "--plots",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="With --format markdown: write PNG plots into DIR (created) and embed them "
+    "(needs matplotlib).",
+)
 @analysis_options
 @input_options
 @handle_errors
@@ -229,6 +271,7 @@ def analyze(
     fmt: str,
     output: str | None,
     fail_on: str | None,
+    plots: str | None,
     set_: tuple[str, ...],
     config: str | None,
     smoothing: float | None,
@@ -244,6 +287,7 @@ def analyze(
     Examples:
       runlens analyze runs/exp1
       runlens analyze runs/exp1 --format markdown -o report.md
+      runlens analyze runs/exp1 --format html -o report.html
       runlens analyze runs/exp1 --fail-on error --set loss-spike.threshold=8
       runlens analyze tb_logs/run1            # TensorBoard, CSV, HF trainer_state too
     """
@@ -256,12 +300,20 @@ def analyze(
     from runlens.sources import open_run
 
     options = analyze_options(set_, config, smoothing, only)
+    if plots is not None and fmt != "markdown":
+        fail("--plots works with --format markdown (the html format has its own plots)")
+    if fmt == "html":
+        _refuse_html_to_tty(output)
     run = open_run(run_dir, input_format, parse_map(map_) or None)
     report = run_analysis(run, options)
     if fmt == "json":
         text = json_report.render(report)
+    elif fmt == "html":
+        text = _html_report(run, report, options.smoothing)
     elif fmt == "markdown":
         text = markdown.render(report)
+        if plots is not None:
+            text = _write_plots(text, run, report, plots, output, options.smoothing)
     else:
         tty = output is None and _stdout_is_tty()
         width = shutil.get_terminal_size((100, 24)).columns if tty else 100
@@ -332,7 +384,7 @@ def explain(name: str) -> None:
 
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, metavar="RUN...")
-@format_option(("terminal", "markdown", "json"), "terminal")
+@format_option(("terminal", "markdown", "json", "html"), "terminal")
 @output_option
 @click.option(
     "--metric",
@@ -377,6 +429,7 @@ def compare(
       runlens compare runs/baseline runs/fix
       runlens compare 'runs/lr_*' --metric val/accuracy
       runlens compare runs/sweep --format json -o sweep.json
+      runlens compare 'runs/lr_*' --format html -o sweep.html
     """
     import shutil
 
@@ -392,10 +445,18 @@ def compare(
         input_format=input_format,
         mapping=tuple(parse_map(map_).items()),
     )
+    if fmt == "html":
+        _refuse_html_to_tty(output)
     with progress_bar() as on_progress:
         comparison = run_compare(list(runs), options, on_progress=on_progress)
     if fmt == "json":
         text = compare_json.render(comparison)
+    elif fmt == "html":
+        from runlens.plotdata import build_comparison_plot_data
+        from runlens.report import html
+
+        data = build_comparison_plot_data(comparison, smoothing=options.analyze.smoothing)
+        text = html.render_comparison(comparison, data)
     elif fmt == "markdown":
         text = compare_markdown.render(comparison)
     else:

@@ -31,7 +31,7 @@ from runlens_collect import format as fmt
 from runlens import series as S
 from runlens.findings import Report
 from runlens.health import module_of
-from runlens.run import Run, load_run
+from runlens.run import Run
 
 PLOT_DATA_VERSION = 1
 
@@ -112,8 +112,10 @@ def build_comparison_plot_data(comparison: Any, **kwargs: Any) -> list[dict[str,
     The comparison keeps reports, not frames, so each run is loaded again (lazily: only
     the columns drawn are read). Keyword arguments go to :func:`build_plot_data`.
     """
+    from runlens.sources import open_run  # reads imported logs (TensorBoard, CSV) too
+
     kwargs.setdefault("heat_bins", HEAT_BINS // 2)  # n runs in one file: keep it light
-    return [build_plot_data(load_run(e.path), e.report, **kwargs) for e in comparison.runs]
+    return [build_plot_data(open_run(e.path), e.report, **kwargs) for e in comparison.runs]
 
 
 # -- line series --------------------------------------------------------------------------
