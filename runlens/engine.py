@@ -16,7 +16,6 @@ from runlens import series as S
 from runlens.context import Context
 from runlens.errors import OptionError
 from runlens.findings import (
-    SEVERITY_ORDER,
     CurvePreview,
     Finding,
     Report,
@@ -25,7 +24,7 @@ from runlens.findings import (
     Skipped,
 )
 from runlens.health import layer_health
-from runlens.links import link_findings
+from runlens.links import link_findings, rank_findings
 from runlens.run import Run
 from runlens.signatures import REGISTRY
 from runlens.signatures.base import Params, Signature
@@ -144,8 +143,8 @@ def analyze(run: Run | str | os.PathLike[str], options: AnalyzeOptions | None = 
         warnings.append(
             f"layer statistics not available in this {what}: {no_layers} signatures skipped"
         )
-    findings = link_findings(findings)
-    findings.sort(key=_finding_order)
+    # Root causes first, each followed by the findings it explains (see links.py).
+    findings = rank_findings(link_findings(findings))
     return Report(
         run=_run_info(run),
         summary=summarize(ctx),
@@ -154,17 +153,6 @@ def analyze(run: Run | str | os.PathLike[str], options: AnalyzeOptions | None = 
         layers=tuple(layer_health(ctx, findings)),
         curves=tuple(_previews(ctx, options.preview_points)),
         warnings=tuple(warnings),
-    )
-
-
-def _finding_order(f: Finding) -> tuple[Any, ...]:
-    # Severity first; within it, root causes before what they explain; then confidence.
-    return (
-        SEVERITY_ORDER[f.severity],
-        f.explained_by is not None,
-        -f.confidence,
-        f.steps[0] if f.steps else 0,
-        f.signature,
     )
 
 

@@ -2,7 +2,13 @@
 
 ``CAUSES`` lists, for a symptom, the signatures that explain it when both are present
 (e.g. a NaN after exploding gradients: exploding-gradients is the root cause). The engine
-marks the symptom ``explained_by`` its root cause and the root ``explains`` the symptom.
+marks the symptom ``explained_by`` its root cause and the root ``explains`` the symptom;
+:func:`rank_findings` then orders the report so each root cause comes right before the
+findings it explains.
+
+A cause only explains a symptom it does not start after: when both findings have step
+ranges, the cause must begin no later than the symptom ends (a NaN at step 50 is not
+explained by large updates first seen at step 300).
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from runlens.findings import Finding
+from runlens.findings import SEVERITY_ORDER, Finding
 
 CAUSES: dict[str, tuple[str, ...]] = {
     # symptom: candidate root causes, most likely first
@@ -18,8 +24,17 @@ CAUSES: dict[str, tuple[str, ...]] = {
     "loss-divergence": ("exploding-gradients", "large-updates"),
     "loss-oscillation": ("large-updates",),
     "loss-spike": ("exploding-gradients",),
+    # Growing activations make growing gradients; a too-high LR makes both.
     "exploding-gradients": ("activation-explosion", "large-updates"),
+    # Saturated sigmoids and dead ReLUs have ~0 derivative: the backward pass dies there.
     "vanishing-gradients": ("saturated-activations", "dead-relu"),
+    # Too-large steps push pre-activations out to the flat parts (Lu et al. 2019 for ReLU).
+    "dead-relu": ("large-updates",),
+    "saturated-activations": ("activation-explosion", "large-updates"),
+    # Gradients of ~1e-9 make updates of ~1e-10: tiny (or below float precision, frozen).
+    "tiny-updates": ("vanishing-gradients",),
+    # A layer behind a fully dead ReLU layer gets exactly zero gradient.
+    "frozen-layer": ("dead-relu", "vanishing-gradients"),
     "loss-flat": (
         "logits-as-probabilities",
         "frozen-layer",
@@ -31,15 +46,25 @@ CAUSES: dict[str, tuple[str, ...]] = {
     "underfitting": ("logits-as-probabilities", "tiny-updates", "dead-relu", "frozen-layer"),
     "bad-initial-loss": ("logits-as-probabilities",),
     "activation-explosion": (),
+    "large-updates": (),
 }
 
 
+def _compatible(cause: Finding, symptom: Finding) -> bool:
+    if cause.steps is None or symptom.steps is None:
+        return True
+    return cause.steps[0] <= symptom.steps[1]
+
+
 def link_findings(findings: Sequence[Finding]) -> list[Finding]:
-    present = {f.signature for f in findings}
+    """Set ``explained_by`` / ``explains`` from :data:`CAUSES` (chains followed to the
+    deepest root). Findings are returned in their input order."""
+    by_sig = {f.signature: f for f in findings}
     explained_by: dict[str, str] = {}
     for f in findings:
         for cause in CAUSES.get(f.signature, ()):
-            if cause in present and cause != f.signature:
+            c = by_sig.get(cause)
+            if c is not None and cause != f.signature and _compatible(c, f):
                 explained_by[f.signature] = cause
                 break
 
@@ -53,10 +78,13 @@ def link_findings(findings: Sequence[Finding]) -> list[Finding]:
 
     explains: dict[str, list[str]] = {}
     for sym in explained_by:
-        explains.setdefault(root(sym), []).append(sym)
+        r = root(sym)
+        if r != sym:
+            explains.setdefault(r, []).append(sym)
     out = []
     for f in findings:
-        by = root(f.signature) if f.signature in explained_by else None
+        r = root(f.signature) if f.signature in explained_by else None
+        by = r if r is not None and r != f.signature else None
         out.append(
             replace(
                 f,
@@ -65,3 +93,30 @@ def link_findings(findings: Sequence[Finding]) -> list[Finding]:
             )
         )
     return out
+
+
+def rank_findings(findings: Sequence[Finding]) -> list[Finding]:
+    """Report order: groups (a root cause and what it explains) by their worst severity,
+    then confidence; inside a group the root first, then its symptoms by severity.
+
+    So an ``error`` NaN explained by a ``warning`` exploding-gradients finding sorts as an
+    error group whose first line is the exploding gradients."""
+    groups: dict[str, list[Finding]] = {}
+    for f in findings:
+        groups.setdefault(f.explained_by or f.signature, []).append(f)
+
+    def member_key(f: Finding) -> tuple[object, ...]:
+        return (f.explained_by is not None, SEVERITY_ORDER[f.severity], -f.confidence, f.signature)
+
+    def group_key(members: list[Finding]) -> tuple[object, ...]:
+        head = members[0]
+        return (
+            min(SEVERITY_ORDER[m.severity] for m in members),
+            -head.confidence,
+            head.steps[0] if head.steps else 0,
+            head.signature,
+        )
+
+    ordered = [sorted(ms, key=member_key) for ms in groups.values()]
+    ordered.sort(key=group_key)
+    return [f for ms in ordered for f in ms]

@@ -1,0 +1,124 @@
+"""A large fraction of ReLU units output zero for every example, persistently."""
+
+from __future__ import annotations
+
+import numpy as np
+from runlens_collect import format as fmt
+
+from runlens.context import Context
+from runlens.findings import Evidence, Finding
+from runlens.run import LayerMatrix
+from runlens.signatures import _layers as L
+from runlens.signatures.base import Param, Params, Signature
+
+
+class DeadRelu(Signature):
+    """Dying ReLU: units that output zero for every example and stay that way.
+
+    What it detects:
+        ReLU-family layers (``ReLU``, ``ReLU6``, ``RReLU``, ``Threshold``) where, after the
+        early transient, the fraction of *dead* units — zero for every example of the batch
+        (the collector's ``frac_dead_units``) — is at least ``dead_fraction`` on at least
+        ``min_fraction`` of the recorded steps. When no layer's type is known, every layer
+        with activation statistics is checked.
+
+    Why it matters:
+        A dead unit has zero gradient for every input, so nothing can revive it: its
+        incoming weights stop learning and the layer loses capacity for good. Large
+        learning rates, a large negative bias or an unlucky initialization can kill most of
+        a layer in a few steps; the loss then plateaus above what the model could reach.
+
+    Evidence:
+        The dead fraction of each flagged layer (median after the transient), the share of
+        steps it was above the threshold, and the step range.
+
+    How to fix:
+        Lower the learning rate (or add warm-up); initialize biases at zero or slightly
+        positive and weights with Kaiming initialization; use LeakyReLU, ELU, GELU or SiLU;
+        add BatchNorm before the activation.
+
+    References:
+        Lu, Shin, Su & Karniadakis, "Dying ReLU and Initialization: Theory and Numerical
+        Examples" (2019, arXiv:1903.06733); Maas et al., "Rectifier Nonlinearities Improve
+        Neural Network Acoustic Models" (ICML 2013, LeakyReLU); Zhang et al.,
+        "AUTOTRAINER" (ICSE 2021) — dying-ReLU rule.
+    """
+
+    name = "dead-relu"
+    summary = "a large fraction of ReLU units zero for every example, persisting"
+    category = "layer"
+    severity = "warning"
+    requires = ("layers:activation",)
+    params = (
+        Param(
+            "dead_fraction",
+            0.5,
+            "fraction of a layer's units dead (zero for the whole batch) to flag the layer",
+            "AUTOTRAINER (Zhang et al. 2021) flags dying ReLU when most neurons are inactive; "
+            "0.5 is our calibration (healthy sample runs stay under 0.1)",
+        ),
+        Param(
+            "min_fraction",
+            0.8,
+            "fraction of post-transient recorded steps on which the layer must be that dead",
+            "runlens default: dead units do not recover, so the condition should persist",
+        ),
+    )
+
+    def detect(self, ctx: Context, p: Params) -> list[Finding]:
+        m = ctx.layer(fmt.KIND_ACTIVATION, "frac_dead_units")
+        if m is None:
+            return []
+        cols = _relu_columns(ctx, m)
+        if cols.size == 0:
+            return []
+        hit = L.persistent_layers(ctx, m, cols, p.dead_fraction, p.min_fraction)
+        if hit is None:
+            return []
+        sp = hit.steps
+        worst = hit.medians[0]
+        names = hit.layers
+        parts = ", ".join(f"`{n}` {v:.0%}" for n, v in zip(names[:4], hit.medians, strict=False))
+        return [
+            Finding(
+                signature=self.name,
+                severity="error" if worst >= 0.99 else "warning",
+                confidence=float(min(1.0, 0.5 + (worst - p.dead_fraction) + 0.2 * max(hit.shares))),
+                summary=(
+                    f"{len(names)} ReLU layer(s) have most units dead (zero for every example): "
+                    f"{parts} (threshold {p.dead_fraction:.0%})"
+                    + (f" from step {sp[0]} to {sp[1]}" if sp else "")
+                ),
+                fix="Lower the learning rate or add warm-up, use Kaiming init with zero or "
+                "slightly positive biases, switch to LeakyReLU/GELU, or add BatchNorm.",
+                steps=sp,
+                layers=tuple(names),
+                evidence=(
+                    *(
+                        Evidence(f"dead fraction of {n} (median)", med, p.dead_fraction, ">=")
+                        for n, med in zip(names[:8], hit.medians[:8], strict=False)
+                    ),
+                    Evidence(
+                        "share of steps over threshold (worst layer)",
+                        hit.shares[0],
+                        p.min_fraction,
+                        ">=",
+                    ),
+                ),
+                causes=(
+                    "learning rate too high",
+                    "negative bias or unlucky initialization",
+                    "no normalization before the ReLU",
+                ),
+            )
+        ]
+
+
+def _relu_columns(ctx: Context, m: LayerMatrix) -> np.ndarray:
+    types = [ctx.module_type(n) for n in m.layers]
+    relu = [j for j, t in enumerate(types) if t in L.RELU_FAMILY]
+    if relu:
+        return np.array(relu, dtype=int)
+    if all(not t for t in types):
+        return np.arange(len(m.layers))
+    return np.array([], dtype=int)

@@ -1,0 +1,172 @@
+"""Parameters that get no gradient or never change while the rest of the model trains."""
+
+from __future__ import annotations
+
+import numpy as np
+from runlens_collect import format as fmt
+
+from runlens.context import Context
+from runlens.findings import Evidence, Finding
+from runlens.signatures import _layers as L
+from runlens.signatures.base import Param, Params, Signature
+
+
+class FrozenLayer(Signature):
+    """Parameters that never train while others do.
+
+    What it detects:
+        Parameters that, on every recorded step, either get no gradient (``requires_grad``
+        is False, a stray ``.detach()``/``torch.no_grad()`` cuts them off the graph, or
+        they are unused in the forward pass), or get a gradient of exactly zero, or get a
+        gradient but never change (they are not in the optimizer) — while at least one
+        other parameter does change.
+
+    Why it matters:
+        A frozen layer keeps its random initialization: the model is effectively smaller
+        than intended, and the bug is silent — the loss still goes down, just not as far.
+        Freezing on purpose (fine-tuning a pretrained backbone) is fine; then ignore this.
+
+    Evidence:
+        The frozen parameters by name, why each one is frozen (no gradient, zero gradient,
+        not in the optimizer, ``requires_grad=False``), and the fraction of the model's parameter
+        elements they hold.
+
+    How to fix:
+        Look for ``.detach()``, ``.data``, ``torch.no_grad()`` or ``.numpy()`` round trips
+        in the forward pass; check ``requires_grad`` on each parameter; build the optimizer
+        from ``model.parameters()`` *after* creating every submodule (and after moving the
+        model to the device); make sure every submodule is used in ``forward``.
+
+    References:
+        Schoop et al., "UMLAUT: Debugging Deep Learning Programs using Program Structure,
+        Model Behavior, and Neural Network Pruning" (CHI 2021); Wardat et al.,
+        "DeepDiagnosis" (ICSE 2022) — unchanged-weight rules; PyTorch docs, "Autograd
+        mechanics: excluding subgraphs from backward".
+    """
+
+    name = "frozen-layer"
+    summary = "parameters that get no gradient or never change while others train"
+    category = "layer"
+    severity = "warning"
+    requires = ("layers:weight|layers:grad",)
+    params = (
+        Param(
+            "min_steps",
+            5,
+            "recorded steps needed before a parameter can be called frozen",
+            "runlens default: a handful of steps rules out a first step without gradients",
+        ),
+    )
+
+    def detect(self, ctx: Context, p: Params) -> list[Finding]:
+        names = list(ctx.run.layer_names)
+        if not names:
+            return []
+        reasons = _frozen_reasons(ctx, names, int(p.min_steps))
+        if not reasons or len(reasons) == len(names) or not _others_train(ctx, reasons):
+            return []
+        frozen = [n for n in names if n in reasons]
+        info = L.param_info(ctx)
+        numel = {n: _numel(info, n) for n in names}
+        total = sum(v for v in numel.values() if v)
+        frozen_elems = sum(numel[n] or 0 for n in frozen)
+        share = frozen_elems / total if total else float("nan")
+        by_reason: dict[str, list[str]] = {}
+        for n in frozen:
+            by_reason.setdefault(reasons[n], []).append(n)
+        detail = "; ".join(f"{r}: {L.name_list(ns)}" for r, ns in by_reason.items())
+        steps = ctx.steps
+        intentional = all(r == "requires_grad=False" for r in reasons.values())
+        return [
+            Finding(
+                signature=self.name,
+                severity="warning",
+                # requires_grad=False is often deliberate (fine-tuning), a lost graph never is.
+                confidence=0.6 if intentional else 0.9,
+                summary=(
+                    f"{len(frozen)} of {len(names)} parameter tensors never trained while the "
+                    f"others did ({detail})"
+                    + (f", {share:.0%} of the parameters" if np.isfinite(share) else "")
+                ),
+                fix="Remove stray .detach()/.data/torch.no_grad() from forward, check "
+                "requires_grad, and build the optimizer from model.parameters() after all "
+                "submodules exist. Ignore if freezing is intended (fine-tuning).",
+                steps=steps,
+                layers=tuple(frozen),
+                evidence=(
+                    Evidence("frozen parameter tensors", len(frozen)),
+                    Evidence("share of parameter elements frozen", share),
+                    *(Evidence(f"{r} (tensors)", len(ns)) for r, ns in by_reason.items()),
+                ),
+                causes=(
+                    "a .detach()/.data/no_grad() in the forward pass",
+                    "requires_grad=False left on",
+                    "parameters missing from the optimizer",
+                    "a submodule not used in forward",
+                ),
+            )
+        ]
+
+
+def _numel(info: dict[str, L.ParamInfo], name: str) -> int | None:
+    i = info.get(name)
+    if i is None or i.shape is None:
+        return None
+    return int(np.prod(i.shape)) if i.shape else 1
+
+
+def _frozen_reasons(ctx: Context, names: list[str], min_steps: int) -> dict[str, str]:
+    info = L.param_info(ctx)
+    reasons: dict[str, str] = {}
+    for n in names:
+        if info.get(n) is not None and info[n].requires_grad is False:
+            reasons[n] = "requires_grad=False"
+    grad = ctx.layer(fmt.KIND_GRAD, "norm")
+    if grad is not None and len(grad.steps) >= min_steps:
+        v = grad.values
+        has = np.isfinite(v) & (v > 0)
+        any_finite = np.isfinite(v).any(axis=0)
+        for j, n in enumerate(grad.layers):
+            if n in reasons or has[:, j].any():
+                continue
+            reasons[n] = "zero gradient" if any_finite[j] else "no gradient"
+        # Parameters the weight rows know but that never had a gradient row.
+        for n in names:
+            if n not in reasons and n not in grad.layers:
+                reasons[n] = "no gradient"
+    # The collector marks update rows missing for parameters outside the optimizer. An
+    # update of exactly 0 with a gradient is float underflow of a tiny step (vanishing
+    # gradients, a tiny LR): those findings explain it, so it is not called frozen here.
+    upd = ctx.layer(fmt.KIND_UPDATE, "missing")
+    if upd is not None and len(upd.steps) >= min_steps:
+        outside = (upd.values == 1).all(axis=0)
+        for j, n in enumerate(upd.layers):
+            if n not in reasons and outside[j]:
+                reasons[n] = "not in the optimizer"
+    elif upd is None:
+        w = ctx.layer(fmt.KIND_WEIGHT, "norm")
+        if w is not None and len(w.steps) >= min_steps:
+            v = np.where(np.isfinite(w.values), w.values, np.nan)
+            with np.errstate(invalid="ignore"):
+                constant = (np.nanmax(v, axis=0) == np.nanmin(v, axis=0)) & (
+                    np.nanmax(np.abs(v), axis=0) > 0
+                )
+            for j, n in enumerate(w.layers):
+                if n not in reasons and constant[j]:
+                    reasons[n] = "never updated"
+    return reasons
+
+
+def _others_train(ctx: Context, reasons: dict[str, str]) -> bool:
+    upd = ctx.layer(fmt.KIND_UPDATE, "update_ratio")
+    if upd is not None:
+        v = upd.values
+        moved = (np.isfinite(v) & (v > 0)).any(axis=0)
+        return any(moved[j] for j, n in enumerate(upd.layers) if n not in reasons)
+    w = ctx.layer(fmt.KIND_WEIGHT, "norm")
+    if w is None:
+        return False
+    v = np.where(np.isfinite(w.values), w.values, np.nan)
+    with np.errstate(invalid="ignore"):
+        changed = np.nanmax(v, axis=0) != np.nanmin(v, axis=0)
+    return any(changed[j] for j, n in enumerate(w.layers) if n not in reasons)

@@ -1,0 +1,111 @@
+"""Update/weight ratios far above ~1e-3 on most layers, sustained: learning rate too high."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runlens.context import Context
+from runlens.findings import Evidence, Finding, fmt_num
+from runlens.signatures import _layers as L
+from runlens.signatures._updates import update_verdict
+from runlens.signatures.base import Param, Params, Signature
+
+
+class LargeUpdates(Signature):
+    """Weights that change by a large fraction of themselves every step: LR too high.
+
+    What it detects:
+        The update/weight ratio ``||w_after - w_before|| / ||w_before||`` of the weight
+        matrices (biases and normalization gains excluded) after the early transient —
+        large relative updates in the first steps of training from scratch are normal. It
+        fires when the ratio is above ``min_ratio`` on at least ``most_layers`` of the
+        moving weight layers, on at least ``min_fraction`` of the recorded steps.
+
+    Why it matters:
+        A common rule of thumb is that each step should change the weights by about a
+        thousandth of their scale. When every step rewrites several percent of the
+        weights, the optimizer jumps across the loss landscape instead of descending it:
+        the loss oscillates or diverges, ReLUs die, activations saturate, and the final
+        model is worse than with a smaller learning rate.
+
+    Evidence:
+        The median update/weight ratio over layers and steps, the share of layers and of
+        steps above the bound, and the fastest-moving layers by name.
+
+    How to fix:
+        Lower the learning rate (an LR range test finds the largest stable one), add
+        warm-up, clip gradients, or use per-layer learning rates for the layers named.
+
+    References:
+        Karpathy, CS231n notes "Neural Networks Part 3: Learning and Evaluation" — the
+        ratio of updates to weights "should be somewhere around 1e-3"; Smith, "Cyclical
+        Learning Rates for Training Neural Networks" (WACV 2017) — LR range test;
+        You et al., "Large Batch Training of Convolutional Networks" (LARS, 2017) —
+        per-layer update/weight ratios.
+    """
+
+    name = "large-updates"
+    summary = "update/weight ratio far above ~1e-3 on most layers, sustained (LR too high)"
+    category = "layer"
+    severity = "warning"
+    requires = ("layers:update",)
+    params = (
+        Param(
+            "min_ratio",
+            0.04,
+            "update/weight ratio above which a layer's update is large",
+            "40× Karpathy's ~1e-3 heuristic (CS231n); our calibration: healthy sample runs "
+            "(Adam 1e-3 to 1e-2, SGD+momentum 0.1) stay at or below ~0.016 after the "
+            "transient, SGD at lr 2 sits near 0.12",
+        ),
+        Param(
+            "most_layers",
+            0.5,
+            "share of the moving weight layers that must be above the bound on a step",
+            "runlens default: 'most layers'",
+        ),
+        Param(
+            "min_fraction",
+            0.5,
+            "share of post-transient recorded steps on which most layers must be above",
+            "runlens default: sustained beyond the first steps",
+        ),
+    )
+
+    def detect(self, ctx: Context, p: Params) -> list[Finding]:
+        v = update_verdict(ctx, p.min_ratio, below=False, most_layers=p.most_layers)
+        if v is None or v.step_share < p.min_fraction or v.layer_share < p.most_layers:
+            return []
+        margin = np.log10(max(v.median_ratio, 1e-300) / p.min_ratio)
+        where = f" from step {v.steps[0]} to {v.steps[1]}" if v.steps else ""
+        return [
+            Finding(
+                signature=self.name,
+                severity="warning",
+                confidence=float(min(1.0, 0.5 + 0.3 * margin + 0.2 * v.step_share)),
+                summary=(
+                    f"update/weight ratio is {fmt_num(v.median_ratio)} (median), above "
+                    f"{fmt_num(p.min_ratio)} on {v.layer_share:.0%} of {v.n_layers} weight "
+                    f"layers{where}; Karpathy's heuristic is ~1e-3 — fastest: "
+                    f"{L.name_list(list(v.layers))}"
+                ),
+                fix="Lower the learning rate (an LR range test finds the largest stable one), "
+                "add warm-up, or clip gradients.",
+                steps=v.steps,
+                layers=v.layers,
+                evidence=(
+                    Evidence("median update/weight ratio", v.median_ratio, p.min_ratio, ">"),
+                    Evidence("share of weight layers above", v.layer_share, p.most_layers, ">="),
+                    Evidence("share of steps above", v.step_share, p.min_fraction, ">="),
+                    *(
+                        Evidence(f"update ratio of {n}", r)
+                        for n, r in zip(v.layers[:3], v.layer_medians[:3], strict=False)
+                    ),
+                ),
+                causes=(
+                    "learning rate too high",
+                    "no warm-up for a large learning rate",
+                    "weights initialized very small relative to the step size",
+                ),
+            )
+        ]
