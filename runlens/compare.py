@@ -75,7 +75,7 @@ class CompareOptions:
     by: By = "step"
     analyze: AnalyzeOptions = field(default_factory=AnalyzeOptions)
     separation_k: float = 3.0
-    """Curves separate where |Δ smoothed| > k × sqrt(σ_a² + σ_b²) (σ: robust step noise)."""
+    """Curves separate where |Δ smoothed| > k × √2 × min(σ_a, σ_b) (σ: robust step noise)."""
     separation_min_rel: float = 0.02
     """... and |Δ| > this fraction of the curves' level, so noiseless curves need a real gap."""
     separation_window: int = 5
@@ -167,7 +167,7 @@ class Separation:
     """run − baseline (smoothed) there; None when one side was non-finite."""
     threshold: float | None
     noise: float | None
-    """Combined robust noise sqrt(σ_a² + σ_b²) of the two raw curves."""
+    """Combined robust noise √2 × min(σ_a, σ_b) of the two raw curves there."""
     nonfinite: bool
     """Separated because exactly one of the two curves had gone NaN/Inf."""
     compared_points: int
@@ -323,7 +323,8 @@ def expand_inputs(items: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], 
             matches = sorted(glob.glob(os.path.expanduser(text)))
             if not matches:
                 errors.append(CompareError(text, f"no run matches {text!r}"))
-            paths.extend(Path(m) for m in matches if Path(m).is_dir())
+            # Files too: a glob may name imported logs (runs/*.csv).
+            paths.extend(Path(m) for m in matches)
             continue
         p = Path(text).expanduser()
         if p.is_dir() and not _is_run_dir(p):
@@ -726,9 +727,11 @@ def _separation(
     vb = S.align(xb, sb, grid)
     bad_a = grid >= _first_bad_x(xa, ra)
     bad_b = grid >= _first_bad_x(xb, rb)
-    # Noise measured causally (on each curve up to the compared point), so a later
-    # blow-up - whose growth is trend, not noise - cannot raise the bar for detecting it.
-    noise = np.hypot(_causal_noise(xa, ra, grid), _causal_noise(xb, rb, grid))
+    # The question is "does b still behave like a?": under that hypothesis both curves
+    # have the quieter one's noise, so combine √2 × min(σ_a, σ_b). A blowing-up curve's
+    # growth is trend, not noise, and must not raise the bar for detecting it; for the
+    # same reason σ is measured causally (on each curve up to the compared point).
+    noise = np.sqrt(2.0) * np.minimum(_causal_noise(xa, ra, grid), _causal_noise(xb, rb, grid))
     level = 0.5 * (np.abs(va) + np.abs(vb))
     with np.errstate(invalid="ignore"):
         thr = np.maximum(opts.separation_k * noise, opts.separation_min_rel * level)

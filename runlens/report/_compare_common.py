@@ -101,7 +101,12 @@ def config_table(c: Comparison) -> tuple[list[str], list[list[str]], int]:
 
 
 def findings_table(c: Comparison) -> tuple[list[str], list[list[str]]]:
-    """One row per run, one column per signature that fired in any run."""
+    """The signature × run matrix, oriented so the longer side runs down the page: one
+    row per signature (runs as columns) for a few runs, one row per run for a sweep."""
+    if len(c.runs) <= len(c.findings):
+        headers = ["signature", *c.labels]
+        rows = [[row.signature, *(cell or "·" for cell in row.cells)] for row in c.findings]
+        return headers, rows
     headers = ["run", *(row.signature for row in c.findings)]
     rows = [[r.label, *(row.cells[i] or "·" for row in c.findings)] for i, r in enumerate(c.runs)]
     return headers, rows
