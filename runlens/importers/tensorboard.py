@@ -92,19 +92,16 @@ def inputs(path: Path) -> list[Path]:
     return files
 
 
-class _Series:
-    __slots__ = ("steps", "values", "walls")
-
-    def __init__(self) -> None:
-        self.steps: list[int] = []
-        self.values: list[float] = []
-        self.walls: list[float] = []
-
-
 def read(path: Path) -> ImportedLog:
     loader_mod, event_pb2, tensor_util = _tb()
     root = path if path.is_dir() else path.parent
-    scalars: dict[str, _Series] = {}
+    # Scalars as parallel flat lists (tag id, step, value, wall), grouped by tag at the end:
+    # cheaper per point than one list object per tag.
+    tag_ids: dict[str, int] = {}
+    ids: list[int] = []
+    steps: list[int] = []
+    values: list[float] = []
+    walls: list[float] = []
     hist_rows: dict[str, list[Any]] = {k: [] for k in _HIST_COLUMNS}
     warnings: list[str] = []
     plugin_of: dict[str, str] = {}  # tag -> plugin name (metadata comes with the first value)
@@ -129,14 +126,20 @@ def read(path: Path) -> ImportedLog:
                         plugin_of[tag] = v.metadata.plugin_data.plugin_name
                     kind = v.WhichOneof("value")
                     if kind == "simple_value":
-                        _append(scalars, tag, step, float(v.simple_value), wall)
+                        ids.append(tag_ids.setdefault(tag, len(tag_ids)))
+                        steps.append(step)
+                        values.append(v.simple_value)
+                        walls.append(wall)
                     elif kind == "histo":
                         _hist_proto_row(hist_rows, tag, step, v.histo)
                     elif kind == "tensor":
                         plugin = plugin_of.get(tag, "")
                         if plugin == "scalars" or (not plugin and _is_scalar_tensor(v.tensor)):
-                            arr = tensor_util.make_ndarray(v.tensor)
-                            _append(scalars, tag, step, float(np.asarray(arr).reshape(-1)[0]), wall)
+                            arr = np.asarray(tensor_util.make_ndarray(v.tensor))
+                            ids.append(tag_ids.setdefault(tag, len(tag_ids)))
+                            steps.append(step)
+                            values.append(float(arr.reshape(-1)[0]))
+                            walls.append(wall)
                         elif plugin == "histograms":
                             arr = np.asarray(tensor_util.make_ndarray(v.tensor), np.float64)
                             _hist_tensor_row(hist_rows, tag, step, arr)
@@ -155,15 +158,7 @@ def read(path: Path) -> ImportedLog:
         good_files += records > 0
     if not good_files:
         raise RunLoadError(f"{path}: the TensorBoard event files are empty")
-    series = [
-        ScalarSeries(
-            tag,
-            np.asarray(s.steps, np.int64),
-            np.asarray(s.values, np.float64),
-            np.asarray(s.walls, np.float64),
-        )
-        for tag, s in scalars.items()
-    ]
+    series = _group(tag_ids, ids, steps, values, walls)
     n = len(hist_rows["step"])
     layers = layers_table(hist_rows, n) if n else None
     if not series and layers is None:
@@ -172,13 +167,27 @@ def read(path: Path) -> ImportedLog:
     return ImportedLog(TENSORBOARD, name, series, layers=layers, warnings=warnings)
 
 
-def _append(scalars: dict[str, _Series], tag: str, step: int, value: float, wall: float) -> None:
-    s = scalars.get(tag)
-    if s is None:
-        s = scalars[tag] = _Series()
-    s.steps.append(step)
-    s.values.append(value)
-    s.walls.append(wall)
+def _group(
+    tag_ids: dict[str, int],
+    ids: list[int],
+    steps: list[int],
+    values: list[float],
+    walls: list[float],
+) -> list[ScalarSeries]:
+    """Split the flat point lists into one series per tag, each in file order."""
+    id_arr = np.asarray(ids, np.int64)
+    order = np.argsort(id_arr, kind="stable")
+    bounds = np.searchsorted(id_arr[order], np.arange(len(tag_ids) + 1))
+    st, va, wa = (np.asarray(a)[order] for a in (steps, values, walls))
+    return [
+        ScalarSeries(
+            tag,
+            st[bounds[i] : bounds[i + 1]].astype(np.int64),
+            va[bounds[i] : bounds[i + 1]].astype(np.float64),
+            wa[bounds[i] : bounds[i + 1]].astype(np.float64),
+        )
+        for tag, i in tag_ids.items()
+    ]
 
 
 def _is_scalar_tensor(t: Any) -> bool:
