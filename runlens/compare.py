@@ -367,11 +367,8 @@ def _load_one(
     )
     report = analyze(run, opts.analyze)
     ctx = Context(run, opts.analyze.smoothing)
-    names = list(curve_names) if curve_names is not None else [fmt.TRAIN_LOSS, fmt.VAL_LOSS]
-    # The metric is chosen after loading; keep every candidate that is cheap to keep.
-    wanted = {*names, fmt.TRAIN_LOSS, fmt.VAL_LOSS}
-    if curve_names is None:
-        wanted |= {n for n in run.scalar_names if n.startswith(("val/", "eval/", "test/"))}
+    # The default metric (val/loss or train/loss) is chosen once all runs are loaded.
+    wanted = {*(curve_names or ()), fmt.TRAIN_LOSS, fmt.VAL_LOSS}
     t0 = _start_time(run)
     curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     curve_steps: dict[str, np.ndarray] = {}
