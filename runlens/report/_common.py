@@ -18,6 +18,7 @@ MAX_LAYER_ROWS = 40
 """The health table shows at most this many rows (flagged ones first), then "… N more"."""
 
 NO_PROBLEMS = "No problems found"
+LAYERS_MISSING = "layer statistics not available"
 
 
 def sparkline(values: Sequence[float], width: int = SPARK_WIDTH) -> str:
@@ -177,9 +178,18 @@ def skipped_groups(skipped: Sequence[Skipped]) -> list[tuple[str, list[str]]]:
 def _reason_text(reason: str) -> str:
     if reason.startswith("needs "):
         needs = [r.strip() for r in reason[len("needs ") :].split(",")]
-        if needs and all(n.startswith("layers:") for n in needs):
-            return "layer statistics not available"
+        # "grad_norm|layers:grad" counts too: the layer alternative is what is missing.
+        if needs and all("layers:" in n for n in needs):
+            return LAYERS_MISSING
     return reason
+
+
+def shown_warnings(report: Report) -> list[str]:
+    """Warnings to list; the engine's "layer statistics not available" note is left out
+    when the skipped-signatures line already says it (with the names)."""
+    if any(r == LAYERS_MISSING for r, _ in skipped_groups(report.skipped)):
+        return [w for w in report.warnings if not w.startswith(LAYERS_MISSING)]
+    return list(report.warnings)
 
 
 def skipped_line(reason: str, names: Sequence[str]) -> str:

@@ -63,9 +63,9 @@ def render(report: Report) -> str:
         out += ["### Skipped signatures", ""]
         out += [f"- {escape(C.skipped_line(r, n))}" for r, n in C.skipped_groups(report.skipped)]
         out.append("")
-    if report.warnings:
+    if C.shown_warnings(report):
         out += ["### Load warnings", ""]
-        out += [f"- {escape(w)}" for w in report.warnings]
+        out += [f"- {escape(w)}" for w in C.shown_warnings(report)]
         out.append("")
     return "\n".join(out).rstrip("\n") + "\n"
 

@@ -57,9 +57,9 @@ def _sections(report: Report) -> list[list[RenderableType]]:
         Text(C.skipped_line(reason, names), style="dim")
         for reason, names in C.skipped_groups(report.skipped)
     ]
-    if report.warnings:
+    if C.shown_warnings(report):
         notes.append(Text("Load warnings:", style="bold yellow"))
-        notes += [Text("  ! ") + Text(_one_line(w)) for w in report.warnings]
+        notes += [Text("  ! ") + Text(_one_line(w)) for w in C.shown_warnings(report)]
     if notes:
         sections.append(notes)
     return sections
