@@ -81,6 +81,7 @@ def test_terminal_prints_hostile_names_literally(nan_report: Report, color: bool
     plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
     assert HOSTILE in plain  # `[red]` was not eaten as markup
     assert ("\x1b[" in text) == color
+    assert f"note={HOSTILE}" in plain  # a config value from the run
     flagged = next(ln for ln in plain.splitlines() if HOSTILE in ln and "nan-inf" in ln)
     assert flagged.lstrip().startswith("!")  # the health-table mark
 
@@ -140,6 +141,7 @@ def test_markdown_escapes_hostile_names(nan_report: Report) -> None:
     cells = re.findall(r"<td[^>]*>(.*?)</td>", html, re.S)
     assert literal in cells
     assert sum(literal in c for c in cells) >= 2  # and nan-inf's evidence names it too
+    assert any(c.endswith(f"note={literal}") for c in cells)  # the config value
 
 
 def test_markdown_escape_function_round_trips() -> None:

@@ -7,8 +7,9 @@ own output format (rich markup, Markdown) at the last moment.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from runlens.findings import CurvePreview, Finding, LayerHealth, Report, Skipped, fmt_num
 
@@ -104,9 +105,37 @@ def header_facts(report: Report) -> list[tuple[str, str]]:
     val = loss_fact(s.final_val_loss, s.best_val_loss, s.best_val_step)
     if val:
         facts.append(("val loss (smoothed)", val))
+    if report.run.config:
+        facts.append(("config", config_line(report.run.config)))
     for key, value in sorted(s.extras.items()):
         facts.append((str(key), fmt_num(value) if isinstance(value, float) else str(value)))
     return facts
+
+
+MAX_CONFIG_ITEMS = 12
+MAX_CONFIG_VALUE = 40
+
+
+def config_line(config: Mapping[str, Any]) -> str:
+    """``key=value, ...`` of the flattened config (nested keys joined with dots), capped."""
+    items = list(_flatten(config))
+    parts = []
+    for key, value in items[:MAX_CONFIG_ITEMS]:
+        text = fmt_num(value) if isinstance(value, float) else str(value)
+        if len(text) > MAX_CONFIG_VALUE:
+            text = text[: MAX_CONFIG_VALUE - 1] + "…"
+        parts.append(f"{key}={text}")
+    if len(items) > MAX_CONFIG_ITEMS:
+        parts.append(f"… ({len(items) - MAX_CONFIG_ITEMS} more)")
+    return ", ".join(parts)
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
 
 
 def verdict(report: Report) -> str:
