@@ -23,7 +23,7 @@ CAUSES: dict[str, tuple[str, ...]] = {
     "nan-inf": ("exploding-gradients", "activation-explosion", "large-updates", "loss-divergence"),
     "loss-divergence": ("exploding-gradients", "large-updates"),
     "loss-oscillation": ("large-updates",),
-    "loss-spike": ("exploding-gradients",),
+    "loss-spike": ("exploding-gradients", "large-updates"),
     # Growing activations make growing gradients; a too-high LR makes both.
     "exploding-gradients": ("activation-explosion", "large-updates"),
     # Saturated sigmoids and dead ReLUs have ~0 derivative: the backward pass dies there.
@@ -44,7 +44,8 @@ CAUSES: dict[str, tuple[str, ...]] = {
         "tiny-updates",
     ),
     "underfitting": ("logits-as-probabilities", "tiny-updates", "dead-relu", "frozen-layer"),
-    "bad-initial-loss": ("logits-as-probabilities",),
+    # Logits of ~1e4 from activations growing layer by layer give a huge first loss.
+    "bad-initial-loss": ("activation-explosion", "logits-as-probabilities"),
     "activation-explosion": (),
     "large-updates": (),
 }

@@ -19,8 +19,11 @@ class DeadRelu(Signature):
         ReLU-family layers (``ReLU``, ``ReLU6``, ``RReLU``, ``Threshold``) where, after the
         early transient, the fraction of *dead* units — zero for every example of the batch
         (the collector's ``frac_dead_units``) — is at least ``dead_fraction`` on at least
-        ``min_fraction`` of the recorded steps. When no layer's type is known, every layer
-        with activation statistics is checked.
+        ``min_fraction`` of the recorded steps. Runs whose batches have fewer than
+        ``min_examples`` examples are skipped: a healthy unit that is zero half the time is
+        zero for a whole batch of ``E`` examples with probability ~0.5**E, which is large
+        for tiny batches. When no layer's type is known, every layer with activation
+        statistics is checked.
 
     Why it matters:
         A dead unit has zero gradient for every input, so nothing can revive it: its
@@ -63,6 +66,13 @@ class DeadRelu(Signature):
             "fraction of post-transient recorded steps on which the layer must be that dead",
             "runlens default: dead units do not recover, so the condition should persist",
         ),
+        Param(
+            "min_examples",
+            8,
+            "smallest batch (model output elements / output width) for which 'zero for every "
+            "example' is evidence of a dead unit",
+            "runlens default: a unit zero half the time is zero for 8 examples w.p. 0.4%",
+        ),
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
@@ -72,6 +82,9 @@ class DeadRelu(Signature):
         cols = _relu_columns(ctx, m)
         if cols.size == 0:
             return []
+        examples = _examples_per_unit(ctx)
+        if examples is not None and examples < p.min_examples:
+            return []  # with a batch of 1, every zero output is "zero for every example"
         hit = L.persistent_layers(ctx, m, cols, p.dead_fraction, p.min_fraction)
         if hit is None:
             return []
@@ -112,6 +125,17 @@ class DeadRelu(Signature):
                 ),
             )
         ]
+
+
+def _examples_per_unit(ctx: Context) -> float | None:
+    """Examples each unit sees per batch, at least: the model output's elements divided
+    by its width (the batch size for a classifier; more for convolutions or sequences)."""
+    out = ctx.layer(fmt.KIND_OUTPUT, "numel")
+    width = ctx.run.output_width
+    if out is None or not width:
+        return None
+    n = out.values[np.isfinite(out.values)]
+    return float(np.median(n)) / width if n.size else None
 
 
 def _relu_columns(ctx: Context, m: LayerMatrix) -> np.ndarray:

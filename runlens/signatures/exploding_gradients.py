@@ -20,11 +20,11 @@ class ExplodingGradients(Signature):
     What it detects:
         Two shapes of the same instability. *Over steps*: the total gradient norm (the
         ``grad_norm`` scalar, else the root-sum-square of the per-layer norms), smoothed by
-        a rolling median, climbs ``growth``× or more above the lowest level it had reached
-        before (after the early transient, so a large first step from scratch is no alarm). *Over depth*: after the early transient, the gradient norms of the first
-        weight layers are ``depth_ratio``× or more above those of the last ones on most
-        recorded steps — the backward pass multiplies the gradient up on its way to the
-        input.
+        a rolling median, climbs after the early transient to ``growth``× or more above
+        the lowest level it had reached before. *Over depth*: after the early transient,
+        the gradient norms of the first weight layers are ``depth_ratio``× or more above
+        those of the last ones on most recorded steps — the backward pass multiplies the
+        gradient up on its way to the input.
 
     Why it matters:
         Each backward step multiplies the gradient by the layer Jacobians; with weights or
