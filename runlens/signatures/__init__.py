@@ -7,6 +7,7 @@ signatures is visible in one place and a name cannot silently disappear.
 from __future__ import annotations
 
 from runlens.signatures.activation_explosion import ActivationExplosion
+from runlens.signatures.bad_initial_loss import BadInitialLoss
 from runlens.signatures.base import Signature
 from runlens.signatures.dead_relu import DeadRelu
 from runlens.signatures.exploding_gradients import ExplodingGradients
@@ -14,13 +15,32 @@ from runlens.signatures.frozen_layer import FrozenLayer
 from runlens.signatures.input_bound import InputBound
 from runlens.signatures.large_updates import LargeUpdates
 from runlens.signatures.logits_as_probabilities import LogitsAsProbabilities
+from runlens.signatures.loss_divergence import LossDivergence
+from runlens.signatures.loss_flat import LossFlat
+from runlens.signatures.loss_oscillation import LossOscillation
+from runlens.signatures.loss_spike import LossSpike
 from runlens.signatures.nan_inf import NanInf
+from runlens.signatures.noisy_loss import NoisyLoss
+from runlens.signatures.overfitting import Overfitting
 from runlens.signatures.saturated_activations import SaturatedActivations
 from runlens.signatures.tiny_updates import TinyUpdates
+from runlens.signatures.underfitting import Underfitting
+from runlens.signatures.val_below_train import ValBelowTrain
 from runlens.signatures.vanishing_gradients import VanishingGradients
 
 # Signatures read from loss and metric curves.
-CURVE_SIGNATURES: tuple[type[Signature], ...] = (NanInf,)
+CURVE_SIGNATURES: tuple[type[Signature], ...] = (
+    NanInf,
+    LossDivergence,
+    LossOscillation,
+    LossFlat,
+    LossSpike,
+    NoisyLoss,
+    BadInitialLoss,
+    Overfitting,
+    Underfitting,
+    ValBelowTrain,
+)
 
 # Signatures read from per-layer statistics and timing.
 LAYER_SIGNATURES: tuple[type[Signature], ...] = (

@@ -1,0 +1,105 @@
+"""Shared measurements of the curve signatures: robust start/late levels of the training
+loss after the warm-up transient, the loss scale, and chance level for classification.
+
+Levels are medians of raw points (or of a rolling median), never single values, so one
+bad batch does not swing a verdict.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from runlens import series as S
+from runlens.context import Context, Curve
+
+MIN_POINTS = 20
+"""Fewer post-transient finite points than this: too short to judge a trend."""
+
+
+@dataclass(frozen=True)
+class LossView:
+    """The finite training loss after ``ctx.transient_end``, plus its robust levels."""
+
+    steps: np.ndarray
+    raw: np.ndarray
+    level: np.ndarray
+    """Centered rolling median of ``raw`` (no lag, robust to single spikes)."""
+    start: float
+    """Median of the first few finite points of the whole curve (before the transient)."""
+    first_step: int
+    last_step: int
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def median(self, a: float, b: float) -> float:
+        """Median of the raw points in the fraction [a, b) of the view (at least 1 point)."""
+        n = len(self.raw)
+        i, j = int(a * n), max(int(a * n) + 1, int(b * n))
+        return float(np.median(self.raw[i:j]))
+
+    def late_change(self) -> float:
+        """Relative drop from the 3rd to the 4th quarter: > 0 still improving, < 0 rising."""
+        q3, q4 = self.median(0.5, 0.75), self.median(0.75, 1.0)
+        return (q3 - q4) / max(abs(q3), 1e-12)
+
+
+def finite_points(c: Curve) -> tuple[np.ndarray, np.ndarray]:
+    ok = np.isfinite(c.raw)
+    return c.steps[ok], c.raw[ok]
+
+
+def start_level(c: Curve) -> float | None:
+    """Robust initial level: median of the first 2% of finite points (3 to 10 points)."""
+    _, raw = finite_points(c)
+    if raw.size == 0:
+        return None
+    k = int(min(10, max(3, round(0.02 * raw.size))))
+    return float(np.median(raw[:k]))
+
+
+def loss_view(ctx: Context, min_points: int = MIN_POINTS) -> LossView | None:
+    c = ctx.train_loss
+    if c is None or len(c) == 0:
+        return None
+    start = start_level(c)
+    steps, raw = finite_points(c)
+    keep = steps > ctx.transient_end
+    steps, raw = steps[keep], raw[keep]
+    if start is None or steps.size < min_points or not math.isfinite(start):
+        return None
+    window = max(5, steps.size // 20) | 1
+    return LossView(
+        steps=steps,
+        raw=raw,
+        level=S.rolling_median(raw, window),
+        start=start,
+        first_step=int(steps[0]),
+        last_step=int(steps[-1]),
+    )
+
+
+def chance_level(ctx: Context) -> float | None:
+    """ln(C) for a classification run with C classes (None for regression/unknown)."""
+    if ctx.task is not None and ctx.task.lower() != "classification":
+        return None
+    c = ctx.num_classes
+    return math.log(c) if c is not None and c > 1 else None
+
+
+def loss_scale(start: float, level: float) -> float:
+    """The size of a loss change worth talking about: the larger of the current level and
+    the improvement made since the start (so a converged run near 0 is not judged on
+    relative wobbles of a tiny number)."""
+    return max(abs(level), start - level, 1e-12)
+
+
+def confidence(value: float, threshold: float, lo: float = 0.5) -> float:
+    """``lo`` at the threshold, rising to 1 at twice the threshold (ratio-type evidence)."""
+    if not (math.isfinite(value) and math.isfinite(threshold)) or threshold == 0:
+        return lo
+    ratio = abs(value / threshold)
+    return float(min(1.0, max(lo, lo + (1 - lo) * (ratio - 1))))

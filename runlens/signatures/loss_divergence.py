@@ -1,0 +1,112 @@
+"""Training loss rising persistently or blowing up."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runlens.context import Context
+from runlens.findings import Evidence, Finding, fmt_num
+from runlens.signatures._curves import confidence, loss_view
+from runlens.signatures.base import Param, Params, Signature
+
+
+class LossDivergence(Signature):
+    """The training loss climbs away from the best level it reached and stays up.
+
+    What it detects:
+        After the warm-up transient, the late training loss (median of the last points) is
+        far above the best level reached before (the lowest rolling median, or the initial
+        loss if the run never got below it): the run has diverged or is diverging.
+
+    Why it matters:
+        Training is supposed to lower the loss. A persistent rise means every further step
+        makes the model worse; it usually ends in NaN or in a collapsed model that predicts
+        a constant. The steps are wasted compute.
+
+    Evidence:
+        ``rise`` = (late level − best level) / loss scale, where loss scale is the larger
+        of |best level| and the improvement made from the start to the best level, compared
+        with ``min_rise``; the best and late levels and the step where the rise began.
+
+    How to fix:
+        Lower the learning rate (often 3–10×), add or lengthen warm-up, clip gradients
+        (``clip_grad_norm_(…, 1.0)``), and check that the loss is minimised (sign) and the
+        data/labels do not change mid-run. Resume from a checkpoint before the rise.
+
+    References:
+        Goodfellow et al., Deep Learning (2016), §8.2 (ill-conditioning, cliffs);
+        Zhang et al., AUTOTRAINER (ICSE 2021), "unstable training" symptoms;
+        Schoop et al., UMLAUT (CHI 2021), learning-rate heuristics.
+    """
+
+    name = "loss-divergence"
+    summary = "training loss rising persistently or blowing up"
+    category = "curve"
+    severity = "error"
+    requires = ("train/loss",)
+    params = (
+        Param(
+            "min_rise",
+            0.5,
+            "late level above the best level by this fraction of the loss scale",
+            "runlens calibration on the sample runs (healthy runs stay below 0.1)",
+        ),
+        Param(
+            "late_fraction",
+            0.1,
+            "fraction of the post-transient points whose median is the late level",
+            "runlens default: long enough that a spike near the end does not count",
+        ),
+    )
+
+    def detect(self, ctx: Context, p: Params) -> list[Finding]:
+        v = loss_view(ctx)
+        if v is None:
+            return []
+        n = len(v)
+        k = max(5, int(p.late_fraction * n))
+        late = float(np.median(v.raw[-k:]))
+        before = v.level[: n - k]
+        if before.size == 0 or not np.isfinite(before).any():
+            return []
+        i_best = int(np.nanargmin(before))
+        best = float(before[i_best])
+        best_step = int(v.steps[i_best])
+        if v.start < best:  # never improved on its initial loss: the start is the best level
+            best, best_step = v.start, v.first_step
+        scale = max(abs(best), v.start - best, 1e-12)
+        rise = (late - best) / scale
+        if not np.isfinite(rise) or rise < p.min_rise:
+            return []
+        # Where it started: first point after the best where the level is half-way up.
+        half = best + 0.5 * (late - best)
+        after = np.flatnonzero((v.steps > best_step) & (v.level >= half))
+        began = int(v.steps[after[0]]) if after.size else best_step
+        return [
+            Finding(
+                signature=self.name,
+                severity="error",
+                confidence=confidence(rise, p.min_rise),
+                summary=(
+                    f"training loss rose from {fmt_num(best)} (step {best_step}) to "
+                    f"{fmt_num(late)} at the end ({rise:.1f}× the loss scale); the rise "
+                    f"began around step {began}"
+                ),
+                steps=(began, v.last_step),
+                evidence=(
+                    Evidence("rise / loss scale", rise, p.min_rise, ">"),
+                    Evidence("best level", best),
+                    Evidence("late level", late),
+                    Evidence("initial loss", v.start),
+                    Evidence("rise began at step", began),
+                ),
+                causes=(
+                    "learning rate too high for this model/batch size",
+                    "no warm-up, or warm-up too short",
+                    "exploding gradients without clipping",
+                    "a data or loss bug that changes the objective mid-run",
+                ),
+                fix="Lower the learning rate 3–10× or add warm-up, clip gradients "
+                "(clip_grad_norm_ 1.0), and restart from a checkpoint before the rise.",
+            )
+        ]

@@ -1,0 +1,176 @@
+"""Validation getting worse while training keeps improving."""
+
+from __future__ import annotations
+
+import numpy as np
+from runlens_collect import format as fmt
+
+from runlens import series as S
+from runlens.context import Context
+from runlens.findings import Evidence, Finding, fmt_num
+from runlens.signatures._curves import confidence, finite_points
+from runlens.signatures.base import Param, Params, Signature
+
+
+class Overfitting(Signature):
+    """Validation loss rises (or validation accuracy falls) while the training loss keeps
+    falling: the train/validation gap widens.
+
+    What it detects:
+        The validation loss (rolling median of 3 evaluations) reaches its best value and
+        then ends at least ``min_rise`` above it, over at least ``min_evals`` later
+        evaluations, while the training loss at the end is no higher than at the best
+        validation step. Without a validation loss, the same on validation accuracy with an
+        absolute drop of ``min_acc_drop``.
+
+    Why it matters:
+        The model is memorizing the training set instead of learning what generalizes.
+        Every step after the best validation point makes the deployed model worse; the best
+        checkpoint is the one at that step.
+
+    Evidence:
+        The best and final validation values and the step of the best; the relative rise
+        (or accuracy drop) against its threshold; the training loss at both points; the
+        train/validation gap at both points.
+
+    How to fix:
+        Stop early at the best validation step (keep that checkpoint); add regularization
+        (weight decay, dropout, data augmentation), get more data, or use a smaller model.
+
+    References:
+        Prechelt, "Early Stopping — But When?" (1998); Goodfellow et al., Deep Learning
+        (2016) §7.8; Zhang et al., AUTOTRAINER (ICSE 2021).
+    """
+
+    name = "overfitting"
+    summary = "validation getting worse while training improves; a widening gap"
+    category = "curve"
+    severity = "warning"
+    requires = ("train/loss", "val/loss|val/accuracy")
+    params = (
+        Param(
+            "min_rise",
+            0.1,
+            "final validation loss above its best by this fraction of the best",
+            "runlens default; Prechelt's generalization-loss criterion GL_α uses α≈5–20%",
+        ),
+        Param(
+            "min_acc_drop",
+            0.03,
+            "absolute drop of validation accuracy from its best (when no val loss)",
+            "runlens default",
+        ),
+        Param("min_evals", 3, "validation evaluations needed after the best one"),
+    )
+
+    def detect(self, ctx: Context, p: Params) -> list[Finding]:
+        train = ctx.train_loss
+        if train is None:
+            return []
+        t_steps, t_raw = finite_points(train)
+        if t_raw.size < 10:
+            return []
+        t_level = S.rolling_median(t_raw, max(5, t_raw.size // 20) | 1)
+        val = ctx.val_loss
+        if val is not None and np.isfinite(val.raw).sum() >= p.min_evals + 2:
+            return self._on_loss(ctx, p, t_steps, t_level)
+        acc = ctx.curve(fmt.VAL_ACCURACY)
+        if acc is not None and np.isfinite(acc.raw).sum() >= p.min_evals + 2:
+            return self._on_accuracy(ctx, p, t_steps, t_level)
+        return []
+
+    def _on_loss(
+        self, ctx: Context, p: Params, t_steps: np.ndarray, t_level: np.ndarray
+    ) -> list[Finding]:
+        assert ctx.val_loss is not None
+        steps, raw = finite_points(ctx.val_loss)
+        level = S.rolling_median(raw, 3)
+        i_best = int(np.argmin(level))
+        after = raw.size - 1 - i_best
+        best = float(level[i_best])
+        final = float(np.median(raw[-3:]))
+        rise = (final - best) / max(abs(best), 1e-12)
+        if after < p.min_evals or not np.isfinite(rise) or rise < p.min_rise:
+            return []
+        b_step, e_step = int(steps[i_best]), int(steps[-1])
+        tb, te = (float(x) for x in S.align(t_steps, t_level, np.array([b_step, e_step])))
+        if not (np.isfinite(tb) and np.isfinite(te)) or te > tb:
+            return []  # training got worse too: not overfitting (divergence, drift)
+        gap_b, gap_e = best - tb, final - te
+        return [
+            Finding(
+                signature=self.name,
+                severity="warning",
+                confidence=confidence(rise, p.min_rise),
+                summary=(
+                    f"validation loss rose {rise:.0%} from its best {fmt_num(best)} at step "
+                    f"{b_step} to {fmt_num(final)} while training loss fell "
+                    f"{fmt_num(tb)} → {fmt_num(te)}; the gap widened "
+                    f"{fmt_num(gap_b)} → {fmt_num(gap_e)}"
+                ),
+                steps=(b_step, e_step),
+                evidence=(
+                    Evidence("val loss rise / best", rise, p.min_rise, ">="),
+                    Evidence("best val loss", best),
+                    Evidence("best val step", b_step),
+                    Evidence("final val loss", final),
+                    Evidence("train loss at best val step", tb),
+                    Evidence("final train loss", te),
+                    Evidence("gap at best val step", gap_b),
+                    Evidence("final gap", gap_e),
+                ),
+                causes=_CAUSES,
+                fix=f"Keep the checkpoint from step {b_step} (early stopping); add weight "
+                "decay/dropout/augmentation, more data, or use a smaller model.",
+            )
+        ]
+
+    def _on_accuracy(
+        self, ctx: Context, p: Params, t_steps: np.ndarray, t_level: np.ndarray
+    ) -> list[Finding]:
+        acc = ctx.curve(fmt.VAL_ACCURACY)
+        assert acc is not None
+        steps, raw = finite_points(acc)
+        level = S.rolling_median(raw, 3)
+        i_best = int(np.argmax(level))
+        after = raw.size - 1 - i_best
+        best = float(level[i_best])
+        final = float(np.median(raw[-3:]))
+        drop = best - final
+        if after < p.min_evals or not np.isfinite(drop) or drop < p.min_acc_drop:
+            return []
+        b_step, e_step = int(steps[i_best]), int(steps[-1])
+        tb, te = (float(x) for x in S.align(t_steps, t_level, np.array([b_step, e_step])))
+        if not (np.isfinite(tb) and np.isfinite(te)) or te > tb:
+            return []
+        return [
+            Finding(
+                signature=self.name,
+                severity="warning",
+                confidence=confidence(drop, p.min_acc_drop),
+                summary=(
+                    f"validation accuracy fell from {best:.1%} at step {b_step} to "
+                    f"{final:.1%} while training loss fell {fmt_num(tb)} → {fmt_num(te)}"
+                ),
+                steps=(b_step, e_step),
+                evidence=(
+                    Evidence("val accuracy drop", drop, p.min_acc_drop, ">="),
+                    Evidence("best val accuracy", best),
+                    Evidence("best val step", b_step),
+                    Evidence("final val accuracy", final),
+                    Evidence("train loss at best val step", tb),
+                    Evidence("final train loss", te),
+                ),
+                causes=_CAUSES,
+                fix=f"Keep the checkpoint from step {b_step} (early stopping); add weight "
+                "decay/dropout/augmentation, more data, or use a smaller model.",
+            )
+        ]
+
+
+_CAUSES = (
+    "model too large for the amount of training data",
+    "too little regularization (weight decay, dropout, augmentation)",
+    "noisy labels being memorized",
+    "training far past the best validation point",
+)

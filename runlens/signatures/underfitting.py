@@ -1,0 +1,133 @@
+"""Training and validation loss both plateauing at a high level."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runlens.context import Context
+from runlens.findings import Evidence, Finding, fmt_num
+from runlens.signatures._curves import chance_level, confidence, finite_points, loss_view
+from runlens.signatures.base import Param, Params, Signature
+
+
+class Underfitting(Signature):
+    """The model learned a little, then stopped, at a loss still far from good.
+
+    What it detects:
+        After dropping at least ``min_progress`` from its start (otherwise see loss-flat),
+        the training loss has plateaued — its median changed less than ``max_late_change``
+        from the 3rd to the 4th quarter of the run — at a level at least
+        ``min_level_ratio`` of a reference: chance level ln(C) for classification, the
+        initial loss otherwise. When a validation loss exists it must be high and flat too.
+
+    Why it matters:
+        The model cannot fit even the training data: more steps will not help. The
+        capacity, the features, or the optimization (an LR too low, a schedule that decayed
+        too early, too much regularization) limit it.
+
+    Evidence:
+        The late training level / reference against ``min_level_ratio``; the late change
+        against ``max_late_change``; the same for the validation loss when present; the
+        progress made from the start.
+
+    How to fix:
+        Use a bigger or better-suited model (width, depth, architecture), better features or
+        normalization; raise the learning rate or decay it later; reduce regularization
+        (weight decay, dropout); train longer only if the loss is still falling.
+
+    References:
+        Goodfellow et al., Deep Learning (2016) §5.2 (capacity, under/overfitting);
+        Zhang et al., AUTOTRAINER (ICSE 2021), "slow convergence";
+        Wardat et al., DeepDiagnosis (ICSE 2022), "accuracy not increasing".
+    """
+
+    name = "underfitting"
+    summary = "training and validation both plateau at a high level"
+    category = "curve"
+    severity = "warning"
+    requires = ("train/loss",)
+    params = (
+        Param(
+            "min_level_ratio",
+            0.35,
+            "late loss / reference (ln(C) for classification, else initial loss) above which "
+            "the plateau counts as high",
+            "runlens calibration: healthy sample runs end ≤ 0.15, the linear-model sample ≈ 0.58",
+        ),
+        Param(
+            "max_late_change",
+            0.05,
+            "relative change of the median loss from the 3rd to the 4th quarter below which "
+            "it counts as a plateau",
+            "runlens default",
+        ),
+        Param(
+            "min_progress",
+            0.05,
+            "relative drop from the initial loss below which loss-flat reports instead",
+            "matches loss-flat's max_drop default",
+        ),
+    )
+
+    def detect(self, ctx: Context, p: Params) -> list[Finding]:
+        v = loss_view(ctx)
+        if v is None or abs(v.start) < 1e-12:
+            return []
+        chance = chance_level(ctx)
+        ref = chance if chance is not None else abs(v.start)
+        level = v.median(0.75, 1.0)
+        progress = (v.start - level) / abs(v.start)
+        change = v.late_change()
+        ratio = level / ref
+        if not (
+            np.isfinite(ratio)
+            and ratio >= p.min_level_ratio
+            and abs(change) <= p.max_late_change
+            and progress >= p.min_progress
+        ):
+            return []
+        ref_name = "ln(C)" if chance is not None else "initial loss"
+        evidence = [
+            Evidence(f"late train loss / {ref_name}", ratio, p.min_level_ratio, ">="),
+            Evidence("late train change", change, p.max_late_change, "|·| <="),
+            Evidence("late train loss", level),
+            Evidence(ref_name, ref),
+            Evidence("progress from start", progress, p.min_progress, ">="),
+        ]
+        summary = (
+            f"training loss plateaued at {fmt_num(level)} ({ratio:.2f}× {ref_name} = "
+            f"{fmt_num(ref)}; {change:+.1%} over the last quarter)"
+        )
+        if ctx.val_loss is not None:
+            vs, vr = finite_points(ctx.val_loss)
+            vs, vr = vs[vs > ctx.transient_end], vr[vs > ctx.transient_end]
+            if vr.size >= 4:
+                m = vr.size
+                v3, v4 = np.median(vr[m // 2 : 3 * m // 4]), np.median(vr[3 * m // 4 :])
+                v_ratio = float(v4) / ref
+                v_change = float((v3 - v4) / max(abs(v3), 1e-12))
+                if v_ratio < p.min_level_ratio or abs(v_change) > p.max_late_change:
+                    return []  # validation is fine or still improving: not underfitting
+                evidence += [
+                    Evidence(f"late val loss / {ref_name}", v_ratio, p.min_level_ratio, ">="),
+                    Evidence("late val change", v_change, p.max_late_change, "|·| <="),
+                ]
+                summary += f"; validation plateaued too at {fmt_num(float(v4))}"
+        return [
+            Finding(
+                signature=self.name,
+                severity="warning",
+                confidence=confidence(ratio, p.min_level_ratio),
+                summary=summary,
+                steps=(int(v.steps[len(v) // 2]), v.last_step),
+                evidence=tuple(evidence),
+                causes=(
+                    "model too small or unsuited to the task",
+                    "learning rate too low, or decayed too early",
+                    "too much regularization (weight decay, dropout)",
+                    "uninformative or unnormalized features",
+                ),
+                fix="Increase model capacity or improve features/normalization; raise the LR "
+                "or decay it later; reduce regularization.",
+            )
+        ]

@@ -1,0 +1,320 @@
+"""Sample runs for the curve signatures: healthy runs and one run per curve problem.
+
+Each run is a tiny real model trained on seeded synthetic data, and each problem is caused
+the way it is caused in practice (a learning rate far too high, a batch of one, a badly
+scaled last layer...), so the diagnosis is tested against real training dynamics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sample_runs.common import Batch, Scenario, fit, gaussian_mixture, mlp, smooth_regression
+
+CLASSES = 8
+DIM = 16
+
+
+def _mixture(seed: int, **kw: float) -> object:
+    return gaussian_mixture(n=4096, n_val=1024, dim=DIM, classes=CLASSES, seed=seed, **kw)
+
+
+def _cfg(**kw: object) -> dict[str, object]:
+    return {"num_classes": CLASSES, "task": "classification", **kw}
+
+
+def healthy_classifier(run_dir: Path) -> None:
+    """MLP on an 8-class Gaussian mixture, Adam 1e-3: smooth, converging, val tracks train."""
+    torch.manual_seed(0)
+    data = gaussian_mixture(4096, 1024, DIM, CLASSES, seed=0, sep=1.0, clusters_per_class=2)
+    model = mlp([DIM, 64, 64, CLASSES])
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=400,
+        batch_size=64,
+        loss_fn=nn.functional.cross_entropy,
+        config=_cfg(lr=2e-3, batch_size=64),
+        seed=0,
+    )
+
+
+def healthy_regression(run_dir: Path) -> None:
+    """MLP regression with MSE, Adam 3e-3: loss falls by two orders of magnitude."""
+    torch.manual_seed(1)
+    data = smooth_regression(4096, 1024, DIM, seed=1)
+    model = mlp([DIM, 64, 64, 1], act=nn.Tanh)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=400,
+        batch_size=64,
+        loss_fn=nn.functional.mse_loss,
+        config={"task": "regression", "lr": 3e-3},
+        seed=1,
+        classification=False,
+    )
+
+
+def healthy_schedule(run_dir: Path) -> None:
+    """SGD+momentum with linear warm-up then step decay: warm-up transient and LR drops."""
+    torch.manual_seed(2)
+    data = gaussian_mixture(4096, 1024, DIM, CLASSES, seed=2, sep=1.0, clusters_per_class=2)
+    model = mlp([DIM, 64, 64, CLASSES])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / 40)
+        return warm * (0.1 if step >= 300 else 1.0) * (0.1 if step >= 400 else 1.0)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=480,
+        batch_size=32,
+        loss_fn=nn.functional.cross_entropy,
+        config=_cfg(lr=0.1, batch_size=32, schedule="warmup+step"),
+        seed=2,
+        scheduler=sched,
+    )
+
+
+def _classifier_data(seed: int):  # the healthy task, reused by the problem runs
+    return gaussian_mixture(4096, 1024, DIM, CLASSES, seed=seed, sep=1.0, clusters_per_class=2)
+
+
+def nan_inf(run_dir: Path) -> None:
+    """A hand-written softmax (exp without max-subtraction) overflows on one batch with
+    large inputs: the loss becomes Inf/NaN and NaN weights poison every later step."""
+    torch.manual_seed(3)
+    data = _classifier_data(3)
+    model = mlp([DIM, 64, 64, CLASSES])
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+
+    def naive_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        e = torch.exp(logits)
+        return -torch.log(e.gather(1, y[:, None]) / e.sum(1, keepdim=True)).mean()
+
+    def hook(step: int, b: Batch) -> Batch:
+        return (b[0] * 200.0, b[1]) if step == 150 else b
+
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=200,
+        batch_size=64,
+        loss_fn=naive_ce,
+        config=_cfg(lr=2e-3),
+        seed=3,
+        batch_hook=hook,
+    )
+
+
+def loss_divergence(run_dir: Path) -> None:
+    """SGD with momentum and a learning rate ~30x too high on an unnormalized MLP."""
+    torch.manual_seed(4)
+    data = _classifier_data(4)
+    model = mlp([DIM, 64, 64, CLASSES])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=300,
+        batch_size=64,
+        loss_fn=nn.functional.cross_entropy,
+        config=_cfg(lr=0.5),
+        seed=4,
+    )
+
+
+def loss_oscillation(run_dir: Path) -> None:
+    """Plain SGD at a learning rate past the stability edge of this MLP (lr=2.2, batch 64):
+    the loss keeps jumping up and falling back around a level it never improves on."""
+    torch.manual_seed(5)
+    data = _classifier_data(5)
+    model = mlp([DIM, 64, 64, CLASSES])
+    opt = torch.optim.SGD(model.parameters(), lr=2.2)
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=400,
+        batch_size=64,
+        loss_fn=nn.functional.cross_entropy,
+        config=_cfg(lr=2.2),
+        seed=5,
+    )
+
+
+def loss_flat(run_dir: Path) -> None:
+    """A learning rate of 1e-7 (a typo'd exponent): the loss never leaves its start."""
+    torch.manual_seed(6)
+    data = _classifier_data(6)
+    model = mlp([DIM, 64, 64, CLASSES])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-7)
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=300,
+        batch_size=64,
+        loss_fn=nn.functional.cross_entropy,
+        config=_cfg(lr=1e-7),
+        seed=6,
+    )
+
+
+def loss_spike(run_dir: Path) -> None:
+    """The healthy classifier, but three batches are corrupted (inputs scaled x8, labels
+    shuffled), as a broken shard would: isolated spikes that recover."""
+    torch.manual_seed(7)
+    data = _classifier_data(7)
+    model = mlp([DIM, 64, 64, CLASSES])
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    bad = {140, 220, 310}
+
+    def hook(step: int, b: Batch) -> Batch:
+        if step in bad:
+            g = torch.Generator().manual_seed(step)
+            return b[0] * 8.0, b[1][torch.randperm(len(b[1]), generator=g)]
+        return b
+
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=400,
+        batch_size=64,
+        loss_fn=nn.functional.cross_entropy,
+        config=_cfg(lr=2e-3),
+        seed=7,
+        batch_hook=hook,
+    )
+
+
+def noisy_loss(run_dir: Path) -> None:
+    """Batch size 1: each step's loss is one example's, so the curve is mostly noise."""
+    torch.manual_seed(8)
+    data = _classifier_data(8)
+    model = mlp([DIM, 64, 64, CLASSES])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=400,
+        batch_size=1,
+        loss_fn=nn.functional.cross_entropy,
+        config=_cfg(lr=0.01, batch_size=1),
+        seed=8,
+    )
+
+
+def bad_initial_loss(run_dir: Path) -> None:
+    """The last layer is initialised 100x too large: confident random logits at step 0."""
+    torch.manual_seed(9)
+    data = _classifier_data(9)
+    model = mlp([DIM, 64, 64, CLASSES])
+    with torch.no_grad():
+        model[-1].weight.mul_(100.0)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=300,
+        batch_size=64,
+        loss_fn=nn.functional.cross_entropy,
+        config=_cfg(lr=2e-3),
+        seed=9,
+    )
+
+
+def overfitting(run_dir: Path) -> None:
+    """A wide MLP on 128 examples with 30% wrong labels: it memorizes, val gets worse."""
+    torch.manual_seed(10)
+    data = gaussian_mixture(
+        128, 1024, DIM, CLASSES, seed=10, sep=1.0, clusters_per_class=2, label_noise=0.3
+    )
+    model = mlp([DIM, 512, 512, CLASSES])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=400,
+        batch_size=32,
+        loss_fn=nn.functional.cross_entropy,
+        config=_cfg(lr=1e-3, train_size=128),
+        seed=10,
+    )
+
+
+def underfitting(run_dir: Path) -> None:
+    """A linear model on classes made of several blobs each: it plateaus high."""
+    torch.manual_seed(11)
+    data = gaussian_mixture(4096, 1024, DIM, CLASSES, seed=11, sep=1.0, clusters_per_class=4)
+    model = nn.Sequential(nn.Linear(DIM, CLASSES))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=400,
+        batch_size=64,
+        loss_fn=nn.functional.cross_entropy,
+        config=_cfg(lr=1e-2),
+        seed=11,
+    )
+
+
+def val_below_train(run_dir: Path) -> None:
+    """Dropout 0.6 plus strong train-only input noise: the training loss is measured on a
+    much harder problem than the validation loss."""
+    torch.manual_seed(12)
+    data = _classifier_data(12)
+    model = mlp([DIM, 128, 128, CLASSES], dropout=0.6)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(112)
+
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        return x + 1.0 * torch.randn(x.shape, generator=g)
+
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=400,
+        batch_size=64,
+        loss_fn=nn.functional.cross_entropy,
+        config=_cfg(lr=2e-3, dropout=0.6),
+        seed=12,
+        train_transform=augment,
+    )
+
+
+SCENARIOS: list[Scenario] = []
