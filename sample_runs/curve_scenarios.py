@@ -7,6 +7,7 @@ scaled last layer...), so the diagnosis is tested against real training dynamics
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,10 +17,6 @@ from sample_runs.common import Batch, Scenario, fit, gaussian_mixture, mlp, smoo
 
 CLASSES = 8
 DIM = 16
-
-
-def _mixture(seed: int, **kw: float) -> object:
-    return gaussian_mixture(n=4096, n_val=1024, dim=DIM, classes=CLASSES, seed=seed, **kw)
 
 
 def _cfg(**kw: object) -> dict[str, object]:
@@ -317,4 +314,23 @@ def val_below_train(run_dir: Path) -> None:
     )
 
 
-SCENARIOS: list[Scenario] = []
+def _scenario(fn: Callable[[Path], None], expect: tuple[str, ...]) -> Scenario:
+    doc = " ".join((fn.__doc__ or "").split())
+    return Scenario(fn.__name__.replace("_", "-"), doc, expect, fn)
+
+
+SCENARIOS: list[Scenario] = [
+    _scenario(healthy_classifier, ()),
+    _scenario(healthy_regression, ()),
+    _scenario(healthy_schedule, ()),
+    _scenario(nan_inf, ("nan-inf",)),
+    _scenario(loss_divergence, ("loss-divergence",)),
+    _scenario(loss_oscillation, ("loss-oscillation",)),
+    _scenario(loss_flat, ("loss-flat",)),
+    _scenario(loss_spike, ("loss-spike",)),
+    _scenario(noisy_loss, ("noisy-loss",)),
+    _scenario(bad_initial_loss, ("bad-initial-loss",)),
+    _scenario(overfitting, ("overfitting",)),
+    _scenario(underfitting, ("underfitting",)),
+    _scenario(val_below_train, ("val-below-train",)),
+]
