@@ -192,7 +192,9 @@ def downsample_minmax(
     for a, b in itertools.pairwise(edges):
         if b <= a:
             continue
-        seg = x[a:b]
+        # Extremes over finite points only: ±Inf are kept above anyway, and must not hide
+        # the bucket's finite max/min.
+        seg = np.where(np.isfinite(x[a:b]), x[a:b], np.nan)
         if np.isfinite(seg).any():
             keep.append(np.array([a + np.nanargmin(seg), a + np.nanargmax(seg)]))
     idx = np.unique(np.concatenate(keep))
