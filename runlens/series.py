@@ -136,12 +136,12 @@ def find_spikes(
     floor = max(
         np.nanmedian(noise) * 0.25 if np.isfinite(noise).any() else 0.0,
         global_noise if np.isfinite(global_noise) else 0.0,
-        1e-12,
+        np.finfo(np.float64).tiny,  # relative floors only: verdicts must not depend on units
     )
     sigma = np.maximum(np.nan_to_num(noise, nan=floor), floor)
     with np.errstate(invalid="ignore", divide="ignore"):
         score = (x - base) / sigma
-        rel = (x - base) / np.maximum(np.abs(base), 1e-12)
+        rel = (x - base) / np.maximum(np.abs(base), np.finfo(np.float64).tiny)
     hit = np.isfinite(score) & (score > threshold) & (rel >= min_rel)
     return [
         Spike(int(i), int(st[i]), float(x[i]), float(base[i]), float(score[i]))

@@ -8,12 +8,17 @@ bad batch does not swing a verdict.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
 from runlens import series as S
 from runlens.context import Context, Curve
+
+TINY = sys.float_info.min
+"""Division guard. Absolute floors like 1e-12 would make verdicts depend on the units of
+the loss; this one only avoids dividing by zero."""
 
 MIN_POINTS = 20
 """Fewer post-transient finite points than this: too short to judge a trend."""
@@ -44,7 +49,7 @@ class LossView:
     def late_change(self) -> float:
         """Relative drop from the 3rd to the 4th quarter: > 0 still improving, < 0 rising."""
         q3, q4 = self.median(0.5, 0.75), self.median(0.75, 1.0)
-        return (q3 - q4) / max(abs(q3), 1e-12)
+        return (q3 - q4) / max(abs(q3), TINY)
 
 
 def finite_points(c: Curve) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +99,7 @@ def loss_scale(start: float, level: float) -> float:
     """The size of a loss change worth talking about: the larger of the current level and
     the improvement made since the start (so a converged run near 0 is not judged on
     relative wobbles of a tiny number)."""
-    return max(abs(level), start - level, 1e-12)
+    return max(abs(level), start - level, TINY)
 
 
 def confidence(value: float, threshold: float, lo: float = 0.5) -> float:

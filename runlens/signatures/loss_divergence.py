@@ -6,7 +6,7 @@ import numpy as np
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
-from runlens.signatures._curves import confidence, loss_view
+from runlens.signatures._curves import TINY, confidence, loss_view
 from runlens.signatures.base import Param, Params, Signature
 
 
@@ -74,7 +74,7 @@ class LossDivergence(Signature):
         best_step = int(v.steps[i_best])
         if v.start < best:  # never improved on its initial loss: the start is the best level
             best, best_step = v.start, v.first_step
-        scale = max(abs(best), v.start - best, 1e-12)
+        scale = max(abs(best), v.start - best, TINY)
         rise = (late - best) / scale
         if not np.isfinite(rise) or rise < p.min_rise:
             return []

@@ -7,7 +7,7 @@ import numpy as np
 from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
-from runlens.signatures._curves import chance_level, confidence, finite_points, start_level
+from runlens.signatures._curves import TINY, chance_level, confidence, finite_points, start_level
 from runlens.signatures.base import Param, Params, Signature
 
 
@@ -61,7 +61,7 @@ class LossFlat(Signature):
             return []
         steps, raw = finite_points(c)
         start = start_level(c)
-        if start is None or raw.size < max(p.min_points, 5) or abs(start) < 1e-12:
+        if start is None or raw.size < max(p.min_points, 5) or abs(start) < TINY:
             return []
         level = S.rolling_median(raw, max(5, raw.size // 20) | 1)
         low = float(np.nanmin(level))
@@ -91,7 +91,7 @@ class LossFlat(Signature):
                 # A model that starts far below chance and stays there may simply be done
                 # (e.g. fine-tuning an already good model): a warning, not an error.
                 severity="warning" if already_good else "error",
-                confidence=0.6 if already_good else confidence(p.max_drop, max(drop, 1e-9)),
+                confidence=0.6 if already_good else confidence(p.max_drop, max(drop, TINY)),
                 summary=summary,
                 steps=(int(steps[0]), int(steps[-1])),
                 evidence=tuple(evidence),

@@ -7,7 +7,7 @@ import numpy as np
 from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
-from runlens.signatures._curves import confidence, loss_view
+from runlens.signatures._curves import TINY, confidence, loss_view
 from runlens.signatures.base import Param, Params, Signature
 
 
@@ -69,7 +69,7 @@ class LossOscillation(Signature):
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         v = loss_view(ctx)
-        if v is None or abs(v.start) < 1e-12:
+        if v is None or abs(v.start) < TINY:
             return []
         n = len(v)
         late = v.raw[n // 2 :]

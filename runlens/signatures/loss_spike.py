@@ -7,7 +7,7 @@ import numpy as np
 from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
-from runlens.signatures._curves import confidence, loss_view
+from runlens.signatures._curves import TINY, confidence, loss_view
 from runlens.signatures.base import Param, Params, Signature
 
 
@@ -105,7 +105,7 @@ class LossSpike(Signature):
         if not recovered:
             return []
         worst = max(recovered, key=lambda s: s.score)
-        rel = max((s.value - s.baseline) / max(abs(s.baseline), 1e-12) for s in recovered)
+        rel = max((s.value - s.baseline) / max(abs(s.baseline), TINY) for s in recovered)
         steps = [s.step for s in recovered]
         shown = ", ".join(str(s) for s in steps[:8]) + (" …" if len(steps) > 8 else "")
         return [

@@ -8,7 +8,7 @@ from runlens_collect import format as fmt
 from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
-from runlens.signatures._curves import confidence, finite_points
+from runlens.signatures._curves import TINY, confidence, finite_points
 from runlens.signatures.base import Param, Params, Signature
 
 
@@ -89,7 +89,7 @@ class Overfitting(Signature):
         after = raw.size - 1 - i_best
         best = float(level[i_best])
         final = float(np.median(raw[-3:]))
-        rise = (final - best) / max(abs(best), 1e-12)
+        rise = (final - best) / max(abs(best), TINY)
         if after < p.min_evals or not np.isfinite(rise) or rise < p.min_rise:
             return []
         b_step, e_step = int(steps[i_best]), int(steps[-1])

@@ -6,7 +6,7 @@ import numpy as np
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
-from runlens.signatures._curves import chance_level, confidence, finite_points, loss_view
+from runlens.signatures._curves import TINY, chance_level, confidence, finite_points, loss_view
 from runlens.signatures.base import Param, Params, Signature
 
 
@@ -71,7 +71,7 @@ class Underfitting(Signature):
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         v = loss_view(ctx)
-        if v is None or abs(v.start) < 1e-12:
+        if v is None or abs(v.start) < TINY:
             return []
         chance = chance_level(ctx)
         ref = chance if chance is not None else abs(v.start)
@@ -105,7 +105,7 @@ class Underfitting(Signature):
                 m = vr.size
                 v3, v4 = np.median(vr[m // 2 : 3 * m // 4]), np.median(vr[3 * m // 4 :])
                 v_ratio = float(v4) / ref
-                v_change = float((v3 - v4) / max(abs(v3), 1e-12))
+                v_change = float((v3 - v4) / max(abs(v3), TINY))
                 if v_ratio < p.min_level_ratio or abs(v_change) > p.max_late_change:
                     return []  # validation is fine or still improving: not underfitting
                 evidence += [

@@ -7,7 +7,7 @@ import numpy as np
 from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
-from runlens.signatures._curves import finite_points, start_level
+from runlens.signatures._curves import TINY, finite_points, start_level
 from runlens.signatures.base import Param, Params, Signature
 
 
@@ -86,14 +86,14 @@ class ValBelowTrain(Signature):
             return []
         t_level = S.rolling_median(t_raw, max(5, t_raw.size // 25) | 1)
         t_at = S.align(t_steps, t_level, v_steps)
-        ok = np.isfinite(t_at) & (np.abs(t_at) > 1e-12)
+        ok = np.isfinite(t_at) & (np.abs(t_at) > TINY)
         if ok.sum() < 3:
             return []
         t_at, v_at, st = t_at[ok], v_raw[ok], v_steps[ok]
         rel = (t_at - v_at) / np.abs(t_at)
         gap = float(np.median(rel))
         fraction = float(np.mean(v_at < t_at))
-        abs_gap = float(np.median(t_at - v_at)) / max(abs(start), 1e-12)
+        abs_gap = float(np.median(t_at - v_at)) / max(abs(start), TINY)
         if not (gap >= p.min_gap and fraction >= p.min_fraction and abs_gap >= p.min_abs_gap):
             return []
         return [
