@@ -40,8 +40,8 @@ class LossSpike(Signature):
 
     References:
         Chowdhery et al., PaLM (2022) §5.1: restart before the spike and skip batches;
-        OLMo 2 (Groeneveld/Walsh et al., 2024): spikes counted as points > 6σ above a
-        rolling mean; Zhang et al., AUTOTRAINER (ICSE 2021).
+        Team OLMo, "2 OLMo 2 Furious" (2024): a "spike score" of loss/gradient-norm points
+        many σ above a rolling average; Zhang et al., AUTOTRAINER (ICSE 2021).
     """
 
     name = "loss-spike"
@@ -54,7 +54,8 @@ class LossSpike(Signature):
             "z",
             6.0,
             "robust noise units (σ from the rolling MAD) above the rolling median",
-            "OLMo 2 spike score (points > 6σ from a rolling mean)",
+            "in the spirit of OLMo 2's spike score (points many σ above a rolling average); "
+            "the value 6 is runlens calibration (injected spikes score > 15σ)",
         ),
         Param(
             "min_rel",
