@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from runlens_collect import format as fmt
 
+from runlens import sanity
 from runlens import series as S
 from runlens.context import Context
 from runlens.errors import OptionError
@@ -120,10 +121,13 @@ def analyze(run: Run | str | os.PathLike[str], options: AnalyzeOptions | None = 
     ctx = Context(run, options.smoothing)
     findings: list[Finding] = []
     skipped: list[Skipped] = []
-    warnings = list(run.warnings)
+    warnings: list[str] = []
     no_layers = 0  # signatures skipped for want of layer statistics
     for name, sig in REGISTRY.items():
         if options.only is not None and name not in options.only:
+            continue
+        if not sanity.applies(name, sig.category, run.kind):
+            skipped.append(Skipped(name, f"not applicable to {run.kind} runs"))
             continue
         missing = ctx.missing(sig.requires)
         if missing:
@@ -147,12 +151,13 @@ def analyze(run: Run | str | os.PathLike[str], options: AnalyzeOptions | None = 
     findings = rank_findings(link_findings(findings))
     return Report(
         run=_run_info(run),
-        summary=summarize(ctx),
+        summary=summarize(ctx, options),
         findings=tuple(findings),
         skipped=tuple(skipped),
         layers=tuple(layer_health(ctx, findings)),
         curves=tuple(_previews(ctx, options.preview_points)),
-        warnings=tuple(warnings),
+        # run.warnings last: loading is lazy, a segment can turn out unreadable mid-analysis
+        warnings=tuple(dict.fromkeys([*run.warnings, *warnings])),
     )
 
 
@@ -185,7 +190,7 @@ def _run_info(run: Run) -> RunInfo:
     )
 
 
-def summarize(ctx: Context) -> RunSummary:
+def summarize(ctx: Context, options: AnalyzeOptions | None = None) -> RunSummary:
     run = ctx.run
     tl, vl = ctx.train_loss, ctx.val_loss
     n_steps = len(tl) if tl is not None else 0
@@ -221,7 +226,24 @@ def summarize(ctx: Context) -> RunSummary:
         ended_abnormally=abnormal,
         end_reason=reason,
         extras=dict(run.meta.get("summary_extras") or {}),
+        **_sanity_summary(ctx, options or AnalyzeOptions()),
     )
+
+
+def _sanity_summary(ctx: Context, options: AnalyzeOptions) -> dict[str, Any]:
+    """suggested_lr / lr_method / overfit_check of sanity runs, with the thresholds of the
+    signatures that report them (so ``--set`` moves both)."""
+    kind = ctx.run.kind
+    if kind == sanity.KIND_LR_RANGE_TEST:
+        p = resolve_params(REGISTRY["lr-range-test"], options.overrides.get("lr-range-test", {}))
+        s = sanity.lr_suggestion(ctx, p.diverge_factor, p.skip_start, int(p.skip_end))
+        return {"suggested_lr": s.suggested_lr, "lr_method": s.method} if s else {}
+    if kind == sanity.KIND_OVERFIT_ONE_BATCH:
+        name = "cannot-overfit-batch"
+        p = resolve_params(REGISTRY[name], options.overrides.get(name, {}))
+        a = sanity.overfit_analysis(ctx, p.rel_target, p.abs_target, int(p.tail))
+        return {"overfit_check": a.check} if a else {}
+    return {}
 
 
 def _wall_times(run: Run) -> np.ndarray | None:
@@ -240,6 +262,8 @@ def _end_state(run: Run) -> tuple[bool, str]:
         return False, "finished cleanly"
     if status == fmt.STATUS_FINISHED:
         return False, "finished (no close event)"
+    if status == "unknown" and run.clean_close:  # run.json lost, events say it closed
+        return False, "finished cleanly (close event; run.json missing or unreadable)"
     if status == fmt.STATUS_CRASHED:
         return True, "training raised an exception (status crashed)"
     last = run.meta.get("last_step")

@@ -86,6 +86,20 @@ class RunInfo:
 
 
 @dataclass(frozen=True)
+class OverfitCheck:
+    """Verdict of a one-batch overfit run (``runlens_collect.overfit_one_batch``)."""
+
+    passed: bool
+    final_loss: float | None
+    steps: int
+    initial_loss: float | None = None
+    target_loss: float | None = None
+    """The loss the run had to reach (see the ``cannot-overfit-batch`` signature)."""
+    layers_without_grad: tuple[str, ...] = ()
+    """Parameters held by the optimizer that never received a non-zero gradient."""
+
+
+@dataclass(frozen=True)
 class RunSummary:
     steps: int
     first_step: int | None
@@ -100,8 +114,13 @@ class RunSummary:
     best_val_step: int | None
     ended_abnormally: bool
     end_reason: str
-    # Extra results of special runs (e.g. suggested_lr of an LR range test).
+    # Extra facts for the summary (e.g. an imported run's runtime).
     extras: dict[str, Any] = field(default_factory=dict)
+    # Results of sanity runs (docs/playbook.md): an LR range test's suggestion and the
+    # method that chose it; a one-batch overfit run's verdict.
+    suggested_lr: float | None = None
+    lr_method: str | None = None
+    overfit_check: OverfitCheck | None = None
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ CAUSES: dict[str, tuple[str, ...]] = {
     "loss-oscillation": ("large-updates",),
     "loss-spike": ("exploding-gradients", "large-updates"),
     # Growing activations make growing gradients; a too-high LR makes both.
-    "exploding-gradients": ("activation-explosion", "large-updates"),
+    "exploding-gradients": ("activation-explosion", "large-updates", "bad-initialization"),
     # Saturated sigmoids and dead ReLUs have ~0 derivative: the backward pass dies there.
-    "vanishing-gradients": ("saturated-activations", "dead-relu"),
+    "vanishing-gradients": ("saturated-activations", "dead-relu", "bad-initialization"),
     # Too-large steps push pre-activations out to the flat parts (Lu et al. 2019 for ReLU).
     "dead-relu": ("large-updates",),
     "saturated-activations": ("activation-explosion", "large-updates"),
@@ -45,8 +45,10 @@ CAUSES: dict[str, tuple[str, ...]] = {
     ),
     "underfitting": ("logits-as-probabilities", "tiny-updates", "dead-relu", "frozen-layer"),
     # Logits of ~1e4 from activations growing layer by layer give a huge first loss.
-    "bad-initial-loss": ("activation-explosion", "logits-as-probabilities"),
-    "activation-explosion": (),
+    # A badly scaled init gives logits far from 0 at step 0: bad-initialization's layer
+    # data explains bad-initial-loss's number.
+    "bad-initial-loss": ("bad-initialization", "activation-explosion", "logits-as-probabilities"),
+    "activation-explosion": ("bad-initialization",),
     "large-updates": (),
 }
 

@@ -12,7 +12,8 @@ Usage::
 
 ``runlens_collect.format`` (the run-format contract) must stay importable without torch,
 because the analyzer imports it. So the torch-dependent exports (``Collector``,
-``CollectorConfig``) are loaded lazily on first attribute access.
+``CollectorConfig``, the sanity runs ``lr_range_test``, ``overfit_one_batch``,
+``init_check``) are loaded lazily on first attribute access.
 """
 
 from __future__ import annotations
@@ -25,10 +26,26 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from runlens_collect.collector import Collector, CollectorConfig
+    from runlens_collect.sanity import init_check, lr_range_test, overfit_one_batch
 
-__all__ = ["Collector", "CollectorConfig", "__version__", "log"]
+__all__ = [
+    "Collector",
+    "CollectorConfig",
+    "__version__",
+    "init_check",
+    "log",
+    "lr_range_test",
+    "overfit_one_batch",
+]
 
-_LAZY = {"Collector": "runlens_collect.collector", "CollectorConfig": "runlens_collect.collector"}
+_LAZY = {
+    "Collector": "runlens_collect.collector",
+    "CollectorConfig": "runlens_collect.collector",
+    # The debugging playbook's sanity runs (docs/playbook.md).
+    "lr_range_test": "runlens_collect.sanity",
+    "overfit_one_batch": "runlens_collect.sanity",
+    "init_check": "runlens_collect.sanity",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from runlens_collect import _active, runinfo, stats
+from runlens_collect import _active, repro, runinfo, stats
 from runlens_collect import format as fmt
 from runlens_collect.writer import Block, Package, Writer
 
@@ -288,7 +288,7 @@ class Collector:
                 "skipped_params": self._skipped_params,
             },
             model=runinfo.model_summary(inner),
-            repro=runinfo.repro_record(),
+            repro=repro.repro_record(self.device),
         )
 
         # hooks

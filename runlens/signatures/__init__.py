@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from runlens.signatures.activation_explosion import ActivationExplosion
 from runlens.signatures.bad_initial_loss import BadInitialLoss
+from runlens.signatures.bad_initialization import BadInitialization
 from runlens.signatures.base import Signature
+from runlens.signatures.cannot_overfit_batch import CannotOverfitBatch
 from runlens.signatures.dead_relu import DeadRelu
 from runlens.signatures.exploding_gradients import ExplodingGradients
 from runlens.signatures.frozen_layer import FrozenLayer
@@ -19,6 +21,7 @@ from runlens.signatures.loss_divergence import LossDivergence
 from runlens.signatures.loss_flat import LossFlat
 from runlens.signatures.loss_oscillation import LossOscillation
 from runlens.signatures.loss_spike import LossSpike
+from runlens.signatures.lr_range_test import LRRangeTest
 from runlens.signatures.nan_inf import NanInf
 from runlens.signatures.noisy_loss import NoisyLoss
 from runlens.signatures.overfitting import Overfitting
@@ -57,7 +60,11 @@ LAYER_SIGNATURES: tuple[type[Signature], ...] = (
 )
 
 # Signatures of sanity runs and initialization.
-SANITY_SIGNATURES: tuple[type[Signature], ...] = ()
+SANITY_SIGNATURES: tuple[type[Signature], ...] = (
+    BadInitialization,
+    CannotOverfitBatch,
+    LRRangeTest,
+)
 
 REGISTRY: dict[str, type[Signature]] = {
     s.name: s for s in (*CURVE_SIGNATURES, *LAYER_SIGNATURES, *SANITY_SIGNATURES)
