@@ -190,12 +190,15 @@ LAYERS_COLUMNS: Final = tuple(LAYERS_SCHEMA.names)
 # -- events.jsonl -----------------------------------------------------------------------
 
 EVENT_KINDS: Final = {
-    "start": "collector started",
-    "nonfinite": "first non-finite value: {step, where: 'scalar'|'layer', name, kind?}",
-    "warning": "a collector failure that was swallowed: {message}",
-    "skipped": "statistics dropped because the writer fell behind: {steps}",
-    "close": "clean close: {last_step}",
+    "start": "collector started: {run_id, world_size}",
+    "nonfinite": "first non-finite value: {step, where: 'scalar'|'layer', name, layer_kind?}",
+    "warning": "a collector failure that was swallowed: {message, site, step}",
+    "skipped": "statistics dropped because the writer fell behind: {steps, total}",
+    "close": "clean close: {last_step, status}",
 }
+"""Every event line is a JSON object with ``kind`` (a key of EVENT_KINDS), ``time`` (UNIX
+seconds) and ``rank``, plus the fields listed. The layer kind of a ``nonfinite`` event is
+``layer_kind`` because ``kind`` names the event."""
 
 # -- writing helpers (used by the collector and by importers) ---------------------------
 
