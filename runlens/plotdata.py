@@ -294,10 +294,11 @@ def histograms(run: Run, max_steps: int = HIST_STEPS, max_tensors: int = HIST_TE
     empty: dict[str, Any] = {"labels": [], "tensors": []}
     if run.layers is None:
         return empty
-    df = (
-        run.layers.filter(pl.col("hist").is_not_null())
-        .select("step", pl.col("layer").cast(pl.String), pl.col("kind").cast(pl.String), "hist")
-        .collect()
+    df = run.query(
+        fmt.LAYERS_DIR,
+        lambda lf: lf.filter(pl.col("hist").is_not_null()).select(
+            "step", pl.col("layer").cast(pl.String), pl.col("kind").cast(pl.String), "hist"
+        ),
     )
     if df.height == 0:
         return empty

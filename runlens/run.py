@@ -9,6 +9,10 @@ The data model (what signatures see) is:
 * ``Run.events``: the parsed lines of ``events.jsonl``.
 * ``Run.warnings``: one line per problem tolerated while loading (a skipped segment...).
 
+Code that needs its own polars query on ``scalars``/``layers`` runs it through
+:meth:`Run.query`, which drops a segment whose data turns out unreadable (with a warning)
+instead of failing the analysis.
+
 Helpers return numpy arrays: :meth:`Run.scalar` one series (sorted by step, one value per
 step: the last one written wins), :meth:`Run.layer_matrix` a step × layer matrix of one
 statistic. Both are cached, so signatures can ask freely.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 from runlens_collect import format as fmt
 
@@ -71,6 +77,8 @@ class Run:
     """Rank whose layer/scalar data is analyzed (the lowest present); None if no data."""
 
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+    _files: dict[str, list[Path]] = field(default_factory=dict, repr=False)
+    """Segments behind ``scalars`` / ``layers`` (empty for in-memory runs)."""
 
     # -- identity ---------------------------------------------------------------------
     @property
@@ -95,10 +103,53 @@ class Run:
         return any(e.get("kind") == "close" for e in self.events)
 
     # -- scalars ----------------------------------------------------------------------
+    def query(self, table: str, build: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame:
+        """Run ``build`` on the scalars (``table="scalars"``) or layers frame and collect it
+        (an empty frame when the run has no layers). A segment whose footer read but whose
+        data does not (corrupt pages) is dropped with a warning and the query retried, so
+        one bad file never stops an analysis."""
+        for _ in range(len(self._files.get(table, ())) + 1):
+            lf = self.scalars if table == fmt.SCALARS_DIR else self.layers
+            if lf is None:
+                return pl.DataFrame()
+            try:
+                return build(lf).collect()
+            except (pl.exceptions.PolarsError, OSError) as exc:
+                if not self._drop_unreadable(table):
+                    raise RunLoadError(f"{self.path}: cannot read {table}: {_short(exc)}") from None
+        raise RunLoadError(f"{self.path}: cannot read {table}")
+
+    def _drop_unreadable(self, table: str) -> bool:
+        """Read each segment of ``table`` in full; drop the ones that fail. True if any."""
+        files = self._files.get(table, [])
+        schema = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
+        good = []
+        for f in files:
+            try:
+                pl.scan_parquet(f).collect()
+            except Exception as exc:
+                self.warnings.append(
+                    f"skipped unreadable segment {f.relative_to(self.path)}: {_short(exc)}"
+                )
+                continue
+            good.append(f)
+        if len(good) == len(files):
+            return False
+        self._files[table] = good
+        lf = _scan(good, self.rank, schema)
+        if table == fmt.SCALARS_DIR:
+            self.scalars = lf
+        else:
+            self.layers = lf if good else None
+        self._cache.clear()
+        self.__dict__.pop("scalar_names", None)
+        self.__dict__.pop("layer_kinds", None)
+        return True
+
     @cached_property
     def scalar_names(self) -> tuple[str, ...]:
-        names = self.scalars.select(pl.col("name").unique()).collect()["name"].to_list()
-        return tuple(sorted(str(n) for n in names if n is not None))
+        names = self.query(fmt.SCALARS_DIR, lambda lf: lf.select(pl.col("name").unique()))
+        return tuple(sorted(str(n) for n in names["name"].to_list() if n is not None))
 
     def has_scalar(self, name: str) -> bool:
         return name in self.scalar_names
@@ -111,10 +162,9 @@ class Run:
         return self._cache[key]
 
     def _load_scalar(self, name: str) -> Series | None:
-        df = (
-            self.scalars.filter(pl.col("name") == name)
-            .select("step", "wall_time", "value")
-            .collect()
+        df = self.query(
+            fmt.SCALARS_DIR,
+            lambda lf: lf.filter(pl.col("name") == name).select("step", "wall_time", "value"),
         )
         if df.height == 0:
             return None
@@ -133,8 +183,10 @@ class Run:
     def layer_kinds(self) -> tuple[str, ...]:
         if self.layers is None:
             return ()
-        kinds = self.layers.select(pl.col("kind").unique()).collect()["kind"].to_list()
-        return tuple(sorted(str(k) for k in kinds if k is not None))
+        kinds = self.query(fmt.LAYERS_DIR, lambda lf: lf.select(pl.col("kind").unique()))
+        if self.layers is None:  # every layers segment turned out unreadable
+            return ()
+        return tuple(sorted(str(k) for k in kinds["kind"].to_list() if k is not None))
 
     def has_layers(self, kind: str | None = None) -> bool:
         return bool(self.layer_kinds) if kind is None else kind in self.layer_kinds
@@ -146,10 +198,11 @@ class Run:
             if self.layers is None:
                 df = pl.DataFrame()
             else:
-                df = (
-                    self.layers.filter(pl.col("kind") == kind)
-                    .select("step", pl.col("layer").cast(pl.String), *columns)
-                    .collect()
+                df = self.query(
+                    fmt.LAYERS_DIR,
+                    lambda lf: lf.filter(pl.col("kind") == kind).select(
+                        "step", pl.col("layer").cast(pl.String), *columns
+                    ),
                 )
                 if df.height:
                     df = df.unique(["step", "layer"], keep="last", maintain_order=True)
@@ -234,9 +287,13 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     scalar_files = _good_segments(root, fmt.SCALARS_DIR, fmt.SCALARS_SCHEMA.names, warnings)
     layer_files = _good_segments(root, fmt.LAYERS_DIR, ("step", "layer", "kind"), warnings)
     if (meta is None or meta_unreadable) and not scalar_files and not layer_files:
+        children = child_runs(root)
+        if children and meta is None:
+            raise RunLoadError(directory_of_runs_message(root, children))
         what = "an unreadable run.json" if meta_unreadable else "no run.json"
         raise RunLoadError(f"not a runlens run: {root} has {what} and no segments")
     if meta is None:
+        warnings.append("run.json missing; using defaults (name from the directory)")
         meta = {"name": root.name, "status": "unknown"}
     elif not meta_unreadable:
         try:
@@ -256,17 +313,75 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     imported = meta.get("imported")
     if isinstance(imported, dict):
         warnings.extend(str(w) for w in imported.get("warnings") or [])
+    events = _read_events(root, warnings)
+    run_ids = list(dict.fromkeys(str(e.get("run_id")) for e in events if e.get("kind") == "start"))
+    if len(run_ids) > 1:
+        warnings.append(
+            f"this directory holds {len(run_ids)} runs (run ids {', '.join(run_ids)}); their "
+            "segments may be mixed: record each run in its own directory"
+        )
     run = Run(
         path=root,
         meta=meta,
         scalars=scalars,
         layers=layers,
-        events=_read_events(root, warnings),
+        events=events,
         warnings=warnings,
         source_format=str(meta.get("source_format") or "runlens"),
         rank=rank,
+        _files={
+            fmt.SCALARS_DIR: [f for f in scalar_files if _rank_of(f) == rank],
+            fmt.LAYERS_DIR: [f for f in layer_files if _rank_of(f) == rank],
+        },
     )
+    _check_steps(run)
     return run
+
+
+def child_runs(root: Path, limit: int = 5) -> list[Path]:
+    """Sub-directories of ``root`` that are run directories (up to ``limit``)."""
+    out: list[Path] = []
+    try:
+        children = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError:
+        return out
+    for p in children:
+        if (p / fmt.RUN_JSON).is_file() or (p / fmt.SCALARS_DIR).is_dir():
+            out.append(p)
+            if len(out) >= limit:
+                break
+    return out
+
+
+def directory_of_runs_message(root: Path, children: list[Path]) -> str:
+    names = ", ".join(p.name for p in children[:3]) + (", ..." if len(children) > 3 else "")
+    return (
+        f"{root} looks like a directory of runs ({names}); use `runlens compare {root}` "
+        "or pick one run"
+    )
+
+
+def _check_steps(run: Run) -> None:
+    """Warn about steps recorded more than once (a resumed run, or two runs in one
+    directory): the loader keeps the last write, which may not be what was meant."""
+    try:
+        dup = run.query(
+            fmt.SCALARS_DIR,
+            lambda lf: (
+                lf.group_by("name")
+                .agg(pl.len().alias("rows"), pl.col("step").n_unique().alias("steps"))
+                .filter(pl.col("rows") > pl.col("steps"))
+            ),
+        )
+    except RunLoadError as exc:
+        run.warnings.append(str(exc))
+        return
+    if dup.height:
+        worst = dup.with_columns((pl.col("rows") - pl.col("steps")).alias("n")).sort("n")[-1]
+        run.warnings.append(
+            f"{dup.height} series have steps recorded more than once (e.g. "
+            f"{worst['name'][0]}: {worst['n'][0]} repeats); the last value written is used"
+        )
 
 
 def _read_meta(root: Path, warnings: list[str]) -> dict[str, Any] | None:
@@ -287,20 +402,55 @@ def _read_meta(root: Path, warnings: list[str]) -> dict[str, Any] | None:
 def _good_segments(
     root: Path, table: str, required: tuple[str, ...] | list[str], warnings: list[str]
 ) -> list[Path]:
-    """Segments whose Parquet footer reads and that have the required columns."""
+    """Segments whose Parquet footer reads and whose columns are the required ones, of
+    the format's types."""
+    expected = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
     good = []
     for f in sorted((root / table).glob(fmt.SEGMENT_GLOB)):
         try:
-            names = pq.read_schema(f).names
+            schema = pq.read_schema(f)
         except Exception as exc:  # truncated / not parquet: skip, say which
             warnings.append(f"skipped unreadable segment {f.relative_to(root)}: {_short(exc)}")
             continue
-        missing = [c for c in required if c not in names]
+        missing = [c for c in required if c not in schema.names]
         if missing:
             warnings.append(f"skipped segment {f.relative_to(root)}: missing columns {missing}")
             continue
+        bad = _type_mismatch(schema, expected)
+        if bad:
+            warnings.append(f"skipped segment {f.relative_to(root)}: {bad}")
+            continue
         good.append(f)
     return good
+
+
+def _type_family(t: pa.DataType) -> str:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return "list"
+    return str(t)
+
+
+def _type_mismatch(schema: pa.Schema, expected: pa.Schema) -> str | None:
+    """Why a segment's columns cannot be read as ``expected`` (None when they can)."""
+    for field_ in expected:
+        i = schema.get_field_index(field_.name)
+        if i < 0:
+            continue
+        got = schema.field(i).type
+        want = _type_family(field_.type)
+        # integers read fine as floats; anything else must match its family
+        ok = _type_family(got) == want or (want == "float" and _type_family(got) == "integer")
+        if not ok:
+            return f"column {field_.name} has type {got}, expected {field_.type}"
+    return None
 
 
 def _rank_of(f: Path) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from runlens import importers
 from runlens.errors import RunLoadError
-from runlens.run import Run, load_run
+from runlens.run import Run, child_runs, directory_of_runs_message, load_run
 
 
 def cache_root() -> Path:
@@ -62,6 +62,10 @@ def open_run(
     forced = importers.check_format(input_format)
     if not p.exists():
         raise RunLoadError(f"no such run directory or log: {p}")
+    if forced is None and p.is_dir() and not importers.is_runlens_dir(p):
+        children = child_runs(p)
+        if children:
+            raise RunLoadError(directory_of_runs_message(p, children))
     source_format = forced or importers.detect_format(p)
     if source_format == importers.RUNLENS:
         if mapping:

@@ -120,16 +120,17 @@ class NanInf(Signature):
 
 
 def _first_nonfinite_layer(ctx: Context) -> tuple[int, str, str] | None:
-    lf = ctx.run.layers
-    if lf is None:
+    if ctx.run.layers is None:
         return None
-    bad = (
-        lf.filter(~pl.col("missing"))
-        .filter((pl.col("frac_nonfinite") > 0) | ~pl.col("norm").is_finite())
-        .select("step", pl.col("layer").cast(pl.String), pl.col("kind").cast(pl.String))
-        .sort("step")
-        .head(10_000)
-        .collect()
+    bad = ctx.run.query(
+        fmt.LAYERS_DIR,
+        lambda lf: (
+            lf.filter(~pl.col("missing"))
+            .filter((pl.col("frac_nonfinite") > 0) | ~pl.col("norm").is_finite())
+            .select("step", pl.col("layer").cast(pl.String), pl.col("kind").cast(pl.String))
+            .sort("step")
+            .head(10_000)
+        ),
     )
     if bad.height == 0:
         return None
