@@ -444,10 +444,34 @@
     }
   }
 
+  // LR range test runs: loss against the swept learning rate, log x axis (html._lr_sweep).
+  function lrSweep(parent) {
+    const sw = DATA.lr_sweep;
+    if (!sw || !sw.lr.length) return;
+    const card = section(parent, "LR range test: loss vs learning rate");
+    const div = plotDiv(card);
+    const layout = baseLayout("train loss", { hovermode: "closest" });
+    layout.xaxis = { title: { text: "learning rate" }, type: "log", zeroline: false };
+    if (num(sw.suggested)) {
+      layout.shapes = [{ type: "line", x0: sw.suggested, x1: sw.suggested, yref: "paper",
+        y0: 0, y1: 1, line: { color: color(2), dash: "dash", width: 2 } }];
+      layout.annotations = [{ x: Math.log10(sw.suggested), y: 1, yref: "paper",
+        text: ptext("suggested " + fmt(sw.suggested) + " (" + (sw.method || "") + ")"),
+        showarrow: false, xanchor: "left", yanchor: "top" }];
+    }
+    draw(div, [
+      { type: "scatter", mode: "lines", x: sw.lr, y: sw.loss, name: "raw",
+        line: { color: color(0), width: 1 }, opacity: 0.35, hovertemplate: "%{y:.4g} @ lr %{x:.3g}" },
+      { type: "scatter", mode: "lines", x: sw.lr, y: sw.smooth, name: "smoothed",
+        line: { color: color(0), width: 2 }, hovertemplate: "%{y:.4g} @ lr %{x:.3g}" },
+    ], layout);
+  }
+
   header();
   findingsList();
   const plots = document.getElementById("plots");
   curves(plots, document.getElementById("small"));
+  lrSweep(plots);
   heatmaps(plots);
   histograms(plots);
   tables(plots);

@@ -109,6 +109,24 @@ def header_facts(report: Report) -> list[tuple[str, str]]:
         facts.append(("config", config_line(report.run.config)))
     for key, value in sorted(s.extras.items()):
         facts.append((str(key), fmt_num(value) if isinstance(value, float) else str(value)))
+    facts += sanity_facts(report)
+    return facts
+
+
+def sanity_facts(report: Report) -> list[tuple[str, str]]:
+    """The verdict line of a sanity run (docs/playbook.md), when there is one."""
+    s = report.summary
+    facts = []
+    if s.suggested_lr is not None:
+        facts.append(("suggested lr", f"{fmt_num(s.suggested_lr)} ({s.lr_method or 'n/a'})"))
+    oc = s.overfit_check
+    if oc is not None:
+        verdict = "PASSED" if oc.passed else "FAILED"
+        text = f"{verdict}: loss {fmt_num(oc.initial_loss)} → {fmt_num(oc.final_loss)}"
+        text += f" in {oc.steps} steps (target {fmt_num(oc.target_loss)})"
+        if oc.layers_without_grad:
+            text += f"; no gradient: {', '.join(oc.layers_without_grad)}"
+        facts.append(("overfit one batch", text))
     return facts
 
 

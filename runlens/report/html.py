@@ -69,6 +69,7 @@ def render(report: Report, run_data: Mapping[str, Any]) -> str:
             ("Warnings", _list_table("warning", report.warnings)),
             ("Config", _config_table(report.run.config)),
         ],
+        "lr_sweep": _lr_sweep(report, run_data),
     }
     return page(payload["title"], payload)
 
@@ -301,3 +302,43 @@ def _config_diff_table(comparison: Any) -> dict[str, Any]:
     labels = [e.label for e in comparison.runs]
     rows = [[d.key, *[_value_text(v) for v in d.values]] for d in diffs]
     return _table(["key", *labels], rows)
+
+
+# -- LR range test: loss against learning rate (docs/playbook.md) ---------------------------
+
+
+def _lr_sweep(report: Report, data: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Loss (raw and smoothed) against the swept LR of an ``lr_range_test`` run, with the
+    suggested LR; None for other runs. The LR at each loss point is interpolated in
+    log-space from the recorded ``lr/0`` (both series are downsampled independently)."""
+    import numpy as np
+
+    from runlens import series as S
+
+    series = data.get("series") or {}
+    loss, lr = series.get("train/loss"), series.get("lr/0")
+    if report.run.kind != "lr_range_test" or not loss or not lr or not loss.get("ema"):
+        return None
+    src = loss["ema"]
+    steps = np.asarray(src["steps"], dtype=np.float64)
+    values = np.asarray([np.nan if v is None else v for v in src["values"]], dtype=np.float64)
+    lr_steps = np.asarray(lr["steps"], dtype=np.float64)
+    lr_values = np.asarray([np.nan if v is None else v for v in lr["values"]], dtype=np.float64)
+    ok = np.isfinite(lr_values) & (lr_values > 0)
+    if ok.sum() < 2 or steps.size < 2:
+        return None
+    order = np.argsort(lr_steps[ok])
+    log_lr = np.interp(steps, lr_steps[ok][order], np.log10(lr_values[ok][order]))
+    smooth = S.ema_debiased(values, float(data.get("smoothing", S.DEFAULT_SMOOTHING)))
+    keep = np.isfinite(values)
+
+    def floats(a: np.ndarray) -> list[float]:
+        return [float(v) for v in a[keep]]
+
+    return {
+        "lr": floats(10.0**log_lr),
+        "loss": floats(values),
+        "smooth": floats(smooth),
+        "suggested": report.summary.suggested_lr,
+        "method": report.summary.lr_method,
+    }
