@@ -11,10 +11,11 @@ from __future__ import annotations
 from sample_runs.common import Scenario
 from sample_runs.curve_scenarios import SCENARIOS as CURVE_SCENARIOS
 from sample_runs.layer_scenarios import SCENARIOS as LAYER_SCENARIOS
+from sample_runs.sanity_scenarios import SCENARIOS as SANITY_SCENARIOS
 
 __all__ = ["SCENARIOS", "Scenario", "by_name"]
 
-SCENARIOS: list[Scenario] = [*CURVE_SCENARIOS, *LAYER_SCENARIOS]
+SCENARIOS: list[Scenario] = [*CURVE_SCENARIOS, *LAYER_SCENARIOS, *SANITY_SCENARIOS]
 
 _names = [s.name for s in SCENARIOS]
 if len(set(_names)) != len(_names):
