@@ -509,6 +509,133 @@ def import_(path: str, out_dir: str, input_format: str, map_: tuple[str, ...]) -
         click.echo(f"runlens: warning: {w}", err=True)
 
 
+# -- collect ------------------------------------------------------------------------------
+
+
+def _kinds_option(value: str | None) -> tuple[str, ...] | None:
+    from runlens_collect.format import KINDS
+
+    if value is None:
+        return None
+    kinds = tuple(k.strip() for k in value.split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        fail(
+            f"--kinds: unknown kind(s) {', '.join(unknown) or '(none)'}; choose from "
+            f"{','.join(KINDS)}"
+        )
+    return kinds
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- COMMAND...")
+@click.option(
+    "--out",
+    default="runs",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory the run directory is created in.",
+)
+@click.option("--name", default=None, help="Run directory name (default: script name + time).")
+@click.option(
+    "--every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Layer statistics every N steps (collector default: 1).",
+)
+@click.option(
+    "--activation-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Activation statistics every N steps (collector default: 10).",
+)
+@click.option(
+    "--hist-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Histograms every N steps (collector default: 50).",
+)
+@click.option(
+    "--kinds",
+    default=None,
+    metavar="K1,K2",
+    help="Layer kinds to record: weight,grad,update,activation,output (default all).",
+)
+@click.option(
+    "--analyze",
+    "then_analyze",
+    is_flag=True,
+    help="Analyze the run(s) when the command ends and print the diagnosis.",
+)
+@handle_errors
+def collect(
+    command: tuple[str, ...],
+    out: str,
+    name: str | None,
+    every: int | None,
+    activation_every: int | None,
+    hist_every: int | None,
+    kinds: str | None,
+    then_analyze: bool,
+) -> None:
+    """Run an unmodified training command and record it (no code change).
+
+    Everything after `--` runs as is: its arguments, output and exit status are its own.
+    Each optimizer's steps become a run (see docs/collect.md for how and the limits).
+
+    \b
+    Examples:
+      runlens collect -- python train.py --lr 3e-4
+      runlens collect --name baseline --analyze -- python -m mypkg.train
+      runlens collect --every 10 --kinds weight,grad,update -- python train.py
+    """
+    import os
+
+    from runlens.launch import default_run_name, describe, run_collect
+
+    settings: dict[str, object] = {
+        k: v
+        for k, v in {
+            "every": every,
+            "activation_every": activation_every,
+            "hist_every": hist_every,
+            "kinds": _kinds_option(kinds),
+        }.items()
+        if v is not None
+    }
+    run_dir = os.path.join(out, name or default_run_name(command))
+    result = run_collect(command, run_dir, settings)
+    for line in describe(result):
+        click.echo(f"runlens: {line}", err=True)
+    code = result.returncode
+    if then_analyze and result.runs:
+        code = _analyze_collected([r.run_dir for r in result.runs]) or code
+    sys.exit(code if code else EXIT_OK)
+
+
+def _analyze_collected(run_dirs: list[str]) -> int:
+    """Print the terminal report of each run; 0, or EXIT_USAGE if one cannot be read."""
+    import shutil
+
+    from runlens.engine import AnalyzeOptions
+    from runlens.engine import analyze as run_analysis
+    from runlens.report import terminal
+    from runlens.run import load_run
+
+    tty = _stdout_is_tty()
+    width = shutil.get_terminal_size((100, 24)).columns if tty else 100
+    status = EXIT_OK
+    for run_dir in run_dirs:
+        try:
+            report = run_analysis(load_run(run_dir), AnalyzeOptions())
+        except RunlensError as exc:
+            click.echo(f"runlens: error: {run_dir}: {exc}", err=True)
+            status = EXIT_USAGE
+            continue
+        click.echo(terminal.render(report, width=width, color=tty), nl=False)
+    return status
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:
