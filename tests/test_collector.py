@@ -386,3 +386,23 @@ def test_compiled_model(tmp_path):
     layers = read_table(tmp_path, fmt.LAYERS_DIR)
     assert "0.weight" in set(layers["layer"])
     assert len(rows(layers, kind="output")) == 3
+
+
+def test_flat_stats_count_nonfinite_and_zeros_exactly():
+    from runlens_collect import stats
+
+    torch.manual_seed(0)
+    nan, inf = float("nan"), float("inf")
+    ts = [
+        torch.randn(3000),
+        torch.tensor([1.0, nan, inf, -inf, 0.0, 1e-30, -300.0, 256.0]),
+        torch.zeros(7),
+    ]
+    layout = stats.FlatLayout([t.numel() for t in ts], torch.device("cpu"))
+    torch._foreach_copy_(layout.views, ts)
+    raw = stats.flat_raw(layout)
+    for i, t in enumerate(ts):
+        # sum, sumsq, nonzero, nonfinite, absmax
+        assert raw[i, 2].item() == (t != 0).sum().item()
+        assert raw[i, 3].item() == (~torch.isfinite(t)).sum().item()
+        assert raw[i].tolist()[:4] == pytest.approx(stats.tensor_raw(t).tolist()[:4], nan_ok=True)

@@ -72,16 +72,35 @@ class FlatLayout:
         return len(self.numels)
 
 
+NONFINITE_CHUNKS = 64
+"""Chunks per kind whose non-finite values are counted exactly (see flat_raw)."""
+
+
 def flat_raw(layout: FlatLayout) -> torch.Tensor:
-    """Raw statistics (``RAW``) of every tensor in the layout: shape (len(layout), NRAW)."""
+    """Raw statistics (``RAW``) of every tensor in the layout: shape (len(layout), NRAW).
+
+    Six passes over the buffer (sum, L2, abs, max, sign, sum). Zero and non-finite counts
+    need care only in chunks holding inf/NaN, which are rare: those are found from the
+    chunk norms and counted exactly on a fixed number (NONFINITE_CHUNKS) of gathered
+    chunks, so no data-dependent shape and no host sync. Beyond that many bad chunks a
+    kind's remaining bad chunks count as wholly non-finite (an upper bound).
+    """
     x = layout.matrix
     s1 = x.sum(1)
     norm = torch.linalg.vector_norm(x, 2, dim=1)
-    nonzero = torch.linalg.vector_norm(x, 0, dim=1)
     a = x.abs()
     amax = a.amax(1)
-    # |x| * 0 is NaN exactly where x is not finite; count those.
-    nonfinite = a.mul_(0).nan_to_num_(nan=1.0).sum(1)
+    nonzero = a.sign_().sum(1)  # exact where the chunk is finite
+    bad = ~torch.isfinite(norm)
+    k = min(NONFINITE_CHUNKS, layout.num_chunks)
+    idx = torch.argsort(bad.to(torch.uint8), descending=True, stable=True)[:k]
+    g = x[idx]
+    nonzero.index_put_((idx,), (g != 0).sum(1, dtype=torch.float32))
+    nonfinite = torch.zeros_like(s1).index_put_(
+        (idx,), (~torch.isfinite(g)).sum(1, dtype=torch.float32)
+    )
+    beyond = bad.index_put_((idx,), torch.zeros((), dtype=torch.bool, device=x.device))
+    nonfinite = torch.where(beyond, float(layout.chunk), nonfinite)
     part = torch.stack([s1, norm, nonzero, nonfinite], dim=1).double()
     part[:, 1].square_()
     # unsafe=True: skip the lengths validation, which would sync with the device.
