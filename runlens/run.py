@@ -216,15 +216,47 @@ class Run:
             return self._cache[key]
         result = None
         if self.has_layers(kind):
-            df = self.layer_frame(kind, (stat,)) if stat != "missing" else None
-            if df is None:
-                df = self.layer_frame(kind, ("missing",)).with_columns(
-                    pl.col("missing").cast(pl.Float64)
-                )
-            if df.height:
-                result = _pivot(df, kind, stat)
+            if stat not in self._layer_columns:
+                raise RunLoadError(f"{self.path}: layers have no statistic {stat!r}")
+            index = self._kind_index(kind, stat)
+            if index is not None:
+                column = index.pending.pop(stat, None)
+                if column is None:  # not among the columns loaded with the kind
+                    column = self._kind_column(kind, stat, index)
+                if column is not None:
+                    result = index.matrix(kind, stat, column)
         self._cache[key] = result
         return result
+
+    def _kind_index(self, kind: str, stat: str) -> _KindIndex | None:
+        """Row -> matrix cell mapping of one kind, built by a single scan that also
+        loads the statistics usually asked of that kind (``PRELOAD_STATS``)."""
+        key = ("index", kind)
+        if key not in self._cache:
+            names = self._layer_columns
+            stats = [c for c in dict.fromkeys((stat, *PRELOAD_STATS.get(kind, ()))) if c in names]
+            df = self.query(
+                fmt.LAYERS_DIR,
+                lambda lf: lf.filter(pl.col("kind") == kind).select("step", "layer", *stats),
+            )
+            index = _KindIndex.build(df) if df.height else None
+            if index is not None:
+                index.pending = {c: df[c] for c in stats}
+            self._cache[key] = index
+        return self._cache[key]
+
+    def _kind_column(self, kind: str, stat: str, index: _KindIndex) -> pl.Series | None:
+        """One more statistic of a kind, in the row order the index was built from."""
+        df = self.query(fmt.LAYERS_DIR, lambda lf: lf.filter(pl.col("kind") == kind).select(stat))
+        if df.height != index.n:  # a segment was dropped meanwhile: rebuild everything
+            self._cache.pop(("index", kind), None)
+            index = self._kind_index(kind, stat)
+            return None if index is None else index.pending.pop(stat, None)
+        return df[stat]
+
+    @cached_property
+    def _layer_columns(self) -> tuple[str, ...]:
+        return tuple(self.layers.collect_schema().names()) if self.layers is not None else ()
 
     @cached_property
     def layer_names(self) -> tuple[str, ...]:
@@ -256,16 +288,76 @@ class Run:
         return None
 
 
-def _pivot(df: pl.DataFrame, kind: str, stat: str) -> LayerMatrix:
-    # Model order = order of first appearance (the collector writes in named_parameters order).
-    layers = df["layer"].unique(maintain_order=True).to_list()
-    steps = np.unique(df["step"].to_numpy())
-    li = {name: j for j, name in enumerate(layers)}
-    rows = np.searchsorted(steps, df["step"].to_numpy())
-    cols = df["layer"].replace_strict(li, return_dtype=pl.Int64).to_numpy()
-    values = np.full((len(steps), len(layers)), np.nan)
-    values[rows, cols] = df[stat].cast(pl.Float64).fill_null(float("nan")).to_numpy()
-    return LayerMatrix(kind, stat, steps.astype(np.int64), tuple(layers), values)
+PRELOAD_STATS: dict[str, tuple[str, ...]] = {
+    fmt.KIND_WEIGHT: ("norm", "std"),
+    fmt.KIND_GRAD: ("norm",),
+    fmt.KIND_UPDATE: ("update_ratio", "missing"),
+    fmt.KIND_ACTIVATION: ("norm", "std", "numel", "frac_dead_units", "frac_saturated"),
+    fmt.KIND_OUTPUT: ("min", "max", "row_sum_mean", "numel"),
+}
+"""Statistics loaded together with the first matrix asked of a kind: what the signatures
+and the health table read, so each kind is scanned once. Any other statistic still works
+(one more scan of that column)."""
+
+
+@dataclass
+class _KindIndex:
+    """Where each layers row of one kind goes in its step × layer matrix."""
+
+    steps: np.ndarray
+    layers: tuple[str, ...]
+    cells: np.ndarray
+    """Flat matrix index of each kept row."""
+    keep: np.ndarray | None
+    """Rows kept (the last write of each (step, layer)); None when there are no
+    duplicates, the usual case."""
+    n: int
+    """Rows of the scan the index was built from (later scans must line up)."""
+    pending: dict[str, pl.Series] = field(default_factory=dict)
+    """Columns loaded with the index and not yet turned into matrices."""
+
+    @classmethod
+    def build(cls, df: pl.DataFrame) -> _KindIndex:
+        step = df["step"].to_numpy()
+        if step.size < 2 or bool(np.all(step[1:] >= step[:-1])):  # segments in order
+            change = np.empty(step.size, bool)
+            change[:1] = True
+            np.not_equal(step[1:], step[:-1], out=change[1:])
+            steps = step[change]
+            rows = np.cumsum(change) - 1
+        else:
+            steps, rows = np.unique(step, return_inverse=True)
+        layer = df["layer"]
+        if not isinstance(layer.dtype, pl.Categorical):
+            layer = layer.cast(pl.String).cast(pl.Categorical)
+        # Model order = order of first appearance (the collector writes in model order).
+        first = layer.to_physical().arg_unique().to_numpy()
+        codes = layer.to_physical().to_numpy().astype(np.int64)
+        names = tuple(str(x) for x in layer.gather(first).cast(pl.String).to_list())
+        uniq = codes[first]
+        if uniq.max(initial=0) < 1 << 22:
+            lookup = np.zeros(int(uniq.max(initial=0)) + 1, np.int64)
+            lookup[uniq] = np.arange(uniq.size)
+            cols = lookup[codes]
+        else:  # sparse code space: sort-based lookup
+            order = np.argsort(uniq)
+            cols = order[np.searchsorted(uniq[order], codes)]
+        cells = rows * len(names) + cols
+        keep = None
+        if np.bincount(cells, minlength=steps.size * len(names)).max(initial=0) > 1:
+            # Duplicated (step, layer): the last row written wins, as for scalars.
+            _, last_rev = np.unique(cells[::-1], return_index=True)
+            keep = np.sort(cells.size - 1 - last_rev)
+            cells = cells[keep]
+        return cls(steps.astype(np.int64), names, cells, keep, df.height)
+
+    def matrix(self, kind: str, stat: str, column: pl.Series) -> LayerMatrix:
+        vals = column.cast(pl.Float64).fill_null(float("nan")).to_numpy()
+        if self.keep is not None:
+            vals = vals[self.keep]
+        values = np.full((len(self.steps), len(self.layers)), np.nan)
+        values.ravel()[self.cells] = vals
+        return LayerMatrix(kind, stat, self.steps, self.layers, values)
 
 
 # -- loading ------------------------------------------------------------------------------
