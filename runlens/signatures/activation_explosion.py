@@ -177,8 +177,15 @@ def _over_steps(
     start = np.full(lv.shape[1], np.nan)
     start[ok0] = np.nanmedian(lv[:n0, ok0], axis=0)
     win = max(3, n // 20)
-    # Rolling median per column over the step axis: one odd batch is no trend.
-    smooth = np.column_stack([S.rolling_median(lv[:, j], win) for j in range(lv.shape[1])])
+    # Rolling median per column over the step axis: one odd batch is no trend. A rolling
+    # median never exceeds the column's max, so columns whose max cannot pass the
+    # thresholds below are skipped (the same verdict, much less work on long runs).
+    with np.errstate(invalid="ignore"):
+        top = np.nanmax(np.where(np.isfinite(lv), lv, -np.inf), axis=0)
+        cand = (top - start >= np.log10(p.time_growth)) & (top >= np.log10(p.min_rms))
+    smooth = np.full(lv.shape, np.nan)
+    for j in np.flatnonzero(cand):
+        smooth[:, j] = S.rolling_median(lv[:, j], win)
     late = steps > ctx.transient_end
     if not late.any():
         return None
