@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from runlens_collect import Collector
 from runlens_collect import format as fmt
+from torch import nn
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -51,9 +50,7 @@ class ManyTensors(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(0)
         sizes = [16 * (1 + (i * 7) % 8) for i in range(n)]  # 16 .. 128 elements
-        self.ps = nn.ParameterList(
-            [nn.Parameter(torch.randn(s, generator=g) * 0.1) for s in sizes]
-        )
+        self.ps = nn.ParameterList([nn.Parameter(torch.randn(s, generator=g) * 0.1) for s in sizes])
         self.head = nn.Linear(16, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
