@@ -318,33 +318,41 @@ class _KindIndex:
 
     @classmethod
     def build(cls, df: pl.DataFrame) -> _KindIndex:
+        # int32 indices where they fit: half the memory traffic on 10M-row runs
         step = df["step"].to_numpy()
         if step.size < 2 or bool(np.all(step[1:] >= step[:-1])):  # segments in order
             change = np.empty(step.size, bool)
             change[:1] = True
             np.not_equal(step[1:], step[:-1], out=change[1:])
             steps = step[change]
-            rows = np.cumsum(change) - 1
+            rows = np.cumsum(change, dtype=np.int64 if step.size >= 1 << 31 else np.int32)
+            rows -= 1
         else:
             steps, rows = np.unique(step, return_inverse=True)
         layer = df["layer"]
         if not isinstance(layer.dtype, pl.Categorical):
             layer = layer.cast(pl.String).cast(pl.Categorical)
+        codes = layer.to_physical()
         # Model order = order of first appearance (the collector writes in model order).
-        first = layer.to_physical().arg_unique().to_numpy()
-        codes = layer.to_physical().to_numpy().astype(np.int64)
+        first = codes.arg_unique().to_numpy()
         names = tuple(str(x) for x in layer.gather(first).cast(pl.String).to_list())
-        uniq = codes[first]
+        codes_np = codes.to_numpy()
+        uniq = codes_np[first].astype(np.int64)
         if uniq.max(initial=0) < 1 << 22:
-            lookup = np.zeros(int(uniq.max(initial=0)) + 1, np.int64)
-            lookup[uniq] = np.arange(uniq.size)
-            cols = lookup[codes]
+            lookup = np.zeros(int(uniq.max(initial=0)) + 1, np.int32)
+            lookup[uniq] = np.arange(uniq.size, dtype=np.int32)
+            cols = lookup[codes_np]
         else:  # sparse code space: sort-based lookup
             order = np.argsort(uniq)
-            cols = order[np.searchsorted(uniq[order], codes)]
-        cells = rows * len(names) + cols
+            cols = order[np.searchsorted(uniq[order], codes_np)]
+        size = steps.size * len(names)
+        cells = rows.astype(np.int64 if size >= 1 << 31 else np.int32, copy=False)
+        cells *= len(names)
+        cells += cols
+        seen = np.zeros(size, bool)
+        seen[cells] = True
         keep = None
-        if np.bincount(cells, minlength=steps.size * len(names)).max(initial=0) > 1:
+        if np.count_nonzero(seen) < cells.size:
             # Duplicated (step, layer): the last row written wins, as for scalars.
             _, last_rev = np.unique(cells[::-1], return_index=True)
             keep = np.sort(cells.size - 1 - last_rev)
@@ -352,7 +360,10 @@ class _KindIndex:
         return cls(steps.astype(np.int64), names, cells, keep, df.height)
 
     def matrix(self, kind: str, stat: str, column: pl.Series) -> LayerMatrix:
-        vals = column.cast(pl.Float64).fill_null(float("nan")).to_numpy()
+        if column.dtype.is_float():
+            vals = column.to_numpy()  # nulls come out as NaN
+        else:
+            vals = column.cast(pl.Float64).fill_null(float("nan")).to_numpy()
         if self.keep is not None:
             vals = vals[self.keep]
         values = np.full((len(self.steps), len(self.layers)), np.nan)
