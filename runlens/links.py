@@ -22,8 +22,10 @@ CAUSES: dict[str, tuple[str, ...]] = {
     # symptom: candidate root causes, most likely first
     "nan-inf": ("exploding-gradients", "activation-explosion", "large-updates", "loss-divergence"),
     "loss-divergence": ("exploding-gradients", "large-updates"),
-    "loss-oscillation": ("large-updates",),
-    "loss-spike": ("exploding-gradients", "large-updates"),
+    # A diverged loss swings, jumps and is noisy: those are its symptoms, not extra faults.
+    "loss-oscillation": ("large-updates", "loss-divergence"),
+    "loss-spike": ("exploding-gradients", "large-updates", "loss-divergence"),
+    "noisy-loss": ("loss-divergence",),
     # Growing activations make growing gradients; a too-high LR makes both.
     "exploding-gradients": ("activation-explosion", "large-updates", "bad-initialization"),
     # Saturated sigmoids and dead ReLUs have ~0 derivative: the backward pass dies there.

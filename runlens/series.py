@@ -161,7 +161,8 @@ def find_spikes(
         np.finfo(np.float64).tiny,  # relative floors only: verdicts must not depend on units
     )
     sigma = np.maximum(np.nan_to_num(noise, nan=floor), floor)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    # over: a blow-up to ~1e300 overflows the ratio; it must not warn from a signature.
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         score = (x - base) / sigma
         rel = (x - base) / np.maximum(np.abs(base), np.finfo(np.float64).tiny)
     hit = np.isfinite(score) & (score > threshold) & (rel >= min_rel)

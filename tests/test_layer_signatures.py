@@ -127,7 +127,10 @@ def test_vanishing_gradients_explains_tiny_updates(reports: dict[str, Report]) -
 
 def test_exploding_gradients_ranked_before_the_nan_it_causes(reports: dict[str, Report]) -> None:
     r = reports["exploding-gradients"]
-    assert [f.signature for f in r.findings][:2] == ["exploding-gradients", "nan-inf"]
+    # The loss also blows up to ~1e13 and stays (loss-divergence): another symptom of the
+    # same root, so only the root's first place and the NaN's link are fixed here.
+    sigs = [f.signature for f in r.findings]
+    assert sigs[0] == "exploding-gradients" and "nan-inf" in sigs[1:]
     assert _one(r, "nan-inf").explained_by == "exploding-gradients"
 
 

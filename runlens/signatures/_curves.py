@@ -33,7 +33,10 @@ class LossView:
     level: np.ndarray
     """Centered rolling median of ``raw`` (no lag, robust to single spikes)."""
     start: float
-    """Median of the first few finite points of the whole curve (before the transient)."""
+    """Median of the first few finite points of the whole curve (before the transient and
+    before any blow-up)."""
+    start_step: int
+    """First finite step of the whole curve (where ``start`` was measured)."""
     first_step: int
     last_step: int
 
@@ -57,13 +60,36 @@ def finite_points(c: Curve) -> tuple[np.ndarray, np.ndarray]:
     return c.steps[ok], c.raw[ok]
 
 
-def start_level(c: Curve) -> float | None:
-    """Robust initial level: median of the first 2% of finite points (3 to 10 points)."""
-    _, raw = finite_points(c)
-    if raw.size == 0:
+BLOWUP_FACTOR = 10.0
+"""A point more than this many times the magnitude of the level before it, with the next
+points all as high, is a blow-up: it ends the window of the initial level."""
+
+
+def initial_level(raw: np.ndarray, k: int) -> float | None:
+    """Loss at the start of training: median of the first ``k`` finite points, cut before
+    a blow-up so that a loss that jumps from 1 to 1e10 at step 1 still starts at 1.
+
+    The cut needs ``k`` points in a row (or all that remain) above the level before them,
+    so a single low first batch of a noisy run does not shrink the window to one point.
+    """
+    x = raw[np.isfinite(raw)]
+    if x.size == 0:
         return None
+    k = max(1, min(int(k), x.size))
+    for i in range(1, k):
+        ref = float(np.median(x[:i]))
+        nxt = x[i : i + k]
+        if float(np.min(nxt)) > ref + BLOWUP_FACTOR * max(abs(ref), TINY):
+            return ref
+    return float(np.median(x[:k]))
+
+
+def start_level(c: Curve) -> float | None:
+    """Robust initial level: median of the first 2% of finite points (3 to 10 points),
+    before any blow-up (see :func:`initial_level`)."""
+    _, raw = finite_points(c)
     k = int(min(10, max(3, round(0.02 * raw.size))))
-    return float(np.median(raw[:k]))
+    return initial_level(raw, k)
 
 
 def loss_view(ctx: Context, min_points: int = MIN_POINTS) -> LossView | None:
@@ -72,6 +98,7 @@ def loss_view(ctx: Context, min_points: int = MIN_POINTS) -> LossView | None:
         return None
     start = start_level(c)
     steps, raw = finite_points(c)
+    start_step = int(steps[0]) if steps.size else 0
     keep = steps > ctx.transient_end
     steps, raw = steps[keep], raw[keep]
     if start is None or steps.size < min_points or not math.isfinite(start):
@@ -82,6 +109,7 @@ def loss_view(ctx: Context, min_points: int = MIN_POINTS) -> LossView | None:
         raw=raw,
         level=S.rolling_median(raw, window),
         start=start,
+        start_step=start_step,
         first_step=int(steps[0]),
         last_step=int(steps[-1]),
     )

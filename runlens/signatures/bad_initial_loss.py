@@ -6,7 +6,7 @@ import numpy as np
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
-from runlens.signatures._curves import chance_level, confidence, finite_points
+from runlens.signatures._curves import chance_level, confidence, finite_points, initial_level
 from runlens.signatures.base import Param, Params, Signature
 
 
@@ -28,7 +28,8 @@ class BadInitialLoss(Signature):
 
     Evidence:
         ``initial loss / ln(C)`` against ``max_ratio``; the initial loss (median of the first
-        ``first_points`` points), ln(C) and C.
+        ``first_points`` points, cut before a blow-up: a loss that jumps from ln(C) to
+        thousands at step 1 started at ln(C)), ln(C) and C.
 
     How to fix:
         Initialize the last layer small (scale its weights down, zero its bias, or set the
@@ -70,9 +71,11 @@ class BadInitialLoss(Signature):
         if raw.size == 0 or steps[0] > p.max_first_step:
             return []
         k = max(1, int(p.first_points))
-        initial = float(np.median(raw[:k]))
-        ratio = initial / chance
-        if not (np.isfinite(ratio) and ratio > p.max_ratio):
+        # Before any blow-up: a run that starts at ln(C) and explodes at step 1 has a
+        # divergence problem, not a bad initialization.
+        initial = initial_level(raw, k)
+        ratio = initial / chance if initial is not None else float("nan")
+        if initial is None or not (np.isfinite(ratio) and ratio > p.max_ratio):
             return []
         classes = ctx.num_classes
         return [

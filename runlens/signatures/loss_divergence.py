@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
-from runlens.signatures._curves import TINY, confidence, loss_view
+from runlens.signatures._curves import TINY, confidence, finite_points, loss_view
 from runlens.signatures.base import Param, Params, Signature
 
 
@@ -16,7 +17,9 @@ class LossDivergence(Signature):
     What it detects:
         After the warm-up transient, the late training loss (median of the last points) is
         far above the best level reached before (the lowest rolling median, or the initial
-        loss if the run never got below it): the run has diverged or is diverging.
+        loss if the run never got below it): the run has diverged or is diverging. A loss
+        that blows up in the first steps and stays up counts too: the initial loss is taken
+        before the blow-up.
 
     Why it matters:
         Training is supposed to lower the loss. A persistent rise means every further step
@@ -72,16 +75,24 @@ class LossDivergence(Signature):
         i_best = int(np.nanargmin(before))
         best = float(before[i_best])
         best_step = int(v.steps[i_best])
-        if v.start < best:  # never improved on its initial loss: the start is the best level
-            best, best_step = v.start, v.first_step
+        from_start = v.start < best
+        if from_start:  # never improved on its initial loss: the start is the best level
+            best, best_step = v.start, v.start_step
         scale = max(abs(best), v.start - best, TINY)
         rise = (late - best) / scale
         if not np.isfinite(rise) or rise < p.min_rise:
             return []
         # Where it started: first point after the best where the level is half-way up.
         half = best + 0.5 * (late - best)
-        after = np.flatnonzero((v.steps > best_step) & (v.level >= half))
-        began = int(v.steps[after[0]]) if after.size else best_step
+        if from_start:
+            # The rise may lie inside the transient (a blow-up at step 1): search the
+            # whole curve, with a short window since a blow-up is abrupt.
+            steps, raw = finite_points(ctx.train_loss)
+            level = S.rolling_median(raw, 5)
+        else:
+            steps, level = v.steps, v.level
+        after = np.flatnonzero((steps > best_step) & (level >= half))
+        began = int(steps[after[0]]) if after.size else best_step
         return [
             Finding(
                 signature=self.name,
