@@ -274,7 +274,7 @@ def _measure(argv: list[str], timed_inside: bool) -> tuple[float, float]:
     return (float(stdout.split()[0]) if timed_inside else wall), rss
 
 
-def measure(path: Path, repeat: int) -> dict[str, tuple[float, float]]:
+def measure(path: Path, repeat: int) -> dict[str, list[tuple[float, float]]]:
     cli = shutil.which("runlens") or "runlens"
     cases = {
         "runlens.analyze (library call)": ([sys.executable, "-c", _LIBRARY, str(path)], True),
@@ -295,10 +295,17 @@ def measure(path: Path, repeat: int) -> dict[str, tuple[float, float]]:
     for _ in range(repeat):  # interleaved, so a burst of load hits every case alike
         for name, (argv, inside) in cases.items():
             results[name].append(_measure(argv, inside))
-    return {
-        k: (statistics.median(t for t, _ in v), statistics.median(r for _, r in v))
-        for k, v in results.items()
-    }
+    return results
+
+
+def _median(res: dict[str, list[tuple[float, float]]], name: str) -> float:
+    return statistics.median(t for t, _ in res[name])
+
+
+def _cell(samples: list[tuple[float, float]]) -> str:
+    t = sorted(x for x, _ in samples)
+    rss = statistics.median(r for _, r in samples)
+    return f"{statistics.median(t):.2f} | {t[0]:.2f}–{t[-1]:.2f} | {rss:.0f}"
 
 
 def profile(path: Path, top: int = 30) -> None:
@@ -345,13 +352,18 @@ def main() -> None:
             f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}, "
             f"median of {args.repeat}"
         )
-        print("| what | seconds | peak RSS MiB |\n|---|---:|---:|")
-        for name, (sec, rss) in res.items():
-            print(f"| {name} | {sec:.2f} | {rss:.0f} |")
-        lib = res["runlens.analyze (library call)"][0]
-        bare = res["polars scan_parquet().collect(), all columns"][0]
-        proj = res["polars scan, analyzer's columns only"][0]
-        print(f"ratio analyze / full scan = {lib / bare:.2f}, / projected scan = {lib / proj:.2f}")
+        print("| what | seconds (median) | min–max | peak RSS MiB |\n|---|---:|---:|---:|")
+        for name, samples in res.items():
+            print(f"| {name} | {_cell(samples)} |")
+
+        lib = _median(res, "runlens.analyze (library call)")
+        cli = _median(res, "runlens analyze --format json (CLI process)")
+        bare = _median(res, "polars scan_parquet().collect(), all columns")
+        proj = _median(res, "polars scan, analyzer's columns only")
+        print(
+            f"analyze / full scan = {lib / bare:.1f}×, / projected scan = {lib / proj:.1f}×; "
+            f"CLI / full scan = {cli / bare:.1f}×"
+        )
 
 
 if __name__ == "__main__":
