@@ -45,7 +45,15 @@ CAUSES: dict[str, tuple[str, ...]] = {
         "saturated-activations",
         "tiny-updates",
     ),
-    "underfitting": ("logits-as-probabilities", "tiny-updates", "dead-relu", "frozen-layer"),
+    # An optimizer past its stability edge also keeps the loss high.
+    "underfitting": (
+        "logits-as-probabilities",
+        "tiny-updates",
+        "dead-relu",
+        "frozen-layer",
+        "loss-oscillation",
+        "large-updates",
+    ),
     # Logits of ~1e4 from activations growing layer by layer give a huge first loss.
     # A badly scaled init gives logits far from 0 at step 0: bad-initialization's layer
     # data explains bad-initial-loss's number.

@@ -266,9 +266,11 @@ class Run:
             return m.layers
         names: list[str] = []
         for mod in (self.meta.get("model") or {}).get("modules", []) or []:
+            if not isinstance(mod, dict):
+                continue
             for p in mod.get("params", []) or []:
-                path = mod.get("path") or ""
-                names.append(f"{path}.{p['name']}" if path else str(p["name"]))
+                if isinstance(p, dict) and "name" in p:
+                    names.append(full_param_name(str(mod.get("path") or ""), str(p["name"])))
         return tuple(names)
 
     @cached_property
@@ -372,6 +374,18 @@ class _KindIndex:
 
 
 # -- loading ------------------------------------------------------------------------------
+
+
+def full_param_name(module_path: str, name: str) -> str:
+    """The ``named_parameters()`` name of a parameter listed in run.json's model summary.
+
+    The collector writes full names there (``0.0.weight`` under module ``0.0``), the same
+    names the weight/grad/update rows carry; a bare name (``weight``, as other writers may
+    give) gets the module path prepended. Bare names never contain a dot.
+    """
+    if not module_path or name.startswith(module_path + "."):
+        return name
+    return f"{module_path}.{name}"
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:

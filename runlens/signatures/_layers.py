@@ -10,7 +10,7 @@ import numpy as np
 
 from runlens.context import Context
 from runlens.findings import fmt_num
-from runlens.run import LayerMatrix
+from runlens.run import LayerMatrix, full_param_name
 
 RELU_FAMILY = ("ReLU", "ReLU6", "RReLU", "Threshold")
 """Modules whose outputs are exactly zero on their negative side (LeakyReLU, GELU, SiLU
@@ -43,7 +43,7 @@ def param_info(ctx: Context) -> dict[str, ParamInfo]:
         for prm in mod.get("params", []) or []:
             if not isinstance(prm, dict) or "name" not in prm:
                 continue
-            name = f"{path}.{prm['name']}" if path else str(prm["name"])
+            name = full_param_name(path, str(prm["name"]))
             shape = prm.get("shape")
             rg = prm.get("requires_grad")
             out[name] = ParamInfo(

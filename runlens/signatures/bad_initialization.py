@@ -11,6 +11,7 @@ from runlens_collect import format as fmt
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
+from runlens.run import full_param_name
 from runlens.signatures._layers import name_list
 from runlens.signatures.base import Param, Params, Signature
 
@@ -215,8 +216,7 @@ def _fan_layers(ctx: Context) -> list[_Layer]:
             name = str(prm.get("name", ""))
             shape = prm.get("shape")
             if name.rsplit(".", 1)[-1] == "weight" and isinstance(shape, list) and len(shape) >= 2:
-                # The collector writes full names ("0.weight"); accept bare ones too.
-                full = name if not path or name.startswith(path + ".") else f"{path}.{name}"
+                full = full_param_name(path, name)
                 k = math.prod(int(s) for s in shape[2:])
                 weight = (full, int(shape[1]) * k, int(shape[0]) * k)
         if weight is None or weight[1] <= 0:

@@ -18,8 +18,12 @@ class LossOscillation(Signature):
         In the second half of the run (after the transient) the training loss swings over
         a wide band — the 10th–90th percentile range of its 5-point rolling median, after
         removing the linear trend, is a large fraction of the initial loss — while its
-        median level no longer improves. The rolling median removes single-batch noise
-        (see noisy-loss), so what remains are multi-step swings.
+        median level no longer improves — and the swings are multi-step: the variance ratio
+        of the detrended loss (variance of 5-step means × 5 / variance of single steps)
+        is well above 1, the value batch-to-batch noise gives. So a noisy plateau (each
+        step's loss independent noise around a level: noisy-loss, underfitting) is not
+        called an oscillation however wide its band; a loss that overshoots and takes a
+        few steps to come back is.
 
     Why it matters:
         A loss that keeps bouncing without progress usually means the optimizer is at or
@@ -31,7 +35,8 @@ class LossOscillation(Signature):
         ``swing`` = (P90 − P10 of the detrended late rolling median) / initial level, against
         ``min_swing``;
         ``late improvement`` = relative drop of the median from the 3rd to the 4th quarter,
-        against ``max_improvement``; the late median level.
+        against ``max_improvement``; ``variance ratio`` (5-step, residuals clipped at 4
+        MADs) against ``min_variance_ratio``; the late median level.
 
     How to fix:
         Lower the learning rate (2–10×) or decay it; with SGD add momentum and lower the
@@ -41,7 +46,9 @@ class LossOscillation(Signature):
     References:
         Cohen et al., "Gradient Descent on Neural Networks Typically Occurs at the Edge of
         Stability" (ICLR 2021); Zhang et al., AUTOTRAINER (ICSE 2021), "oscillating loss";
-        Wardat et al., DeepDiagnosis (ICSE 2022), "loss not decreasing / oscillating".
+        Wardat et al., DeepDiagnosis (ICSE 2022), "loss not decreasing / oscillating";
+        Lo & MacKinlay, "Stock Market Prices Do Not Follow Random Walks" (RFS 1988), the
+        variance ratio.
     """
 
     name = "loss-oscillation"
@@ -65,6 +72,14 @@ class LossOscillation(Signature):
             "the level counts as not improving",
             "runlens default",
         ),
+        Param(
+            "min_variance_ratio",
+            1.4,
+            "variance ratio of 5-step means of the detrended late loss (1 for independent "
+            "batch noise) at or above which the swings count as multi-step",
+            "runlens calibration: unstable-SGD runs 1.55–2.1; noisy plateaus and "
+            "healthy runs 0.6–1.5 (white-noise sampling σ ≈ 0.18 at 150 points)",
+        ),
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
@@ -82,6 +97,9 @@ class LossOscillation(Signature):
         p10, p90 = (float(x) for x in np.percentile(late, [10, 90]))
         improvement = v.late_change()
         if not (np.isfinite(swing) and swing >= p.min_swing and improvement < p.max_improvement):
+            return []
+        ratio = variance_ratio(late - slope * (steps - steps[0]) if np.isfinite(slope) else late)
+        if not (np.isfinite(ratio) and ratio >= p.min_variance_ratio):
             return []
         level = float(np.median(late))
         first = int(v.steps[n // 2])
@@ -101,6 +119,7 @@ class LossOscillation(Signature):
                 evidence=(
                     Evidence("multi-step swing / initial loss", swing, p.min_swing, ">="),
                     Evidence("late improvement", improvement, p.max_improvement, "<"),
+                    Evidence("variance ratio (5-step)", ratio, p.min_variance_ratio, ">="),
                     Evidence("late median level", level),
                     Evidence("initial loss", v.start),
                 ),
@@ -113,3 +132,21 @@ class LossOscillation(Signature):
                 "or use Adam/AdamW with gradient clipping.",
             )
         ]
+
+
+def variance_ratio(x: np.ndarray, w: int = 5) -> float:
+    """Var of w-point means × w / Var of points: ≈ 1 for independent noise, > 1 when the
+    loss stays high (or low) for several steps in a row. Residuals are clipped at 4 MADs
+    so one spike does not make a ratio."""
+    r = np.asarray(x, dtype=np.float64)
+    r = r[np.isfinite(r)]
+    if r.size < 4 * w:
+        return float("nan")
+    r = r - np.median(r)
+    mad = 1.4826 * float(np.median(np.abs(r)))
+    if mad <= 0:
+        return float("nan")
+    r = np.clip(r / mad, -4.0, 4.0)  # in MAD units: no overflow at any loss scale
+    var = float(np.var(r))
+    means = np.convolve(r, np.ones(w) / w, mode="valid")
+    return float(np.var(means)) * w / var if var > 0 else float("nan")
