@@ -89,12 +89,19 @@ def read(path: Path) -> ImportedLog:
             continue
         if not ok.any():
             continue
+        steps = x.filter(ok).cast(pl.Int64).to_numpy()
+        # Lightning repeats e.g. `epoch` on the train and val rows of one step: one value a
+        # step (the last), so only genuinely conflicting logs trigger the loader's warning.
+        keep = _last_per_step(steps)
         series.append(
             ScalarSeries(
                 name=c.strip(),
-                steps=x.filter(ok).cast(pl.Int64).to_numpy(),
-                values=vals.filter(ok).to_numpy().astype(np.float64),
-                wall_time=wall.filter(ok).fill_null(float("nan")).to_numpy().astype(np.float64),
+                steps=steps[keep],
+                values=vals.filter(ok).to_numpy().astype(np.float64)[keep],
+                wall_time=wall.filter(ok)
+                .fill_null(float("nan"))
+                .to_numpy()
+                .astype(np.float64)[keep],
             )
         )
     if dropped:
@@ -103,3 +110,11 @@ def read(path: Path) -> ImportedLog:
         raise RunLoadError(f"{f}: no numeric metric columns besides {x_col!r}")
     name = f.parent.name if f.name == LIGHTNING_CSV else f.stem
     return ImportedLog(CSV, name, series, warnings=warnings)
+
+
+def _last_per_step(steps: np.ndarray) -> np.ndarray:
+    """Indices keeping the last row of each step, in original order."""
+    if steps.size == 0:
+        return np.arange(0)
+    _, first_in_reversed = np.unique(steps[::-1], return_index=True)
+    return np.sort(steps.size - 1 - first_in_reversed)
