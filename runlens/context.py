@@ -113,8 +113,8 @@ class Context:
     @cached_property
     def transient_end(self) -> int:
         """Last step of early-training transients: the LR warm-up if there is one, and at
-        least the first 5% of the run (and 10 steps). Signatures about sustained behaviour
-        ignore steps up to here."""
+        least the first 5% of the run (and 10 steps), at most half the run. Signatures
+        about sustained behaviour ignore steps up to here."""
         if self.steps is None:
             return 0
         first, last = self.steps
@@ -125,7 +125,9 @@ class Context:
             if peak > 0 and lr.raw[0] < 0.5 * peak:  # rising start: warm-up
                 i = int(np.argmax(lr.raw >= 0.95 * peak))
                 end = max(end, int(lr.steps[i]))
-        return min(end, last)
+        # An LR still rising past mid-run is not a warm-up to wait out (ExponentialLR with
+        # gamma > 1, an LR sweep): what it does to the loss is the run itself.
+        return min(end, max(first + (last - first) // 2, first + 10), last)
 
     # -- layers -------------------------------------------------------------------------
     def layer(self, kind: str, stat: str) -> LayerMatrix | None:
