@@ -1,7 +1,9 @@
 """Wall-time overhead of the collector vs bare training vs TensorBoard histograms.
 
-One process, CPU, configurations interleaved (bare, runlens, tensorboard, bare, ...) for
-several repeats; reports the median time per step and the ratio to bare training.
+One process, CPU. Each configuration trains its own identical model and their steps are
+interleaved one by one (bare, runlens, tensorboard, then the reverse order, ...), so load
+bursts on a shared machine hit all alike; reports, over several repeats, the median of
+each configuration's median step time and its ratio to bare training.
 
     python benchmarks/collector_overhead.py                 # both models, defaults
     python benchmarks/collector_overhead.py --model transformer --repeats 7 --steps 30
@@ -20,7 +22,6 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 
 import torch
 from runlens_collect import Collector
@@ -60,59 +61,63 @@ def make(model_name: str, batch: int | None):
     return model, x, y, loss_fn
 
 
-def run(config: str, model_name: str, steps: int, warmup: int, batch: int | None) -> float:
-    """Seconds per step (median over the timed steps) for one configuration."""
-    model, x, y, loss_fn = make(model_name, batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    with tempfile.TemporaryDirectory() as tmp:
-        after: Callable[[int, torch.Tensor], None]
-        finish: Callable[[], None]
+class Trainer:
+    """One configuration's model, optimizer and per-step hook."""
+
+    def __init__(self, config: str, model_name: str, batch: int | None, tmp: str) -> None:
+        self.model, self.x, self.y, self.loss_fn = make(model_name, batch)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.times: list[float] = []
+        self.col = None
+        self.tb = None
         if config == "runlens":
-            col = Collector(model, opt, run_dir=tmp)
-
-            def after(i, loss):
-                col.step(loss=loss)
-
-            finish = col.close
+            self.col = Collector(self.model, self.opt, run_dir=tmp)
         elif config == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            tb = SummaryWriter(tmp)
-            named = list(model.named_parameters())
+            self.tb = SummaryWriter(tmp)
+            self.named = list(self.model.named_parameters())
 
-            def after(i, loss):
-                tb.add_scalar("train/loss", loss, i)
-                for n, p in named:
-                    tb.add_histogram(n, p, i)
-                    if p.grad is not None:
-                        tb.add_histogram(n + "/grad", p.grad, i)
-
-            finish = tb.close
-        else:
-
-            def after(i, loss):
-                pass
-
-            def finish():
-                pass
-
-        times = []
-        t_prev = time.perf_counter()
-        for i in range(warmup + steps):
-            loss = loss_fn(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            after(i, loss)
-            t = time.perf_counter()
-            if i >= warmup:
-                times.append(t - t_prev)
-            t_prev = t
+    def step(self, i: int, timed: bool) -> None:
         t0 = time.perf_counter()
-        finish()
-        close_s = time.perf_counter() - t0
-    # Spread the one-off close (final flush) over the timed steps: honest wall time.
-    return statistics.median(times) + close_s / steps
+        loss = self.loss_fn(self.model(self.x), self.y)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        if self.col is not None:
+            self.col.step(loss=loss)
+        elif self.tb is not None:
+            self.tb.add_scalar("train/loss", loss, i)
+            for n, p in self.named:
+                self.tb.add_histogram(n, p, i)
+                if p.grad is not None:
+                    self.tb.add_histogram(n + "/grad", p.grad, i)
+        if timed:
+            self.times.append(time.perf_counter() - t0)
+
+    def close(self) -> float:
+        t0 = time.perf_counter()
+        if self.col is not None:
+            self.col.close()
+        if self.tb is not None:
+            self.tb.close()
+        return time.perf_counter() - t0
+
+
+def run(configs: list[str], model_name: str, steps: int, warmup: int, batch: int | None):
+    """Seconds per step of each configuration, their steps interleaved one by one.
+
+    Every configuration trains its own identical model; step i of each runs back to back,
+    so bursts of load on a shared machine hit all configurations alike. Returns the median
+    step time plus the one-off close (final flush) spread over the timed steps.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {c: Trainer(c, model_name, batch, f"{tmp}/{c}") for c in configs}
+        for i in range(warmup + steps):
+            order = configs if i % 2 == 0 else configs[::-1]
+            for c in order:
+                trainers[c].step(i, timed=i >= warmup)
+        return {c: statistics.median(t.times) + t.close() / steps for c, t in trainers.items()}
 
 
 def main() -> None:
@@ -133,8 +138,8 @@ def main() -> None:
     for m in models:
         samples: dict[str, list[float]] = {c: [] for c in configs}
         for _ in range(args.repeats):
-            for c in configs:  # interleaved, so drifts in machine load hit all alike
-                samples[c].append(run(c, m, args.steps, args.warmup, args.batch))
+            for c, v in run(configs, m, args.steps, args.warmup, args.batch).items():
+                samples[c].append(v)
         med = {c: statistics.median(v) for c, v in samples.items()}
         results[m] = {"median_s_per_step": med, "samples": samples}
         print(f"\n{m}: median seconds/step over {args.repeats} interleaved repeats")
