@@ -1,12 +1,13 @@
 """Wall-time overhead of the collector vs bare training vs TensorBoard histograms.
 
-One process, CPU. Each configuration trains its own identical model and their steps are
-interleaved one by one (bare, runlens, tensorboard, then the reverse order, ...), so load
-bursts on a shared machine hit all alike; reports, over several repeats, the median of
-each configuration's median step time and its ratio to bare training.
+One process, CPU. Each configuration is paired with bare training: both train their own
+identical model and their steps are interleaved one by one (bare, runlens, runlens, bare,
+...), so load bursts on a shared machine hit both alike. Reports, over several repeats,
+the median step time and the median of the paired ratios to bare training.
 
     python benchmarks/collector_overhead.py                 # both models, defaults
     python benchmarks/collector_overhead.py --model transformer --repeats 7 --steps 30
+    python benchmarks/collector_overhead.py --model mlp --configs "runlens;runlens:every=10"
 
 "runlens" is ``Collector(model, opt, run_dir)`` at its defaults: weight/grad/update
 statistics of every parameter every step, activations every 10 steps, histograms every 50.
@@ -70,8 +71,12 @@ class Trainer:
         self.times: list[float] = []
         self.col = None
         self.tb = None
-        if config == "runlens":
-            self.col = Collector(self.model, self.opt, run_dir=tmp)
+        if config.startswith("runlens"):
+            # "runlens" = defaults; "runlens:every=10" etc. override knobs
+            knobs = dict(kv.split("=") for kv in config.partition(":")[2].split(",") if kv)
+            self.col = Collector(
+                self.model, self.opt, run_dir=tmp, **{k: int(v) for k, v in knobs.items()}
+            )
         elif config == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -123,7 +128,11 @@ def run(configs: list[str], model_name: str, steps: int, warmup: int, batch: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=["mlp", "transformer", "both"], default="both")
-    ap.add_argument("--configs", default="bare,runlens,tensorboard")
+    ap.add_argument(
+        "--configs",
+        default="runlens;tensorboard",
+        help="';'-separated: runlens, runlens:every=10,hist_every=100, tensorboard",
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
@@ -132,21 +141,29 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    configs = args.configs.split(",")
+    configs = ["bare", *[c for c in args.configs.split(";") if c != "bare"]]
     models = ["mlp", "transformer"] if args.model == "both" else [args.model]
     results = {}
     for m in models:
         samples: dict[str, list[float]] = {c: [] for c in configs}
+        ratios: dict[str, list[float]] = {c: [] for c in configs}
         for _ in range(args.repeats):
-            for c, v in run(configs, m, args.steps, args.warmup, args.batch).items():
-                samples[c].append(v)
-        med = {c: statistics.median(v) for c, v in samples.items()}
-        results[m] = {"median_s_per_step": med, "samples": samples}
+            # Each configuration is interleaved with bare training only: two background
+            # writers (runlens's, TensorBoard's) in one loop would slow each other's steps.
+            for c in configs:
+                if c == "bare":
+                    continue
+                got = run(["bare", c], m, args.steps, args.warmup, args.batch)
+                samples["bare"].append(got["bare"])
+                samples[c].append(got[c])
+                ratios[c].append(got[c] / got["bare"])
+        med = {c: statistics.median(v) for c, v in samples.items() if v}
+        results[m] = {"median_s_per_step": med, "samples": samples, "ratios": ratios}
         print(f"\n{m}: median seconds/step over {args.repeats} interleaved repeats")
-        print("| config | ms/step | ratio to bare |")
+        print("| config | ms/step | ratio to bare (median of paired ratios) |")
         print("|---|---|---|")
         for c in configs:
-            ratio = med[c] / med["bare"] if "bare" in med else float("nan")
+            ratio = statistics.median(ratios[c]) if ratios[c] else 1.0
             print(f"| {c} | {med[c] * 1e3:.1f} | {ratio:.3f} |")
     info = {
         "torch": torch.__version__,

@@ -33,6 +33,9 @@ _FLOAT_COLS = (
     "row_sum_mean",
 )
 _NONFINITE_EXEMPT = (fmt.LR_PREFIX, "time/")
+MAX_PENDING_ROWS = 100_000
+"""Also flush when this many layer rows wait (bounds host memory: with histograms a row
+is ~600 bytes, so ~60 MB), whatever flush_steps says."""
 
 
 @dataclass
@@ -124,6 +127,7 @@ class Writer(threading.Thread):
         self._ly: dict[str, list[np.ndarray]] = collections.defaultdict(list)
         self._ly_hist: list[tuple[int, np.ndarray | None]] = []
         self._pending_steps = 0
+        self._pending_rows = 0
         self._pending_max_step: int | None = None
 
     def _add_scalars(self, steps: list[int], wall: float, names: list[str], values: list[float]):
@@ -206,6 +210,7 @@ class Writer(threading.Thread):
         self._ly["kind"].append(np.full(n, self._kind_ids[b.kind], np.int32))
         self._ly["numel"].append(b.numels)
         self._ly["missing"].append(missing)
+        self._pending_rows += n
         if hist is not None:
             counts = np.rint(hist).astype(np.int64)
             if b.pads is not None:
@@ -339,6 +344,7 @@ class Writer(threading.Thread):
                 self._consume(pkg)
             due = (
                 self._pending_steps >= self.flush_steps
+                or self._pending_rows >= MAX_PENDING_ROWS
                 or time.monotonic() - last_flush >= self.flush_seconds
                 or self.flush_requested.is_set()
             )
