@@ -138,6 +138,13 @@
     const div = plotDiv(parent);
     const layout = baseLayout(ytitle);
     if (opts.log) layout.yaxis.type = "log";
+    // A constant series (e.g. a fixed LR of 1e-3) gets Plotly's default +-1 range, which
+    // draws it at "0": give it a range around its own value instead.
+    const vals = present.flatMap((s) => s.values.filter((v) => v !== null && isFinite(v)));
+    if (vals.length && vals.every((v) => v === vals[0]) && !opts.log) {
+      const v = vals[0], pad = Math.abs(v) * 0.5 || 1;
+      layout.yaxis.range = [v - pad, v + pad];
+    }
     div._traces = traces.filter((t) => t);
     applySmoothing(div, currentSmoothing());
     draw(div, div._traces, layout);
