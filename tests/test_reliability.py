@@ -322,11 +322,6 @@ def test_nothing_writable_still_trains(tmp_path: Path, monkeypatch: pytest.Monke
     assert ours and all("Permission denied" in w for w in ours)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="collector: the close-time run.json write warns again under site 'close' "
-    "(category 'collector'), so an unwritable disk prints two warnings, not one",
-)
 def test_nothing_writable_warns_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(_train_unwritable(tmp_path, monkeypatch)) == 1
 

@@ -77,8 +77,13 @@ class CollectorConfig:
         flush_steps: write a Parquet segment at least every N steps ...
         flush_seconds: ... and at least every N seconds (what a crash can lose).
         max_queue: steps in flight between training thread and writer (host buffers in the
-            ring). When all are busy the step's statistics are dropped (never blocks), the
-            drop is counted, warned once and written as a ``skipped`` event.
+            ring), at most; the writer decodes everything queued at each wake-up, so a
+            writer briefly slower than training catches up instead of dropping.
+        max_queue_bytes: ... and at most this many bytes of host buffers in the ring
+            (whichever bound is hit first). When no buffer is free and another would exceed
+            the budget, the step's statistics are dropped (training never blocks and memory
+            never grows without limit); the drop is counted, warned once and written as a
+            ``skipped`` event.
         name: run name (default: the run directory's name).
         rank: override the rank (default: torch.distributed rank, else 0).
     """
@@ -91,7 +96,8 @@ class CollectorConfig:
     exclude_modules: Sequence[type[nn.Module] | str] = _DEFAULT_EXCLUDE
     flush_steps: int = 500
     flush_seconds: float = 30.0
-    max_queue: int = 8
+    max_queue: int = 64
+    max_queue_bytes: int = 64 * 2**20
     name: str | None = None
     rank: int | None = None
 
@@ -99,7 +105,14 @@ class CollectorConfig:
         unknown = set(self.kinds) - set(fmt.KINDS)
         if unknown:
             raise ValueError(f"unknown kinds {sorted(unknown)}; choose from {fmt.KINDS}")
-        for knob in ("every", "activation_every", "hist_every", "flush_steps", "max_queue"):
+        for knob in (
+            "every",
+            "activation_every",
+            "hist_every",
+            "flush_steps",
+            "max_queue",
+            "max_queue_bytes",
+        ):
             if int(getattr(self, knob)) < 1:
                 raise ValueError(f"{knob} must be >= 1")
         if self.flush_seconds <= 0:
@@ -264,12 +277,23 @@ class Collector:
         # Host ring of buffers for the device->host copies (pinned only when CUDA exists).
         self._pin = torch.cuda.is_available() and self.device.type == "cuda"
         self._ring: list[torch.Tensor | None] = [None] * s.max_queue
+        self._ring_bytes = 0  # allocated host buffer bytes (bounded by max_queue_bytes)
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i in range(s.max_queue):
             self._free.put(i)
 
         # run.json
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        held = sorted(self.run_dir.glob(f"*/{fmt.SEGMENT_GLOB}"))
+        if held:
+            # Segments of this run continue the numbering after them (writer._next_seq).
+            warnings.warn(
+                f"runlens_collect: {self.run_dir} already holds a run ({len(held)} segments); "
+                "they are kept and this run's segments are added after them (the analyzer "
+                "will see both)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self.run_id = uuid.uuid4().hex
         self.start_time = time.time()
         self.meta = fmt.new_run_json(
@@ -318,6 +342,7 @@ class Collector:
         self._pending_dev: list[tuple[int, str, torch.Tensor]] = []
         self._pending_extern: list[tuple[int, str, Any]] = []
         self._opt_fired = False
+        self._grads_read = False  # read_gradients() called this step
         self._grad_norm_dev: torch.Tensor | None = None
         self._set_flags(0)
         self._last_conv = False
@@ -392,8 +417,7 @@ class Collector:
     def _report(
         self, site: str, message: str, exc: BaseException | None, event: bool = True
     ) -> None:
-        """Warn once per category (training side / writer), log once per site, disable it."""
-        category = "writer" if site == "writer" else "collector"
+        """Warn once for the whole collector, log each site once to events.jsonl."""
         detail = f"{type(exc).__name__}: {exc}" if exc is not None else ""
         msg = f"runlens_collect: {site}: {message}" + (f" ({detail})" if detail else "")
         key = f"{site}|{message}"
@@ -401,8 +425,10 @@ class Collector:
             return
         self._warned_sites.add(key)
         self.warnings.append(msg)
-        if category not in self._warned_categories:
-            self._warned_categories.add(category)
+        if not self._warned_categories:
+            # One warning overall: a bad disk fails the writer and the close-time run.json
+            # write alike; the rest go to events.jsonl (and self.warnings).
+            self._warned_categories.add(site)
             warnings.warn(
                 msg + "; training continues, further collector problems go to events.jsonl",
                 RuntimeWarning,
@@ -521,8 +547,25 @@ class Collector:
         self._opt_fired = True
         if len(optimizer.param_groups) != self._n_groups:
             self._refresh_optimizer_membership()
-        self._read_grads()
+        if not self._grads_read:
+            self._read_grads()
         self._read_weights()
+
+    def read_gradients(self) -> None:
+        """Take this step's gradient statistics now (and grad_norm), replacing any read so
+        far this step.
+
+        The collector reads gradients in the optimizer's step pre-hook, which is right for
+        ``optimizer.step()`` but too early for closure-based steps (``LBFGS``,
+        ``optimizer.step(closure)``, Lightning), where the closure computes the gradients
+        after the hook ran. Call this where the gradients are final: at the end of the
+        closure, after ``backward()`` (the last call of a step wins; Lightning's
+        ``on_before_optimizer_step``). Never syncs with the device; never raises.
+        """
+        if not self._enabled or self._closed:
+            return
+        self._grads_read = True
+        self._read_grads()
 
     @torch.no_grad()
     def _read_weights(self) -> None:
@@ -635,6 +678,7 @@ class Collector:
         finally:
             self._blocks = {}
             self._opt_fired = False
+            self._grads_read = False
             self._grad_norm_dev = None
             self._t_fwd = None
             self._t_prev_entry = t_entry
@@ -730,7 +774,8 @@ class Collector:
                     self._add_scalar(step, fmt.lr_name(i), g["lr"], host, dev)
         if not self._opt_fired:
             # No optimizer, or the optimizer step was skipped (e.g. AMP found infs).
-            self._read_grads()
+            if not self._grads_read:
+                self._read_grads()
             self._read_weights()
         if self._grad_norm_dev is not None:
             dev.append((step, fmt.GRAD_NORM, self._grad_norm_dev.reshape(1)))
@@ -748,32 +793,39 @@ class Collector:
         parts = [data for _, data in items]
         parts += [t.to(torch.float64) for _, _, t in dev]
         writer = self._writer
+        skipped = False
         if parts:
             try:
                 slot = self._free.get_nowait()
             except queue.Empty:
                 slot = None
+            if slot is not None:
+                n = sum(int(p.numel()) for p in parts)
+                buf = self._ring[slot]
+                if buf is None or buf.numel() < n:
+                    old = 0 if buf is None else buf.numel() * 8
+                    new = (int(n * 1.25) + 16) * 8
+                    others = self._ring_bytes - old
+                    if others > 0 and others + new > self.settings.max_queue_bytes:
+                        # Over the memory budget (one buffer is always allowed).
+                        self._free.put(slot)
+                        slot = None
             if slot is None:
                 # Writer behind: drop this step's device statistics rather than block.
-                writer.skipped.append(step)
-                writer.skipped_total += 1
-                self._report(
-                    "writer",
-                    "writer fell behind; statistics of some steps dropped",
-                    None,
-                    event=False,
-                )
+                self._skip(step)
+                skipped = True
                 parts = []
             else:
                 try:
                     flat = torch.cat(parts) if len(parts) > 1 else parts[0]
-                    n = flat.numel()
                     buf = self._ring[slot]
                     if buf is None or buf.numel() < n:
+                        old = 0 if buf is None else buf.numel() * 8
                         buf = torch.empty(
                             int(n * 1.25) + 16, dtype=torch.float64, pin_memory=self._pin
                         )
                         self._ring[slot] = buf
+                        self._ring_bytes += buf.numel() * 8 - old
                     buf[:n].copy_(flat, non_blocking=True)
                     if self.device.type == "cuda":
                         event = torch.cuda.Event()
@@ -791,11 +843,17 @@ class Collector:
         except queue.Full:
             if pkg.slot is not None:
                 self._free.put(pkg.slot)
-            writer.skipped.append(step)
-            writer.skipped_total += 1
-            self._report(
-                "writer", "writer fell behind; statistics of some steps dropped", None, event=False
-            )
+            if not skipped:  # a step is counted once, however it was dropped
+                self._skip(step)
+
+    def _skip(self, step: int) -> None:
+        writer = self._writer
+        assert writer is not None
+        writer.skipped.append(step)
+        writer.skipped_total += 1
+        self._report(
+            "writer", "writer fell behind; statistics of some steps dropped", None, event=False
+        )
 
     def _on_flush(self, last_step: int) -> None:
         # Runs on the writer thread.

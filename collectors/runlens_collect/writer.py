@@ -19,6 +19,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+# Imported now, not lazily by the first flush: an import during interpreter shutdown (e.g.
+# after Ctrl-C) fails and turns the exit code 130 into 1.
+import pyarrow.compute
+import pyarrow.parquet
+
 from runlens_collect import format as fmt
 from runlens_collect.stats import NBINS, NRAW
 
@@ -33,6 +38,9 @@ _FLOAT_COLS = (
     "row_sum_mean",
 )
 _NONFINITE_EXEMPT = (fmt.LR_PREFIX, "time/")
+BATCH = 64
+"""Packages decoded per wake-up at most: a writer woken after a burst decodes them together
+(one set of numpy ops per kind for all of them) instead of one step at a time."""
 MAX_PENDING_ROWS = 100_000
 """Also flush when this many layer rows wait (bounds host memory: with histograms a row
 is ~600 bytes, so ~60 MB), whatever flush_steps says."""
@@ -111,7 +119,10 @@ class Writer(threading.Thread):
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
         self.skipped: collections.deque[int] = collections.deque(maxlen=100_000)
         self.skipped_total = 0
-        self._seq = {fmt.SCALARS_DIR: 0, fmt.LAYERS_DIR: 0}
+        # Continue after segments already there (another collector on the same run_dir):
+        # never overwrite recorded data.
+        self._seq = {t: _next_seq(run_dir, t, rank) for t in (fmt.SCALARS_DIR, fmt.LAYERS_DIR)}
+        self._batch: list[tuple[Package, np.ndarray | None]] = []
         self._scalar_ids: dict[str, int] = {}
         self._scalar_names: list[str] = []
         self._kind_ids = {k: i for i, k in enumerate(fmt.KINDS)}
@@ -130,7 +141,8 @@ class Writer(threading.Thread):
         self._pending_rows = 0
         self._pending_max_step: int | None = None
 
-    def _add_scalars(self, steps: list[int], wall: float, names: list[str], values: list[float]):
+    def _add_scalars(self, steps: Any, walls: Any, names: list[str], values: Any) -> None:
+        """Append scalar rows; steps/walls/values are sequences (or arrays) like names."""
         if not names:
             return
         ids = []
@@ -142,44 +154,114 @@ class Writer(threading.Thread):
             ids.append(i)
         vals = np.asarray(values, dtype=np.float64)
         self._sc["step"].append(np.asarray(steps, dtype=np.int64))
-        self._sc["wall"].append(np.full(len(names), wall, dtype=np.float64))
+        self._sc["wall"].append(np.asarray(walls, dtype=np.float64))
         self._sc["name"].append(np.asarray(ids, dtype=np.int32))
         self._sc["value"].append(vals)
         if "scalar" not in self._seen_nonfinite and not np.isfinite(vals).all():
             for s, n, v in zip(steps, names, vals, strict=True):
                 if not np.isfinite(v) and not n.startswith(_NONFINITE_EXEMPT):
                     self._seen_nonfinite.add("scalar")
-                    self.event("nonfinite", step=s, where="scalar", name=n)
+                    self.event("nonfinite", step=int(s), where="scalar", name=n)
                     break
 
-    def _decode(self, pkg: Package, arr: np.ndarray | None) -> None:
-        step = pkg.step
+    def _decode_batch(self, batch: list[tuple[Package, np.ndarray | None]]) -> None:
+        """Decode packages: scalars in one append; blocks of the same shape across
+        consecutive packages (the usual case: every step records the same layers) are
+        stacked and derived with one set of numpy ops."""
+        steps: list[int] = []
+        walls: list[float] = []
+        names: list[str] = []
+        values: list[float] = []
+        group: list[tuple[Package, np.ndarray]] = []
+        key: tuple[Any, ...] | None = None
+        for pkg, arr in batch:
+            try:
+                for step, name, value in pkg.host_scalars:
+                    steps.append(step)
+                    names.append(name)
+                    values.append(value)
+                    walls.append(pkg.wall_time)
+                for step, name, t in pkg.extern:
+                    steps.append(step)
+                    names.append(name)
+                    values.append(float(t))
+                    walls.append(pkg.wall_time)
+                if arr is not None:
+                    off = sum(b.size for b in pkg.blocks)
+                    for (s, name), v in zip(
+                        pkg.dev_scalars, arr[off : off + len(pkg.dev_scalars)], strict=True
+                    ):
+                        steps.append(s)
+                        names.append(name)
+                        values.append(float(v))
+                        walls.append(pkg.wall_time)
+                    k = tuple(_block_key(b) for b in pkg.blocks)
+                    if k != key and group:
+                        self._decode_group(group)
+                        group = []
+                    key = k
+                    group.append((pkg, arr))
+            except Exception as exc:
+                self.report("writer", f"decoding step {pkg.step} failed; it is dropped", exc)
+            self._pending_steps += 1
+            if self._pending_max_step is None or pkg.step > self._pending_max_step:
+                self._pending_max_step = pkg.step
+        if group:
+            self._decode_group(group)
+        try:
+            self._add_scalars(steps, walls, names, values)
+        except Exception as exc:
+            self.report("writer", "decoding scalars failed; they are dropped", exc)
+
+    def _decode_group(self, group: list[tuple[Package, np.ndarray]]) -> None:
+        try:
+            self._decode_stacked(group)
+        except Exception as exc:
+            self.report("writer", f"decoding step {group[0][0].step} failed; it is dropped", exc)
+
+    def _decode_stacked(self, group: list[tuple[Package, np.ndarray]]) -> None:
+        blocks = group[0][0].blocks
+        k = len(group)
+        pkg_steps = np.array([p.step for p, _ in group], np.int64)
+        walls = np.array([p.wall_time for p, _ in group], np.float64)
+        size = sum(b.size for b in blocks)
+        data = np.stack([arr[:size] for _, arr in group])  # (k, size)
         off = 0
         raws: list[np.ndarray] = []
-        for b in pkg.blocks:
+        for i, b in enumerate(blocks):
             n = len(b.layers)
-            raw = arr[off : off + n * b.width].reshape(n, b.width)
+            raw = data[:, off : off + n * b.width].reshape(k, n, b.width)
             off += n * b.width
             hist = None
             if b.hist:
-                hist = arr[off : off + n * NBINS].reshape(n, NBINS)
+                hist = data[:, off : off + n * NBINS].reshape(k * n, NBINS)
                 off += n * NBINS
             raws.append(raw)
+            missing = np.stack(
+                [
+                    p.blocks[i].missing if p.blocks[i].missing is not None else np.zeros(n, bool)
+                    for p, _ in group
+                ]
+            )  # (k, n)
             if b.grad_norm:
-                ok = np.ones(n, bool) if b.missing is None else ~b.missing
-                gn = float(np.sqrt(raw[ok, 1].sum())) if ok.any() else float("nan")
-                self._add_scalars([step], pkg.wall_time, [fmt.GRAD_NORM], [gn])
+                with np.errstate(invalid="ignore"):
+                    ok = ~missing
+                    gn = np.sqrt(np.where(ok, raw[:, :, 1], 0.0).sum(1))
+                    gn = np.where(ok.any(1), gn, np.nan)
+                self._add_scalars(pkg_steps, walls, [fmt.GRAD_NORM] * k, gn)
             if b.write:
                 ref = raws[b.ratio_ref] if b.ratio_ref is not None else None
-                self._add_block(step, b, raw, hist, ref)
-        names = [n for _, n in pkg.dev_scalars]
-        if names:
-            vals = arr[off : off + len(names)]
-            self._add_scalars([s for s, _ in pkg.dev_scalars], pkg.wall_time, names, list(vals))
+                self._add_block(pkg_steps, b, raw, hist, ref, missing)
 
-    def _add_block(self, step, b: Block, raw, hist, ref) -> None:
-        n = len(b.layers)
-        numel = b.numels.astype(np.float64)
+    def _add_block(self, steps, b: Block, raw, hist, ref, missing) -> None:
+        """Rows of one block for k steps: raw (k, n, width), hist (k*n, NBINS) or None,
+        ref (k, n, width) or None, missing (k, n)."""
+        k, n = raw.shape[0], len(b.layers)
+        rows = k * n
+        raw = raw.reshape(rows, b.width)
+        missing = missing.reshape(rows)
+        numels = np.tile(b.numels, k)
+        numel = numels.astype(np.float64)
         s1, s2, nonzero, nonfinite, absmax = (raw[:, i] for i in range(NRAW))
         with np.errstate(divide="ignore", invalid="ignore"):
             mean = s1 / numel
@@ -195,37 +277,38 @@ class Writer(threading.Thread):
                 "frac_nonfinite": nonfinite / numel,
             }
             if ref is not None:
-                cols["update_ratio"] = np.sqrt(s2) / np.sqrt(ref[:, 1])
+                cols["update_ratio"] = np.sqrt(s2) / np.sqrt(ref.reshape(rows, -1)[:, 1])
         for i, name in enumerate(b.extra):
             cols[name] = raw[:, NRAW + i]
-        missing = b.missing if b.missing is not None else np.zeros(n, bool)
+        any_missing = missing.any()
         for name in _FLOAT_COLS:
             v = cols.get(name)
-            v = np.full(n, np.nan, np.float32) if v is None else v.astype(np.float32)
-            if missing.any():
+            v = np.full(rows, np.nan, np.float32) if v is None else v.astype(np.float32)
+            if any_missing:
                 v[missing] = np.nan
             self._ly[name].append(v)
-        self._ly["step"].append(np.full(n, step, np.int64))
-        self._ly["layer"].append(b.layers)
-        self._ly["kind"].append(np.full(n, self._kind_ids[b.kind], np.int32))
-        self._ly["numel"].append(b.numels)
+        self._ly["step"].append(np.repeat(steps, n))
+        self._ly["layer"].append(np.tile(b.layers, k))
+        self._ly["kind"].append(np.full(rows, self._kind_ids[b.kind], np.int32))
+        self._ly["numel"].append(numels)
         self._ly["missing"].append(missing)
-        self._pending_rows += n
+        self._pending_rows += rows
         if hist is not None:
             counts = np.rint(hist).astype(np.int64)
             if b.pads is not None:
-                counts[:, fmt.HIST_ZERO_BIN] -= b.pads
+                counts[:, fmt.HIST_ZERO_BIN] -= np.tile(b.pads, k)
             if b.negate:
                 counts = counts[:, ::-1]
-            self._ly_hist.append((n, np.where(missing[:, None], -1, counts)))
+            self._ly_hist.append((rows, np.where(missing[:, None], -1, counts)))
         else:
-            self._ly_hist.append((n, None))
+            self._ly_hist.append((rows, None))
         if "layer" not in self._seen_nonfinite:
             bad = ~missing & ((nonfinite > 0) | ~np.isfinite(s2))
             if bad.any():
                 i = int(np.argmax(bad))
                 self._seen_nonfinite.add("layer")
-                name = self.layer_names[int(b.layers[i])]
+                name = self.layer_names[int(b.layers[i % n])]
+                step = int(steps[i // n])
                 self.event("nonfinite", step=step, where="layer", name=name, layer_kind=b.kind)
 
     # -- segments -----------------------------------------------------------------------
@@ -332,16 +415,25 @@ class Writer(threading.Thread):
 
     def run(self) -> None:
         last_flush = time.monotonic()
-        while True:
+        stop = False
+        while not stop:
             timeout = max(0.01, self.flush_seconds - (time.monotonic() - last_flush))
             try:
                 pkg = self.queue.get(timeout=timeout)
             except queue.Empty:
                 pkg = False  # type: ignore[assignment]
-            if pkg is None:
-                break
-            if pkg:
-                self._consume(pkg)
+            # Take what else is already queued (up to BATCH) and decode it in one go.
+            while pkg is not None:
+                if pkg:
+                    self._consume(pkg)
+                if len(self._batch) >= BATCH:
+                    break
+                try:
+                    pkg = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+            stop = pkg is None
+            self._decode_pending()
             due = (
                 self._pending_steps >= self.flush_steps
                 or self._pending_rows >= MAX_PENDING_ROWS
@@ -357,6 +449,8 @@ class Writer(threading.Thread):
         self.drain_events()
 
     def _consume(self, pkg: Package) -> None:
+        """Copy a package's statistics out of its host buffer (freeing the slot at once);
+        decoding waits for _decode_pending."""
         try:
             arr = None
             if pkg.host is not None:
@@ -365,14 +459,37 @@ class Writer(threading.Thread):
                     arr = pkg.host[: pkg.size].numpy().copy()
                 finally:
                     self.free_slots.put(pkg.slot)
-            for step, name, value in pkg.host_scalars:
-                self._add_scalars([step], pkg.wall_time, [name], [value])
-            for step, name, t in pkg.extern:
-                self._add_scalars([step], pkg.wall_time, [name], [float(t)])
-            if arr is not None:
-                self._decode(pkg, arr)
-            self._pending_steps += 1
-            if self._pending_max_step is None or pkg.step > self._pending_max_step:
-                self._pending_max_step = pkg.step
+            self._batch.append((pkg, arr))
         except Exception as exc:
             self.report("writer", f"decoding step {pkg.step} failed; it is dropped", exc)
+
+    def _decode_pending(self) -> None:
+        batch, self._batch = self._batch, []
+        if batch:
+            self._decode_batch(batch)
+
+
+def _block_key(b: Block) -> tuple[Any, ...]:
+    return (
+        b.kind,
+        b.layers.tobytes(),
+        b.extra,
+        b.hist,
+        b.negate,
+        b.ratio_ref,
+        b.write,
+        b.grad_norm,
+        b.missing is None,
+    )
+
+
+def _next_seq(run_dir: Path, table: str, rank: int) -> int:
+    """One past the highest segment number of this rank already in run_dir (0 if none)."""
+    d = Path(run_dir) / table / f"rank={rank}"
+    seqs = []
+    for f in d.glob("part-*.parquet") if d.is_dir() else ():
+        try:
+            seqs.append(int(f.stem.split("-", 1)[1]))
+        except ValueError:
+            continue
+    return max(seqs) + 1 if seqs else 0

@@ -73,7 +73,7 @@ class RunlensCallback(_pl.Callback):
         self._stepped = True
         # The Collector's own pre-step hook ran before Lightning's closure computed these
         # gradients; read them again now that they are final.
-        col._read_grads()
+        col.read_gradients()
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
