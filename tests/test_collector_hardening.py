@@ -1,0 +1,254 @@
+"""Collector robustness: bounded-but-patient queue, drops counted once, Ctrl-C exit code,
+closure-based optimizers, two collectors on one run directory. Real training on CPU."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from runlens_collect import Collector, writer
+from runlens_collect import format as fmt
+from torch import nn
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _table(run_dir: Path, table: str) -> pa.Table:
+    files = sorted((run_dir / table).glob(fmt.SEGMENT_GLOB))
+    return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+def _events(run_dir: Path) -> list[dict[str, Any]]:
+    p = run_dir / fmt.EVENTS_JSONL
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def _train(col: Collector, model: nn.Module, opt: Any, n: int) -> None:
+    torch.manual_seed(1)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    for _ in range(n):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        col.step(loss=loss)
+
+
+def _stall_writer(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """The writer thread blocks in its first _consume until the returned gate is set."""
+    gate = threading.Event()
+    orig = writer.Writer._consume
+
+    def slow(self: writer.Writer, pkg: writer.Package) -> None:
+        gate.wait(60)
+        orig(self, pkg)
+
+    monkeypatch.setattr(writer.Writer, "_consume", slow)
+    return gate
+
+
+def _recorded_and_dropped(run_dir: Path) -> tuple[set[int], list[int], int]:
+    recorded = set(_table(run_dir, fmt.LAYERS_DIR).column("step").to_pylist())
+    skipped = [e for e in _events(run_dir) if e["kind"] == "skipped"]
+    steps = [s for e in skipped for s in e["steps"]]
+    total = skipped[-1]["total"] if skipped else 0
+    return recorded, steps, total
+
+
+def test_writer_briefly_behind_drops_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer stalled for 40 steps catches up afterwards: with the default bound every
+    step's statistics are kept, and nothing is warned."""
+    gate = _stall_writer(monkeypatch)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any collector warning fails the test
+        col = Collector(model, opt, run_dir=tmp_path)
+        _train(col, model, opt, 40)
+        gate.set()
+        col.close()
+    assert col.warnings == []
+    recorded, dropped, total = _recorded_and_dropped(tmp_path)
+    assert recorded == set(range(40))
+    assert dropped == [] and total == 0
+
+
+def test_memory_budget_bounds_host_buffers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a byte budget below two buffers only one step's statistics can be in flight:
+    while the writer is stalled the rest are dropped (and counted), never queued."""
+    gate = _stall_writer(monkeypatch)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="fell behind"):
+        col = Collector(model, opt, run_dir=tmp_path, max_queue_bytes=1)
+        _train(col, model, opt, 20)
+        ring = [b for b in col._ring if b is not None]
+        gate.set()
+        col.close()
+    assert len(ring) == 1
+    recorded, dropped, total = _recorded_and_dropped(tmp_path)
+    assert len(recorded) <= 2  # the step held by the stalled writer (+ one after release)
+    assert recorded | set(dropped) == set(range(20))
+    assert total == len(dropped) == len(set(dropped))
+
+
+def test_dropped_step_counted_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps that find neither a free buffer nor room in the queue are counted once."""
+    gate = _stall_writer(monkeypatch)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = 30
+    with pytest.warns(RuntimeWarning, match="fell behind"):
+        col = Collector(model, opt, run_dir=tmp_path, max_queue=2)
+        _train(col, model, opt, steps)
+        # Both slots taken and the queue (2 x max_queue) full: the later steps hit both.
+        assert col._writer.queue.full()
+        gate.set()
+        col.close()
+    recorded, dropped, total = _recorded_and_dropped(tmp_path)
+    assert len(dropped) == len(set(dropped)) == total
+    assert recorded | set(dropped) == set(range(steps))
+    assert not recorded & set(dropped)
+    assert total >= steps - 2 * 2 - 1
+
+
+_SIGINT_SCRIPT = """
+import os, sys, torch
+from torch import nn
+use = sys.argv[1] == "collector"
+if use:
+    from runlens_collect import Collector
+model = nn.Linear(4, 2)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+col = Collector(model, opt, run_dir=sys.argv[2], flush_steps=1000) if use else None
+step = 0
+while True:
+    loss = model(torch.randn(8, 4)).pow(2).mean()
+    opt.zero_grad(); loss.backward(); opt.step()
+    if col is not None:
+        col.step(loss=loss)
+    step += 1
+    if step == 5:
+        print("ready", flush=True)
+"""
+
+
+def _interrupted_exit_code(which: str, run_dir: Path) -> int:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(_SIGINT_SCRIPT), which, str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert "KeyboardInterrupt" in err
+    return proc.returncode
+
+
+def test_ctrl_c_exit_code_same_as_plain_python(tmp_path: Path) -> None:
+    plain = _interrupted_exit_code("plain", tmp_path / "plain")
+    assert plain in (-signal.SIGINT, 130)
+    assert _interrupted_exit_code("collector", tmp_path / "run") == plain
+    # The unclosed collector still wrote what it had at exit.
+    assert _table(tmp_path / "run", fmt.SCALARS_DIR).num_rows > 0
+
+
+def test_read_gradients_with_lbfgs_closure(tmp_path: Path) -> None:
+    """LBFGS computes gradients inside its closure, after the step pre-hook: the grad rows
+    must be the closure's gradients when the closure calls read_gradients()."""
+    model = _mlp()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=1)
+    torch.manual_seed(1)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    expected: list[dict[str, float]] = []
+    with Collector(model, opt, run_dir=tmp_path) as col:
+        for _ in range(4):
+
+            def closure() -> torch.Tensor:
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                col.read_gradients()
+                expected.append({n: p.grad.norm().item() for n, p in model.named_parameters()})
+                return loss
+
+            loss = opt.step(closure)
+            col.step(loss=loss)
+    assert len(expected) == 4  # max_iter=1: one closure call per step
+    t = _table(tmp_path, fmt.LAYERS_DIR).to_pylist()
+    grads = {(r["step"], r["layer"]): r for r in t if r["kind"] == fmt.KIND_GRAD}
+    for step, norms in enumerate(expected):
+        for name, norm in norms.items():
+            row = grads[(step, name)]
+            assert not row["missing"], (step, name)
+            assert row["norm"] == pytest.approx(norm, rel=1e-4)
+    gn = {
+        r["step"]: r["value"]
+        for r in _table(tmp_path, fmt.SCALARS_DIR).to_pylist()
+        if r["name"] == fmt.GRAD_NORM
+    }
+    for step, norms in enumerate(expected):
+        total = sum(v * v for v in norms.values()) ** 0.5
+        assert gn[step] == pytest.approx(total, rel=1e-4)
+
+
+def test_two_collectors_on_one_run_dir_keep_both(tmp_path: Path) -> None:
+    """A second collector on a used directory adds segments after the first one's (one
+    warning), so every row of both is still on disk."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Collector(model, opt, run_dir=tmp_path, flush_steps=4) as col:
+        _train(col, model, opt, 10)
+    first = {
+        t: sorted((tmp_path / t).glob(fmt.SEGMENT_GLOB)) for t in (fmt.SCALARS_DIR, fmt.LAYERS_DIR)
+    }
+    first_bytes = {f: f.read_bytes() for fs in first.values() for f in fs}
+    with pytest.warns(RuntimeWarning, match="already holds a run") as rec:
+        col2 = Collector(model, opt, run_dir=tmp_path, flush_steps=4)
+        _train(col2, model, opt, 6)
+        col2.close()
+    assert len([w for w in rec if "runlens_collect" in str(w.message)]) == 1
+    for f, b in first_bytes.items():
+        assert f.read_bytes() == b  # the first run's segments are untouched
+    layers = _table(tmp_path, fmt.LAYERS_DIR).to_pylist()
+    weight_steps = [r["step"] for r in layers if r["kind"] == fmt.KIND_WEIGHT]
+    n_params = len(list(model.parameters()))
+    # Steps 0..5 from both runs, 6..9 from the first only.
+    assert {s: weight_steps.count(s) for s in range(10)} == {
+        s: n_params * (2 if s < 6 else 1) for s in range(10)
+    }
+    scalars = _table(tmp_path, fmt.SCALARS_DIR).to_pylist()
+    losses = [r for r in scalars if r["name"] == fmt.TRAIN_LOSS]
+    assert len(losses) == 16
+
+
+def test_no_warning_on_a_fresh_run_dir(tmp_path: Path) -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Collector(model, opt, run_dir=tmp_path / "new") as col:
+            _train(col, model, opt, 3)
