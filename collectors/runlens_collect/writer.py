@@ -426,8 +426,8 @@ class Writer(threading.Thread):
             while pkg is not None:
                 if pkg:
                     self._consume(pkg)
-                if len(self._batch) >= BATCH:
-                    break
+                if len(self._batch) >= min(BATCH, self.flush_steps - self._pending_steps):
+                    break  # a segment still holds at most flush_steps steps
                 try:
                     pkg = self.queue.get_nowait()
                 except queue.Empty:
