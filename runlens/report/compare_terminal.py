@@ -7,10 +7,9 @@ strings, so a run called ``[red]x`` prints as ``[red]x``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from io import StringIO
 
 from rich import box
-from rich.console import Console, RenderableType
+from rich.console import RenderableType
 from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
@@ -18,27 +17,14 @@ from rich.text import Text
 from runlens.compare import Comparison
 from runlens.findings import fmt_num
 from runlens.report import _compare_common as C
+from runlens.report._rich import render_sections
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "bold yellow", "info": "cyan"}
 
 
 def render(comparison: Comparison, width: int = 120, color: bool = False) -> str:
     """The whole comparison as text ``width`` columns wide; ANSI colours only if ``color``."""
-    buf = StringIO()
-    console = Console(
-        file=buf,
-        width=width,
-        force_terminal=color,
-        no_color=not color,
-        color_system="standard" if color else None,
-        highlight=False,
-        markup=False,
-        emoji=False,
-        soft_wrap=False,
-    )
-    for part in _parts(comparison):
-        console.print(part)
-    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
+    return render_sections([_parts(comparison)], width, color)
 
 
 def _parts(c: Comparison) -> list[RenderableType]:

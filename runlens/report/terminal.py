@@ -6,10 +6,8 @@ strings, so a layer called ``[red]x`` prints as ``[red]x``.
 
 from __future__ import annotations
 
-from io import StringIO
-
 from rich import box
-from rich.console import Console, Group, RenderableType
+from rich.console import Group, RenderableType
 from rich.padding import Padding
 from rich.rule import Rule
 from rich.table import Table
@@ -17,31 +15,14 @@ from rich.text import Text
 
 from runlens.findings import Finding, Report, fmt_num
 from runlens.report import _common as C
+from runlens.report._rich import render_sections
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "bold yellow", "info": "bold cyan"}
 
 
 def render(report: Report, width: int = 100, color: bool = False) -> str:
     """The whole report as text ``width`` columns wide; ANSI colours only if ``color``."""
-    buf = StringIO()
-    console = Console(
-        file=buf,
-        width=width,
-        force_terminal=color,
-        no_color=not color,
-        color_system="standard" if color else None,
-        highlight=False,
-        markup=False,
-        emoji=False,
-        soft_wrap=False,
-    )
-    for i, section in enumerate(_sections(report)):
-        if i:
-            console.print()
-        for part in section:
-            console.print(part)
-    # Trailing spaces come from table padding; they only make diffs and pastes noisy.
-    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
+    return render_sections(_sections(report), width, color)
 
 
 def _sections(report: Report) -> list[list[RenderableType]]:
