@@ -23,6 +23,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from runlens.compare import flatten
 from runlens.findings import Finding, Report, fmt_num
 from runlens.report import _common as C
 
@@ -226,19 +227,8 @@ def _list_table(head: str, items: Sequence[str]) -> dict[str, Any]:
 
 
 def _config_table(config: Mapping[str, Any]) -> dict[str, Any]:
-    rows = [[k, _value_text(v)] for k, v in sorted(_flatten(config).items())]
+    rows = [[k, _value_text(v)] for k, v in sorted(flatten(config).items())]
     return _table(["key", "value"], rows)
-
-
-def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in obj.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _value_text(v: Any) -> str:
