@@ -9,6 +9,7 @@ import numpy as np
 from runlens_collect import format as fmt
 
 from runlens.context import Context
+from runlens.findings import Evidence, Finding, fmt_num
 from runlens.signatures import _layers as L
 
 
@@ -69,3 +70,54 @@ def update_verdict(
         steps=L.span(m.steps[post], hit),
         n_layers=int(cols.size),
     )
+
+
+def update_findings(
+    name: str,
+    ctx: Context,
+    bound: float,
+    below: bool,
+    most_layers: float,
+    min_fraction: float,
+    margin_weight: float,
+    fix: str,
+    causes: tuple[str, ...],
+) -> list[Finding]:
+    """The one finding of tiny-updates (``below``) or large-updates, or none.
+
+    ``margin_weight`` scales how much the decades between median ratio and ``bound`` add to
+    the confidence.
+    """
+    v = update_verdict(ctx, bound, below=below, most_layers=most_layers)
+    if v is None or v.step_share < min_fraction or v.layer_share < most_layers:
+        return []
+    ratio = max(v.median_ratio, 1e-300)
+    margin = np.log10(bound / ratio) if below else np.log10(ratio / bound)
+    side, op, extreme = ("below", "<", "slowest") if below else ("above", ">", "fastest")
+    where = f" from step {v.steps[0]} to {v.steps[1]}" if v.steps else ""
+    return [
+        Finding(
+            signature=name,
+            severity="warning",
+            confidence=float(min(1.0, 0.5 + margin_weight * margin + 0.2 * v.step_share)),
+            summary=(
+                f"update/weight ratio is {fmt_num(v.median_ratio)} (median), {side} "
+                f"{fmt_num(bound)} on {v.layer_share:.0%} of {v.n_layers} weight "
+                f"layers{where}; Karpathy's heuristic is ~1e-3 — {extreme}: "
+                f"{L.name_list(list(v.layers))}"
+            ),
+            fix=fix,
+            steps=v.steps,
+            layers=v.layers,
+            evidence=(
+                Evidence("median update/weight ratio", v.median_ratio, bound, op),
+                Evidence(f"share of weight layers {side}", v.layer_share, most_layers, ">="),
+                Evidence(f"share of steps {side}", v.step_share, min_fraction, ">="),
+                *(
+                    Evidence(f"update ratio of {n}", r)
+                    for n, r in zip(v.layers[:3], v.layer_medians[:3], strict=False)
+                ),
+            ),
+            causes=causes,
+        )
+    ]

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from runlens.context import Context
-from runlens.findings import Evidence, Finding, fmt_num
-from runlens.signatures import _layers as L
-from runlens.signatures._updates import update_verdict
+from runlens.findings import Finding
+from runlens.signatures._updates import update_findings
 from runlens.signatures.base import Param, Params, Signature
 
 
@@ -73,39 +70,19 @@ class LargeUpdates(Signature):
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
-        v = update_verdict(ctx, p.min_ratio, below=False, most_layers=p.most_layers)
-        if v is None or v.step_share < p.min_fraction or v.layer_share < p.most_layers:
-            return []
-        margin = np.log10(max(v.median_ratio, 1e-300) / p.min_ratio)
-        where = f" from step {v.steps[0]} to {v.steps[1]}" if v.steps else ""
-        return [
-            Finding(
-                signature=self.name,
-                severity="warning",
-                confidence=float(min(1.0, 0.5 + 0.3 * margin + 0.2 * v.step_share)),
-                summary=(
-                    f"update/weight ratio is {fmt_num(v.median_ratio)} (median), above "
-                    f"{fmt_num(p.min_ratio)} on {v.layer_share:.0%} of {v.n_layers} weight "
-                    f"layers{where}; Karpathy's heuristic is ~1e-3 — fastest: "
-                    f"{L.name_list(list(v.layers))}"
-                ),
-                fix="Lower the learning rate (an LR range test finds the largest stable one), "
-                "add warm-up, or clip gradients.",
-                steps=v.steps,
-                layers=v.layers,
-                evidence=(
-                    Evidence("median update/weight ratio", v.median_ratio, p.min_ratio, ">"),
-                    Evidence("share of weight layers above", v.layer_share, p.most_layers, ">="),
-                    Evidence("share of steps above", v.step_share, p.min_fraction, ">="),
-                    *(
-                        Evidence(f"update ratio of {n}", r)
-                        for n, r in zip(v.layers[:3], v.layer_medians[:3], strict=False)
-                    ),
-                ),
-                causes=(
-                    "learning rate too high",
-                    "no warm-up for a large learning rate",
-                    "weights initialized very small relative to the step size",
-                ),
-            )
-        ]
+        return update_findings(
+            self.name,
+            ctx,
+            p.min_ratio,
+            below=False,
+            most_layers=p.most_layers,
+            min_fraction=p.min_fraction,
+            margin_weight=0.3,
+            fix="Lower the learning rate (an LR range test finds the largest stable one), "
+            "add warm-up, or clip gradients.",
+            causes=(
+                "learning rate too high",
+                "no warm-up for a large learning rate",
+                "weights initialized very small relative to the step size",
+            ),
+        )

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from runlens.context import Context
-from runlens.findings import Evidence, Finding, fmt_num
-from runlens.signatures import _layers as L
-from runlens.signatures._updates import update_verdict
+from runlens.findings import Finding
+from runlens.signatures._updates import update_findings
 from runlens.signatures.base import Param, Params, Signature
 
 
@@ -73,39 +70,19 @@ class TinyUpdates(Signature):
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
-        v = update_verdict(ctx, p.max_ratio, below=True, most_layers=p.most_layers)
-        if v is None or v.step_share < p.min_fraction or v.layer_share < p.most_layers:
-            return []
-        margin = np.log10(p.max_ratio / max(v.median_ratio, 1e-300))
-        where = f" from step {v.steps[0]} to {v.steps[1]}" if v.steps else ""
-        return [
-            Finding(
-                signature=self.name,
-                severity="warning",
-                confidence=float(min(1.0, 0.5 + 0.15 * margin + 0.2 * v.step_share)),
-                summary=(
-                    f"update/weight ratio is {fmt_num(v.median_ratio)} (median), below "
-                    f"{fmt_num(p.max_ratio)} on {v.layer_share:.0%} of {v.n_layers} weight "
-                    f"layers{where}; Karpathy's heuristic is ~1e-3 — slowest: "
-                    f"{L.name_list(list(v.layers))}"
-                ),
-                fix="Raise the learning rate (an LR range test finds a good one) and check "
-                "that the scheduler and warm-up do what you expect.",
-                steps=v.steps,
-                layers=v.layers,
-                evidence=(
-                    Evidence("median update/weight ratio", v.median_ratio, p.max_ratio, "<"),
-                    Evidence("share of weight layers below", v.layer_share, p.most_layers, ">="),
-                    Evidence("share of steps below", v.step_share, p.min_fraction, ">="),
-                    *(
-                        Evidence(f"update ratio of {n}", r)
-                        for n, r in zip(v.layers[:3], v.layer_medians[:3], strict=False)
-                    ),
-                ),
-                causes=(
-                    "learning rate too low",
-                    "scheduler stepped at the wrong cadence (LR decayed to ~0)",
-                    "tiny gradients (vanishing gradients, a scaled-down loss)",
-                ),
-            )
-        ]
+        return update_findings(
+            self.name,
+            ctx,
+            p.max_ratio,
+            below=True,
+            most_layers=p.most_layers,
+            min_fraction=p.min_fraction,
+            margin_weight=0.15,
+            fix="Raise the learning rate (an LR range test finds a good one) and check "
+            "that the scheduler and warm-up do what you expect.",
+            causes=(
+                "learning rate too low",
+                "scheduler stepped at the wrong cadence (LR decayed to ~0)",
+                "tiny gradients (vanishing gradients, a scaled-down loss)",
+            ),
+        )
