@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from runlens.context import Context
-from runlens.findings import fmt_num
+from runlens.findings import Evidence, fmt_num
 from runlens.run import LayerMatrix, full_param_name
 
 RELU_FAMILY = ("ReLU", "ReLU6", "RReLU", "Threshold")
@@ -133,6 +133,27 @@ class Persistent:
     shares: tuple[float, ...]
     """Share of post-transient steps at or above the threshold, per flagged layer."""
     steps: tuple[int, int] | None
+
+    def confidence(self, threshold: float) -> float:
+        """Higher the further the worst layer is past ``threshold`` and the longer it stays."""
+        return float(min(1.0, 0.5 + (self.medians[0] - threshold) + 0.2 * max(self.shares)))
+
+    def evidence(self, stat: str, threshold: float, min_fraction: float) -> tuple[Evidence, ...]:
+        """``stat`` of the first 8 flagged layers, then the worst layer's share of steps."""
+        return (
+            *(
+                Evidence(f"{stat} of {n} (median)", med, threshold, ">=")
+                for n, med in zip(self.layers[:8], self.medians[:8], strict=False)
+            ),
+            Evidence(
+                "share of steps over threshold (worst layer)", self.shares[0], min_fraction, ">="
+            ),
+        )
+
+    @property
+    def step_text(self) -> str:
+        """`` from step A to B`` (empty without a step range), to end a summary."""
+        return f" from step {self.steps[0]} to {self.steps[1]}" if self.steps else ""
 
 
 def persistent_layers(

@@ -6,7 +6,7 @@ import numpy as np
 from runlens_collect import format as fmt
 
 from runlens.context import Context
-from runlens.findings import Evidence, Finding
+from runlens.findings import Finding
 from runlens.run import LayerMatrix
 from runlens.signatures import _layers as L
 from runlens.signatures.base import Param, Params, Signature
@@ -96,28 +96,16 @@ class DeadRelu(Signature):
             Finding(
                 signature=self.name,
                 severity="error" if worst >= 0.99 else "warning",
-                confidence=float(min(1.0, 0.5 + (worst - p.dead_fraction) + 0.2 * max(hit.shares))),
+                confidence=hit.confidence(p.dead_fraction),
                 summary=(
                     f"{len(names)} ReLU layer(s) have most units dead (zero for every example): "
-                    f"{parts} (threshold {p.dead_fraction:.0%})"
-                    + (f" from step {sp[0]} to {sp[1]}" if sp else "")
+                    f"{parts} (threshold {p.dead_fraction:.0%})" + hit.step_text
                 ),
                 fix="Lower the learning rate or add warm-up, use Kaiming init with zero or "
                 "slightly positive biases, switch to LeakyReLU/GELU, or add BatchNorm.",
                 steps=sp,
                 layers=tuple(names),
-                evidence=(
-                    *(
-                        Evidence(f"dead fraction of {n} (median)", med, p.dead_fraction, ">=")
-                        for n, med in zip(names[:8], hit.medians[:8], strict=False)
-                    ),
-                    Evidence(
-                        "share of steps over threshold (worst layer)",
-                        hit.shares[0],
-                        p.min_fraction,
-                        ">=",
-                    ),
-                ),
+                evidence=hit.evidence("dead fraction", p.dead_fraction, p.min_fraction),
                 causes=(
                     "learning rate too high",
                     "negative bias or unlucky initialization",

@@ -6,7 +6,7 @@ import numpy as np
 from runlens_collect import format as fmt
 
 from runlens.context import Context
-from runlens.findings import Evidence, Finding
+from runlens.findings import Finding
 from runlens.signatures import _layers as L
 from runlens.signatures.base import Param, Params, Signature
 
@@ -80,7 +80,6 @@ class SaturatedActivations(Signature):
         if hit is None:
             return []
         sp = hit.steps
-        worst = hit.medians[0]
         names = hit.layers
         parts = ", ".join(
             f"`{n}` ({ctx.module_type(n) or '?'}) {v:.0%}"
@@ -90,32 +89,16 @@ class SaturatedActivations(Signature):
             Finding(
                 signature=self.name,
                 severity="warning",
-                confidence=float(
-                    min(1.0, 0.5 + (worst - p.saturated_fraction) + 0.2 * max(hit.shares))
-                ),
+                confidence=hit.confidence(p.saturated_fraction),
                 summary=(
                     f"{len(names)} bounded activation layer(s) saturated (outputs within 1% of "
-                    f"a bound): {parts} (threshold {p.saturated_fraction:.0%})"
-                    + (f" from step {sp[0]} to {sp[1]}" if sp else "")
+                    f"a bound): {parts} (threshold {p.saturated_fraction:.0%})" + hit.step_text
                 ),
                 fix="Normalize inputs, use Xavier/Glorot init (smaller weights), add "
                 "normalization before the activation, or use ReLU/GELU in hidden layers.",
                 steps=sp,
                 layers=tuple(names),
-                evidence=(
-                    *(
-                        Evidence(
-                            f"saturated fraction of {n} (median)", med, p.saturated_fraction, ">="
-                        )
-                        for n, med in zip(names[:8], hit.medians[:8], strict=False)
-                    ),
-                    Evidence(
-                        "share of steps over threshold (worst layer)",
-                        hit.shares[0],
-                        p.min_fraction,
-                        ">=",
-                    ),
-                ),
+                evidence=hit.evidence("saturated fraction", p.saturated_fraction, p.min_fraction),
                 causes=(
                     "weights or inputs too large (no input normalization, large init)",
                     "learning rate too high pushing pre-activations out",
