@@ -122,6 +122,16 @@ fail_on_option = click.option(
 )
 
 
+def _every_option(flag: str, what: str, collector_default: int) -> Callable[[F], F]:
+    """A ``runlens collect`` cadence option (None: the collector's default)."""
+    return click.option(
+        flag,
+        type=click.IntRange(min=1),
+        default=None,
+        help=f"{what} every N steps (collector default: {collector_default}).",
+    )
+
+
 def analysis_options(fn: F) -> F:
     """--set / --config / --smoothing / --only; read them with :func:`analyze_options`."""
     decorators = [
@@ -537,24 +547,9 @@ def _kinds_option(value: str | None) -> tuple[str, ...] | None:
     help="Directory the run directory is created in.",
 )
 @click.option("--name", default=None, help="Run directory name (default: script name + time).")
-@click.option(
-    "--every",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Layer statistics every N steps (collector default: 1).",
-)
-@click.option(
-    "--activation-every",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Activation statistics every N steps (collector default: 10).",
-)
-@click.option(
-    "--hist-every",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Histograms every N steps (collector default: 50).",
-)
+@_every_option("--every", "Layer statistics", 1)
+@_every_option("--activation-every", "Activation statistics", 10)
+@_every_option("--hist-every", "Histograms", 50)
 @click.option(
     "--kinds",
     default=None,
