@@ -6,7 +6,7 @@ import numpy as np
 from runlens_collect import format as fmt
 
 from runlens import series as S
-from runlens.context import Context
+from runlens.context import Context, Curve
 from runlens.findings import Evidence, Finding, fmt_num
 from runlens.signatures._curves import TINY, confidence, finite_points
 from runlens.signatures.base import Param, Params, Signature
@@ -83,19 +83,15 @@ class Overfitting(Signature):
         self, ctx: Context, p: Params, t_steps: np.ndarray, t_level: np.ndarray
     ) -> list[Finding]:
         assert ctx.val_loss is not None
-        steps, raw = finite_points(ctx.val_loss)
-        level = S.rolling_median(raw, 3)
-        i_best = int(np.argmin(level))
-        after = raw.size - 1 - i_best
-        best = float(level[i_best])
-        final = float(np.median(raw[-3:]))
+        steps, i_best, after, best, final = _best_and_final(ctx.val_loss, lowest=True)
         rise = (final - best) / max(abs(best), TINY)
         if after < p.min_evals or not np.isfinite(rise) or rise < p.min_rise:
             return []
         b_step, e_step = int(steps[i_best]), int(steps[-1])
-        tb, te = (float(x) for x in S.align(t_steps, t_level, np.array([b_step, e_step])))
-        if not (np.isfinite(tb) and np.isfinite(te)) or te > tb:
+        train_at = _train_fell(t_steps, t_level, b_step, e_step)
+        if train_at is None:
             return []  # training got worse too: not overfitting (divergence, drift)
+        tb, te = train_at
         gap_b, gap_e = best - tb, final - te
         return [
             Finding(
@@ -120,8 +116,7 @@ class Overfitting(Signature):
                     Evidence("final gap", gap_e),
                 ),
                 causes=_CAUSES,
-                fix=f"Keep the checkpoint from step {b_step} (early stopping); add weight "
-                "decay/dropout/augmentation, more data, or use a smaller model.",
+                fix=_fix(b_step),
             )
         ]
 
@@ -130,19 +125,15 @@ class Overfitting(Signature):
     ) -> list[Finding]:
         acc = ctx.curve(fmt.VAL_ACCURACY)
         assert acc is not None
-        steps, raw = finite_points(acc)
-        level = S.rolling_median(raw, 3)
-        i_best = int(np.argmax(level))
-        after = raw.size - 1 - i_best
-        best = float(level[i_best])
-        final = float(np.median(raw[-3:]))
+        steps, i_best, after, best, final = _best_and_final(acc, lowest=False)
         drop = best - final
         if after < p.min_evals or not np.isfinite(drop) or drop < p.min_acc_drop:
             return []
         b_step, e_step = int(steps[i_best]), int(steps[-1])
-        tb, te = (float(x) for x in S.align(t_steps, t_level, np.array([b_step, e_step])))
-        if not (np.isfinite(tb) and np.isfinite(te)) or te > tb:
+        train_at = _train_fell(t_steps, t_level, b_step, e_step)
+        if train_at is None:
             return []
+        tb, te = train_at
         return [
             Finding(
                 signature=self.name,
@@ -162,8 +153,7 @@ class Overfitting(Signature):
                     Evidence("final train loss", te),
                 ),
                 causes=_CAUSES,
-                fix=f"Keep the checkpoint from step {b_step} (early stopping); add weight "
-                "decay/dropout/augmentation, more data, or use a smaller model.",
+                fix=_fix(b_step),
             )
         ]
 
@@ -174,3 +164,29 @@ _CAUSES = (
     "noisy labels being memorized",
     "training far past the best validation point",
 )
+
+
+def _best_and_final(c: Curve, lowest: bool) -> tuple[np.ndarray, int, int, float, float]:
+    """(steps, index of the best point, evaluations after it, best level, final level)
+    of a validation curve; best is the lowest (loss) or highest (accuracy) median of 3."""
+    steps, raw = finite_points(c)
+    level = S.rolling_median(raw, 3)
+    i_best = int(np.argmin(level) if lowest else np.argmax(level))
+    return steps, i_best, raw.size - 1 - i_best, float(level[i_best]), float(np.median(raw[-3:]))
+
+
+def _train_fell(
+    t_steps: np.ndarray, t_level: np.ndarray, b_step: int, e_step: int
+) -> tuple[float, float] | None:
+    """Smoothed training loss at the best-val and last steps; None unless it did not rise."""
+    tb, te = (float(x) for x in S.align(t_steps, t_level, np.array([b_step, e_step])))
+    if not (np.isfinite(tb) and np.isfinite(te)) or te > tb:
+        return None
+    return tb, te
+
+
+def _fix(b_step: int) -> str:
+    return (
+        f"Keep the checkpoint from step {b_step} (early stopping); add weight "
+        "decay/dropout/augmentation, more data, or use a smaller model."
+    )
