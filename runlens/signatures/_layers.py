@@ -123,6 +123,12 @@ def orders(ratio: float) -> str:
     return f"10^{np.log10(ratio):.1f}×"
 
 
+def depth_confidence(ratio: float, threshold: float, frac: float) -> float:
+    """Confidence of a first-vs-last-layers finding: decades past ``threshold`` and the
+    share ``frac`` of steps over it (exploding-gradients, activation-explosion)."""
+    return float(min(1.0, 0.5 + 0.1 * np.log10(ratio / threshold) + 0.3 * frac))
+
+
 @dataclass(frozen=True)
 class Persistent:
     """Layers whose statistic stays at or above a threshold after the transient."""

@@ -146,7 +146,7 @@ def _over_depth(
     return Finding(
         signature="activation-explosion",
         severity="warning",
-        confidence=float(min(1.0, 0.5 + 0.1 * np.log10(g / p.depth_growth) + 0.3 * frac)),
+        confidence=L.depth_confidence(g, p.depth_growth, frac),
         summary=(
             f"activation RMS grows {L.orders(g)} with depth, from {fmt_num(e)} in "
             f"{L.name_list(first)} to {fmt_num(la)} in {L.name_list(last)} (threshold "

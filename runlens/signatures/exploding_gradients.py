@@ -238,7 +238,7 @@ def _over_depth(ctx: Context, p: Params) -> Finding | None:
     return Finding(
         signature="exploding-gradients",
         severity="warning",
-        confidence=float(min(1.0, 0.5 + 0.1 * np.log10(med / p.depth_ratio) + 0.3 * frac)),
+        confidence=L.depth_confidence(med, p.depth_ratio, frac),
         summary=(
             f"gradient norm of the first layers ({L.name_list(enames)}, "
             f"{fmt_num(float(np.median(early[valid])))}) is {L.orders(med)} above the last "
