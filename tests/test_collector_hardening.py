@@ -4,6 +4,7 @@ closure-based optimizers, two collectors on one run directory. Real training on 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -252,3 +253,25 @@ def test_no_warning_on_a_fresh_run_dir(tmp_path: Path) -> None:
         warnings.simplefilter("error")
         with Collector(model, opt, run_dir=tmp_path / "new") as col:
             _train(col, model, opt, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64])
+def test_tensor_raw_counts_zeros_and_nonfinite_exactly(dtype: torch.dtype) -> None:
+    from runlens_collect import stats
+
+    torch.manual_seed(0)
+    x = (torch.randn(3000) * 100).to(dtype)
+    x[:7] = 0
+    if dtype.is_floating_point:
+        x[10], x[20], x[30] = float("nan"), float("inf"), -float("inf")
+    raw = stats.tensor_raw(x).tolist()
+    xd = x.double()
+    assert raw[2] == (xd != 0).sum().item()  # NaN and inf count as non-zero
+    assert raw[3] == (~torch.isfinite(xd)).sum().item()
+    fin = torch.isfinite(xd).all().item()
+    if fin:
+        assert raw[0] == pytest.approx(xd.sum().item(), rel=1e-5)
+        assert raw[1] == pytest.approx((xd * xd).sum().item(), rel=1e-5)
+        assert raw[4] == xd.abs().max().item()
+    else:
+        assert math.isnan(raw[4]) and not math.isfinite(raw[1])

@@ -647,7 +647,7 @@ class Collector:
             self._param_layers,
             self._param_numels,
             hist=hist,
-            pads=np.asarray(layout.pads, np.int64),
+            pads=layout.pads_array,
             write=write,
         )
         return block, torch.cat(parts) if len(parts) > 1 else parts[0]
