@@ -88,6 +88,42 @@ class Package:
     slot: int | None = None
 
 
+class BoundedQueue:
+    """The FIFO from the training thread to the writer, bounded by a count.
+
+    Built on the C ``queue.SimpleQueue``, whose ``put`` is reentrant: a KeyboardInterrupt
+    landing inside it cannot leave a lock held or a waiter lost. ``queue.Queue`` is built on
+    Python Conditions, where it can (CPython gh-92530): under load, a Ctrl-C arriving in
+    ``put_nowait`` left the writer asleep and the interrupted script never flushed.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def qsize(self) -> int:
+        return self._q.qsize()
+
+    def full(self) -> bool:
+        return self._q.qsize() >= self.maxsize
+
+    def put_nowait(self, item: Any) -> None:
+        # Only the training thread puts, so the check and the put cannot race each other.
+        if self.full():
+            raise queue.Full
+        self._q.put(item)
+
+    def put(self, item: Any, timeout: float | None = None) -> None:
+        """Unbounded put, for the shutdown sentinel (it must always get through)."""
+        self._q.put(item)
+
+    def get(self, timeout: float | None = None) -> Any:
+        return self._q.get(timeout=timeout)
+
+    def get_nowait(self) -> Any:
+        return self._q.get_nowait()
+
+
 class Writer(threading.Thread):
     """Consumes Packages from a bounded queue; flushes by steps, by seconds and on close."""
 
@@ -111,7 +147,7 @@ class Writer(threading.Thread):
         self.layer_names = layer_names  # grows on the training thread; append-only
         self.flush_steps = max(1, int(flush_steps))
         self.flush_seconds = float(flush_seconds)
-        self.queue: queue.Queue[Package | None] = queue.Queue(maxsize=max(1, 2 * max_queue))
+        self.queue = BoundedQueue(maxsize=max(1, 2 * max_queue))
         self.free_slots = free_slots
         self.on_flush = on_flush
         self.report = report
