@@ -71,6 +71,20 @@ def gaussian_mixture(
     return Data(x, y, xv, yv)
 
 
+CLASSES = 8
+DIM = 16
+
+
+def classifier_config(**kw: object) -> dict[str, object]:
+    """run.json config of the shared 8-class task (the analyzer reads num_classes)."""
+    return {"num_classes": CLASSES, "task": "classification", **kw}
+
+
+def classifier_data(seed: int, sep: float = 1.0) -> Data:
+    """The shared task of the classifier samples: an 8-class, 16-dim Gaussian mixture."""
+    return gaussian_mixture(4096, 1024, DIM, CLASSES, seed=seed, sep=sep, clusters_per_class=2)
+
+
 def smooth_regression(n: int, n_val: int, dim: int, seed: int, noise: float = 0.05) -> Data:
     """y = sin(x·a) + 0.5·cos(x·b) + noise: easy for a small MLP, not for a linear model."""
     g = torch.Generator().manual_seed(seed)

@@ -13,20 +13,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sample_runs.common import Batch, Scenario, fit, gaussian_mixture, mlp, smooth_regression
-
-CLASSES = 8
-DIM = 16
-
-
-def _cfg(**kw: object) -> dict[str, object]:
-    return {"num_classes": CLASSES, "task": "classification", **kw}
+from sample_runs.common import (
+    CLASSES,
+    DIM,
+    Batch,
+    Scenario,
+    classifier_config,
+    classifier_data,
+    fit,
+    gaussian_mixture,
+    mlp,
+    smooth_regression,
+)
 
 
 def healthy_classifier(run_dir: Path) -> None:
     """MLP on an 8-class Gaussian mixture, Adam 1e-3: smooth, converging, val tracks train."""
     torch.manual_seed(0)
-    data = gaussian_mixture(4096, 1024, DIM, CLASSES, seed=0, sep=1.0, clusters_per_class=2)
+    data = classifier_data(0)
     model = mlp([DIM, 64, 64, CLASSES])
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     fit(
@@ -37,7 +41,7 @@ def healthy_classifier(run_dir: Path) -> None:
         steps=400,
         batch_size=64,
         loss_fn=nn.functional.cross_entropy,
-        config=_cfg(lr=2e-3, batch_size=64),
+        config=classifier_config(lr=2e-3, batch_size=64),
         seed=0,
     )
 
@@ -65,7 +69,7 @@ def healthy_regression(run_dir: Path) -> None:
 def healthy_schedule(run_dir: Path) -> None:
     """SGD+momentum with linear warm-up then step decay: warm-up transient and LR drops."""
     torch.manual_seed(2)
-    data = gaussian_mixture(4096, 1024, DIM, CLASSES, seed=2, sep=1.0, clusters_per_class=2)
+    data = classifier_data(2)
     model = mlp([DIM, 64, 64, CLASSES])
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
@@ -82,21 +86,17 @@ def healthy_schedule(run_dir: Path) -> None:
         steps=480,
         batch_size=32,
         loss_fn=nn.functional.cross_entropy,
-        config=_cfg(lr=0.1, batch_size=32, schedule="warmup+step"),
+        config=classifier_config(lr=0.1, batch_size=32, schedule="warmup+step"),
         seed=2,
         scheduler=sched,
     )
-
-
-def _classifier_data(seed: int):  # the healthy task, reused by the problem runs
-    return gaussian_mixture(4096, 1024, DIM, CLASSES, seed=seed, sep=1.0, clusters_per_class=2)
 
 
 def nan_inf(run_dir: Path) -> None:
     """A hand-written softmax (exp without max-subtraction) overflows on one batch with
     large inputs: the loss becomes Inf/NaN and NaN weights poison every later step."""
     torch.manual_seed(3)
-    data = _classifier_data(3)
+    data = classifier_data(3)
     model = mlp([DIM, 64, 64, CLASSES])
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
 
@@ -115,7 +115,7 @@ def nan_inf(run_dir: Path) -> None:
         steps=200,
         batch_size=64,
         loss_fn=naive_ce,
-        config=_cfg(lr=2e-3),
+        config=classifier_config(lr=2e-3),
         seed=3,
         batch_hook=hook,
     )
@@ -124,7 +124,7 @@ def nan_inf(run_dir: Path) -> None:
 def loss_divergence(run_dir: Path) -> None:
     """SGD with momentum and a learning rate ~30x too high on an unnormalized MLP."""
     torch.manual_seed(4)
-    data = _classifier_data(4)
+    data = classifier_data(4)
     model = mlp([DIM, 64, 64, CLASSES])
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     fit(
@@ -135,7 +135,7 @@ def loss_divergence(run_dir: Path) -> None:
         steps=300,
         batch_size=64,
         loss_fn=nn.functional.cross_entropy,
-        config=_cfg(lr=0.5),
+        config=classifier_config(lr=0.5),
         seed=4,
     )
 
@@ -144,7 +144,7 @@ def loss_oscillation(run_dir: Path) -> None:
     """Plain SGD at a learning rate past the stability edge of this MLP (lr=2.2, batch 64):
     the loss keeps jumping up and falling back around a level it never improves on."""
     torch.manual_seed(5)
-    data = _classifier_data(5)
+    data = classifier_data(5)
     model = mlp([DIM, 64, 64, CLASSES])
     opt = torch.optim.SGD(model.parameters(), lr=2.2)
     fit(
@@ -155,7 +155,7 @@ def loss_oscillation(run_dir: Path) -> None:
         steps=400,
         batch_size=64,
         loss_fn=nn.functional.cross_entropy,
-        config=_cfg(lr=2.2),
+        config=classifier_config(lr=2.2),
         seed=5,
     )
 
@@ -163,7 +163,7 @@ def loss_oscillation(run_dir: Path) -> None:
 def loss_flat(run_dir: Path) -> None:
     """A learning rate of 1e-7 (a typo'd exponent): the loss never leaves its start."""
     torch.manual_seed(6)
-    data = _classifier_data(6)
+    data = classifier_data(6)
     model = mlp([DIM, 64, 64, CLASSES])
     opt = torch.optim.Adam(model.parameters(), lr=1e-7)
     fit(
@@ -174,7 +174,7 @@ def loss_flat(run_dir: Path) -> None:
         steps=300,
         batch_size=64,
         loss_fn=nn.functional.cross_entropy,
-        config=_cfg(lr=1e-7),
+        config=classifier_config(lr=1e-7),
         seed=6,
     )
 
@@ -183,7 +183,7 @@ def loss_spike(run_dir: Path) -> None:
     """The healthy classifier, but three batches are corrupted (inputs scaled x8, labels
     shuffled), as a broken shard would: isolated spikes that recover."""
     torch.manual_seed(7)
-    data = _classifier_data(7)
+    data = classifier_data(7)
     model = mlp([DIM, 64, 64, CLASSES])
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     bad = {140, 220, 310}
@@ -202,7 +202,7 @@ def loss_spike(run_dir: Path) -> None:
         steps=400,
         batch_size=64,
         loss_fn=nn.functional.cross_entropy,
-        config=_cfg(lr=2e-3),
+        config=classifier_config(lr=2e-3),
         seed=7,
         batch_hook=hook,
     )
@@ -211,7 +211,7 @@ def loss_spike(run_dir: Path) -> None:
 def noisy_loss(run_dir: Path) -> None:
     """Batch size 1: each step's loss is one example's, so the curve is mostly noise."""
     torch.manual_seed(8)
-    data = _classifier_data(8)
+    data = classifier_data(8)
     model = mlp([DIM, 64, 64, CLASSES])
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     fit(
@@ -222,7 +222,7 @@ def noisy_loss(run_dir: Path) -> None:
         steps=400,
         batch_size=1,
         loss_fn=nn.functional.cross_entropy,
-        config=_cfg(lr=0.01, batch_size=1),
+        config=classifier_config(lr=0.01, batch_size=1),
         seed=8,
     )
 
@@ -230,7 +230,7 @@ def noisy_loss(run_dir: Path) -> None:
 def bad_initial_loss(run_dir: Path) -> None:
     """The last layer is initialised 100x too large: confident random logits at step 0."""
     torch.manual_seed(9)
-    data = _classifier_data(9)
+    data = classifier_data(9)
     model = mlp([DIM, 64, 64, CLASSES])
     with torch.no_grad():
         model[-1].weight.mul_(100.0)
@@ -243,7 +243,7 @@ def bad_initial_loss(run_dir: Path) -> None:
         steps=300,
         batch_size=64,
         loss_fn=nn.functional.cross_entropy,
-        config=_cfg(lr=2e-3),
+        config=classifier_config(lr=2e-3),
         seed=9,
     )
 
@@ -264,7 +264,7 @@ def overfitting(run_dir: Path) -> None:
         steps=400,
         batch_size=32,
         loss_fn=nn.functional.cross_entropy,
-        config=_cfg(lr=1e-3, train_size=128),
+        config=classifier_config(lr=1e-3, train_size=128),
         seed=10,
     )
 
@@ -283,7 +283,7 @@ def underfitting(run_dir: Path) -> None:
         steps=400,
         batch_size=64,
         loss_fn=nn.functional.cross_entropy,
-        config=_cfg(lr=1e-2),
+        config=classifier_config(lr=1e-2),
         seed=11,
     )
 
@@ -292,7 +292,7 @@ def val_below_train(run_dir: Path) -> None:
     """Dropout 0.6 plus strong train-only input noise: the training loss is measured on a
     much harder problem than the validation loss."""
     torch.manual_seed(12)
-    data = _classifier_data(12)
+    data = classifier_data(12)
     model = mlp([DIM, 128, 128, CLASSES], dropout=0.6)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(112)
@@ -308,7 +308,7 @@ def val_below_train(run_dir: Path) -> None:
         steps=400,
         batch_size=64,
         loss_fn=nn.functional.cross_entropy,
-        config=_cfg(lr=2e-3, dropout=0.6),
+        config=classifier_config(lr=2e-3, dropout=0.6),
         seed=12,
         train_transform=augment,
     )

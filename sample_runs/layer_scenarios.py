@@ -13,10 +13,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sample_runs.common import COLLECTOR_OPTIONS, Data, Scenario, fit, gaussian_mixture, mlp
+from sample_runs.common import (
+    CLASSES,
+    COLLECTOR_OPTIONS,
+    DIM,
+    Data,
+    Scenario,
+    classifier_config,
+    classifier_data,
+    fit,
+    mlp,
+)
 
-CLASSES = 8
-DIM = 16
 ce = nn.functional.cross_entropy
 
 
@@ -25,14 +33,6 @@ def _seed(seed: int) -> None:
     # ~100x slower; one thread also makes the runs more reproducible.
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-
-
-def _cfg(**kw: object) -> dict[str, object]:
-    return {"num_classes": CLASSES, "task": "classification", **kw}
-
-
-def _mixture(seed: int, sep: float = 1.0) -> Data:
-    return gaussian_mixture(4096, 1024, DIM, CLASSES, seed=seed, sep=sep, clusters_per_class=2)
 
 
 def _scaled_init(model: nn.Module, gain: float) -> None:
@@ -90,7 +90,7 @@ def healthy_cnn_bn(run_dir: Path) -> None:
         steps=200,
         batch_size=32,
         loss_fn=ce,
-        config=_cfg(lr=1e-3, arch="cnn-bn"),
+        config=classifier_config(lr=1e-3, arch="cnn-bn"),
         seed=10,
         val_every=20,
     )
@@ -133,7 +133,7 @@ def healthy_transformer(run_dir: Path) -> None:
         steps=200,
         batch_size=32,
         loss_fn=ce,
-        config=_cfg(lr=1e-3, arch="transformer"),
+        config=classifier_config(lr=1e-3, arch="transformer"),
         seed=11,
         val_every=20,
     )
@@ -187,7 +187,7 @@ def vanishing_gradients(run_dir: Path) -> None:
     """12-layer sigmoid MLP with default init and SGD: the gradient shrinks ~4× per layer
     on its way back, so the first layers get ~1e-6 of the last layers' gradient."""
     _seed(21)
-    data = _mixture(21)
+    data = classifier_data(21)
     model = mlp([DIM] + [32] * 11 + [CLASSES], act=nn.Sigmoid)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     fit(
@@ -198,7 +198,7 @@ def vanishing_gradients(run_dir: Path) -> None:
         steps=200,
         batch_size=64,
         loss_fn=ce,
-        config=_cfg(lr=0.1, act="sigmoid", depth=12),
+        config=classifier_config(lr=0.1, act="sigmoid", depth=12),
         seed=21,
     )
 
@@ -220,7 +220,7 @@ class _DetachedMLP(nn.Module):
 def frozen_layer(run_dir: Path) -> None:
     """MLP with a stray .detach(): `inp.weight`/`inp.bias` never get a gradient."""
     _seed(22)
-    data = _mixture(22)
+    data = classifier_data(22)
     model = _DetachedMLP()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     fit(
@@ -231,7 +231,7 @@ def frozen_layer(run_dir: Path) -> None:
         steps=150,
         batch_size=64,
         loss_fn=ce,
-        config=_cfg(lr=1e-3),
+        config=classifier_config(lr=1e-3),
         seed=22,
     )
 
@@ -240,7 +240,7 @@ def dead_relu(run_dir: Path) -> None:
     """ReLU MLP whose first-layer biases are initialized at -2.5 (inputs have std ~1.4):
     most first-layer units never fire for any input, and never recover."""
     _seed(23)
-    data = _mixture(23)
+    data = classifier_data(23)
     model = mlp([DIM, 64, 64, CLASSES])
     with torch.no_grad():
         model[0].bias.fill_(-2.5)
@@ -253,7 +253,7 @@ def dead_relu(run_dir: Path) -> None:
         steps=200,
         batch_size=64,
         loss_fn=ce,
-        config=_cfg(lr=1e-3, bias_init=-2.5),
+        config=classifier_config(lr=1e-3, bias_init=-2.5),
         seed=23,
     )
 
@@ -262,7 +262,7 @@ def saturated_activations(run_dir: Path) -> None:
     """tanh MLP on inputs scaled ×20 (no normalization): pre-activations are huge and
     most outputs sit at ±1."""
     _seed(24)
-    data = _mixture(24)
+    data = classifier_data(24)
     data = Data(data.x * 20, data.y, data.xv * 20, data.yv)
     model = mlp([DIM, 64, 64, 64, CLASSES], act=nn.Tanh)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -274,7 +274,7 @@ def saturated_activations(run_dir: Path) -> None:
         steps=200,
         batch_size=64,
         loss_fn=ce,
-        config=_cfg(lr=0.01, act="tanh", input_scale=20),
+        config=classifier_config(lr=0.01, act="tanh", input_scale=20),
         seed=24,
     )
 
@@ -283,7 +283,7 @@ def activation_explosion(run_dir: Path) -> None:
     """10-layer ReLU MLP without normalization, init gain 4 (Kaiming is 1.41), small Adam
     LR: every layer multiplies the activation scale by ~2.8."""
     _seed(25)
-    data = _mixture(25)
+    data = classifier_data(25)
     model = mlp([DIM] + [64] * 9 + [CLASSES])
     _scaled_init(model, 4.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -295,7 +295,7 @@ def activation_explosion(run_dir: Path) -> None:
         steps=150,
         batch_size=64,
         loss_fn=ce,
-        config=_cfg(lr=1e-4, init_gain=4.0),
+        config=classifier_config(lr=1e-4, init_gain=4.0),
         seed=25,
     )
 
@@ -303,7 +303,7 @@ def activation_explosion(run_dir: Path) -> None:
 def tiny_updates(run_dir: Path) -> None:
     """A healthy MLP trained with Adam at lr 1e-7 (a typo for 1e-3)."""
     _seed(26)
-    data = _mixture(26)
+    data = classifier_data(26)
     model = mlp([DIM, 64, 64, CLASSES])
     opt = torch.optim.Adam(model.parameters(), lr=1e-7)
     fit(
@@ -314,7 +314,7 @@ def tiny_updates(run_dir: Path) -> None:
         steps=200,
         batch_size=64,
         loss_fn=ce,
-        config=_cfg(lr=1e-7),
+        config=classifier_config(lr=1e-7),
         seed=26,
     )
 
@@ -323,7 +323,7 @@ def large_updates(run_dir: Path) -> None:
     """A healthy MLP trained with plain SGD at lr 2.0 (a copy-paste from an Adadelta
     example): every step changes the weights by ~10% of their norm."""
     _seed(27)
-    data = _mixture(27)
+    data = classifier_data(27)
     model = mlp([DIM, 64, 64, CLASSES])
     opt = torch.optim.SGD(model.parameters(), lr=2.0)
     fit(
@@ -334,7 +334,7 @@ def large_updates(run_dir: Path) -> None:
         steps=200,
         batch_size=64,
         loss_fn=ce,
-        config=_cfg(lr=2.0),
+        config=classifier_config(lr=2.0),
         seed=27,
     )
 
@@ -342,7 +342,7 @@ def large_updates(run_dir: Path) -> None:
 def logits_as_probabilities(run_dir: Path) -> None:
     """MLP ending in nn.Softmax, trained with CrossEntropyLoss (softmax applied twice)."""
     _seed(28)
-    data = _mixture(28, sep=2.0)
+    data = classifier_data(28, sep=2.0)
     model = nn.Sequential(mlp([DIM, 64, 64, CLASSES]), nn.Softmax(dim=1))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     fit(
@@ -353,7 +353,7 @@ def logits_as_probabilities(run_dir: Path) -> None:
         steps=300,
         batch_size=64,
         loss_fn=ce,
-        config=_cfg(lr=3e-3),
+        config=classifier_config(lr=3e-3),
         seed=28,
     )
 
@@ -378,7 +378,7 @@ def input_bound(run_dir: Path) -> None:
     from runlens_collect import Collector
 
     _seed(29)
-    data = _mixture(29)
+    data = classifier_data(29)
     loader = torch.utils.data.DataLoader(
         _SlowDataset(data),
         batch_size=8,
@@ -388,7 +388,11 @@ def input_bound(run_dir: Path) -> None:
     model = mlp([DIM, 64, 64, CLASSES])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     with Collector(
-        model, opt, run_dir=str(run_dir), config=_cfg(lr=1e-3, num_workers=0), **COLLECTOR_OPTIONS
+        model,
+        opt,
+        run_dir=str(run_dir),
+        config=classifier_config(lr=1e-3, num_workers=0),
+        **COLLECTOR_OPTIONS,
     ) as col:
         for step, (xb, yb) in enumerate(loader):
             loss = ce(model(xb), yb)
