@@ -122,7 +122,13 @@ def run(configs: list[str], model_name: str, steps: int, warmup: int, batch: int
             order = configs if i % 2 == 0 else configs[::-1]
             for c in order:
                 trainers[c].step(i, timed=i >= warmup)
-        return {c: statistics.median(t.times) + t.close() / steps for c, t in trainers.items()}
+        out = {}
+        for c, t in trainers.items():
+            close = t.close()
+            # median: the typical step; mean: all of them, incl. activation/histogram
+            # steps and the final flush (what a whole training run pays)
+            out[c] = (statistics.median(t.times) + close / steps, (sum(t.times) + close) / steps)
+        return out
 
 
 def main() -> None:
@@ -146,7 +152,9 @@ def main() -> None:
     results = {}
     for m in models:
         samples: dict[str, list[float]] = {c: [] for c in configs}
+        means: dict[str, list[float]] = {c: [] for c in configs}
         ratios: dict[str, list[float]] = {c: [] for c in configs}
+        mean_ratios: dict[str, list[float]] = {c: [] for c in configs}
         for _ in range(args.repeats):
             # Each configuration is interleaved with bare training only: two background
             # writers (runlens's, TensorBoard's) in one loop would slow each other's steps.
@@ -154,17 +162,30 @@ def main() -> None:
                 if c == "bare":
                     continue
                 got = run(["bare", c], m, args.steps, args.warmup, args.batch)
-                samples["bare"].append(got["bare"])
-                samples[c].append(got[c])
-                ratios[c].append(got[c] / got["bare"])
+                for name in ("bare", c):
+                    samples[name].append(got[name][0])
+                    means[name].append(got[name][1])
+                ratios[c].append(got[c][0] / got["bare"][0])
+                mean_ratios[c].append(got[c][1] / got["bare"][1])
         med = {c: statistics.median(v) for c, v in samples.items() if v}
-        results[m] = {"median_s_per_step": med, "samples": samples, "ratios": ratios}
-        print(f"\n{m}: median seconds/step over {args.repeats} interleaved repeats")
-        print("| config | ms/step | ratio to bare (median of paired ratios) |")
-        print("|---|---|---|")
+        avg = {c: statistics.median(v) for c, v in means.items() if v}
+        results[m] = {
+            "median_s_per_step": med,
+            "mean_s_per_step": avg,
+            "samples": samples,
+            "means": means,
+            "ratios": ratios,
+            "mean_ratios": mean_ratios,
+        }
+        print(
+            f"\n{m}: {args.steps} steps, {args.repeats} interleaved repeats (median over repeats)"
+        )
+        print("| config | median ms/step | ratio | mean ms/step (all steps + close) | ratio |")
+        print("|---|---|---|---|---|")
         for c in configs:
-            ratio = statistics.median(ratios[c]) if ratios[c] else 1.0
-            print(f"| {c} | {med[c] * 1e3:.1f} | {ratio:.3f} |")
+            r = statistics.median(ratios[c]) if ratios[c] else 1.0
+            rm = statistics.median(mean_ratios[c]) if mean_ratios[c] else 1.0
+            print(f"| {c} | {med[c] * 1e3:.1f} | {r:.3f} | {avg[c] * 1e3:.1f} | {rm:.3f} |")
     info = {
         "torch": torch.__version__,
         "threads": args.threads,

@@ -66,13 +66,16 @@ def test_records_everything_and_matches_torch(tmp_path):
     hists: dict[tuple[int, str, str], np.ndarray] = {}
     relu_outs: dict[int, torch.Tensor] = {}
     model[1].register_forward_hook(lambda m, a, o: relu_outs.__setitem__(0, o.detach().clone()))
+    outputs: dict[int, torch.Tensor] = {}
     steps = 7
     gen = torch.Generator().manual_seed(1)
     with Collector(model, opt, run_dir=tmp_path, activation_every=3, hist_every=3) as col:
         for step in range(steps):
             x = torch.randn(16, 6, generator=gen)
             y = torch.randint(0, 3, (16,), generator=gen)
-            loss = nn.functional.cross_entropy(model(x), y)
+            out = model(x)
+            outputs[step] = out.detach().clone()
+            loss = nn.functional.cross_entropy(out, y)
             opt.zero_grad()
             loss.backward()
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -96,6 +99,7 @@ def test_records_everything_and_matches_torch(tmp_path):
             if step % 3 == 0:
                 r = relu_outs[0]
                 expected[(step, "1", "dead")] = {"v": (r == 0).all(0).double().mean().item()}
+                expected[(step, "1", "relu")] = direct(r)
             col.step(loss=loss, acc=torch.tensor(0.25))
             col.log({"val/loss": 2.0 * step})
     assert col.warnings == []
@@ -113,12 +117,26 @@ def test_records_everything_and_matches_torch(tmp_path):
                 else:
                     assert row["hist"] is None
         out = rows(layers, step=step, kind="output")
+        if step % 3:  # the model output is recorded at the activation cadence
+            assert out == [] and rows(layers, step=step, kind="activation") == []
+            continue
         assert len(out) == 1 and out[0]["layer"] == fmt.OUTPUT_LAYER
+        o = outputs[step].double()
+        want = {
+            **direct(o),
+            "min": o.min().item(),
+            "max": o.max().item(),
+            "row_sum_mean": o.sum(-1).mean().item(),
+        }
+        for stat, v in want.items():
+            assert close(out[0][stat], v), (step, "output", stat, out[0][stat], v)
         acts = rows(layers, step=step, kind="activation")
         if step % 3 == 0:
             assert {a["layer"] for a in acts} == {"0", "1", "2", "3", "4"}
             (relu,) = rows(layers, step=step, kind="activation", layer="1")
             assert close(relu["frac_dead_units"], expected[(step, "1", "dead")]["v"])
+            for stat, v in expected[(step, "1", "relu")].items():
+                assert close(relu[stat], v), (step, "relu", stat, relu[stat], v)
             assert relu["frac_zero"] > 0
         else:
             assert acts == []
@@ -375,7 +393,7 @@ def test_compiled_model(tmp_path):
         compiled(torch.randn(2, 6))
     except Exception as exc:  # pragma: no cover - depends on the torch build
         pytest.skip(f"torch.compile unavailable: {exc}")
-    with Collector(compiled, opt, run_dir=tmp_path) as col:
+    with Collector(compiled, opt, run_dir=tmp_path, activation_every=1) as col:
         for _ in range(3):
             loss = compiled(torch.randn(4, 6)).sum()
             opt.zero_grad()
@@ -405,4 +423,5 @@ def test_flat_stats_count_nonfinite_and_zeros_exactly():
         # sum, sumsq, nonzero, nonfinite, absmax
         assert raw[i, 2].item() == (t != 0).sum().item()
         assert raw[i, 3].item() == (~torch.isfinite(t)).sum().item()
-        assert raw[i].tolist()[:4] == pytest.approx(stats.tensor_raw(t).tolist()[:4], nan_ok=True)
+        single = stats.tensor_raw(t)[0].tolist()
+        assert raw[i].tolist()[:4] == pytest.approx(single[:4], nan_ok=True)

@@ -264,7 +264,7 @@ def test_tensor_raw_counts_zeros_and_nonfinite_exactly(dtype: torch.dtype) -> No
     x[:7] = 0
     if dtype.is_floating_point:
         x[10], x[20], x[30] = float("nan"), float("inf"), -float("inf")
-    raw = stats.tensor_raw(x).tolist()
+    raw = stats.tensor_raw(x)[0].tolist()
     xd = x.double()
     assert raw[2] == (xd != 0).sum().item()  # NaN and inf count as non-zero
     assert raw[3] == (~torch.isfinite(xd)).sum().item()

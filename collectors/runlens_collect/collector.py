@@ -53,6 +53,8 @@ _DEFAULT_EXCLUDE: tuple[type[nn.Module], ...] = (
     nn.Unflatten,
 )
 _SATURATION_MARGIN = 0.01  # within 1% of the range of a bound
+SCRATCH_MAX_BYTES = 64 << 20
+"""Largest activation/output whose statistics use the collector's reusable scratch."""
 
 
 @dataclass(frozen=True)
@@ -64,10 +66,12 @@ class CollectorConfig:
     Attributes:
         kinds: which layer statistics to record, a subset of format.KINDS. ``update`` needs
             an optimizer (it is measured across ``optimizer.step()``).
-        every: weight/grad/update/output statistics every N steps (1 = every step).
-            Scalars (loss, lr, grad_norm, timings) are recorded every step regardless.
-        activation_every: activation statistics every N steps (forward hooks return at
-            once on other steps).
+        every: weight/grad/update statistics every N steps (1 = every step). Scalars
+            (loss, lr, grad_norm, timings) are recorded every step regardless.
+        activation_every: activation and model-output statistics every N steps (forward
+            hooks return at once on other steps). The output is an activation (the root
+            module's), often the largest tensor of a step (logits), and the analyzer uses
+            it for level checks only: every step would cost ~1% here for nothing.
         hist_every: fixed-bin histograms every N steps (on steps that record the kind).
         modules: which modules get activation rows: None = every leaf module; else a
             sequence of module types and/or regular expressions matched (re.search) against
@@ -346,6 +350,7 @@ class Collector:
         self._grad_norm_dev: torch.Tensor | None = None
         self._set_flags(0)
         self._last_conv = False
+        self._scratch: torch.Tensor | None = None
 
         self._writer = Writer(
             self.run_dir,
@@ -409,7 +414,8 @@ class Collector:
     def _set_flags(self, step: int) -> None:
         s = self.settings
         self._stat_step = step % s.every == 0
-        self._act_step = fmt.KIND_ACTIVATION in self.kinds and step % s.activation_every == 0
+        self._out_step = step % s.activation_every == 0
+        self._act_step = fmt.KIND_ACTIVATION in self.kinds and self._out_step
         self._hist_step = step % s.hist_every == 0
 
     # -- failure handling ---------------------------------------------------------------
@@ -465,7 +471,7 @@ class Collector:
             model = self.meta["model"]
             if model.get("output_shape") is None:
                 model["output_shape"] = list(out.shape)
-            if self._stat_step and fmt.KIND_OUTPUT in self.kinds and "output" not in self._disabled:
+            if self._out_step and fmt.KIND_OUTPUT in self.kinds and "output" not in self._disabled:
                 self._record_output(out)
         except Exception as exc:
             self._guard("output", exc)
@@ -476,10 +482,11 @@ class Collector:
         if x.is_complex():
             x = torch.view_as_real(x)
         xf = x if x.is_floating_point() else x.float()
-        raw = stats.tensor_raw(xf)
-        row_sum = xf.sum(-1, dtype=torch.float32).mean() if xf.dim() else xf.float()
-        extra = torch.stack([xf.amin().float(), xf.amax().float(), row_sum]).double()
-        parts = [raw, extra]
+        # Rows along the last dimension, so the row sums give row_sum_mean for free.
+        rows = xf.reshape(-1, xf.shape[-1]) if xf.dim() and xf.shape[-1] else xf.reshape(1, -1)
+        raw, minmax, row_sums = stats.tensor_raw(xf, rows, self._scratch_for(rows))
+        row_sum = row_sums.mean().reshape(1)
+        parts = [raw, minmax, row_sum]
         if self._hist_step:
             parts.append(stats.tensor_hist(xf).double())
         block = Block(
@@ -516,7 +523,8 @@ class Collector:
             if x.is_complex():
                 x = torch.view_as_real(x)
             xf = x if x.is_floating_point() else x.float()
-            parts = [stats.tensor_raw(xf)]
+            rows = stats.as_rows(xf)
+            parts = [stats.tensor_raw(xf, rows, self._scratch_for(rows))[0]]
             extras = []
             if spec.dead:
                 extras.append(_dead_fraction(xf, channel_first=self._last_conv))
@@ -575,7 +583,15 @@ class Collector:
         try:
             torch._foreach_copy_(self._wviews, self._wsrc)
             write = fmt.KIND_WEIGHT in self.kinds
-            self._blocks["weight"] = self._flat_block(fmt.KIND_WEIGHT, self._wlayout, write=write)
+            # The snapshot must survive until the update: the sign goes to the gradient
+            # buffer instead, read by now (same layout) and rewritten at the next read.
+            g = self._glayout
+            spare = (
+                g.matrix if g is not None and g.matrix.shape == self._wlayout.matrix.shape else None
+            )
+            self._blocks["weight"] = self._flat_block(
+                fmt.KIND_WEIGHT, self._wlayout, write=write, sign_out=spare
+            )
         except Exception as exc:
             self._blocks.pop("weight", None)
             self._guard("weight", exc)
@@ -589,7 +605,10 @@ class Collector:
         try:
             # before - after, in place: the update negated (the writer flips it back).
             torch._foreach_sub_(self._wviews, self._wsrc)
-            block, data = self._flat_block(fmt.KIND_UPDATE, self._wlayout, write=True)
+            # The snapshot is scratch once the update is read (the next step copies anew).
+            block, data = self._flat_block(
+                fmt.KIND_UPDATE, self._wlayout, write=True, sign_out=self._wlayout.matrix
+            )
             block.negate = True
             block.missing = self._not_in_opt.copy()
             self._blocks["update"] = (block, data)
@@ -626,7 +645,10 @@ class Collector:
                 missing[i] = False
             if srcs:
                 torch._foreach_copy_(dsts, srcs)
-            block, data = self._flat_block(fmt.KIND_GRAD, self._glayout, write=True)
+            # The flat copy is scratch once read: its sign goes over it.
+            block, data = self._flat_block(
+                fmt.KIND_GRAD, self._glayout, write=True, sign_out=self._glayout.matrix
+            )
             block.missing = missing
             block.grad_norm = True
             self._blocks["grad"] = (block, data)
@@ -634,14 +656,33 @@ class Collector:
             self._blocks.pop("grad", None)
             self._guard("grad", exc)
 
+    def _scratch_for(self, like: torch.Tensor) -> torch.Tensor | None:
+        """A reusable buffer shaped like ``like`` (None beyond SCRATCH_MAX_BYTES: then the
+        stats allocate their own temporary). On CPU a fresh multi-MB temporary per
+        activation costs page faults; a caching GPU allocator would not, but the same
+        buffer serves both."""
+        nbytes = like.numel() * like.element_size()
+        if nbytes > SCRATCH_MAX_BYTES or like.device != self.device:
+            return None
+        buf = self._scratch
+        if buf is None or buf.numel() < nbytes:
+            buf = self._scratch = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return buf[:nbytes].view(like.dtype).view(like.shape)
+
     def _flat_block(
-        self, kind: str, layout: stats.FlatLayout, write: bool
+        self,
+        kind: str,
+        layout: stats.FlatLayout,
+        write: bool,
+        sign_out: torch.Tensor | None = None,
     ) -> tuple[Block, torch.Tensor]:
-        raw = stats.flat_raw(layout)
-        parts = [raw.reshape(-1)]
         hist = self._hist_step and write
-        if hist:
-            parts.append(stats.flat_hist(layout).reshape(-1).double())
+        # The histogram first: sign_out may be the layout's own buffer.
+        counts = stats.flat_hist(layout).reshape(-1).double() if hist else None
+        raw = stats.flat_raw(layout, sign_out)
+        parts = [raw.reshape(-1)]
+        if counts is not None:
+            parts.append(counts)
         block = Block(
             kind,
             self._param_layers,
@@ -705,7 +746,7 @@ class Collector:
     def flush(self) -> None:
         """Ask the writer to write what it has at its next wake-up (does not wait)."""
         if self._writer is not None:
-            self._writer.flush_requested.set()
+            self._writer.request_flush()
 
     def close(self, status: str = fmt.STATUS_FINISHED) -> None:
         """Flush everything, stop the writer, and mark the run finished (idempotent)."""

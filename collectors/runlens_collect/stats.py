@@ -74,41 +74,84 @@ class FlatLayout:
         return len(self.numels)
 
 
-NONFINITE_CHUNKS = 64
-"""Chunks per kind whose non-finite values are counted exactly (see flat_raw)."""
+NONFINITE_CHUNKS = 16
+"""Rows (chunks) per call whose zero and non-finite values are counted exactly (see
+row_partials)."""
 
 
-def flat_raw(layout: FlatLayout) -> torch.Tensor:
-    """Raw statistics (``RAW``) of every tensor in the layout: shape (len(layout), NRAW).
+def row_partials(
+    m: torch.Tensor, sign_out: torch.Tensor | None = None, row_max: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row raw statistics of a 2-D float matrix: ``(rows, 4)`` float64 partial sums
+    (sum, sumsq, nonzero, nonfinite) and the float32 max |x| of each row (``row_max``) or
+    of the whole matrix followed by its (min, max) (``row_max=False``: one ``aminmax``
+    pass instead of two row reductions).
 
-    Six passes over the buffer (sum, L2, abs, max, sign, sum). Zero and non-finite counts
-    need care only in chunks holding inf/NaN, which are rare: those are found from the
-    chunk norms and counted exactly on a fixed number (NONFINITE_CHUNKS) of gathered
-    chunks, so no data-dependent shape and no host sync. Beyond that many bad chunks a
-    kind's remaining bad chunks count as wholly non-finite (an upper bound).
+    Few cheap passes (sum, L2 norm, max/min, sign, L2 norm of the sign), since the data
+    has usually left the cache and each pass costs a read of it. ``sign_out``, when
+    given, receives the sign (it may be ``m`` itself where m is scratch, or any spare
+    buffer of m's shape and dtype): a fresh temporary of that size costs page faults on
+    CPU. The sign trick counts non-zeros (``sign(x)²`` is 1 exactly where x != 0) at a
+    fraction of the cost of ``count_nonzero`` or ``x != 0`` on CPU.
+
+    Zero and non-finite counts need care only in rows holding inf/NaN, which are rare:
+    those rows are found from the row norms and counted exactly on a fixed number
+    (NONFINITE_CHUNKS) of gathered rows, so no data-dependent shape and no host sync.
+    Beyond that many bad rows the remaining bad rows count as wholly non-finite (an upper
+    bound) and wholly non-zero.
     """
-    x = layout.matrix
-    s1 = x.sum(1)
-    norm = torch.linalg.vector_norm(x, 2, dim=1)
-    a = x.abs()
-    amax = a.amax(1)
-    nonzero = a.sign_().sum(1)  # exact where the chunk is finite
+    f32 = torch.float32
+    s1 = m.sum(1, dtype=f32)
+    norm = torch.linalg.vector_norm(m, 2, dim=1, dtype=f32)
+    if row_max:
+        # max |x| without an |x| temporary; amax/amin propagate NaN, as maximum does.
+        mx = torch.maximum(m.amax(1), m.amin(1).neg()).to(f32)
+    else:
+        lo, hi = torch.aminmax(m)
+        mx = torch.stack([torch.maximum(hi, lo.neg()), lo, hi]).to(f32)
     bad = ~torch.isfinite(norm)
-    k = min(NONFINITE_CHUNKS, layout.num_chunks)
+    k = min(NONFINITE_CHUNKS, m.shape[0])
     idx = torch.argsort(bad.to(torch.uint8), descending=True, stable=True)[:k]
-    g = x[idx]
-    nonzero.index_put_((idx,), (g != 0).sum(1, dtype=torch.float32))
-    nonfinite = torch.zeros_like(s1).index_put_(
-        (idx,), (~torch.isfinite(g)).sum(1, dtype=torch.float32)
-    )
-    beyond = bad.index_put_((idx,), torch.zeros((), dtype=torch.bool, device=x.device))
-    nonfinite = torch.where(beyond, float(layout.chunk), nonfinite)
+    g = m[idx]  # a copy: taken before sign_out may overwrite m
+    sgn = torch.sign(m, out=sign_out) if sign_out is not None else m.sign()
+    nonzero = torch.linalg.vector_norm(sgn, 2, dim=1, dtype=f32).square_().round_()
+    nonzero.index_put_((idx,), (g != 0).sum(1, dtype=f32))
+    nonfinite = torch.zeros_like(s1).index_put_((idx,), (~torch.isfinite(g)).sum(1, dtype=f32))
+    beyond = bad.index_put_((idx,), torch.zeros((), dtype=torch.bool, device=m.device))
+    width = float(m.shape[1])
+    nonfinite = torch.where(beyond, width, nonfinite)
+    nonzero = torch.where(beyond, width, nonzero)
     part = torch.stack([s1, norm, nonzero, nonfinite], dim=1).double()
     part[:, 1].square_()
+    return part, mx
+
+
+def flat_raw(layout: FlatLayout, sign_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw statistics (``RAW``) of every tensor in the layout: shape (len(layout), NRAW).
+
+    Row partials over the ``(chunks, C)`` matrix, then a ``segment_reduce`` over the
+    (small) per-chunk partials gives per-tensor values. ``sign_out``: see row_partials
+    (``layout.matrix`` itself where the buffer's content is no longer needed).
+    """
+    part, amax = row_partials(layout.matrix, sign_out)
     # unsafe=True: skip the lengths validation, which would sync with the device.
     sums = torch.segment_reduce(part, "sum", lengths=layout.lengths, axis=0, unsafe=True)
     mx = torch.segment_reduce(amax, "max", lengths=layout.lengths, unsafe=True)
     return torch.cat([sums, mx.double().unsqueeze(1)], dim=1)
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """A 2-D ``(rows, cols)`` view of a tensor for row reductions (a copy only when x is
+    not contiguous). Rows of a power-of-two width up to 1024 when the size allows, so the
+    reductions vectorise and the non-finite gather stays small; else the last dimension."""
+    x = x.detach()
+    n = x.numel()
+    for c in (1024, 512, 256, 128, 64, 32, 16):
+        if n % c == 0:
+            return x.reshape(-1, c)
+    if x.dim() >= 2 and x.shape[-1] > 1:
+        return x.reshape(-1, x.shape[-1])
+    return x.reshape(1, max(1, n)) if n else x.reshape(0, 1)
 
 
 def hist_index(x: torch.Tensor) -> torch.Tensor:
@@ -133,30 +176,26 @@ def flat_hist(layout: FlatLayout) -> torch.Tensor:
     return counts.view(n, NBINS + 1)[:, :NBINS]
 
 
-def tensor_raw(x: torch.Tensor) -> torch.Tensor:
-    """Raw statistics (``RAW``) of one tensor as a float64 vector of NRAW values.
-
-    Counts come from |x| rather than ``vector_norm(ord=0)`` (a slow path on CPU: 6x the
-    rest for a 2M-element output): ``|x| * 0`` is NaN exactly where x is not finite, and
-    ``sign(|x|)`` with non-finite values first set to 1 is 1 exactly where x != 0 (torch's
-    sign of NaN is not 1, hence the nan_to_num)."""
-    x = x.detach().reshape(-1)
-    if not x.is_floating_point():
-        x = x.float()
-    a = x.abs()
-    f32 = torch.float32
-    amax = a.amax().float()
-    nonfinite = (a * 0).nan_to_num_(nan=1.0).sum(dtype=f32)
-    nonzero = a.nan_to_num_(nan=1.0, posinf=1.0).sign_().sum(dtype=f32)
-    return torch.stack(
-        [
-            x.sum(dtype=f32),
-            torch.linalg.vector_norm(x, 2, dtype=f32).square(),
-            nonzero,
-            nonfinite,
-            amax,
-        ]
-    ).double()
+def tensor_raw(
+    x: torch.Tensor, rows: torch.Tensor | None = None, sign_out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw statistics of one tensor: the ``RAW`` vector (NRAW,) float64, its (min, max)
+    as (2,) float64, and the per-row sums (float64) of ``rows`` (a 2-D view of x; by
+    default ``as_rows(x)``). ``sign_out``: a spare buffer of the rows' shape and dtype
+    (see row_partials)."""
+    if rows is None:
+        x = x.detach()
+        rows = as_rows(x if x.is_floating_point() else x.float())
+    if not rows.is_floating_point():
+        rows = rows.float()
+    if rows.numel() == 0:
+        nan = float("nan")
+        zero = torch.zeros(4, dtype=torch.float64, device=rows.device)
+        na = torch.full((2,), nan, dtype=torch.float64, device=rows.device)
+        return torch.cat([zero, na[:1]]), na, zero[:0]
+    part, mx = row_partials(rows, sign_out, row_max=False)
+    mx = mx.double()
+    return torch.cat([part.sum(0), mx[:1]]), mx[1:], part[:, 0]
 
 
 def tensor_hist(x: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,15 @@ _FLOAT_COLS = (
 )
 _NONFINITE_EXEMPT = (fmt.LR_PREFIX, "time/")
 BATCH = 64
-"""Packages decoded per wake-up at most: a writer woken after a burst decodes them together
-(one set of numpy ops per kind for all of them) instead of one step at a time."""
+"""Packages decoded together (one set of numpy ops per kind for all of them): the writer
+copies each package out of its host buffer as it wakes, but decodes only once this many
+wait, or at a flush. Decoding step by step costs ~50x the Python time, and Python time
+here holds the GIL the training thread needs between its ops."""
+WAKE_QUEUED = 16
+"""Packages queued before the training thread wakes the writer (else it polls): the ring of
+host buffers is freed in bursts rather than with a thread switch every step."""
+POLL_SECONDS = 0.5
+"""The writer's polling interval when fewer than WAKE_QUEUED packages arrive."""
 MAX_PENDING_ROWS = 100_000
 """Also flush when this many layer rows wait (bounds host memory: with histograms a row
 is ~600 bytes, so ~60 MB), whatever flush_steps says."""
@@ -97,9 +104,12 @@ class BoundedQueue:
     ``put_nowait`` left the writer asleep and the interrupted script never flushed.
     """
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, wake_at: int = WAKE_QUEUED) -> None:
         self.maxsize = maxsize
+        self.wake_at = max(1, min(wake_at, maxsize // 2))
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Only a hint: the consumer also polls, so a lost wake-up costs latency, never data.
+        self.wake = threading.Event()
 
     def qsize(self) -> int:
         return self._q.qsize()
@@ -112,10 +122,18 @@ class BoundedQueue:
         if self.full():
             raise queue.Full
         self._q.put(item)
+        if self._q.qsize() >= self.wake_at:
+            self.wake.set()
 
     def put(self, item: Any, timeout: float | None = None) -> None:
         """Unbounded put, for the shutdown sentinel (it must always get through)."""
         self._q.put(item)
+        self.wake.set()
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until woken or ``timeout`` seconds have passed."""
+        if self.wake.wait(timeout):
+            self.wake.clear()
 
     def get(self, timeout: float | None = None) -> Any:
         return self._q.get(timeout=timeout)
@@ -148,6 +166,8 @@ class Writer(threading.Thread):
         self.flush_steps = max(1, int(flush_steps))
         self.flush_seconds = float(flush_seconds)
         self.queue = BoundedQueue(maxsize=max(1, 2 * max_queue))
+        # Steps copied out of the host ring but not yet decoded: at most this many.
+        self.batch_cap = max(1, min(BATCH, max_queue))
         self.free_slots = free_slots
         self.on_flush = on_flush
         self.report = report
@@ -166,6 +186,7 @@ class Writer(threading.Thread):
         self._reset_pending()
         self.last_step: int | None = None
         self.flush_requested = threading.Event()
+        self._last_flush = time.monotonic()
 
     # -- pending rows -------------------------------------------------------------------
 
@@ -402,6 +423,7 @@ class Writer(threading.Thread):
         )
 
     def flush(self) -> None:
+        self._last_flush = time.monotonic()
         if self._pending_steps == 0 and not self._sc["step"]:
             return
         last = self._pending_max_step
@@ -450,39 +472,48 @@ class Writer(threading.Thread):
     # -- the thread ---------------------------------------------------------------------
 
     def run(self) -> None:
-        last_flush = time.monotonic()
+        self._last_flush = time.monotonic()
         stop = False
         while not stop:
-            timeout = max(0.01, self.flush_seconds - (time.monotonic() - last_flush))
-            try:
-                pkg = self.queue.get(timeout=timeout)
-            except queue.Empty:
-                pkg = False  # type: ignore[assignment]
-            # Take what else is already queued (up to BATCH) and decode it in one go.
-            while pkg is not None:
-                if pkg:
-                    self._consume(pkg)
-                if len(self._batch) >= min(BATCH, self.flush_steps - self._pending_steps):
-                    break  # a segment still holds at most flush_steps steps
-                try:
-                    pkg = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-            stop = pkg is None
-            self._decode_pending()
-            due = (
-                self._pending_steps >= self.flush_steps
-                or self._pending_rows >= MAX_PENDING_ROWS
-                or time.monotonic() - last_flush >= self.flush_seconds
+            since = time.monotonic() - self._last_flush
+            self.queue.wait(max(0.01, min(POLL_SECONDS, self.flush_seconds - since)))
+            stop = self._drain()
+            flush_now = (
+                stop
+                or time.monotonic() - self._last_flush >= self.flush_seconds
                 or self.flush_requested.is_set()
             )
-            if due:
+            if flush_now:
+                self._decode_pending()
+            if flush_now or self._flush_due():
                 self.flush_requested.clear()
                 self.flush()
-                last_flush = time.monotonic()
             self.drain_events()
         self.flush()
         self.drain_events()
+
+    def request_flush(self) -> None:
+        """Write what is pending at the next wake-up, which this brings forward."""
+        self.flush_requested.set()
+        self.queue.wake.set()
+
+    def _flush_due(self) -> bool:
+        return self._pending_steps >= self.flush_steps or self._pending_rows >= MAX_PENDING_ROWS
+
+    def _drain(self) -> bool:
+        """Copy out every queued package (freeing its host buffer), decoding whenever
+        batch_cap wait, so at most that many copied-out steps are held; True at the
+        sentinel."""
+        while True:
+            if len(self._batch) >= self.batch_cap:
+                self._decode_pending()
+            try:
+                pkg = self.queue.get_nowait()
+            except queue.Empty:
+                return False
+            if pkg is None:
+                return True
+            self._consume(pkg)
 
     def _consume(self, pkg: Package) -> None:
         """Copy a package's statistics out of its host buffer (freeing the slot at once);
@@ -501,8 +532,15 @@ class Writer(threading.Thread):
 
     def _decode_pending(self) -> None:
         batch, self._batch = self._batch, []
-        if batch:
-            self._decode_batch(batch)
+        i = 0
+        while i < len(batch):
+            # A segment holds at most flush_steps steps.
+            room = max(1, self.flush_steps - self._pending_steps)
+            chunk = batch[i : i + min(BATCH, room)]
+            i += len(chunk)
+            self._decode_batch(chunk)
+            if self._flush_due():
+                self.flush()
 
 
 def _block_key(b: Block) -> tuple[Any, ...]:
