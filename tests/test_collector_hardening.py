@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -275,3 +276,39 @@ def test_tensor_raw_counts_zeros_and_nonfinite_exactly(dtype: torch.dtype) -> No
         assert raw[4] == xd.abs().max().item()
     else:
         assert math.isnan(raw[4]) and not math.isfinite(raw[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_histograms_match_the_reference_binning_at_the_edges(dtype: torch.dtype) -> None:
+    """The device histograms (float32 sign+exponent codes folded into bins) agree with the
+    format's reference binning on bin edges, zeros, subnormals, overflow and non-finite
+    values, for one tensor and for a flat layout of several."""
+    from runlens_collect import stats
+
+    edges = [2.0**k for k in range(fmt.HIST_LOG2_MIN - 2, fmt.HIST_LOG2_MAX + 3)]
+    vals = [0.0, -0.0, 1e-45, 1e-40, 3.0e-8, 255.9, 256.0, 1e30, 7.0]
+    vals += edges + [e * 0.999 for e in edges] + [e * 1.001 for e in edges]
+    if dtype == torch.float64:
+        vals += [1e300, 1e-300]
+    vals += [-v for v in vals]
+    torch.manual_seed(0)
+    x = torch.cat([torch.tensor(vals, dtype=torch.float64), torch.randn(500, dtype=torch.float64)])
+    x = x.to(dtype)
+    finite = x.double()[torch.isfinite(x.double())].numpy()  # what the format counts
+    want = np.bincount(fmt.hist_bin_index(finite), minlength=fmt.HIST_NUM_BINS)
+    bad = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    got = stats.tensor_hist(torch.cat([x, bad]))
+    assert got.tolist() == want.tolist()
+
+    if dtype == torch.float32:
+        parts = [torch.cat([x, bad]), x[:7], torch.zeros(3)]
+        layout = stats.FlatLayout([t.numel() for t in parts], torch.device("cpu"))
+        torch._foreach_copy_(layout.views, parts)
+        flat = stats.flat_hist(layout).numpy()
+        for i, t in enumerate(parts):
+            ref = np.bincount(
+                fmt.hist_bin_index(t.double()[torch.isfinite(t)].numpy()),
+                minlength=fmt.HIST_NUM_BINS,
+            )
+            ref[fmt.HIST_ZERO_BIN] += layout.pads[i]  # padding: subtracted by the writer
+            assert flat[i].tolist() == ref.tolist(), i

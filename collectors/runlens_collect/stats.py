@@ -28,10 +28,40 @@ RAW: tuple[str, ...] = ("sum", "sumsq", "nonzero", "nonfinite", "absmax")
 x != 0 (NaN counts as non-zero), count of non-finite x, max |x| (NaN if any NaN)."""
 NRAW = len(RAW)
 NBINS = fmt.HIST_NUM_BINS
-_TRASH = NBINS  # per-tensor extra bin that swallows non-finite values
-_ZERO = fmt.HIST_ZERO_BIN
-_OCT_LO = fmt.HIST_LOG2_MIN - 1  # octaves below this are "zero"
-_OCT_HI = fmt.HIST_LOG2_MAX  # octaves at or above this overflow
+CODES = 512
+"""Histogram pre-bins: the sign bit and the 8 exponent bits of a float32, which are
+floor(log2|x|) + 127 for normal numbers. Counting these codes takes two integer ops per
+element (no log2, no float rounding: ~4x faster than binning by value on CPU); a fixed
+(CODES, NBINS) 0/1 matrix then folds the counts into the format's bins."""
+
+
+def code_map() -> np.ndarray:
+    """(CODES, NBINS) float64 0/1 matrix from float32 sign+exponent code to format bin.
+    Exponent 255 (inf, NaN) maps nowhere: non-finite values are not counted."""
+    m = np.zeros((CODES, NBINS), np.float64)
+    for code in range(CODES):
+        negative, biased = code >> 8, code & 255
+        if biased == 255:
+            continue
+        octave = biased - 127  # zero and subnormals (biased 0) land far below the zero bin
+        if octave < fmt.HIST_LOG2_MIN:
+            b = fmt.HIST_ZERO_BIN
+        else:
+            k = min(octave, fmt.HIST_LOG2_MAX) - fmt.HIST_LOG2_MIN
+            b = fmt.HIST_ZERO_BIN - 1 - k if negative else fmt.HIST_ZERO_BIN + 1 + k
+        m[code, b] = 1.0
+    return m
+
+
+_CODE_MAP = code_map()
+_code_maps: dict[torch.device, torch.Tensor] = {}
+
+
+def _code_map_on(device: torch.device) -> torch.Tensor:
+    t = _code_maps.get(device)
+    if t is None:
+        t = _code_maps[device] = torch.from_numpy(_CODE_MAP).to(device)
+    return t
 
 
 def chunk_size_for(numels: Sequence[int], max_chunk: int = 1024, min_chunk: int = 64) -> int:
@@ -64,11 +94,11 @@ class FlatLayout:
             self.views.append(self.buf[off : off + n])
             off += c * self.chunk
         self.lengths = torch.tensor(chunks, dtype=torch.int64, device=device)
-        # Histogram bin base of each chunk's tensor (float32 is exact for < 2**24 bins).
+        # Histogram code offset of each chunk's tensor (see flat_hist).
         base = torch.repeat_interleave(
-            torch.arange(len(chunks), dtype=torch.float32), torch.tensor(chunks, dtype=torch.int64)
+            torch.arange(len(chunks), dtype=torch.int32), torch.tensor(chunks, dtype=torch.int64)
         )
-        self.bin_base = (base * (NBINS + 1)).view(-1, 1).to(device)
+        self.code_base = (base * CODES).view(-1, 1).to(device)
 
     def __len__(self) -> int:
         return len(self.numels)
@@ -154,26 +184,29 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(1, max(1, n)) if n else x.reshape(0, 1)
 
 
-def hist_index(x: torch.Tensor) -> torch.Tensor:
-    """Float bin index (format.hist_bin_index) of each element; NaN where x is not finite."""
-    a = x.abs()
-    nonfinite = a * 0  # NaN where x is inf or NaN, else 0
-    # floor(log2|x|) clipped to [lo, hi], shifted so that 0 means "the zero bin"
-    k = a.log2_().floor_().clamp_(_OCT_LO, _OCT_HI).sub_(_OCT_LO)
-    return k.mul_(torch.sign(x)).add_(nonfinite).add_(_ZERO)
+def _codes(x: torch.Tensor) -> torch.Tensor:
+    """int32 sign+exponent code (0..CODES-1) of each element of a float tensor."""
+    if x.dtype != torch.float32:
+        # float16/bfloat16 convert exactly; finite float64 beyond float32's range must stay
+        # in the overflow bins rather than turn into inf (clamp keeps NaN; inf stays inf).
+        if x.dtype == torch.float64:
+            x = torch.where(torch.isinf(x), x, x.clamp(-(2.0**100), 2.0**100))
+        x = x.float()
+    return torch.bitwise_right_shift(x.view(torch.int32), 23).bitwise_and_(CODES - 1)
 
 
 def flat_hist(layout: FlatLayout) -> torch.Tensor:
-    """Fixed-bin counts of every tensor: (len(layout), NBINS) int64.
+    """Fixed-bin counts of every tensor: (len(layout), NBINS) float64.
 
-    One bincount for all tensors: each tensor's indices are offset by its own block of
-    NBINS + 1 bins, the last of which swallows non-finite values. Zero padding lands in the
-    zero bin; the writer subtracts it (``FlatLayout.pads``).
+    One bincount for all tensors: each tensor's codes are offset by its own block of
+    CODES; one small matmul folds codes into bins. Zero padding lands in the zero bin; the
+    writer subtracts it (``FlatLayout.pads``).
     """
     n = len(layout)
-    idx = hist_index(layout.matrix).nan_to_num_(nan=float(_TRASH)).add_(layout.bin_base)
-    counts = torch.bincount(idx.view(-1).to(torch.int64), minlength=n * (NBINS + 1))
-    return counts.view(n, NBINS + 1)[:, :NBINS]
+    codes = _codes(layout.matrix).add_(layout.code_base)
+    counts = torch.bincount(codes.view(-1), minlength=n * CODES)
+    # float64: exact for counts up to 2**53
+    return counts.view(n, CODES).double() @ _code_map_on(counts.device)
 
 
 def tensor_raw(
@@ -199,6 +232,8 @@ def tensor_raw(
 
 
 def tensor_hist(x: torch.Tensor) -> torch.Tensor:
-    """Fixed-bin counts (NBINS,) int64 of one tensor; non-finite values are not counted."""
-    idx = hist_index(x.detach().reshape(-1).float()).nan_to_num_(nan=float(_TRASH))
-    return torch.bincount(idx.to(torch.int64), minlength=NBINS + 1)[:NBINS]
+    """Fixed-bin counts (NBINS,) float64 of one tensor; non-finite values are not counted."""
+    x = x.detach()
+    codes = _codes(x if x.is_floating_point() else x.float()).reshape(-1)
+    counts = torch.bincount(codes, minlength=CODES)
+    return counts.double() @ _code_map_on(counts.device)
