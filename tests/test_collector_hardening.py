@@ -265,7 +265,8 @@ def test_tensor_raw_counts_zeros_and_nonfinite_exactly(dtype: torch.dtype) -> No
     x[:7] = 0
     if dtype.is_floating_point:
         x[10], x[20], x[30] = float("nan"), float("inf"), -float("inf")
-    raw = stats.tensor_raw(x)[0].tolist()
+    single, shape = stats.tensor_raw(x)
+    raw = stats.single_to_raw(single.numpy(), shape).tolist()
     xd = x.double()
     assert raw[2] == (xd != 0).sum().item()  # NaN and inf count as non-zero
     assert raw[3] == (~torch.isfinite(xd)).sum().item()
@@ -312,3 +313,33 @@ def test_histograms_match_the_reference_binning_at_the_edges(dtype: torch.dtype)
             )
             ref[fmt.HIST_ZERO_BIN] += layout.pads[i]  # padding: subtracted by the writer
             assert flat[i].tolist() == ref.tolist(), i
+
+
+@pytest.mark.parametrize("bad_rows", [0, 3, 16, 40])
+def test_single_tensor_counts_exact_up_to_the_gathered_rows(bad_rows: int) -> None:
+    """Zero and non-finite counts of one tensor are exact while at most NONFINITE_CHUNKS
+    rows hold inf/NaN; beyond that the extra bad rows count as wholly non-finite (an upper
+    bound) and never below the truth."""
+    from runlens_collect import stats
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 256)
+    x[x.abs() < 0.2] = 0
+    for r in range(bad_rows):
+        x[r, r % 7] = float("nan") if r % 2 else float("inf")
+    values, shape = stats.tensor_raw(x, rows=x)  # rows of 256: one bad value each
+    s1, s2, nonzero, nonfinite, absmax = stats.single_to_raw(values.numpy(), shape).tolist()
+    true_nz = int((x != 0).sum())
+    true_nf = int((~torch.isfinite(x)).sum())
+    k = stats.NONFINITE_CHUNKS
+    if bad_rows <= k:
+        assert (nonzero, nonfinite) == (true_nz, true_nf)
+    else:
+        assert nonfinite == true_nf + (bad_rows - k) * (x.shape[1] - 1)
+        assert nonzero >= true_nz
+    if bad_rows == 0:
+        assert s1 == pytest.approx(float(x.double().sum()), rel=1e-5, abs=1e-3)
+        assert s2 == pytest.approx(float((x.double() ** 2).sum()), rel=1e-5)
+        assert absmax == float(x.abs().max())
+    else:
+        assert not math.isfinite(s2) and not math.isfinite(absmax)

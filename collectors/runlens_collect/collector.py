@@ -482,19 +482,19 @@ class Collector:
         if x.is_complex():
             x = torch.view_as_real(x)
         xf = x if x.is_floating_point() else x.float()
-        # Rows along the last dimension, so the row sums give row_sum_mean for free.
+        # Rows along the last dimension, so the row sums give row_sum_mean.
         rows = xf.reshape(-1, xf.shape[-1]) if xf.dim() and xf.shape[-1] else xf.reshape(1, -1)
-        raw, minmax, row_sums = stats.tensor_raw(xf, rows, self._scratch_for(rows))
-        row_sum = row_sums.mean().reshape(1)
-        parts = [raw, minmax, row_sum]
+        raw, shape = stats.tensor_raw(xf, rows, self._scratch_for(rows))
+        parts = [raw]
         if self._hist_step:
-            parts.append(stats.tensor_hist(xf).double())
+            parts.append(stats.tensor_hist(xf))
         block = Block(
             fmt.KIND_OUTPUT,
             np.array([self._layer_ids[fmt.OUTPUT_LAYER]], np.int32),
             np.array([x.numel()], np.int64),
-            extra=("min", "max", "row_sum_mean"),
             hist=self._hist_step,
+            single=shape,
+            derived=("min", "max", "row_sum_mean"),
         )
         self._blocks["output"] = (block, torch.cat(parts))
 
@@ -524,7 +524,8 @@ class Collector:
                 x = torch.view_as_real(x)
             xf = x if x.is_floating_point() else x.float()
             rows = stats.as_rows(xf)
-            parts = [stats.tensor_raw(xf, rows, self._scratch_for(rows))[0]]
+            raw, shape = stats.tensor_raw(xf, rows, self._scratch_for(rows))
+            parts = [raw]
             extras = []
             if spec.dead:
                 extras.append(_dead_fraction(xf, channel_first=self._last_conv))
@@ -536,13 +537,14 @@ class Collector:
             if extras:
                 parts.append(torch.stack(extras).double())
             if self._hist_step:
-                parts.append(stats.tensor_hist(xf).double())
+                parts.append(stats.tensor_hist(xf))
             block = Block(
                 fmt.KIND_ACTIVATION,
                 np.array([spec.layer_id], np.int32),
                 np.array([x.numel()], np.int64),
                 extra=spec.extra,
                 hist=self._hist_step,
+                single=shape,
             )
             self._blocks[site] = (block, torch.cat(parts))  # last call of the step wins
         except Exception as exc:

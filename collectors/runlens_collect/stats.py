@@ -145,8 +145,11 @@ def row_partials(
     g = m[idx]  # a copy: taken before sign_out may overwrite m
     sgn = torch.sign(m, out=sign_out) if sign_out is not None else m.sign()
     nonzero = torch.linalg.vector_norm(sgn, 2, dim=1, dtype=f32).square_().round_()
-    nonzero.index_put_((idx,), (g != 0).sum(1, dtype=f32))
-    nonfinite = torch.zeros_like(s1).index_put_((idx,), (~torch.isfinite(g)).sum(1, dtype=f32))
+    # Exact counts in the gathered rows with float ops (bool reductions are slow on CPU):
+    # |g| with NaN/inf set to 1 has sign 1 exactly where g != 0; g * 0 is NaN exactly
+    # where g is not finite.
+    nonzero.index_put_((idx,), g.abs().nan_to_num_(nan=1.0, posinf=1.0).sign_().sum(1))
+    nonfinite = torch.zeros_like(s1).index_put_((idx,), (g * 0).nan_to_num_(nan=1.0).sum(1))
     beyond = bad.index_put_((idx,), torch.zeros((), dtype=torch.bool, device=m.device))
     width = float(m.shape[1])
     nonfinite = torch.where(beyond, width, nonfinite)
@@ -209,26 +212,90 @@ def flat_hist(layout: FlatLayout) -> torch.Tensor:
     return counts.view(n, CODES).double() @ _code_map_on(counts.device)
 
 
+SINGLE: tuple[str, ...] = (
+    "sum",
+    "l2",
+    "nonzero_rest",
+    "nonzero_gathered",
+    "nonfinite_gathered",
+    "finite_rows",
+    "min",
+    "max",
+)
+"""Raw statistics of one tensor as shipped (float64), finished into ``RAW`` on the host by
+``single_to_raw``: the device does the passes over the data and the host the arithmetic
+on a few numbers (each op on the device costs ~5 us of dispatch on CPU, whatever its size).
+"""
+NSINGLE = len(SINGLE)
+
+
 def tensor_raw(
     x: torch.Tensor, rows: torch.Tensor | None = None, sign_out: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw statistics of one tensor: the ``RAW`` vector (NRAW,) float64, its (min, max)
-    as (2,) float64, and the per-row sums (float64) of ``rows`` (a 2-D view of x; by
-    default ``as_rows(x)``). ``sign_out``: a spare buffer of the rows' shape and dtype
-    (see row_partials)."""
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Raw statistics of one tensor: the ``SINGLE`` vector (NSINGLE,) float64 and the
+    host-side shape facts ``(rows, gathered rows, row width)`` that ``single_to_raw`` needs.
+
+    ``rows`` is a 2-D view of x (default ``as_rows(x)``); ``sign_out`` a spare buffer of its
+    shape and dtype (see row_partials). Non-zero and non-finite counts are exact as in
+    row_partials: rows with inf/NaN (up to NONFINITE_CHUNKS) are gathered and counted
+    element by element, any beyond count as wholly non-finite and non-zero.
+    """
     if rows is None:
         x = x.detach()
         rows = as_rows(x if x.is_floating_point() else x.float())
     if not rows.is_floating_point():
         rows = rows.float()
+    f32, f64 = torch.float32, torch.float64
+    r, width = rows.shape
     if rows.numel() == 0:
-        nan = float("nan")
-        zero = torch.zeros(4, dtype=torch.float64, device=rows.device)
-        na = torch.full((2,), nan, dtype=torch.float64, device=rows.device)
-        return torch.cat([zero, na[:1]]), na, zero[:0]
-    part, mx = row_partials(rows, sign_out, row_max=False)
-    mx = mx.double()
-    return torch.cat([part.sum(0), mx[:1]]), mx[1:], part[:, 0]
+        vals = [0.0, 0.0, 0.0, 0.0, 0.0, float(r), math.nan, math.nan]
+        return torch.tensor(vals, dtype=f64, device=rows.device), (r, 0, width)
+    s1 = rows.sum(1, dtype=f32)
+    nrm = torch.linalg.vector_norm(rows, 2, dim=1, dtype=f32)
+    lo, hi = torch.aminmax(rows)
+    k = min(NONFINITE_CHUNKS, r)
+    # Rows with inf/NaN have an inf/NaN norm: they come first (any k rows count exactly).
+    idx = nrm.nan_to_num(nan=math.inf).topk(k, sorted=False).indices
+    g = rows[idx]  # a copy: taken before sign_out may overwrite rows
+    sgn = torch.sign(rows, out=sign_out) if sign_out is not None else rows.sign()
+    nz = torch.linalg.vector_norm(sgn, 2, dim=1, dtype=f32).square_().round_()
+    # Gathered rows are counted from g; other bad rows (only beyond k of them) count as
+    # wholly non-zero: sign(NaN) is 0 on CPU, so their sign count is no bound.
+    fin = torch.isfinite(nrm)
+    nz = torch.where(fin, nz, float(width)).index_fill_(0, idx, 0.0)
+    out = torch.stack(
+        [
+            s1.sum(dtype=f64),
+            torch.linalg.vector_norm(nrm, 2, dtype=f64),
+            nz.sum(dtype=f64),
+            torch.count_nonzero(g).to(f64),
+            torch.count_nonzero(g * 0).to(f64),  # NaN exactly where g is not finite
+            fin.sum(dtype=f64),
+            lo.to(f64),
+            hi.to(f64),
+        ]
+    )
+    return out, (r, k, width)
+
+
+def single_to_raw(single: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """``RAW`` columns (..., NRAW) from ``SINGLE`` columns (..., NSINGLE) (host side)."""
+    r, k, width = shape
+    s = np.asarray(single, np.float64)
+    bad_rows = r - s[..., 5]
+    beyond = np.maximum(bad_rows - k, 0.0)  # bad rows not gathered
+    with np.errstate(invalid="ignore"):
+        absmax = np.maximum(s[..., 7], -s[..., 6])  # NaN stays NaN
+    return np.stack(
+        [
+            s[..., 0],
+            s[..., 1] ** 2,
+            np.rint(s[..., 2] + s[..., 3]),
+            np.rint(s[..., 4] + beyond * width),
+            absmax,
+        ],
+        axis=-1,
+    )
 
 
 def tensor_hist(x: torch.Tensor) -> torch.Tensor:

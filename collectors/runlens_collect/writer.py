@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import pyarrow.compute
 import pyarrow.parquet
 
 from runlens_collect import format as fmt
-from runlens_collect.stats import NBINS, NRAW
+from runlens_collect.stats import NBINS, NRAW, NSINGLE, single_to_raw
 
 _HIST_TYPE = pa.list_(pa.int64())
 _FLOAT_COLS = (
@@ -68,10 +68,15 @@ class Block:
     ratio_ref: int | None = None  # index of the block holding ||w_before||² (update_ratio)
     write: bool = True  # False: only feeds another block (update_ratio)
     grad_norm: bool = False  # emit the total L2 norm of the non-missing rows as grad_norm
+    # One tensor's stats.SINGLE values instead of RAW: (rows, gathered rows, row width)
+    single: tuple[int, int, int] | None = None
+    # Columns derived on the host from the SINGLE values, before `extra`: min, max and
+    # row_sum_mean (the sum over the rows' count; rows run along the last dimension).
+    derived: tuple[str, ...] = ()
 
     @property
     def width(self) -> int:
-        return NRAW + len(self.extra)
+        return (NSINGLE if self.single else NRAW) + len(self.extra)
 
     @property
     def size(self) -> int:
@@ -289,6 +294,8 @@ class Writer(threading.Thread):
             n = len(b.layers)
             raw = data[:, off : off + n * b.width].reshape(k, n, b.width)
             off += n * b.width
+            if b.single is not None:
+                raw, b = _finish_single(raw, b)
             hist = None
             if b.hist:
                 hist = data[:, off : off + n * NBINS].reshape(k * n, NBINS)
@@ -543,9 +550,24 @@ class Writer(threading.Thread):
                 self.flush()
 
 
+def _finish_single(raw: np.ndarray, b: Block) -> tuple[np.ndarray, Block]:
+    """RAW (+ derived + extra) columns from a single-tensor block's SINGLE columns."""
+    single = raw[..., :NSINGLE]
+    cols = [single_to_raw(single, b.single)]
+    derived = {"min": single[..., 6], "max": single[..., 7], "row_sum_mean": None}
+    for name in b.derived:
+        v = derived[name]
+        cols.append((single[..., 0] / max(1, b.single[0]) if v is None else v)[..., None])
+    cols.append(raw[..., NSINGLE:])
+    finished = replace(b, single=None, derived=(), extra=b.derived + b.extra)
+    return np.concatenate(cols, axis=-1), finished
+
+
 def _block_key(b: Block) -> tuple[Any, ...]:
     return (
         b.kind,
+        b.single,
+        b.derived,
         b.layers.tobytes(),
         b.extra,
         b.hist,
