@@ -249,6 +249,9 @@ class Collector:
             self._params.append(_Param(name, p, tuple(src.shape)))
             self._layer_id(name)
         self._param_layers = np.array([self._layer_id(p.name) for p in self._params], np.int32)
+        # Real parameters: gradients copy straight into the flat views (complex ones go
+        # through view_as_real, one by one).
+        self._plain_grads = not any(p.param.is_complex() for p in self._params)
         self._param_numels = np.array([p.param.numel() for p in self._params], np.int64)
         self._refresh_optimizer_membership()
 
@@ -632,6 +635,16 @@ class Collector:
                     norms = torch._foreach_norm(grads, 2)
                     self._grad_norm_dev = torch.linalg.vector_norm(torch.stack(norms).float())
                 return
+            grads = [p.param.grad for p in self._params]
+            if self._plain_grads and all(g is not None for g in grads):
+                # The usual case, without a Python loop over the parameters (~0.2 ms here):
+                # a sparse or odd gradient raises and takes the careful path below.
+                try:
+                    torch._foreach_copy_(self._gviews, grads)
+                    self._grad_block(np.zeros(len(self._params), bool))
+                    return
+                except Exception:
+                    pass
             srcs, dsts = [], []
             missing = np.ones(len(self._params), bool)
             for i, p in enumerate(self._params):
@@ -647,16 +660,20 @@ class Collector:
                 missing[i] = False
             if srcs:
                 torch._foreach_copy_(dsts, srcs)
-            # The flat copy is scratch once read: its sign goes over it.
-            block, data = self._flat_block(
-                fmt.KIND_GRAD, self._glayout, write=True, sign_out=self._glayout.matrix
-            )
-            block.missing = missing
-            block.grad_norm = True
-            self._blocks["grad"] = (block, data)
+            self._grad_block(missing)
         except Exception as exc:
             self._blocks.pop("grad", None)
             self._guard("grad", exc)
+
+    def _grad_block(self, missing: np.ndarray) -> None:
+        assert self._glayout is not None
+        # The flat copy is scratch once read: its sign goes over it.
+        block, data = self._flat_block(
+            fmt.KIND_GRAD, self._glayout, write=True, sign_out=self._glayout.matrix
+        )
+        block.missing = missing
+        block.grad_norm = True
+        self._blocks["grad"] = (block, data)
 
     def _scratch_for(self, like: torch.Tensor) -> torch.Tensor | None:
         """A reusable buffer shaped like ``like`` (None beyond SCRATCH_MAX_BYTES: then the
