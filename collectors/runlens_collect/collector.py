@@ -490,7 +490,7 @@ class Collector:
         raw, shape = stats.tensor_raw(xf, rows, self._scratch_for(rows))
         parts = [raw]
         if self._hist_step:
-            parts.append(stats.tensor_hist(xf))
+            parts.append(stats.tensor_hist(xf, self._int_scratch(xf)))
         block = Block(
             fmt.KIND_OUTPUT,
             np.array([self._layer_ids[fmt.OUTPUT_LAYER]], np.int32),
@@ -540,7 +540,7 @@ class Collector:
             if extras:
                 parts.append(torch.stack(extras).double())
             if self._hist_step:
-                parts.append(stats.tensor_hist(xf))
+                parts.append(stats.tensor_hist(xf, self._int_scratch(xf)))
             block = Block(
                 fmt.KIND_ACTIVATION,
                 np.array([spec.layer_id], np.int32),
@@ -688,6 +688,13 @@ class Collector:
             buf = self._scratch = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         return buf[:nbytes].view(like.dtype).view(like.shape)
 
+    def _int_scratch(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The scratch as int32 shaped like ``like`` (histogram codes), when it fits."""
+        if like.dtype != torch.float32:
+            return None  # converted first: a temporary anyway
+        buf = self._scratch_for(like)
+        return buf.view(torch.int32) if buf is not None else None
+
     def _flat_block(
         self,
         kind: str,
@@ -697,7 +704,11 @@ class Collector:
     ) -> tuple[Block, torch.Tensor]:
         hist = self._hist_step and write
         # The histogram first: sign_out may be the layout's own buffer.
-        counts = stats.flat_hist(layout).reshape(-1).double() if hist else None
+        counts = None
+        if hist:
+            codes = self._scratch_for(layout.matrix)
+            codes = codes.view(torch.int32) if codes is not None else None
+            counts = stats.flat_hist(layout, codes).reshape(-1)
         raw = stats.flat_raw(layout, sign_out)
         parts = [raw.reshape(-1)]
         if counts is not None:

@@ -187,18 +187,24 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(1, max(1, n)) if n else x.reshape(0, 1)
 
 
-def _codes(x: torch.Tensor) -> torch.Tensor:
-    """int32 sign+exponent code (0..CODES-1) of each element of a float tensor."""
+def _codes(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 sign+exponent code (0..CODES-1) of each element of a float tensor, into
+    ``out`` (int32, x's shape) when given: a fresh temporary costs page faults on CPU."""
     if x.dtype != torch.float32:
         # float16/bfloat16 convert exactly; finite float64 beyond float32's range must stay
         # in the overflow bins rather than turn into inf (clamp keeps NaN; inf stays inf).
         if x.dtype == torch.float64:
             x = torch.where(torch.isinf(x), x, x.clamp(-(2.0**100), 2.0**100))
         x = x.float()
-    return torch.bitwise_right_shift(x.view(torch.int32), 23).bitwise_and_(CODES - 1)
+    bits = x.view(torch.int32)
+    if out is None or out.shape != bits.shape:
+        codes = torch.bitwise_right_shift(bits, 23)
+    else:
+        codes = torch.bitwise_right_shift(bits, 23, out=out)
+    return codes.bitwise_and_(CODES - 1)
 
 
-def flat_hist(layout: FlatLayout) -> torch.Tensor:
+def flat_hist(layout: FlatLayout, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Fixed-bin counts of every tensor: (len(layout), NBINS) float64.
 
     One bincount for all tensors: each tensor's codes are offset by its own block of
@@ -206,7 +212,7 @@ def flat_hist(layout: FlatLayout) -> torch.Tensor:
     writer subtracts it (``FlatLayout.pads``).
     """
     n = len(layout)
-    codes = _codes(layout.matrix).add_(layout.code_base)
+    codes = _codes(layout.matrix, scratch).add_(layout.code_base)
     counts = torch.bincount(codes.view(-1), minlength=n * CODES)
     # float64: exact for counts up to 2**53
     return counts.view(n, CODES).double() @ _code_map_on(counts.device)
@@ -298,9 +304,10 @@ def single_to_raw(single: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray
     )
 
 
-def tensor_hist(x: torch.Tensor) -> torch.Tensor:
-    """Fixed-bin counts (NBINS,) float64 of one tensor; non-finite values are not counted."""
+def tensor_hist(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Fixed-bin counts (NBINS,) float64 of one tensor; non-finite values are not counted.
+    ``scratch``: an int32 buffer of x's shape for the codes (optional)."""
     x = x.detach()
-    codes = _codes(x if x.is_floating_point() else x.float()).reshape(-1)
+    codes = _codes(x if x.is_floating_point() else x.float(), scratch).reshape(-1)
     counts = torch.bincount(codes, minlength=CODES)
     return counts.double() @ _code_map_on(counts.device)
