@@ -44,8 +44,9 @@ copies each package out of its host buffer as it wakes, but decodes only once th
 wait, or at a flush. Decoding step by step costs ~50x the Python time, and Python time
 here holds the GIL the training thread needs between its ops."""
 WAKE_QUEUED = 16
-"""Packages queued before the training thread wakes the writer (else it polls): the ring of
-host buffers is freed in bursts rather than with a thread switch every step."""
+"""Packages queued before the training thread wakes the writer (else it polls; at most a
+quarter of the ring): the ring of host buffers is freed in bursts rather than with a
+thread switch every step."""
 POLL_SECONDS = 0.5
 """The writer's polling interval when fewer than WAKE_QUEUED packages arrive."""
 MAX_PENDING_ROWS = 100_000
@@ -111,7 +112,7 @@ class BoundedQueue:
 
     def __init__(self, maxsize: int, wake_at: int = WAKE_QUEUED) -> None:
         self.maxsize = maxsize
-        self.wake_at = max(1, min(wake_at, maxsize // 2))
+        self.wake_at = max(1, wake_at)
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Only a hint: the consumer also polls, so a lost wake-up costs latency, never data.
         self.wake = threading.Event()
@@ -170,7 +171,9 @@ class Writer(threading.Thread):
         self.layer_names = layer_names  # grows on the training thread; append-only
         self.flush_steps = max(1, int(flush_steps))
         self.flush_seconds = float(flush_seconds)
-        self.queue = BoundedQueue(maxsize=max(1, 2 * max_queue))
+        # Woken early while most of the ring of max_queue host buffers is still free.
+        wake_at = max(1, min(WAKE_QUEUED, max_queue // 4))
+        self.queue = BoundedQueue(maxsize=max(1, 2 * max_queue), wake_at=wake_at)
         # Steps copied out of the host ring but not yet decoded: at most this many.
         self.batch_cap = max(1, min(BATCH, max_queue))
         self.free_slots = free_slots
