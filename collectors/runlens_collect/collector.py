@@ -61,7 +61,8 @@ SCRATCH_MAX_BYTES = 64 << 20
 class CollectorConfig:
     """What the Collector records and how often. Defaults were chosen by measurement
     (``benchmarks/collector_overhead.py``): at these settings a small CPU transformer
-    trains at about 1.08x the bare step time, 1.01x with ``every=10`` (docs/benchmarks.md).
+    trains at about 1.03x the bare step time (1.04x over a whole run, activation and
+    histogram steps included), 1.02-1.03x with ``every=10`` (docs/benchmarks.md).
 
     Attributes:
         kinds: which layer statistics to record, a subset of format.KINDS. ``update`` needs
