@@ -355,6 +355,9 @@ class Collector:
         self._set_flags(0)
         self._last_conv = False
         self._scratch: torch.Tensor | None = None
+        # Moved to the device now: a host-to-device copy at the first histogram step would
+        # wait for the device.
+        stats.code_map_on(self.device)
 
         self._writer = Writer(
             self.run_dir,

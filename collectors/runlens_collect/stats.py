@@ -57,7 +57,8 @@ _CODE_MAP = code_map()
 _code_maps: dict[torch.device, torch.Tensor] = {}
 
 
-def _code_map_on(device: torch.device) -> torch.Tensor:
+def code_map_on(device: torch.device) -> torch.Tensor:
+    """The (CODES, NBINS) float64 code-to-bin matrix on ``device`` (cached)."""
     t = _code_maps.get(device)
     if t is None:
         t = _code_maps[device] = torch.from_numpy(_CODE_MAP).to(device)
@@ -215,7 +216,7 @@ def flat_hist(layout: FlatLayout, scratch: torch.Tensor | None = None) -> torch.
     codes = _codes(layout.matrix, scratch).add_(layout.code_base)
     counts = torch.bincount(codes.view(-1), minlength=n * CODES)
     # float64: exact for counts up to 2**53
-    return counts.view(n, CODES).double() @ _code_map_on(counts.device)
+    return counts.view(n, CODES).double() @ code_map_on(counts.device)
 
 
 SINGLE: tuple[str, ...] = (
@@ -310,4 +311,4 @@ def tensor_hist(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.T
     x = x.detach()
     codes = _codes(x if x.is_floating_point() else x.float(), scratch).reshape(-1)
     counts = torch.bincount(codes, minlength=CODES)
-    return counts.double() @ _code_map_on(counts.device)
+    return counts.double() @ code_map_on(counts.device)
