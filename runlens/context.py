@@ -37,6 +37,19 @@ class Curve:
         i = int(idx[-1])
         return int(self.steps[i]), float((self.smooth if smoothed else self.raw)[i])
 
+    def level(self, window: int) -> tuple[float, tuple[int, float]] | None:
+        """(final, (step, best)) of the trailing median of ``window`` finite raw points:
+        the level the run ended at and the lowest level it reached. The EMA's last value
+        carries a late spike or blow-up for many steps (0.9^n takes 1e7 down to ~1e2 only
+        after ~100 steps), and on a falling curve its minimum lags behind the raw values;
+        a median over the same window does neither, and final >= best by construction."""
+        med = S.trailing_median(self.raw, window)
+        ok = np.isfinite(med)
+        if not ok.any():
+            return None
+        i = int(np.nanargmin(med))
+        return float(med[ok][-1]), (int(self.steps[i]), float(med[i]))
+
     def best(self, mode: str = "min") -> tuple[int, float] | None:
         """(step, value) of the best smoothed value."""
         vals = np.where(self.finite, self.smooth, np.nan)

@@ -204,12 +204,19 @@ def summarize(ctx: Context, options: AnalyzeOptions | None = None) -> RunSummary
         if duration > 0 and n_steps > 1:
             steps_per_s = (n_steps - 1) / duration
 
-    def final(c: Any) -> float | None:
-        lf = c.last_finite() if c is not None else None
-        return lf[1] if lf else None
+    ema_window = round(1 / (1 - ctx.smoothing)) if ctx.smoothing < 1 else 1
 
-    tb = tl.best() if tl is not None else None
-    vb = vl.best() if vl is not None else None
+    def level(c: Any) -> tuple[float | None, tuple[int, float] | None]:
+        # The EMA's window, at most a tenth of the points (sparse validation curves), at
+        # least 3: see Curve.level.
+        if c is None:
+            return None, None
+        window = max(3, min(ema_window, int(c.finite.sum()) // 10))
+        got = c.level(window)
+        return (got[0], got[1]) if got else (None, None)
+
+    train_final, tb = level(tl)
+    val_final, vb = level(vl)
     abnormal, reason = _end_state(run)
     return RunSummary(
         steps=n_steps,
@@ -217,10 +224,10 @@ def summarize(ctx: Context, options: AnalyzeOptions | None = None) -> RunSummary
         last_step=last,
         duration_s=duration,
         steps_per_s=steps_per_s,
-        final_train_loss=final(tl),
+        final_train_loss=train_final,
         best_train_loss=tb[1] if tb else None,
         best_train_step=tb[0] if tb else None,
-        final_val_loss=final(vl),
+        final_val_loss=val_final,
         best_val_loss=vb[1] if vb else None,
         best_val_step=vb[0] if vb else None,
         ended_abnormally=abnormal,

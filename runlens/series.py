@@ -79,6 +79,20 @@ def rolling_median(values: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
+def trailing_median(values: np.ndarray, window: int) -> np.ndarray:
+    """Median of each point and the ``window - 1`` finite points before it (fewer at the
+    start), over the finite points (non-finite points stay NaN)."""
+    x = np.asarray(values, dtype=np.float64)
+    out = np.full(x.shape, np.nan)
+    finite = np.isfinite(x)
+    if not finite.any():
+        return out
+    w = max(1, min(int(window), int(finite.sum())))
+    # origin shifts the window to end at the point itself
+    out[finite] = ndimage.median_filter(x[finite], size=w, mode="nearest", origin=(w - 1) // 2)
+    return out
+
+
 def rolling_mad(values: np.ndarray, window: int) -> np.ndarray:
     """Centered rolling median absolute deviation, scaled to σ for Gaussian noise."""
     x = np.asarray(values, dtype=np.float64)

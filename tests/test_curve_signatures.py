@@ -16,6 +16,7 @@ import pytest
 from runlens_collect import format as fmt
 
 import runlens
+from runlens.series import ema_debiased
 from runlens.signatures import CURVE_SIGNATURES
 from runlens.signatures.base import DOC_SECTIONS
 
@@ -206,3 +207,14 @@ def test_signature_is_documented(sig: type) -> None:
     assert sig.requires and "train/loss" in sig.requires[0]
     for p in sig.params:
         assert p.doc and p.source, f"{sig.name}.{p.name} needs a doc and a source"
+
+
+def test_final_loss_is_the_level_the_run_ended_at_not_a_carried_spike(tmp_path):
+    """A one-step blow-up near the end leaves the EMA's last value ~10^6 for many steps;
+    the summary's final loss is the level the run actually ended at."""
+    loss = np.linspace(2.3, 1.0, 200) + 0.01 * _rng.standard_normal(200)
+    loss[190] = 1e7
+    run = write_run(tmp_path / "late-spike", {"train/loss": loss})
+    final = runlens.analyze(run).summary.final_train_loss
+    assert final is not None and 0.95 < final < 1.1
+    assert ema_debiased(loss, 0.9)[-1] > 1e5  # what the EMA's last value says
