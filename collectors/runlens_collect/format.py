@@ -127,7 +127,7 @@ BASE_STATS: Final = ("mean", "std", "norm", "absmax", "frac_zero", "frac_nonfini
 
 # -- fixed histogram bins ---------------------------------------------------------------
 # Signed log2-magnitude bins, the same for every tensor and every step, so a histogram is
-# a device-side bincount with no min/max reduction and no host sync.
+# a device-side count with no min/max reduction and no host sync.
 HIST_LOG2_MIN: Final = -24  # magnitudes below 2**-24 count as zero
 HIST_LOG2_MAX: Final = 8  # magnitudes at or above 2**8 go to the overflow bins
 HIST_MAG_BINS: Final = HIST_LOG2_MAX - HIST_LOG2_MIN  # one bin per octave
