@@ -69,27 +69,26 @@ def _ema_state(x: np.ndarray, w: float, block: int = 64) -> np.ndarray:
 
 def rolling_median(values: np.ndarray, window: int) -> np.ndarray:
     """Centered rolling median over the finite points (non-finite points stay NaN)."""
-    x = np.asarray(values, dtype=np.float64)
-    out = np.full(x.shape, np.nan)
-    finite = np.isfinite(x)
-    if not finite.any():
-        return out
-    w = max(1, min(int(window), int(finite.sum())))
-    out[finite] = ndimage.median_filter(x[finite], size=w, mode="nearest")
-    return out
+    return _median_over_finite(values, window, trailing=False)
 
 
 def trailing_median(values: np.ndarray, window: int) -> np.ndarray:
-    """Median of each point and the ``window - 1`` finite points before it (fewer at the
-    start), over the finite points (non-finite points stay NaN)."""
+    """Median of each point and the ``window - 1`` finite points before it (the first value
+    repeated at the start; the upper middle value for an even window), over the finite
+    points (non-finite points stay NaN)."""
+    return _median_over_finite(values, window, trailing=True)
+
+
+def _median_over_finite(values: np.ndarray, window: int, trailing: bool) -> np.ndarray:
     x = np.asarray(values, dtype=np.float64)
     out = np.full(x.shape, np.nan)
     finite = np.isfinite(x)
     if not finite.any():
         return out
     w = max(1, min(int(window), int(finite.sum())))
-    # origin shifts the window to end at the point itself
-    out[finite] = ndimage.median_filter(x[finite], size=w, mode="nearest", origin=(w - 1) // 2)
+    # origin (w - 1) // 2 makes the window end at the point itself
+    origin = (w - 1) // 2 if trailing else 0
+    out[finite] = ndimage.median_filter(x[finite], size=w, mode="nearest", origin=origin)
     return out
 
 

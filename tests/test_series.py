@@ -182,3 +182,18 @@ def test_windows_where_properties(m: np.ndarray, min_len: int) -> None:
     assert sum(b - a + 1 for a, b in wins) == covered.sum()
     long_runs = [w for w in S.windows_where(m, 1) if w[1] - w[0] + 1 >= min_len]
     assert wins == long_runs
+
+
+def test_trailing_median_is_the_median_of_the_window_ending_at_each_point():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(60)
+    x[[5, 17, 40]] = np.nan
+    for w in (1, 3, 4, 10):
+        got = S.trailing_median(x, w)
+        finite = np.flatnonzero(np.isfinite(x))
+        assert np.isnan(got[[5, 17, 40]]).all()
+        for j, i in enumerate(finite):
+            window = x[finite[max(0, j - w + 1) : j + 1]]
+            if window.size == w:  # full windows (the start is padded with the first value)
+                # even windows: scipy's median filter takes the upper middle value
+                assert got[i] == np.sort(window)[w // 2], (w, i)
