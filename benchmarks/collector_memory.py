@@ -10,6 +10,7 @@ without limit; the summary says how many steps were dropped.
 
     python benchmarks/collector_memory.py                       # 1000 tensors, 10k steps
     python benchmarks/collector_memory.py --steps 2000 --json out.json
+    python benchmarks/collector_memory.py --defaults --steps 3000 --sample-every 250
 
 Linux only (reads /proc). Prints one line per sample and a JSON summary.
 """
@@ -69,6 +70,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10_000)
     ap.add_argument("--sample-every", type=int, default=1000)
     ap.add_argument("--max-queue", type=int, default=8)
+    ap.add_argument(
+        "--defaults",
+        action="store_true",
+        help="the Collector's default cadence and max_queue instead of the stress cadence",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = ap.parse_args()
 
@@ -82,15 +88,15 @@ def main() -> None:
         run_dir = Path(tmp) / "run"
         rss0 = rss_mb()
         t0 = time.perf_counter()
-        with Collector(
-            model,
-            opt,
-            run_dir=run_dir,
-            every=1,
-            activation_every=1,
-            hist_every=1,
-            max_queue=args.max_queue,
-        ) as col:
+        knobs = (
+            {}
+            if args.defaults
+            else {"every": 1, "activation_every": 1, "hist_every": 1, "max_queue": args.max_queue}
+        )
+        with Collector(model, opt, run_dir=run_dir, **knobs) as col:
+            s = col.settings
+            cadence = f"every={s.every} activation_every={s.activation_every} "
+            cadence += f"hist_every={s.hist_every} max_queue={s.max_queue}"
             writer = col._writer  # for the queue length only
             for step in range(1, args.steps + 1):
                 loss = nn.functional.mse_loss(model(x), y)
@@ -124,8 +130,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "param_tensors": n_tensors,
         "steps": args.steps,
-        "cadence": "every=1 activation_every=1 hist_every=1",
-        "max_queue": args.max_queue,
+        "cadence": cadence,
         "rss_before_mb": round(rss0, 1),
         "rss_first_sample_mb": rss[0] if rss else None,
         "rss_last_sample_mb": rss[-1] if rss else None,

@@ -357,3 +357,18 @@ def test_code_counts_agree_on_both_paths() -> None:
     b = stats.count_codes(codes, 512, bincount=False)
     assert a.dtype == b.dtype == torch.float64
     assert a.tolist() == b.tolist() and a.sum().item() == codes.numel()
+
+
+def test_free_host_buffers_are_reused_most_recent_first() -> None:
+    """The ring reuses the buffers just freed instead of cycling through all of them (a
+    cycle grows every buffer to the largest package and exhausts the byte budget)."""
+    import queue
+
+    slots = writer.FreeSlots(4)
+    taken = [slots.get_nowait() for _ in range(4)]
+    assert sorted(taken) == [0, 1, 2, 3]
+    with pytest.raises(queue.Empty):
+        slots.get_nowait()
+    slots.put(2)
+    slots.put(0)
+    assert [slots.get_nowait(), slots.get_nowait()] == [0, 2]

@@ -23,7 +23,7 @@ from torch import nn
 
 from runlens_collect import _active, repro, runinfo, stats
 from runlens_collect import format as fmt
-from runlens_collect.writer import Block, Package, Writer
+from runlens_collect.writer import Block, FreeSlots, Package, Writer
 
 # Activations whose output is zero for "dead" units, and bounded activations with bounds.
 _RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.Threshold)
@@ -286,9 +286,7 @@ class Collector:
         self._pin = torch.cuda.is_available() and self.device.type == "cuda"
         self._ring: list[torch.Tensor | None] = [None] * s.max_queue
         self._ring_bytes = 0  # allocated host buffer bytes (bounded by max_queue_bytes)
-        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for i in range(s.max_queue):
-            self._free.put(i)
+        self._free = FreeSlots(s.max_queue)
 
         # run.json
         self.run_dir.mkdir(parents=True, exist_ok=True)

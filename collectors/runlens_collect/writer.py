@@ -101,6 +101,29 @@ class Package:
     slot: int | None = None
 
 
+class FreeSlots:
+    """Indices of free host buffers, handed out most recently freed first.
+
+    LIFO keeps the ring's working set to the few buffers actually in flight: a FIFO cycles
+    through every buffer, so each one in turn grows to the largest package (a histogram
+    step's), and the ring hits ``max_queue_bytes`` and drops steps it had no need to drop.
+    ``deque.append``/``pop`` are atomic, so the two threads need no lock (and a Ctrl-C
+    cannot leave one held).
+    """
+
+    def __init__(self, slots: int) -> None:
+        self._d: collections.deque[int] = collections.deque(range(slots - 1, -1, -1))
+
+    def put(self, slot: int) -> None:
+        self._d.append(slot)
+
+    def get_nowait(self) -> int:
+        try:
+            return self._d.pop()
+        except IndexError:
+            raise queue.Empty from None
+
+
 class BoundedQueue:
     """The FIFO from the training thread to the writer, bounded by a count.
 
@@ -160,7 +183,7 @@ class Writer(threading.Thread):
         flush_steps: int,
         flush_seconds: float,
         max_queue: int,
-        free_slots: queue.SimpleQueue[int],
+        free_slots: FreeSlots,
         on_flush: Callable[[int], None],
         report: Callable[[str, str, BaseException | None], None],
         write_events: bool,
