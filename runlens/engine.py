@@ -212,8 +212,7 @@ def summarize(ctx: Context, options: AnalyzeOptions | None = None) -> RunSummary
         if c is None:
             return None, None
         window = max(3, min(ema_window, int(c.finite.sum()) // 10))
-        got = c.level(window)
-        return (got[0], got[1]) if got else (None, None)
+        return c.level(window) or (None, None)
 
     train_final, tb = level(tl)
     val_final, vb = level(vl)

@@ -591,11 +591,9 @@ class Collector:
             torch._foreach_copy_(self._wviews, self._wsrc)
             write = fmt.KIND_WEIGHT in self.kinds
             # The snapshot must survive until the update: the sign goes to the gradient
-            # buffer instead, read by now (same layout) and rewritten at the next read.
-            g = self._glayout
-            spare = (
-                g.matrix if g is not None and g.matrix.shape == self._wlayout.matrix.shape else None
-            )
+            # buffer instead (built with the same layout), read by now and rewritten at
+            # the next read.
+            spare = self._glayout.matrix if self._glayout is not None else None
             self._blocks["weight"] = self._flat_block(
                 fmt.KIND_WEIGHT, self._wlayout, write=write, sign_out=spare
             )
@@ -708,9 +706,7 @@ class Collector:
         # The histogram first: sign_out may be the layout's own buffer.
         counts = None
         if hist:
-            codes = self._scratch_for(layout.matrix)
-            codes = codes.view(torch.int32) if codes is not None else None
-            counts = stats.flat_hist(layout, codes).reshape(-1)
+            counts = stats.flat_hist(layout, self._int_scratch(layout.matrix)).reshape(-1)
         raw = stats.flat_raw(layout, sign_out)
         parts = [raw.reshape(-1)]
         if counts is not None:

@@ -110,15 +110,26 @@ NONFINITE_CHUNKS = 16
 row_partials)."""
 
 
+def _bad_rows_first(m: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of NONFINITE_CHUNKS rows (fewer if m has fewer), those with an inf/NaN norm
+    first, and a copy of those rows (taken before a sign_out may overwrite m). Any rows
+    count exactly, so which good rows fill the rest does not matter."""
+    k = min(NONFINITE_CHUNKS, m.shape[0])
+    idx = norm.nan_to_num(nan=math.inf).topk(k, sorted=False).indices
+    return idx, m[idx]
+
+
+def _sign(m: torch.Tensor, sign_out: torch.Tensor | None) -> torch.Tensor:
+    return torch.sign(m, out=sign_out) if sign_out is not None else m.sign()
+
+
 def row_partials(
-    m: torch.Tensor, sign_out: torch.Tensor | None = None, row_max: bool = True
+    m: torch.Tensor, sign_out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row raw statistics of a 2-D float matrix: ``(rows, 4)`` float64 partial sums
-    (sum, sumsq, nonzero, nonfinite) and the float32 max |x| of each row (``row_max``) or
-    of the whole matrix followed by its (min, max) (``row_max=False``: one ``aminmax``
-    pass instead of two row reductions).
+    (sum, sumsq, nonzero, nonfinite) and the float32 max |x| of each row.
 
-    Few cheap passes (sum, L2 norm, max/min, sign, L2 norm of the sign), since the data
+    Few cheap passes (sum, L2 norm, max, min, sign, L2 norm of the sign), since the data
     has usually left the cache and each pass costs a read of it. ``sign_out``, when
     given, receives the sign (it may be ``m`` itself where m is scratch, or any spare
     buffer of m's shape and dtype): a fresh temporary of that size costs page faults on
@@ -129,35 +140,28 @@ def row_partials(
     those rows are found from the row norms and counted exactly on a fixed number
     (NONFINITE_CHUNKS) of gathered rows, so no data-dependent shape and no host sync.
     Beyond that many bad rows the remaining bad rows count as wholly non-finite (an upper
-    bound) and wholly non-zero.
+    bound) and wholly non-zero (``sign(NaN)`` is 0 on CPU, so their sign count is no bound).
     """
     f32 = torch.float32
     s1 = m.sum(1, dtype=f32)
     norm = torch.linalg.vector_norm(m, 2, dim=1, dtype=f32)
-    if row_max:
-        # max |x| without an |x| temporary; amax/amin propagate NaN, as maximum does.
-        mx = torch.maximum(m.amax(1), m.amin(1).neg()).to(f32)
-    else:
-        lo, hi = torch.aminmax(m)
-        mx = torch.stack([torch.maximum(hi, lo.neg()), lo, hi]).to(f32)
-    bad = ~torch.isfinite(norm)
-    k = min(NONFINITE_CHUNKS, m.shape[0])
-    idx = torch.argsort(bad.to(torch.uint8), descending=True, stable=True)[:k]
-    g = m[idx]  # a copy: taken before sign_out may overwrite m
-    sgn = torch.sign(m, out=sign_out) if sign_out is not None else m.sign()
-    nonzero = torch.linalg.vector_norm(sgn, 2, dim=1, dtype=f32).square_().round_()
+    # max |x| without an |x| temporary; amax/amin propagate NaN, as maximum does.
+    absmax = torch.maximum(m.amax(1), m.amin(1).neg()).to(f32)
+    idx, g = _bad_rows_first(m, norm)
+    nonzero = torch.linalg.vector_norm(_sign(m, sign_out), 2, dim=1, dtype=f32)
+    nonzero = nonzero.square_().round_()
     # Exact counts in the gathered rows with float ops (bool reductions are slow on CPU):
     # |g| with NaN/inf set to 1 has sign 1 exactly where g != 0; g * 0 is NaN exactly
     # where g is not finite.
     nonzero.index_put_((idx,), g.abs().nan_to_num_(nan=1.0, posinf=1.0).sign_().sum(1))
     nonfinite = torch.zeros_like(s1).index_put_((idx,), (g * 0).nan_to_num_(nan=1.0).sum(1))
-    beyond = bad.index_put_((idx,), torch.zeros((), dtype=torch.bool, device=m.device))
+    beyond = (~torch.isfinite(norm)).index_fill_(0, idx, False)
     width = float(m.shape[1])
     nonfinite = torch.where(beyond, width, nonfinite)
     nonzero = torch.where(beyond, width, nonzero)
     part = torch.stack([s1, norm, nonzero, nonfinite], dim=1).double()
     part[:, 1].square_()
-    return part, mx
+    return part, absmax
 
 
 def flat_raw(layout: FlatLayout, sign_out: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,12 +281,9 @@ def tensor_raw(
     s1 = rows.sum(1, dtype=f32)
     nrm = torch.linalg.vector_norm(rows, 2, dim=1, dtype=f32)
     lo, hi = torch.aminmax(rows)
-    k = min(NONFINITE_CHUNKS, r)
-    # Rows with inf/NaN have an inf/NaN norm: they come first (any k rows count exactly).
-    idx = nrm.nan_to_num(nan=math.inf).topk(k, sorted=False).indices
-    g = rows[idx]  # a copy: taken before sign_out may overwrite rows
-    sgn = torch.sign(rows, out=sign_out) if sign_out is not None else rows.sign()
-    nz = torch.linalg.vector_norm(sgn, 2, dim=1, dtype=f32).square_().round_()
+    idx, g = _bad_rows_first(rows, nrm)
+    nz = torch.linalg.vector_norm(_sign(rows, sign_out), 2, dim=1, dtype=f32)
+    nz = nz.square_().round_()
     # Gathered rows are counted from g; other bad rows (only beyond k of them) count as
     # wholly non-zero: sign(NaN) is 0 on CPU, so their sign count is no bound.
     fin = torch.isfinite(nrm)
@@ -299,7 +300,7 @@ def tensor_raw(
             hi.to(f64),
         ]
     )
-    return out, (r, k, width)
+    return out, (r, len(idx), width)
 
 
 def single_to_raw(single: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:

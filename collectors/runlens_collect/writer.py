@@ -516,9 +516,8 @@ class Writer(threading.Thread):
                 or time.monotonic() - self._last_flush >= self.flush_seconds
                 or self.flush_requested.is_set()
             )
-            if flush_now:
+            if flush_now:  # (_decode_pending itself flushes when flush_steps/rows are due)
                 self._decode_pending()
-            if flush_now or self._flush_due():
                 self.flush_requested.clear()
                 self.flush()
             self.drain_events()
@@ -567,9 +566,8 @@ class Writer(threading.Thread):
         batch, self._batch = self._batch, []
         i = 0
         while i < len(batch):
-            # A segment holds at most flush_steps steps.
-            room = max(1, self.flush_steps - self._pending_steps)
-            chunk = batch[i : i + min(BATCH, room)]
+            # A segment holds at most flush_steps steps (the batch is at most batch_cap).
+            chunk = batch[i : i + max(1, self.flush_steps - self._pending_steps)]
             i += len(chunk)
             self._decode_batch(chunk)
             if self._flush_due():
@@ -579,11 +577,12 @@ class Writer(threading.Thread):
 def _finish_single(raw: np.ndarray, b: Block) -> tuple[np.ndarray, Block]:
     """RAW (+ derived + extra) columns from a single-tensor block's SINGLE columns."""
     single = raw[..., :NSINGLE]
-    cols = [single_to_raw(single, b.single)]
-    derived = {"min": single[..., 6], "max": single[..., 7], "row_sum_mean": None}
-    for name in b.derived:
-        v = derived[name]
-        cols.append((single[..., 0] / max(1, b.single[0]) if v is None else v)[..., None])
+    derived = {
+        "min": single[..., 6],
+        "max": single[..., 7],
+        "row_sum_mean": single[..., 0] / max(1, b.single[0]),  # sum over the rows' count
+    }
+    cols = [single_to_raw(single, b.single), *(derived[n][..., None] for n in b.derived)]
     cols.append(raw[..., NSINGLE:])
     finished = replace(b, single=None, derived=(), extra=b.derived + b.extra)
     return np.concatenate(cols, axis=-1), finished
