@@ -105,7 +105,7 @@ def read_tfevents(path: Path) -> Series:
             elif value.HasField("tensor"):
                 try:
                     arr = tensor_util.make_ndarray(value.tensor)
-                except Exception:  # noqa: BLE001 - text/image tensors are not scalars
+                except Exception:  # text/image tensors are not scalars
                     continue
                 if arr.size != 1 or arr.dtype.kind not in "fiu":
                     continue
@@ -148,8 +148,10 @@ def summary(name: str, pts: list[tuple[float, float]], n: int = 10) -> str:
     xmax, ymax = max(finite, key=lambda p: p[1])
     last = finite[-1]
     third = max(1, len(finite) // 3)
-    means = [sum(y for _, y in part) / len(part) for part in
-             (finite[:third], finite[third:-third] or finite[:1], finite[-third:])]
+    means = [
+        sum(y for _, y in part) / len(part)
+        for part in (finite[:third], finite[third:-third] or finite[:1], finite[-third:])
+    ]
     return (
         f"  {name}: n={len(pts)}{f' nonfinite={bad}' if bad else ''} [{sample}] "
         f"last {last[0]:g}:{last[1]:.4g} min {xmin:g}:{ymin:.4g} max {xmax:g}:{ymax:.4g} "
@@ -183,14 +185,17 @@ def plot(groups: dict[str, Series], out: Path, title: str) -> None:
             ys = [p[1] if math.isfinite(p[1]) else float("nan") for p in pts]
             style = "o-" if len(pts) < 60 else "-"
             panel = _panel(name)
-            axes[panel if panel == 0 else panel + 1].plot(xs, ys, style, ms=3, lw=1, label=prefix + name)
+            axes[panel if panel == 0 else panel + 1].plot(
+                xs, ys, style, ms=3, lw=1, label=prefix + name
+            )
             if panel == 0:
                 # Zoom: drop the first 10% of the x range so late-run shapes are visible.
                 cut = xs[0] + 0.1 * (xs[-1] - xs[0])
-                tail = [(x, y) for x, y in zip(xs, ys) if x >= cut]
+                tail = [(x, y) for x, y in zip(xs, ys, strict=True) if x >= cut]
                 if tail:
-                    axes[1].plot(*zip(*tail), style, ms=3, lw=1, label=prefix + name)
-    for ax, what in zip(axes, ("losses", "losses after first 10% of x", "metrics", "learning rate")):
+                    axes[1].plot(*zip(*tail, strict=True), style, ms=3, lw=1, label=prefix + name)
+    titles = ("losses", "losses after first 10% of x", "metrics", "learning rate")
+    for ax, what in zip(axes, titles, strict=True):
         ax.set_title(f"{title}: {what}", fontsize=9)
         if ax.lines:
             ax.legend(fontsize=7, loc="best")
