@@ -29,6 +29,7 @@ import runlens
 from runlens.cli import cli
 from runlens.errors import OptionError
 from runlens.findings import Report
+from runlens.plotdata import build_plot_data
 from runlens.report import _common, compare_terminal, html, json_report, markdown, terminal
 from runlens.signatures import REGISTRY
 from runlens.task import TaskInfo, parse_task, resolve_task
@@ -169,6 +170,9 @@ def test_a_short_run_is_not_called_clean(two_step_report: Report) -> None:
     data = json.loads(json_report.render(report))
     assert data["coverage"]["complete"] is False
     assert data["coverage"]["main_not_run"] == list(cov.main_not_run)
+    page = html.render(report, build_plot_data(runlens.load_run(report.run.path), report))
+    assert f"Coverage: {len(cov.ran)} checks ran, {len(report.not_checked)} could not run" in page
+    assert _common.NO_PROBLEMS not in page
 
 
 def test_sanity_signatures_say_not_checked_on_too_short_sweeps(tmp_path: Path) -> None:

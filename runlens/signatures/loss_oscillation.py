@@ -23,7 +23,9 @@ class LossOscillation(Signature):
         is well above 1, the value batch-to-batch noise gives. So a noisy plateau (each
         step's loss independent noise around a level: noisy-loss, underfitting) is not
         called an oscillation however wide its band; a loss that overshoots and takes a
-        few steps to come back is.
+        few steps to come back is. The variance ratio needs 20 points in the second half,
+        so runs with fewer than 40 finite loss points after the transient are reported as
+        not checked (too few points).
 
     Why it matters:
         A loss that keeps bouncing without progress usually means the optimizer is at or
