@@ -212,6 +212,33 @@ def test_healthy_run_says_no_problems_and_lists_what_ran(tmp_path: Path) -> None
     assert "found nothing   " in text and "loss-spike" in text.split("found nothing")[1]
 
 
+def test_not_applicable_checks_do_not_make_a_run_incomplete(tmp_path: Path) -> None:
+    """A linear classifier has no depth: the depth checks do not apply, which is not a
+    gap in the analysis."""
+    x, y = blobs(512, seed=4)
+    torch.manual_seed(0)
+    run = train(tmp_path / "lin", nn.Linear(8, CLASSES), 80, F.cross_entropy, x, y,
+                {"num_classes": CLASSES})  # fmt: skip
+    report = runlens.analyze(run)
+    got = skipped(report)
+    assert got["vanishing-gradients"] == (
+        "not-applicable",
+        "1 weight layer(s) receive a gradient; comparing first and last layers needs 3",
+    )
+    # a root Linear has no child modules, so no activation rows either
+    assert got["bad-initialization"] == (
+        "not-recorded",
+        "no activation std statistics; 0 linear/conv layer(s) followed by a known "
+        "activation, needs 2",
+    )
+    parts = {(p.signature, p.part): p.kind for p in report.coverage.partial}
+    assert parts[("exploding-gradients", "ratio over depth")] == "not-applicable"
+    assert "exploding-gradients" in report.coverage.ran  # growth over steps was checked
+    assert "vanishing-gradients" in report.coverage.main
+    assert report.coverage.complete, report.coverage.main_not_run
+    assert _common.verdict(report).startswith(_common.NO_PROBLEMS)
+
+
 # -- task: stated, never guessed ----------------------------------------------------------
 
 

@@ -314,10 +314,14 @@ def coverage_lines(report: Report) -> list[CoverageLine]:
         if kind == "not-applicable":
             continue
         for reason, names in skipped_groups([s for s in report.skipped if s.kind == kind]):
-            out.append(CoverageLine(heading, _group_text(heading, reason, names), True))
+            text = _group_text(heading, reason, names)
+            if kind == "task-unknown":  # the task line above says why and what to do
+                text = f"{', '.join(names)}: need the number of classes C (see task)"
+            out.append(CoverageLine(heading, text, True))
     for kind, heading in SKIP_KINDS.items():
         for p in (p for p in cov.partial if p.kind == kind):
-            text = f"{p.signature} ran without its {p.part}: {_strip(heading, p.reason)}"
+            why = "see task" if kind == "task-unknown" else _strip(heading, p.reason)
+            text = f"{p.signature} ran without its {p.part}: {why}"
             out.append(CoverageLine(f"in part, {heading}", text, kind != "not-applicable"))
     if cov.found:
         out.append(CoverageLine("found something", ", ".join(cov.found), False))
@@ -344,6 +348,8 @@ def task_text(report: Report) -> str:
     text += f" (from {t.source})" if t.source else ""
     if t.ignored:
         text += f"; ignored: {'; '.join(t.ignored)}"
+    if t.type == "classification" and t.chance_level is None and t.num_classes is None:
+        text += f": number of classes unknown, chance-level checks off; {HOW_TO_STATE}"
     return text
 
 

@@ -79,6 +79,10 @@ class InputBound(Signature):
         total = data + comp
         with np.errstate(invalid="ignore", divide="ignore"):
             share = np.where(total > 0, data / total, np.nan)
+        if not np.isfinite(share).any():
+            raise NotChecked(
+                f"{fmt.TIME_DATA} + {fmt.TIME_COMPUTE} is 0 at every step", "not-recorded"
+            )
         med_share = float(np.nanmedian(share))
         med_data, med_comp = float(np.median(data)), float(np.median(comp))
         if not (med_share >= p.data_fraction and med_data * 1e3 >= p.min_data_ms):
