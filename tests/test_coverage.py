@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -237,6 +240,48 @@ def test_not_applicable_checks_do_not_make_a_run_incomplete(tmp_path: Path) -> N
     assert "vanishing-gradients" in report.coverage.main
     assert report.coverage.complete, report.coverage.main_not_run
     assert _common.verdict(report).startswith(_common.NO_PROBLEMS)
+
+
+def test_missing_activations_of_a_compiled_model_say_why(
+    two_step_report: Report, tmp_path: Path
+) -> None:
+    """run.json's collector block (kinds_in_effect, compiled) explains a missing kind."""
+    src = Path(two_step_report.run.path)
+    run_dir = tmp_path / "compiled"
+    shutil.copytree(src, run_dir)
+    layers = run_dir / fmt.LAYERS_DIR
+    for part in layers.rglob("*.parquet"):  # keep every kind but activations
+        table = pq.read_table(part)
+        pq.write_table(table.filter(pc.not_equal(table["kind"], fmt.KIND_ACTIVATION)), part)
+    meta = json.loads((run_dir / fmt.RUN_JSON).read_text())
+    meta["collector"]["compiled"] = True
+    meta["collector"]["kinds_in_effect"] = [k for k in fmt.KINDS if k != fmt.KIND_ACTIVATION]
+    fmt.write_json_atomic(meta, run_dir / fmt.RUN_JSON)
+    got = skipped(runlens.analyze(run_dir))
+    want = (
+        "needs layers:activation (not recorded: the model was compiled, activation hooks are off)"
+    )
+    assert got["dead-relu"] == ("not-recorded", want)
+    assert got["activation-explosion"] == ("not-recorded", want)
+
+
+def test_a_broken_signature_is_an_internal_error(two_step_report: Report, monkeypatch) -> None:
+    class Broken(REGISTRY["nan-inf"]):  # type: ignore[misc,valid-type]
+        name = "test-broken"
+
+        def detect(self, ctx, p):  # type: ignore[no-untyped-def]
+            raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setitem(REGISTRY, Broken.name, Broken)
+    report = runlens.analyze(two_step_report.run.path)
+    assert skipped(report)["test-broken"] == (
+        "internal-error",
+        "internal error: ZeroDivisionError: division by zero",
+    )
+    assert "test-broken" not in report.coverage.ran
+    assert "signature test-broken failed: ZeroDivisionError: division by zero" in report.warnings
+    lines = [ln for ln in _common.coverage_lines(report) if ln.heading == "internal error"]
+    assert [ln.text for ln in lines] == ["test-broken: ZeroDivisionError: division by zero"]
 
 
 # -- task: stated, never guessed ----------------------------------------------------------
