@@ -100,6 +100,7 @@ def sections() -> dict[str, str]:
     return {
         "run-json": keys_table(fmt.RUN_JSON_KEYS),
         "model-summary": keys_table(fmt.MODEL_SUMMARY_KEYS),
+        "task": keys_table(fmt.TASK_KEYS),
         "scalars-schema": schema_table(fmt.SCALARS_SCHEMA, SCALAR_COLUMNS),
         "layers-schema": schema_table(fmt.LAYERS_SCHEMA, LAYER_COLUMNS),
         "hist-bins": hist_table(),

@@ -16,7 +16,16 @@ from __future__ import annotations
 from runlens.compare import CompareOptions, Comparison, compare
 from runlens.engine import AnalyzeOptions, analyze, parse_set
 from runlens.errors import OptionError, RunlensError, RunLoadError
-from runlens.findings import Evidence, Finding, LayerHealth, Report, RunSummary, Skipped
+from runlens.findings import (
+    Coverage,
+    Evidence,
+    Finding,
+    LayerHealth,
+    Report,
+    RunSummary,
+    Skipped,
+    TaskSummary,
+)
 from runlens.run import Run, load_run
 from runlens.signatures import REGISTRY
 
@@ -27,6 +36,7 @@ __all__ = [
     "AnalyzeOptions",
     "CompareOptions",
     "Comparison",
+    "Coverage",
     "Evidence",
     "Finding",
     "LayerHealth",
@@ -37,6 +47,7 @@ __all__ = [
     "RunSummary",
     "RunlensError",
     "Skipped",
+    "TaskSummary",
     "analyze",
     "compare",
     "load_run",

@@ -133,7 +133,8 @@ def _every_option(flag: str, what: str, collector_default: int) -> Callable[[F],
 
 
 def analysis_options(fn: F) -> F:
-    """--set / --config / --smoothing / --only; read them with :func:`analyze_options`."""
+    """--set / --config / --smoothing / --only / --task; read them with
+    :func:`analyze_options`."""
     decorators = [
         click.option(
             "--set",
@@ -163,6 +164,14 @@ def analysis_options(fn: F) -> F:
             metavar="NAME",
             help="Run only this signature (repeatable or comma-separated).",
         ),
+        click.option(
+            "--task",
+            default=None,
+            metavar="TYPE[:C]",
+            help="What the model is trained to do, when the run does not say: "
+            "classification:C, multilabel:C, regression, language-modeling, unknown. "
+            "The chance-level checks need classification:C.",
+        ),
     ]
     for d in reversed(decorators):
         fn = d(fn)
@@ -170,7 +179,11 @@ def analysis_options(fn: F) -> F:
 
 
 def analyze_options(
-    set_: tuple[str, ...], config: str | None, smoothing: float | None, only: tuple[str, ...]
+    set_: tuple[str, ...],
+    config: str | None,
+    smoothing: float | None,
+    only: tuple[str, ...],
+    task: str | None = None,
 ) -> Any:
     """AnalyzeOptions from the :func:`analysis_options` values (--set wins over --config)."""
     from runlens.engine import AnalyzeOptions, load_config, parse_set
@@ -179,7 +192,7 @@ def analyze_options(
     for sig, values in parse_set(set_).items():
         overrides.setdefault(sig, {}).update(values)
     names = tuple(n.strip() for item in only for n in item.split(",") if n.strip())
-    kwargs: dict[str, Any] = {"overrides": overrides, "only": names or None}
+    kwargs: dict[str, Any] = {"overrides": overrides, "only": names or None, "task": task}
     if smoothing is not None:
         kwargs["smoothing"] = smoothing
     return AnalyzeOptions(**kwargs)
@@ -286,6 +299,7 @@ def analyze(
     config: str | None,
     smoothing: float | None,
     only: tuple[str, ...],
+    task: str | None,
     input_format: str,
     map_: tuple[str, ...],
 ) -> None:
@@ -300,6 +314,7 @@ def analyze(
       runlens analyze runs/exp1 --format html -o report.html
       runlens analyze runs/exp1 --fail-on error --set loss-spike.threshold=8
       runlens analyze tb_logs/run1            # TensorBoard, CSV, HF trainer_state too
+      runlens analyze runs/exp1 --task classification:10
     """
     import shutil
 
@@ -309,7 +324,7 @@ def analyze(
     from runlens.report import json_report, markdown, terminal
     from runlens.sources import open_run
 
-    options = analyze_options(set_, config, smoothing, only)
+    options = analyze_options(set_, config, smoothing, only, task)
     if plots is not None and fmt != "markdown":
         fail("--plots works with --format markdown (the html format has its own plots)")
     if fmt == "html":
@@ -423,6 +438,7 @@ def compare(
     config: str | None,
     smoothing: float | None,
     only: tuple[str, ...],
+    task: str | None,
     input_format: str,
     map_: tuple[str, ...],
 ) -> None:
@@ -451,7 +467,7 @@ def compare(
     options = CompareOptions(
         metric=metric,
         by=by,
-        analyze=analyze_options(set_, config, smoothing, only),  # type: ignore[arg-type]
+        analyze=analyze_options(set_, config, smoothing, only, task),  # type: ignore[arg-type]
         input_format=input_format,
         mapping=tuple(parse_map(map_).items()),
     )

@@ -265,6 +265,8 @@ class Comparison:
                         for f in rep.findings
                     ],
                     "warnings": rep.warnings,
+                    "coverage": dataclasses.asdict(rep.coverage),
+                    "skipped": [dataclasses.asdict(s) for s in rep.skipped],
                 }
             )
 

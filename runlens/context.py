@@ -9,9 +9,9 @@ import numpy as np
 from runlens_collect import format as fmt
 
 from runlens import series as S
+from runlens.findings import SkipKind, Skipped
 from runlens.run import LayerMatrix, Run
-
-_CLASS_KEYS = ("num_classes", "n_classes", "classes", "num_labels", "n_labels")
+from runlens.task import TaskInfo, resolve_task
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,31 @@ class Curve:
 class Context:
     """Derived data for signatures; every property is computed on first use and cached."""
 
-    def __init__(self, run: Run, smoothing: float = S.DEFAULT_SMOOTHING) -> None:
+    def __init__(
+        self, run: Run, smoothing: float = S.DEFAULT_SMOOTHING, task: TaskInfo | None = None
+    ) -> None:
         self.run = run
         self.smoothing = smoothing
+        self._stated_task = task
         self._curves: dict[str, Curve | None] = {}
+        self._signature = ""
+        self._parts: list[Skipped] = []
+
+    # -- coverage -----------------------------------------------------------------------
+    def begin(self, signature: str) -> None:
+        """The engine is about to run ``signature``: later part notes are its."""
+        self._signature = signature
+
+    def not_checked_part(self, part: str, reason: str, kind: SkipKind) -> None:
+        """A signature ran but could not check ``part`` of its job (see signatures.base)."""
+        note = Skipped(self._signature, reason, kind, part)
+        if note not in self._parts:
+            self._parts.append(note)
+
+    def take_parts(self) -> list[Skipped]:
+        """The part notes recorded since the last call (the engine collects them)."""
+        out, self._parts = self._parts, []
+        return out
 
     # -- availability ---------------------------------------------------------------------
     def available(self, requirement: str) -> bool:
@@ -155,18 +176,12 @@ class Context:
 
     # -- model facts --------------------------------------------------------------------
     @cached_property
-    def num_classes(self) -> int | None:
-        """Number of classes: from the config, else the model output width (if > 1)."""
-        cfg = self.run.config
-        for k in _CLASS_KEYS:
-            v = cfg.get(k)
-            if isinstance(v, int) and not isinstance(v, bool) and v > 1:
-                return v
-        w = self.run.output_width
-        return w if w is not None and w > 1 else None
+    def task(self) -> TaskInfo:
+        """What the model is trained to do, from what was stated (see runlens.task)."""
+        return resolve_task(self.run.meta, self.run.config, self._stated_task)
 
-    @cached_property
-    def task(self) -> str | None:
-        """``classification`` / ``regression`` when the config says (key ``task``)."""
-        t = self.run.config.get("task")
-        return str(t) if t else None
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of a single-label classification (None for other or unknown tasks)."""
+        t = self.task
+        return t.num_classes if t.type == "classification" else None

@@ -109,6 +109,13 @@ def signatures_doc() -> str:
         f"runlens knows {len(REGISTRY)} signature{'s' if len(REGISTRY) != 1 else ''}. "
         "`runlens explain NAME` prints the same text in a terminal.",
         "",
+        "A signature that cannot look at a run (a series it needs is absent, too few points, "
+        "the task unknown for a chance-level check) does not count as a clean check: the "
+        "report's coverage lists it with the reason ([report schema]"
+        "(report-schema.md#coverage)). The chance level ln(C) comes from "
+        "`runlens analyze --task classification:C`, the run's config (`task`, `num_classes`) "
+        "or run.json's `task`, never from the model output's shape.",
+        "",
         signature_table().replace(f"({SIGNATURES_DOC.as_posix()}#", "(#"),
         "",
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,19 +17,22 @@ from runlens import series as S
 from runlens.context import Context
 from runlens.errors import OptionError
 from runlens.findings import (
+    Coverage,
     CurvePreview,
     Finding,
     Report,
     RunInfo,
     RunSummary,
     Skipped,
+    TaskSummary,
 )
 from runlens.health import layer_health
 from runlens.links import link_findings, rank_findings
 from runlens.run import Run
 from runlens.signatures import REGISTRY
-from runlens.signatures.base import Params, Signature
+from runlens.signatures.base import NotChecked, Params, Signature
 from runlens.sources import open_run
+from runlens.task import TaskInfo, parse_task
 
 PREVIEW_CURVES = (fmt.TRAIN_LOSS, fmt.VAL_LOSS, "val/accuracy", "lr/0", fmt.GRAD_NORM)
 
@@ -43,9 +46,14 @@ class AnalyzeOptions:
     only: tuple[str, ...] | None = None
     """Run only these signatures (names); None runs all."""
     preview_points: int = 120
+    task: str | None = None
+    """The task of the run(s) analyzed, overriding what the run says: ``classification:10``,
+    ``regression``, ``multilabel:5``, ``language-modeling``, ``unknown`` (see runlens.task)."""
 
     def __post_init__(self) -> None:
         validate_overrides(self.overrides)
+        if self.task is not None:
+            parse_task(self.task)  # raises OptionError on a bad spec
         if self.only is not None:
             unknown = [n for n in self.only if n not in REGISTRY]
             if unknown:
@@ -118,29 +126,41 @@ def analyze(run: Run | str | os.PathLike[str], options: AnalyzeOptions | None = 
     options = options or AnalyzeOptions()
     if not isinstance(run, Run):
         run = open_run(run)
-    ctx = Context(run, options.smoothing)
+    stated = parse_task(options.task) if options.task is not None else None
+    ctx = Context(run, options.smoothing, task=stated)
     findings: list[Finding] = []
     skipped: list[Skipped] = []
+    partial: list[Skipped] = []
     warnings: list[str] = []
+    considered: list[str] = []
     no_layers = 0  # signatures skipped for want of layer statistics
     for name, sig in REGISTRY.items():
         if options.only is not None and name not in options.only:
             continue
+        considered.append(name)
         if not sanity.applies(name, sig.category, run.kind):
-            skipped.append(Skipped(name, f"not applicable to {run.kind} runs"))
+            skipped.append(Skipped(name, f"does not apply to {run.kind} runs", "not-applicable"))
             continue
         missing = ctx.missing(sig.requires)
         if missing:
-            skipped.append(Skipped(name, "needs " + ", ".join(missing)))
+            skipped.append(Skipped(name, _missing_reason(run, missing), "not-recorded"))
             no_layers += any("layers:" in m for m in missing)
             continue
         params = resolve_params(sig, options.overrides.get(name, {}))
+        ctx.begin(name)
         try:
             found = sig().detect(ctx, params)
-        except Exception as exc:  # one broken signature must not hide the others
-            skipped.append(Skipped(name, f"internal error: {type(exc).__name__}: {exc}"))
-            warnings.append(f"signature {name} failed: {type(exc).__name__}: {exc}")
+        except NotChecked as nc:  # could not look: not checked, and the report says why
+            ctx.take_parts()
+            skipped.append(Skipped(name, nc.reason, nc.kind))
             continue
+        except Exception as exc:  # one broken signature must not hide the others
+            ctx.take_parts()
+            text = f"{type(exc).__name__}: {exc}"
+            skipped.append(Skipped(name, f"internal error: {text}", "internal-error"))
+            warnings.append(f"signature {name} failed: {text}")
+            continue
+        partial += ctx.take_parts()
         findings.extend(_clip_steps(f, ctx) for f in found)
     if no_layers and not run.has_layers():
         what = "log" if run.source_format != "runlens" else "run"
@@ -158,7 +178,94 @@ def analyze(run: Run | str | os.PathLike[str], options: AnalyzeOptions | None = 
         curves=tuple(_previews(ctx, options.preview_points)),
         # run.warnings last: loading is lazy, a segment can turn out unreadable mid-analysis
         warnings=tuple(dict.fromkeys([*run.warnings, *warnings])),
+        coverage=coverage(ctx, considered, findings, skipped, partial),
     )
+
+
+# -- coverage -------------------------------------------------------------------------------
+
+MAIN_CHECKS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        fmt.TRAIN_LOSS,
+        (
+            "nan-inf",
+            "loss-divergence",
+            "loss-flat",
+            "loss-oscillation",
+            "loss-spike",
+            "noisy-loss",
+            "underfitting",
+        ),
+    ),
+    (f"{fmt.VAL_LOSS}|{fmt.VAL_ACCURACY}", ("overfitting",)),
+    (f"{fmt.GRAD_NORM}|layers:{fmt.KIND_GRAD}", ("exploding-gradients",)),
+    (f"layers:{fmt.KIND_GRAD}", ("vanishing-gradients",)),
+)
+"""(requirement, signatures): the checks a clean report must have run, for a run that has
+the requirement. A report with no findings says "No problems found" only when every main
+check of its run ran (a not-applicable one does not count against it)."""
+
+SANITY_MAIN_CHECKS: dict[str, tuple[str, ...]] = {
+    sanity.KIND_LR_RANGE_TEST: ("lr-range-test",),
+    sanity.KIND_OVERFIT_ONE_BATCH: ("cannot-overfit-batch",),
+    sanity.KIND_INIT_CHECK: ("bad-initialization",),
+}
+
+
+def main_checks(ctx: Context, considered: Iterable[str]) -> tuple[str, ...]:
+    """The main checks of this run among the signatures ``considered`` (see MAIN_CHECKS)."""
+    if ctx.run.kind in SANITY_MAIN_CHECKS:
+        wanted = SANITY_MAIN_CHECKS[ctx.run.kind]
+    else:
+        wanted = tuple(n for req, names in MAIN_CHECKS if ctx.available(req) for n in names)
+    chosen = set(considered)
+    return tuple(n for n in REGISTRY if n in wanted and n in chosen)
+
+
+def coverage(
+    ctx: Context,
+    considered: Sequence[str],
+    findings: Sequence[Finding],
+    skipped: Sequence[Skipped],
+    partial: Sequence[Skipped],
+) -> Coverage:
+    """What ran, what found something, what could not check: see findings.Coverage."""
+    not_run = {s.signature for s in skipped}
+    wanted_not_run = {s.signature for s in skipped if s.kind != "not-applicable"}
+    flagged = {f.signature for f in findings}
+    ran = [n for n in considered if n not in not_run]
+    main = main_checks(ctx, considered)
+    main_not_run = tuple(n for n in main if n in wanted_not_run)
+    return Coverage(
+        found=tuple(n for n in ran if n in flagged),
+        clean=tuple(n for n in ran if n not in flagged),
+        main=main,
+        main_not_run=main_not_run,
+        complete=bool(main) and not main_not_run,
+        partial=tuple(partial),
+        task=_task_summary(ctx.task),
+    )
+
+
+def _task_summary(t: TaskInfo) -> TaskSummary:
+    return TaskSummary(t.type, t.num_classes, t.source, t.ignored, t.chance_level)
+
+
+def _missing_reason(run: Run, missing: Sequence[str]) -> str:
+    """``needs layers:activation (...)`` with why it is missing, when that is known."""
+    why = ""
+    kinds = [a.split(":", 1)[1] for m in missing for a in m.split("|") if a.startswith("layers:")]
+    collector = run.meta.get("collector") or {}
+    in_effect = collector.get("kinds_in_effect")
+    if kinds and run.source_format != "runlens":
+        why = f" (an imported {run.source_format} log has no layer statistics)"
+    elif kinds and not run.has_layers():
+        pass  # "layer statistics not available" says it all
+    elif kinds and fmt.KIND_ACTIVATION in kinds and collector.get("compiled"):
+        why = " (not recorded: the model was compiled, activation hooks are off)"
+    elif kinds and isinstance(in_effect, list) and not set(kinds) & set(in_effect):
+        why = f" (not recorded: the collector ran without {' or '.join(kinds)} statistics)"
+    return "needs " + ", ".join(missing) + why
 
 
 def _clip_steps(f: Finding, ctx: Context) -> Finding:

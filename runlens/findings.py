@@ -65,12 +65,79 @@ class Finding:
             object.__setattr__(self, "steps", (min(a, b), max(a, b)))
 
 
+SkipKind = Literal[
+    "not-applicable", "not-recorded", "too-few-points", "task-unknown", "internal-error"
+]
+SKIP_KINDS: dict[str, str] = {
+    "not-applicable": "not applicable",
+    "not-recorded": "statistic not recorded",
+    "too-few-points": "too few points",
+    "task-unknown": "task unknown",
+    "internal-error": "internal error",
+}
+"""Why a signature (or part of one) could not check, with the heading reports group by,
+in report order. ``not-applicable``: nothing to check here (a sanity run's kind, a model
+without ReLU layers, a regression's chance level); the others mean the check was wanted
+and could not be done."""
+
+
 @dataclass(frozen=True)
 class Skipped:
-    """A signature that could not run on this run, and why (e.g. missing series)."""
+    """A signature that could not check this run (or part of it could not), and why."""
 
     signature: str
     reason: str
+    """Specific and readable, e.g. ``only 7 train/loss points after the warm-up, needs 20``."""
+    kind: SkipKind = "not-recorded"
+    part: str | None = None
+    """None when the whole signature did not run; else the part of it that did not (the
+    rest ran), e.g. ``comparison with the chance level``."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SKIP_KINDS:
+            raise ValueError(f"bad skip kind {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """The task the analysis assumed (see :mod:`runlens.task`)."""
+
+    type: str
+    """classification, multilabel, regression, language-modeling or unknown."""
+    num_classes: int | None = None
+    source: str | None = None
+    ignored: tuple[str, ...] = ()
+    chance_level: float | None = None
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What the analysis could and could not check (docs/report-schema.md#coverage).
+
+    Every signature considered is in exactly one of ``found``, ``clean`` and the report's
+    ``skipped``; ``partial`` lists parts of signatures that ran but could not do all of
+    their job (e.g. the chance-level comparison of a run whose task is unknown).
+    """
+
+    found: tuple[str, ...] = ()
+    """Signatures that ran and reported something."""
+    clean: tuple[str, ...] = ()
+    """Signatures that ran and found nothing."""
+    main: tuple[str, ...] = ()
+    """The main checks for this run: the loss-curve signatures when there is a training
+    loss, overfitting with validation, the gradient ones with gradient statistics, the
+    sanity signature of a sanity run (see runlens.engine.main_checks)."""
+    main_not_run: tuple[str, ...] = ()
+    """Main checks that could not check (skipped for a reason other than not applicable)."""
+    complete: bool = False
+    """All main checks ran (and there was at least one): only then does a report with no
+    findings say "No problems found"."""
+    partial: tuple[Skipped, ...] = ()
+    task: TaskSummary = field(default_factory=lambda: TaskSummary("unknown"))
+
+    @property
+    def ran(self) -> tuple[str, ...]:
+        return self.found + self.clean
 
 
 @dataclass(frozen=True)
@@ -154,6 +221,12 @@ class Report:
     layers: tuple[LayerHealth, ...] = ()
     curves: tuple[CurvePreview, ...] = ()
     warnings: tuple[str, ...] = ()
+    coverage: Coverage = field(default_factory=Coverage)
+
+    @property
+    def not_checked(self) -> tuple[Skipped, ...]:
+        """Skipped signatures whose check was wanted (every kind but not-applicable)."""
+        return tuple(s for s in self.skipped if s.kind != "not-applicable")
 
     @property
     def worst_severity(self) -> Severity | None:

@@ -32,8 +32,14 @@ _ALSO_ON = {
 }
 
 
+# Sanity signatures that judge only their own kind of run.
+_ONLY_ON = {"lr-range-test": KIND_LR_RANGE_TEST, "cannot-overfit-batch": KIND_OVERFIT_ONE_BATCH}
+
+
 def applies(name: str, category: str, kind: str) -> bool:
     """Whether a signature runs on a run of this kind."""
+    if name in _ONLY_ON:
+        return kind == _ONLY_ON[name]
     if kind not in SANITY_KINDS:
         return True
     return category == "sanity" or name in _ALSO_ON[kind]

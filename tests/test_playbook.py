@@ -276,7 +276,13 @@ def inits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, runlens.Report]
     for name, std in (("default", None), ("std1", 1.0)):
         model = deep_relu(std)
         before = copy.deepcopy(model.state_dict())
-        init_check(model, (x, y), run_dir=root / name, loss_fn=F.cross_entropy)
+        init_check(
+            model,
+            (x, y),
+            run_dir=root / name,
+            loss_fn=F.cross_entropy,
+            config={"num_classes": CLASSES},
+        )
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
         out[name] = runlens.analyze(root / name)
     return out

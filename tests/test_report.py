@@ -13,7 +13,7 @@ from cli_runs import HOSTILE, NAN_STEP, WIDE_NAN_LAYER, recorded
 from markdown_it import MarkdownIt
 
 import runlens
-from runlens.findings import Report
+from runlens.findings import SKIP_KINDS, Report
 from runlens.report import _common, json_report, markdown, terminal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,11 +115,11 @@ def test_layer_table_is_capped_flagged_rows_first(wide_report: Report) -> None:
 def test_skipped_line_without_layer_statistics(no_layers_report: Report) -> None:
     layerish = [s.signature for s in no_layers_report.skipped if "layers:" in s.reason]
     assert layerish, "the registry has layer signatures; they must be skipped here"
-    n = len(layerish)
-    text = terminal.render(no_layers_report, width=400)
-    assert f"layer statistics not available: {n} signatures skipped (" in text
+    line = f"{', '.join(layerish)}: {_common.LAYERS_MISSING}"
+    text = terminal.render(no_layers_report, width=1000)
+    assert f"statistic not recorded  {line}" in text
     md = markdown.render(no_layers_report)
-    assert f"layer statistics not available: {n} signatures skipped (" in md.replace("\\", "")
+    assert f"- **statistic not recorded:** {line}" in md.replace("\\", "")
     assert "Layer health" not in text  # no layer rows at all
 
 
@@ -205,7 +205,16 @@ def test_json_matches_documented_schema(nan_report: Report) -> None:
         assert set(c) == doc["curves"]
         assert len(c["steps"]) == len(c["values"]) == len(c["smoothed"])
     for s in data["skipped"]:
-        assert set(s) == {"signature", "reason"}
+        assert set(s) == doc["skipped"]
+        assert s["kind"] in SKIP_KINDS and s["part"] is None
+    cov = data["coverage"]
+    assert set(cov) == doc["coverage"]
+    assert set(cov["task"]) == doc["coverage task"]
+    for p in cov["partial"]:
+        assert set(p) == doc["skipped"] and p["part"]
+    # every signature analyzed is in exactly one of found / clean / skipped
+    names = cov["found"] + cov["clean"] + [s["signature"] for s in data["skipped"]]
+    assert sorted(names) == sorted(runlens.REGISTRY)
     assert all(isinstance(w, str) for w in data["warnings"])
 
 

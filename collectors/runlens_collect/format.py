@@ -71,6 +71,9 @@ RUN_JSON_KEYS: Final = {
     "dropped), warnings (list of str, shown as run warnings)}",
     "summary_extras": "dict, extra facts for the report's run summary (JSON scalars), e.g. "
     "an imported Hugging Face run's train_runtime",
+    "task": "dict | null, what the model was trained to do, as the writer saw it (see "
+    "TASK_KEYS); null when not known. Runs written before this key existed lack it: read "
+    "as null",
 }
 
 MODEL_SUMMARY_KEYS: Final = {
@@ -79,6 +82,63 @@ MODEL_SUMMARY_KEYS: Final = {
     "modules": "list of {path, type, params: [{name, shape, numel, requires_grad}]}",
     "output_shape": "list[int] | null, shape of the root module's output, once seen",
 }
+
+# -- run.json "task" --------------------------------------------------------------------
+# Written by whoever saw the loss function or the model class (the collector from a
+# cross_entropy call and the logits' class dim, an integration from the Hugging Face model
+# class). The analyzer's chance level ln(C) comes from here or from the user's config,
+# never from the output's shape: a segmentation map's last dim is its width, not C.
+
+TASK_CLASSIFICATION: Final = "classification"
+TASK_MULTILABEL: Final = "multilabel"
+TASK_REGRESSION: Final = "regression"
+TASK_LANGUAGE_MODELING: Final = "language-modeling"
+TASK_UNKNOWN: Final = "unknown"
+TASK_TYPES: Final = (
+    TASK_CLASSIFICATION,
+    TASK_MULTILABEL,
+    TASK_REGRESSION,
+    TASK_LANGUAGE_MODELING,
+    TASK_UNKNOWN,
+)
+
+TASK_KEYS: Final = {
+    "type": "'classification' (one label of C per example or per position: cross_entropy, "
+    "nll_loss) | 'multilabel' (independent binary labels: binary_cross_entropy[_with_logits]) "
+    "| 'regression' (mse, l1, huber, ...) | 'language-modeling' (next/masked-token "
+    "prediction over a vocabulary) | 'unknown'",
+    "num_classes": "int | null, classes C of a classification (the logits' class dim), "
+    "labels of a multilabel task, vocabulary size of a language model; null when not seen",
+    "source": "str, how it was found, e.g. 'loss:cross_entropy', 'loss:mse', "
+    "'model:GPT2LMHeadModel', 'labels', 'config'",
+}
+
+
+def task_record(task_type: str, num_classes: int | None = None, source: str = "") -> dict[str, Any]:
+    """The run.json ``task`` value; raises ValueError on a type not in TASK_TYPES."""
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task type must be one of {TASK_TYPES}, got {task_type!r}")
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+    return {"type": task_type, "num_classes": num_classes, "source": str(source)}
+
+
+def read_task(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """run.json's ``task`` as written by :func:`task_record`, or None when it is absent
+    (older runs), null or malformed (a reader never fails on it)."""
+    task = meta.get("task")
+    if not isinstance(task, dict) or task.get("type") not in TASK_TYPES:
+        return None
+    n = task.get("num_classes")
+    ok = isinstance(n, int) and not isinstance(n, bool) and n >= 1
+    return {
+        "type": task["type"],
+        "num_classes": n if ok else None,
+        "source": str(task.get("source") or ""),
+    }
+
 
 # -- scalars ----------------------------------------------------------------------------
 
@@ -266,6 +326,7 @@ def new_run_json(run_id: str, name: str, start_time: float) -> dict[str, Any]:
         "source_format": "runlens",
         "imported": None,
         "summary_extras": {},
+        "task": None,
     }
 
 

@@ -11,7 +11,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from runlens.findings import CurvePreview, Finding, LayerHealth, Report, Skipped, fmt_num
+from runlens.findings import (
+    SKIP_KINDS,
+    CurvePreview,
+    Finding,
+    LayerHealth,
+    Report,
+    Skipped,
+    fmt_num,
+)
+from runlens.task import HOW_TO_STATE
 
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 24
@@ -157,16 +166,32 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]
 
 
 def verdict(report: Report) -> str:
-    """One line: the clean-run message, or the count of findings by severity."""
-    if not report.findings:
-        return NO_PROBLEMS
-    counts: dict[str, int] = {}
-    for f in report.findings:
-        counts[f.severity] = counts.get(f.severity, 0) + 1
-    parts = [f"{n} {sev}{'s' if n > 1 else ''}" for sev, n in counts.items()]
-    return f"{len(report.findings)} finding{'s' if len(report.findings) > 1 else ''}: " + ", ".join(
-        parts
-    )
+    """One line: the count of findings by severity, or the clean-run message. "No problems
+    found" only when every main check of the run ran (see findings.Coverage); otherwise
+    the line says how many checks ran and which main ones could not."""
+    cov = report.coverage
+    n_ran, n_not = len(cov.ran), len(report.not_checked)
+    not_run = f"{n_not} could not run (see Coverage)"
+    if report.findings:
+        counts: dict[str, int] = {}
+        for f in report.findings:
+            counts[f.severity] = counts.get(f.severity, 0) + 1
+        parts = [f"{n} {sev}{'s' if n > 1 else ''}" for sev, n in counts.items()]
+        n = len(report.findings)
+        text = f"{n} finding{'s' if n > 1 else ''}: " + ", ".join(parts)
+        return text + (f"; {n_not} check{'s' if n_not > 1 else ''} could not run" if n_not else "")
+    if cov.complete:
+        checks = f"{n_ran} check{'s' if n_ran != 1 else ''} ran"
+        if n_not:
+            checks += f"; {n_not} could not run, see Coverage"
+        return f"{NO_PROBLEMS} ({checks})"
+    text = f"Nothing found by the {n_ran} check{'s' if n_ran != 1 else ''} that ran"
+    if cov.main_not_run:
+        names = ", ".join(cov.main_not_run)
+        return f"{text}, but {n_not} could not run, among them main checks {names} (see Coverage)"
+    if not cov.main:
+        return f"{text}; none of the main checks applies to this run (see Coverage)"
+    return f"{text}; {not_run}"
 
 
 def link_note(f: Finding) -> str | None:
@@ -224,17 +249,24 @@ def skipped_groups(skipped: Sequence[Skipped]) -> list[tuple[str, list[str]]]:
 
 def _reason_text(reason: str) -> str:
     if reason.startswith("needs "):
-        needs = [r.strip() for r in reason[len("needs ") :].split(",")]
+        why = _why(reason)
+        needs = [r.strip() for r in reason[len("needs ") : len(reason) - len(why)].split(",")]
         # "grad_norm|layers:grad" counts too: the layer alternative is what is missing.
         if needs and all("layers:" in n for n in needs):
-            return LAYERS_MISSING
+            return LAYERS_MISSING + why
     return reason
+
+
+def _why(reason: str) -> str:
+    """The ``(...)`` explanation the engine appends to a ``needs ...`` reason, if any."""
+    i = reason.find(" (")
+    return reason[i:] if i >= 0 and reason.endswith(")") else ""
 
 
 def shown_warnings(report: Report) -> list[str]:
     """Warnings to list; the engine's "layer statistics not available" note is left out
-    when the skipped-signatures line already says it (with the names)."""
-    if any(r == LAYERS_MISSING for r, _ in skipped_groups(report.skipped)):
+    when the coverage already says it (with the names)."""
+    if any(r.startswith(LAYERS_MISSING) for r, _ in skipped_groups(report.skipped)):
         return [w for w in report.warnings if not w.startswith(LAYERS_MISSING)]
     return list(report.warnings)
 
@@ -242,3 +274,92 @@ def shown_warnings(report: Report) -> list[str]:
 def skipped_line(reason: str, names: Sequence[str]) -> str:
     n = len(names)
     return f"{reason}: {n} signature{'s' if n > 1 else ''} skipped ({', '.join(names)})"
+
+
+# -- coverage -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CoverageLine:
+    """One line of the coverage section: a heading (``too few points``) and its text."""
+
+    heading: str
+    text: str
+    wanted: bool
+    """False for not-applicable lines and the list of clean checks (shown dimmed)."""
+
+
+def coverage_summary(report: Report) -> str:
+    """``21 checks ran (1 found something), 3 could not run, 2 not applicable``."""
+    cov = report.coverage
+    n_na = len(report.skipped) - len(report.not_checked)
+    text = f"{len(cov.ran)} check{'s' if len(cov.ran) != 1 else ''} ran"
+    if cov.found:
+        text += f" ({len(cov.found)} found something)"
+    text += f", {len(report.not_checked)} could not run"
+    if cov.partial:
+        n = len({p.signature for p in cov.partial})
+        text += f", {n} ran in part"
+    if n_na:
+        text += f", {n_na} not applicable"
+    return text
+
+
+def coverage_lines(report: Report) -> list[CoverageLine]:
+    """The coverage section: task, what could not run grouped by kind and reason, what ran
+    in part, what found nothing, what does not apply."""
+    cov = report.coverage
+    out = [CoverageLine("task", task_text(report), cov.task.type == "unknown")]
+    for kind, heading in SKIP_KINDS.items():
+        if kind == "not-applicable":
+            continue
+        for reason, names in skipped_groups([s for s in report.skipped if s.kind == kind]):
+            text = _group_text(heading, reason, names)
+            if kind == "task-unknown":  # the task line above says why and what to do
+                text = f"{', '.join(names)}: need the number of classes C (see task)"
+            out.append(CoverageLine(heading, text, True))
+    for kind, heading in SKIP_KINDS.items():
+        for p in (p for p in cov.partial if p.kind == kind):
+            why = "see task" if kind == "task-unknown" else _strip(heading, p.reason)
+            text = f"{p.signature} ran without its {p.part}: {why}"
+            out.append(CoverageLine(f"in part, {heading}", text, kind != "not-applicable"))
+    if cov.found:
+        out.append(CoverageLine("found something", ", ".join(cov.found), False))
+    if cov.clean:
+        out.append(CoverageLine("found nothing", ", ".join(cov.clean), False))
+    na = [s for s in report.skipped if s.kind == "not-applicable"]
+    for reason, names in skipped_groups(na):
+        out.append(
+            CoverageLine(SKIP_KINDS["not-applicable"], f"{', '.join(names)}: {reason}", False)
+        )
+    return out
+
+
+def task_text(report: Report) -> str:
+    t = report.coverage.task
+    if t.type == "unknown":
+        seen = f" ({'; '.join(t.ignored)})" if t.ignored else ""
+        return f"unknown{seen}: chance-level checks off; {HOW_TO_STATE}"
+    text = t.type
+    if t.num_classes is not None:
+        text += f", {t.num_classes} {'classes' if t.type == 'classification' else 'labels'}"
+    if t.chance_level is not None:
+        text += f", chance level ln(C) = {fmt_num(t.chance_level)}"
+    text += f" (from {t.source})" if t.source else ""
+    if t.ignored:
+        text += f"; ignored: {'; '.join(t.ignored)}"
+    if t.type == "classification" and t.chance_level is None and t.num_classes is None:
+        text += f": number of classes unknown, chance-level checks off; {HOW_TO_STATE}"
+    return text
+
+
+def _group_text(heading: str, reason: str, names: Sequence[str]) -> str:
+    return f"{', '.join(names)}: {_strip(heading, reason)}"
+
+
+def _strip(heading: str, reason: str) -> str:
+    """A reason without the heading it repeats (``task unknown; state it ...``)."""
+    if reason.lower().startswith(heading):
+        rest = reason[len(heading) :].lstrip(" :;,")
+        return rest or reason
+    return reason

@@ -66,10 +66,28 @@ def rank_rows(c: Comparison) -> list[list[str]]:
 
 
 def findings_cell(r: ComparedRun) -> str:
+    """``1 error, 2 warning``, or ``none``; with ``· N not run`` when checks could not
+    run, so a run with fewer checks does not look cleaner than it is."""
     counts: dict[str, int] = {}
     for f in r.report.findings:
         counts[f.severity] = counts.get(f.severity, 0) + 1
-    return ", ".join(f"{n} {sev}" for sev, n in counts.items()) or "none"
+    text = ", ".join(f"{n} {sev}" for sev, n in counts.items()) or "none"
+    n_not = len(r.report.not_checked)
+    return f"{text} · {n_not} not run" if n_not else text
+
+
+def clean_text(c: Comparison) -> str:
+    """``no findings: a, b (3 checks could not run: loss-spike, ...)`` for the runs with
+    none, saying per run when its main checks did not all run."""
+    parts = []
+    for label in c.clean_runs:
+        rep = c.run(label).report
+        if rep.coverage.complete:
+            parts.append(label)
+        else:
+            n = len(rep.not_checked)
+            parts.append(f"{label} (incomplete: {n} check{'s' if n != 1 else ''} could not run)")
+    return "no findings: " + ", ".join(parts)
 
 
 def fmt_opt(x: float | None) -> str:

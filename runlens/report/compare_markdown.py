@@ -43,9 +43,11 @@ def render(comparison: Comparison) -> str:
             runs = ", ".join(escape(r) for r in g.runs)
             out.append(f"- {SEVERITY_ICON[g.severity]} **{escape(g.signature)}**: {runs}")
         if c.clean_runs:
-            out.append("- ✅ no findings: " + ", ".join(escape(r) for r in c.clean_runs))
+            out.append("- ✅ " + escape(C.clean_text(c)))
     else:
         out.append("No findings in any run.")
+        if any(not r.report.coverage.complete for r in c.runs):
+            out += ["", escape(C.clean_text(c))]
     out.append("")
 
     if c.separations:

@@ -48,9 +48,11 @@ def _parts(c: Comparison) -> list[RenderableType]:
             line.append(f" ({g.severity}): " + ", ".join(g.runs), style="")
             parts.append(line)
         if c.clean_runs:
-            parts.append(Text("no findings: " + ", ".join(c.clean_runs)))
+            parts.append(Text(C.clean_text(c)))
     else:
         parts.append(Text("Findings: none in any run."))
+        if any(not r.report.coverage.complete for r in c.runs):
+            parts.append(Text(C.clean_text(c)))
 
     if c.separations:
         rows = [

@@ -66,7 +66,7 @@ def render(report: Report, run_data: Mapping[str, Any]) -> str:
         "runs": [dict(run_data, label=report.run.name)],
         "tables": [
             ("Layer health (last 10% of steps)", _health_table(report)),
-            ("Skipped signatures", _skipped_table(report)),
+            ("Coverage: " + C.coverage_summary(report), _coverage_table(report)),
             ("Warnings", _list_table("warning", report.warnings)),
             ("Config", _config_table(report.run.config)),
         ],
@@ -177,7 +177,10 @@ def _finding(f: Finding, run: int, data: Mapping[str, Any], i: int) -> dict[str,
 
 
 def _verdict(report: Report) -> dict[str, Any]:
-    return {"text": C.verdict(report), "severity": report.worst_severity}
+    worst = report.worst_severity
+    if worst is None and not report.coverage.complete:
+        worst = "info"  # not the green "ok": the main checks did not all run
+    return {"text": C.verdict(report), "severity": worst}
 
 
 def _table(
@@ -217,9 +220,10 @@ def _health_table(report: Report) -> dict[str, Any]:
     )
 
 
-def _skipped_table(report: Report) -> dict[str, Any]:
-    groups = C.skipped_groups(report.skipped)
-    return _table(["reason", "signatures"], [[reason, ", ".join(n)] for reason, n in groups])
+def _coverage_table(report: Report) -> dict[str, Any]:
+    lines = C.coverage_lines(report)
+    rows = [[ln.heading, ln.text] for ln in lines]
+    return _table(["", "signatures"], rows, [False, False], [ln.wanted for ln in lines])
 
 
 def _list_table(head: str, items: Sequence[str]) -> dict[str, Any]:
@@ -254,7 +258,14 @@ def _compare_verdict(comparison: Any) -> dict[str, Any]:
         if w is not None and (worst is None or _SEV[w] < _SEV[worst]):
             worst = w
     text = f"{len(runs)} runs compared on {comparison.metric}"
-    text += f"; {n} finding{'s' if n != 1 else ''} in total" if n else "; no problems found"
+    incomplete = [e.label for e in runs if not e.report.coverage.complete]
+    if n:
+        text += f"; {n} finding{'s' if n != 1 else ''} in total"
+    elif incomplete:
+        text += "; nothing found, but not every main check ran in " + ", ".join(incomplete)
+        worst = "info"
+    else:
+        text += "; no problems found"
     return {"text": text, "severity": worst}
 
 
@@ -278,12 +289,13 @@ def _ranking_table(comparison: Any) -> dict[str, Any]:
                 str(s.steps),
                 e.report.run.status,
                 str(len(e.report.findings)),
+                str(len(e.report.not_checked)),
             ]
         )
     return _table(
-        ["#", "run", str(comparison.metric), "steps", "status", "findings"],
+        ["#", "run", str(comparison.metric), "steps", "status", "findings", "checks not run"],
         rows,
-        [True, False, True, True, False, True],
+        [True, False, True, True, False, True, True],
     )
 
 

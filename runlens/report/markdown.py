@@ -43,7 +43,7 @@ def render(report: Report) -> str:
     out += _table(["", ""], [[f"**{escape(k)}**", escape(v)] for k, v in C.header_facts(report)])
     out.append("")
     worst = report.worst_severity
-    icon = "✅" if worst is None else SEVERITY_ICON[worst]
+    icon = ("✅" if report.coverage.complete else "⚪") if worst is None else SEVERITY_ICON[worst]
     out += [f"**{icon} {escape(C.verdict(report))}**", ""]
     if report.findings:
         out += ["### Findings", ""]
@@ -59,10 +59,9 @@ def render(report: Report) -> str:
         out.append("")
     if report.layers:
         out += _layers(report)
-    if report.skipped:
-        out += ["### Skipped signatures", ""]
-        out += [f"- {escape(C.skipped_line(r, n))}" for r, n in C.skipped_groups(report.skipped)]
-        out.append("")
+    out += ["### Coverage", "", escape(C.coverage_summary(report)), ""]
+    out += [f"- **{escape(ln.heading)}:** {escape(ln.text)}" for ln in C.coverage_lines(report)]
+    out.append("")
     if C.shown_warnings(report):
         out += ["### Load warnings", ""]
         out += [f"- {escape(w)}" for w in C.shown_warnings(report)]

@@ -34,10 +34,8 @@ def _sections(report: Report) -> list[list[RenderableType]]:
         sections.append([_curves(report)])
     if report.layers:
         sections.append([_layers(report)])
-    notes: list[RenderableType] = [
-        Text(C.skipped_line(reason, names), style="dim")
-        for reason, names in C.skipped_groups(report.skipped)
-    ]
+    sections.append([_coverage(report)])
+    notes: list[RenderableType] = []
     if C.shown_warnings(report):
         notes.append(Text("Load warnings:", style="bold yellow"))
         notes += [Text("  ! ") + Text(_one_line(w)) for w in C.shown_warnings(report)]
@@ -58,18 +56,21 @@ def _header(report: Report) -> Table:
 def _verdict(report: Report) -> Text:
     worst = report.worst_severity
     style = "bold green" if worst is None else SEVERITY_STYLE[worst]
-    text = Text(C.verdict(report), style=style)
-    if not report.findings:
-        ran = len(_checked(report))
-        text.append(f" ({ran} signature{'s' if ran != 1 else ''} checked)", style="green")
-    return text
+    if worst is None and not report.coverage.complete:
+        style = "bold yellow"  # nothing found, but the main checks did not all run
+    return Text(C.verdict(report), style=style)
 
 
-def _checked(report: Report) -> list[str]:
-    from runlens.signatures import REGISTRY
-
-    skipped = {s.signature for s in report.skipped}
-    return [n for n in REGISTRY if n not in skipped]
+def _coverage(report: Report) -> Group:
+    """What ran and what could not (docs/report-schema.md#coverage)."""
+    title = Text("Coverage: ", style="bold") + Text(C.coverage_summary(report))
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    for line in C.coverage_lines(report):
+        style = "" if line.wanted else "dim"
+        grid.add_row(Text(line.heading, style="bold " + style), Text(_one_line(line.text), style))
+    return Group(title, Padding(grid, (0, 0, 0, 2)))
 
 
 def _finding(index: int, f: Finding) -> Group:

@@ -12,9 +12,11 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
+from runlens_collect import format as fmt
 
 from runlens import series as S
 from runlens.context import Context, Curve
+from runlens.signatures.base import NotChecked
 
 TINY = sys.float_info.min
 """Division guard. Absolute floors like 1e-12 would make verdicts depend on the units of
@@ -92,17 +94,28 @@ def start_level(c: Curve) -> float | None:
     return initial_level(raw, k)
 
 
-def loss_view(ctx: Context, min_points: int = MIN_POINTS) -> LossView | None:
+def loss_view(ctx: Context, min_points: int = MIN_POINTS) -> LossView:
+    """The training loss after the transient; raises :class:`NotChecked` when there are
+    fewer than ``min_points`` finite points there (or none at all)."""
     c = ctx.train_loss
     if c is None or len(c) == 0:
-        return None
+        raise NotChecked(f"no {fmt.TRAIN_LOSS} recorded", "not-recorded")
     start = start_level(c)
     steps, raw = finite_points(c)
-    start_step = int(steps[0]) if steps.size else 0
+    if start is None or not math.isfinite(start):
+        raise NotChecked(f"no finite {fmt.TRAIN_LOSS} value", "not-recorded")
+    start_step = int(steps[0])
     keep = steps > ctx.transient_end
     steps, raw = steps[keep], raw[keep]
-    if start is None or steps.size < min_points or not math.isfinite(start):
-        return None
+    if steps.size < min_points:
+        what = f"finite {fmt.TRAIN_LOSS} points"
+        if keep.size < min_points:
+            raise NotChecked.too_few(int(keep.size), what, min_points)
+        raise NotChecked(
+            f"only {steps.size} {what} after the warm-up (step {ctx.transient_end}), needs "
+            f"{min_points} ({keep.size} in all)",
+            "too-few-points",
+        )
     window = max(5, steps.size // 20) | 1
     return LossView(
         steps=steps,
@@ -115,12 +128,41 @@ def loss_view(ctx: Context, min_points: int = MIN_POINTS) -> LossView | None:
     )
 
 
+def nonzero_start(v: LossView) -> None:
+    """Relative measures divide by the initial loss: raise NotChecked when it is 0."""
+    if abs(v.start) < TINY:
+        raise NotChecked(
+            "the initial training loss is 0: changes relative to it are undefined",
+            "not-applicable",
+        )
+
+
 def chance_level(ctx: Context) -> float | None:
-    """ln(C) for a classification run with C classes (None for regression/unknown)."""
-    if ctx.task is not None and ctx.task.lower() != "classification":
-        return None
-    c = ctx.num_classes
-    return math.log(c) if c is not None and c > 1 else None
+    """ln(C) for a single-label classification with C classes, else None (regression,
+    language modeling, unknown task: see runlens.task; never guessed from shapes)."""
+    return ctx.task.chance_level
+
+
+def require_chance(ctx: Context) -> float:
+    """ln(C), or raise NotChecked saying why there is none (task unknown / not a
+    classification): for signatures that are nothing but a chance-level comparison."""
+    chance = ctx.task.chance_level
+    if chance is None:
+        kind, reason = ctx.task.why_no_chance()
+        raise NotChecked(reason, kind)  # type: ignore[arg-type]
+    return chance
+
+
+def chance_for_part(ctx: Context, part: str) -> float | None:
+    """ln(C) for a part of a signature; when there is none because the task is unknown,
+    the part is noted as not checked in the report's coverage (a known non-classification
+    task is simply not compared with chance)."""
+    chance = ctx.task.chance_level
+    if chance is None:
+        kind, reason = ctx.task.why_no_chance()
+        if kind == "task-unknown":
+            ctx.not_checked_part(part, reason, "task-unknown")
+    return chance
 
 
 def loss_scale(start: float, level: float) -> float:

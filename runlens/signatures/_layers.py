@@ -11,6 +11,7 @@ import numpy as np
 from runlens.context import Context
 from runlens.findings import Evidence, fmt_num
 from runlens.run import LayerMatrix, full_param_name
+from runlens.signatures.base import NotChecked
 
 RELU_FAMILY = ("ReLU", "ReLU6", "RReLU", "Threshold")
 """Modules whose outputs are exactly zero on their negative side (LeakyReLU, GELU, SiLU
@@ -20,6 +21,15 @@ BOUNDED = ("Tanh", "Sigmoid", "Hardtanh", "Hardsigmoid", "Softsign", "LogSigmoid
 """Modules with a bounded range, whose units can saturate."""
 
 NORM_MODULES = ("Norm",)  # BatchNorm*, LayerNorm, GroupNorm, RMSNorm...
+
+MIN_ROWS = 3
+"""Fewer recorded steps of a statistic than this: too few to call anything persistent."""
+
+
+def require_rows(m: LayerMatrix, need: int = MIN_ROWS) -> None:
+    """Raise NotChecked when ``m`` has fewer than ``need`` recorded steps."""
+    if len(m.steps) < need:
+        raise NotChecked.too_few(len(m.steps), f"recorded steps of {m.kind} {m.stat}", need)
 
 
 @dataclass(frozen=True)
@@ -166,14 +176,20 @@ def persistent_layers(
     ctx: Context, m: LayerMatrix, cols: np.ndarray, threshold: float, min_fraction: float
 ) -> Persistent | None:
     """Columns ``cols`` of ``m`` at or above ``threshold`` on ``min_fraction`` of the
-    post-transient steps (None when no layer is)."""
+    post-transient steps (None when no layer is). Raises NotChecked when those columns hold
+    no finite value after the transient (nothing to judge)."""
     if cols.size == 0:
         return None
+    require_rows(m)
     post = after_transient(ctx, m)
     v = m.values[post][:, cols]
     valid = np.isfinite(v)
     if not valid.any():
-        return None
+        raise NotChecked(
+            f"no finite {m.kind} {m.stat} value in the {cols.size} layer(s) it applies to, "
+            f"over {int(post.sum())} recorded step(s) after the warm-up",
+            "not-recorded",
+        )
     with np.errstate(invalid="ignore"):
         over = valid & (v >= threshold)
     share = frac_true(over, valid)

@@ -11,6 +11,7 @@ from runlens_collect import format as fmt
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
 from runlens.signatures import _layers as L
+from runlens.signatures.base import NotChecked
 
 
 @dataclass(frozen=True)
@@ -28,13 +29,13 @@ class UpdateVerdict:
     n_layers: int
 
 
-def update_verdict(
-    ctx: Context, bound: float, below: bool, most_layers: float
-) -> UpdateVerdict | None:
-    """Compare update ratios with ``bound`` (``below``: ratio < bound, else > bound)."""
+def update_verdict(ctx: Context, bound: float, below: bool, most_layers: float) -> UpdateVerdict:
+    """Compare update ratios with ``bound`` (``below``: ratio < bound, else > bound).
+    Raises NotChecked without update ratios or when no weight layer moved."""
     m = ctx.layer(fmt.KIND_UPDATE, "update_ratio")
     if m is None:
-        return None
+        raise NotChecked("no update_ratio statistic", "not-recorded")
+    L.require_rows(m)
     cols = L.weight_columns(ctx, m)
     post = L.after_transient(ctx, m)
     v = m.values[post][:, cols]
@@ -42,10 +43,12 @@ def update_verdict(
     moving = (np.isfinite(v) & (v > 0)).any(axis=0)
     cols, v = cols[moving], v[:, moving]
     if cols.size == 0:
-        return None
+        raise NotChecked(
+            f"no weight layer moved in {int(post.sum())} recorded step(s) after the warm-up "
+            "(frozen parameters are frozen-layer's finding)",
+            "not-applicable",
+        )
     valid = np.isfinite(v)
-    if valid.sum() == 0:
-        return None
     with np.errstate(invalid="ignore"):
         beyond = valid & ((v < bound) if below else (v > bound))
     # Per step: the share of layers beyond the bound.
@@ -89,7 +92,7 @@ def update_findings(
     the confidence.
     """
     v = update_verdict(ctx, bound, below=below, most_layers=most_layers)
-    if v is None or v.step_share < min_fraction or v.layer_share < most_layers:
+    if v.step_share < min_fraction or v.layer_share < most_layers:
         return []
     ratio = max(v.median_ratio, 1e-300)
     margin = np.log10(bound / ratio) if below else np.log10(ratio / bound)

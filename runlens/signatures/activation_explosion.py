@@ -9,7 +9,7 @@ from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
 from runlens.signatures import _layers as L
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures.base import NotChecked, Param, Params, Signature, run_parts
 
 
 class ActivationExplosion(Signature):
@@ -83,15 +83,17 @@ class ActivationExplosion(Signature):
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
-        rms = _rms(ctx)
-        if rms is None:
-            return []
-        steps, layers, v = rms
-        found = [f for f in (_over_depth(ctx, p, steps, layers, v),) if f is not None]
-        if not found:
-            f = _over_steps(ctx, p, steps, layers, v)
-            found = [f] if f is not None else []
-        return found
+        steps, layers, v = _rms(ctx)
+        # Growth over depth is the finding when both hold: one instability, one finding.
+        depth, time = run_parts(
+            ctx,
+            (
+                ("growth over depth", lambda: _over_depth(ctx, p, steps, layers, v)),
+                ("growth over steps", lambda: _over_steps(ctx, p, steps, layers, v)),
+            ),
+        )
+        found = depth or time
+        return [found] if found is not None else []
 
 
 _FIX = (
@@ -105,16 +107,16 @@ _CAUSES = (
 )
 
 
-def _rms(ctx: Context) -> tuple[np.ndarray, tuple[str, ...], np.ndarray] | None:
+def _rms(ctx: Context) -> tuple[np.ndarray, tuple[str, ...], np.ndarray]:
     norm = ctx.layer(fmt.KIND_ACTIVATION, "norm")
     numel = ctx.layer(fmt.KIND_ACTIVATION, "numel")
     if norm is None or numel is None or norm.layers != numel.layers:
-        return None
+        raise NotChecked("no activation norm/numel statistics", "not-recorded")
     with np.errstate(invalid="ignore", divide="ignore"):
         v = norm.values / np.sqrt(np.where(numel.values > 0, numel.values, np.nan))
     v = np.where(np.isfinite(v) & (v > 0), v, np.nan)
     if not np.isfinite(v).any():
-        return None
+        raise NotChecked("no finite, non-zero activation norm", "not-recorded")
     return norm.steps, norm.layers, v
 
 
@@ -122,7 +124,10 @@ def _over_depth(
     ctx: Context, p: Params, steps: np.ndarray, layers: tuple[str, ...], v: np.ndarray
 ) -> Finding | None:
     if len(layers) < 3:
-        return None
+        raise NotChecked(
+            f"{len(layers)} activation layer(s) recorded; comparing first and last layers needs 3",
+            "not-applicable",
+        )
     k = max(1, len(layers) // 4)
     lv = np.log10(v)
     early = _rowmean(lv[:, :k])
@@ -132,7 +137,9 @@ def _over_depth(
         mask = np.arange(len(steps)) >= len(steps) // 2
     valid = mask & np.isfinite(early) & np.isfinite(late)
     if valid.sum() < 2:
-        return None
+        raise NotChecked.too_few(
+            int(valid.sum()), "steps with first and last layer activations", 2, "after the warm-up"
+        )
     growth = 10 ** (late - early)
     hit = valid & (growth >= p.depth_growth) & (10**late >= p.min_rms)
     frac = hit.sum() / valid.sum()
@@ -170,7 +177,7 @@ def _over_steps(
 ) -> Finding | None:
     n = len(steps)
     if n < 10:
-        return None
+        raise NotChecked.too_few(n, "recorded activation steps", 10)
     lv = np.log10(v)
     n0 = max(3, n // 10)
     ok0 = np.isfinite(lv[:n0]).any(axis=0)
@@ -188,7 +195,10 @@ def _over_steps(
         smooth[:, j] = S.rolling_median(lv[:, j], win)
     late = steps > ctx.transient_end
     if not late.any():
-        return None
+        raise NotChecked(
+            f"no activation statistics after the warm-up (step {ctx.transient_end})",
+            "too-few-points",
+        )
     sl = np.where(late[:, None], smooth, np.nan)
     growth = sl - start[None, :]
     big = np.isfinite(growth) & (growth >= np.log10(p.time_growth)) & (sl >= np.log10(p.min_rms))

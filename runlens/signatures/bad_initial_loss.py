@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import numpy as np
+from runlens_collect import format as fmt
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
-from runlens.signatures._curves import chance_level, confidence, finite_points, initial_level
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures._curves import confidence, finite_points, initial_level, require_chance
+from runlens.signatures.base import NotChecked, Param, Params, Signature
 
 
 class BadInitialLoss(Signature):
     """The first classification loss is far above what a fresh model should give.
 
     What it detects:
-        For a classification run with C classes (from the config's ``num_classes`` or the
-        model's output width), the training loss over the first few steps is more than
-        ``max_ratio`` times the chance level ln(C) — the cross-entropy of a model that
-        spreads probability evenly, which a well-initialized network gives at step 0.
+        For a single-label classification run with C classes, the training loss over the
+        first few steps is more than ``max_ratio`` times the chance level ln(C) — the
+        cross-entropy of a model that spreads probability evenly, which a well-initialized
+        network gives at step 0. C comes from ``--task classification:C``, the config's
+        ``task``/``num_classes``, or run.json's ``task`` (the loss function the collector
+        saw), never from the output's shape; when the task is unknown, or is regression or
+        language modeling, the check does not run and the report's coverage says so.
 
     Why it matters:
         A much higher initial loss means confident wrong predictions before any training:
@@ -63,13 +67,20 @@ class BadInitialLoss(Signature):
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
-        chance = chance_level(ctx)
+        chance = require_chance(ctx)
         c = ctx.train_loss
-        if chance is None or c is None:
-            return []
+        if c is None:
+            raise NotChecked(f"no {fmt.TRAIN_LOSS} recorded", "not-recorded")
         steps, raw = finite_points(c)
-        if raw.size == 0 or steps[0] > p.max_first_step:
-            return []
+        if raw.size == 0:
+            raise NotChecked(f"no finite {fmt.TRAIN_LOSS} value", "not-recorded")
+        if steps[0] > p.max_first_step:
+            raise NotChecked(
+                f"the first finite {fmt.TRAIN_LOSS} point is at step {int(steps[0])}, after "
+                f"max_first_step {int(p.max_first_step)} (resumed run?): the initial loss "
+                "was not recorded",
+                "not-recorded",
+            )
         k = max(1, int(p.first_points))
         # Before any blow-up: a run that starts at ln(C) and explodes at step 1 has a
         # divergence problem, not a bad initialization.

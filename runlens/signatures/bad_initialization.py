@@ -13,7 +13,7 @@ from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
 from runlens.run import full_param_name
 from runlens.signatures._layers import name_list
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures.base import NotChecked, Param, Params, Signature, run_parts
 
 # Layers whose weight has a fan-in in the usual sense (He / Glorot apply).
 _FAN_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "LazyLinear")
@@ -117,75 +117,32 @@ class BadInitialization(Signature):
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         layers = _fan_layers(ctx)
-        evidence: list[Evidence] = []
-        problems: list[str] = []
-        flagged: list[str] = []
-        first_step: int | None = None
-
-        act = ctx.layer(fmt.KIND_ACTIVATION, "std")
-        hidden = [lay for lay in layers[:-1] if act is not None and lay.path in act.layers]
-        if act is not None and len(hidden) >= 2 and act.steps[0] <= p.max_first_step:
-            first_step = int(act.steps[0])
-            stds = np.array([act.column(lay.path)[0] for lay in hidden])
-            ok = np.isfinite(stds) & (stds > 0)
-            if ok.sum() >= 2 and ok[0]:
-                rel = np.where(ok, stds / stds[0], np.nan)
-                j = int(np.nanargmax(np.abs(np.log(rel))))
-                last = rel[np.flatnonzero(ok)[-1]]
-                if rel[j] > p.act_factor or rel[j] < 1 / p.act_factor:
-                    way = "explode" if rel[j] > 1 else "collapse"
-                    problems.append(
-                        f"activation std {way}s through depth: {fmt_num(stds[0])} after "
-                        f"`{hidden[0].path}` to {fmt_num(stds[j])} after `{hidden[j].path}` "
-                        f"({fmt_num(rel[j])}×)"
-                    )
-                    flagged.append(hidden[j].path)
-                    op = ">" if rel[j] > 1 else "<"
-                    bound = p.act_factor if rel[j] > 1 else 1 / p.act_factor
-                    evidence.append(
-                        Evidence("activation std, most extreme / first layer", rel[j], bound, op)
-                    )
-                    evidence.append(Evidence("activation std, last / first hidden layer", last))
-
-        w = ctx.layer(fmt.KIND_WEIGHT, "std")
-        checked = [lay for lay in layers if lay.act and w is not None and lay.weight in w.layers]
-        if w is not None and len(checked) >= 2 and w.steps[0] <= p.max_first_step:
-            first_step = int(w.steps[0]) if first_step is None else min(first_step, w.steps[0])
-            ratios = np.array([w.column(lay.weight)[0] / _expected_std(lay) for lay in checked])
-            fin = np.isfinite(ratios) & (ratios > 0)
-            off = fin & ((ratios > p.weight_factor) | (ratios < 1 / p.weight_factor))
-            n_off, n = int(off.sum()), int(fin.sum())
-            if n and n_off >= max(2, math.ceil(p.min_fraction * n)):
-                names = [lay.weight for lay, o in zip(checked, off, strict=True) if o]
-                med = float(np.median(ratios[off]))
-                rule = {lay.act for lay in checked}
-                rules = " / ".join(sorted({"he": "He", "glorot": "Glorot"}[r] for r in rule if r))
-                problems.append(
-                    f"{n_off} of {n} weight matrices are {fmt_num(med)}× the {rules} scale "
-                    f"for their fan-in ({name_list(names)})"
-                )
-                flagged += [n for n in names if n not in flagged]
-                evidence.append(
-                    Evidence(
-                        "share of layers with off-scale weights", n_off / n, p.min_fraction, ">="
-                    )
-                )
-                evidence.append(
-                    Evidence("median weight std / expected std (off layers)", med, p.weight_factor)
-                )
-        if not problems:
+        parts = run_parts(
+            ctx,
+            (
+                ("activation scale through depth", lambda: _activation_part(ctx, p, layers)),
+                ("weight scale against fan-in", lambda: _weight_part(ctx, p, layers)),
+            ),
+        )
+        found = [x for x in parts if x is not None]
+        if not found:
             return []
+        first_step = min(x.first_step for x in found)
+        flagged: list[str] = []
+        for x in found:
+            flagged += [n for n in x.flagged if n not in flagged]
         return [
             Finding(
                 signature=self.name,
                 severity="warning",
-                confidence=min(1.0, 0.6 + 0.2 * len(problems)),
-                summary=f"bad initialization at step {first_step}: " + "; ".join(problems),
+                confidence=min(1.0, 0.6 + 0.2 * len(found)),
+                summary=f"bad initialization at step {first_step}: "
+                + "; ".join(x.problem for x in found),
                 fix="Initialize with fan-in scaling (kaiming_normal_ for ReLU, xavier_ for "
                 "tanh, or PyTorch's default), add normalization for deep nets, or use LSUV.",
-                steps=(first_step or 0, first_step or 0),
+                steps=(first_step, first_step),
                 layers=tuple(flagged),
-                evidence=tuple(evidence),
+                evidence=tuple(e for x in found for e in x.evidence),
                 causes=(
                     "weights drawn with a fixed std (e.g. normal(0, 1)) instead of fan-in scaling",
                     "an init meant for another activation (Glorot for a ReLU net, or the "
@@ -193,6 +150,104 @@ class BadInitialization(Signature):
                 ),
             )
         ]
+
+
+@dataclass(frozen=True)
+class _Problem:
+    problem: str
+    flagged: tuple[str, ...]
+    evidence: tuple[Evidence, ...]
+    first_step: int
+
+
+def _activation_part(ctx: Context, p: Params, layers: list[_Layer]) -> _Problem | None:
+    """Activation std of each hidden layer at the first recorded step vs the first one's."""
+    act = ctx.layer(fmt.KIND_ACTIVATION, "std")
+    if act is None:
+        raise NotChecked("no activation std statistics", "not-recorded")
+    hidden = [lay for lay in layers[:-1] if lay.path in act.layers]
+    if len(hidden) < 2:
+        raise NotChecked(
+            f"{len(hidden)} hidden linear/conv layer(s) with activation statistics, needs 2",
+            "not-applicable",
+        )
+    if act.steps[0] > p.max_first_step:
+        raise NotChecked(_late(int(act.steps[0]), "activation", p), "not-recorded")
+    first_step = int(act.steps[0])
+    stds = np.array([act.column(lay.path)[0] for lay in hidden])
+    ok = np.isfinite(stds) & (stds > 0)
+    if ok.sum() < 2 or not ok[0]:
+        raise NotChecked(
+            f"{int(ok.sum())} hidden layer(s) with a finite, non-zero activation std at step "
+            f"{first_step}, needs 2 including the first",
+            "not-recorded",
+        )
+    rel = np.where(ok, stds / stds[0], np.nan)
+    j = int(np.nanargmax(np.abs(np.log(rel))))
+    last = rel[np.flatnonzero(ok)[-1]]
+    if not (rel[j] > p.act_factor or rel[j] < 1 / p.act_factor):
+        return None
+    way = "explode" if rel[j] > 1 else "collapse"
+    op = ">" if rel[j] > 1 else "<"
+    bound = p.act_factor if rel[j] > 1 else 1 / p.act_factor
+    return _Problem(
+        problem=(
+            f"activation std {way}s through depth: {fmt_num(stds[0])} after "
+            f"`{hidden[0].path}` to {fmt_num(stds[j])} after `{hidden[j].path}` "
+            f"({fmt_num(rel[j])}×)"
+        ),
+        flagged=(hidden[j].path,),
+        evidence=(
+            Evidence("activation std, most extreme / first layer", rel[j], bound, op),
+            Evidence("activation std, last / first hidden layer", last),
+        ),
+        first_step=first_step,
+    )
+
+
+def _weight_part(ctx: Context, p: Params, layers: list[_Layer]) -> _Problem | None:
+    """Weight std at the first recorded step vs the He / Glorot std for its fan-in."""
+    w = ctx.layer(fmt.KIND_WEIGHT, "std")
+    if w is None:
+        raise NotChecked("no weight std statistics", "not-recorded")
+    checked = [lay for lay in layers if lay.act and lay.weight in w.layers]
+    if len(checked) < 2:
+        raise NotChecked(
+            f"{len(checked)} linear/conv layer(s) followed by a known activation, needs 2",
+            "not-applicable",
+        )
+    if w.steps[0] > p.max_first_step:
+        raise NotChecked(_late(int(w.steps[0]), "weight", p), "not-recorded")
+    ratios = np.array([w.column(lay.weight)[0] / _expected_std(lay) for lay in checked])
+    fin = np.isfinite(ratios) & (ratios > 0)
+    off = fin & ((ratios > p.weight_factor) | (ratios < 1 / p.weight_factor))
+    n_off, n = int(off.sum()), int(fin.sum())
+    if not (n and n_off >= max(2, math.ceil(p.min_fraction * n))):
+        return None
+    names = [lay.weight for lay, o in zip(checked, off, strict=True) if o]
+    med = float(np.median(ratios[off]))
+    rules = " / ".join(
+        sorted({"he": "He", "glorot": "Glorot"}[r] for r in {lay.act for lay in checked} if r)
+    )
+    return _Problem(
+        problem=(
+            f"{n_off} of {n} weight matrices are {fmt_num(med)}× the {rules} scale "
+            f"for their fan-in ({name_list(names)})"
+        ),
+        flagged=tuple(names),
+        evidence=(
+            Evidence("share of layers with off-scale weights", n_off / n, p.min_fraction, ">="),
+            Evidence("median weight std / expected std (off layers)", med, p.weight_factor),
+        ),
+        first_step=int(w.steps[0]),
+    )
+
+
+def _late(step: int, what: str, p: Params) -> str:
+    return (
+        f"the first {what} statistics are at step {step}, after max_first_step "
+        f"{int(p.max_first_step)} (resumed run?): the initialization was not recorded"
+    )
 
 
 def _expected_std(lay: _Layer) -> float:

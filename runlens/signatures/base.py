@@ -13,19 +13,78 @@ A signature module defines one subclass of :class:`Signature` with
   them with ``--set NAME.PARAM=VALUE``;
 * ``detect(ctx, p)`` — returns findings (possibly none). It never prints and never opens
   files: it reads only through the :class:`~runlens.context.Context`.
+
+Returning ``[]`` means "looked and found nothing". When a signature cannot look (too few
+points, a statistic all NaN, an unknown task, nothing of the kind it checks in this
+model), ``detect`` raises :class:`NotChecked` instead; the report's coverage then lists it
+as not checked with the reason, and a clean report does not claim it. When only a part of
+it cannot run, ``detect`` calls ``ctx.not_checked_part(part, reason, kind)`` and goes on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 if TYPE_CHECKING:
     from runlens.context import Context
-    from runlens.findings import Finding, Severity
+    from runlens.findings import Finding, Severity, SkipKind
 
 Category = Literal["curve", "layer", "system", "sanity"]
+
+
+class NotChecked(Exception):
+    """Raised by ``detect`` when the signature could not look at this run.
+
+    ``kind`` is one of :data:`runlens.findings.SKIP_KINDS` (``too-few-points``,
+    ``not-recorded``, ``task-unknown``, ``not-applicable``); ``reason`` says what was
+    missing in numbers, e.g. ``only 7 train/loss points after the warm-up, needs 20``.
+    """
+
+    def __init__(self, reason: str, kind: SkipKind = "too-few-points") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind: SkipKind = kind
+
+    @classmethod
+    def too_few(cls, have: int, what: str, need: int, where: str = "") -> NotChecked:
+        """``only 7 train/loss points after the warm-up, needs 20``."""
+        where = f" {where}" if where else ""
+        return cls(f"only {have} {what}{where}, needs {need}", "too-few-points")
+
+    @classmethod
+    def merge(cls, parts: list[NotChecked]) -> NotChecked:
+        """One NotChecked for a signature none of whose parts could run (the first part's
+        kind, unless one of them is a wanted check: too-few-points beats not-applicable)."""
+        wanted = [p for p in parts if p.kind != "not-applicable"]
+        kind = (wanted or parts)[0].kind
+        return cls("; ".join(dict.fromkeys(p.reason for p in parts)), kind)
+
+
 DOC_SECTIONS = ("What it detects", "Why it matters", "Evidence", "How to fix", "References")
+
+
+T = TypeVar("T")
+
+
+def run_parts(ctx: Context, parts: Sequence[tuple[str, Callable[[], T]]]) -> list[T | None]:
+    """Run the independent parts of a signature (e.g. gradient growth over steps and over
+    depth). A part that raises :class:`NotChecked` gives None and is noted in the coverage
+    as a part not checked; when no part could run the whole signature is not checked."""
+    results: list[T | None] = []
+    failed: list[tuple[str, NotChecked]] = []
+    for name, fn in parts:
+        try:
+            results.append(fn())
+        except NotChecked as nc:
+            failed.append((name, nc))
+            results.append(None)
+    if failed and len(failed) == len(parts):
+        raise NotChecked.merge([nc for _, nc in failed])
+    for name, nc in failed:
+        ctx.not_checked_part(name, nc.reason, nc.kind)
+    return results
 
 
 @dataclass(frozen=True)

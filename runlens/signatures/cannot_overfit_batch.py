@@ -12,7 +12,7 @@ from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
 from runlens.sanity import KIND_OVERFIT_ONE_BATCH, OverfitAnalysis, overfit_analysis
 from runlens.signatures._layers import name_list
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures.base import NotChecked, Param, Params, Signature
 from runlens.signatures.logits_as_probabilities import softmax_ce_floor
 
 
@@ -91,9 +91,16 @@ class CannotOverfitBatch(Signature):
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         if ctx.run.kind != KIND_OVERFIT_ONE_BATCH:
-            return []
+            raise NotChecked(
+                f"only one-batch overfit runs (kind {KIND_OVERFIT_ONE_BATCH}) are checked",
+                "not-applicable",
+            )
         a = overfit_analysis(ctx, p.rel_target, p.abs_target, int(p.tail))
-        if a is None or a.check.passed:
+        if a is None:
+            c = ctx.train_loss
+            n = int(np.isfinite(c.raw).sum()) if c is not None else 0
+            raise NotChecked.too_few(n, f"finite {fmt.TRAIN_LOSS} points", 2)
+        if a.check.passed:
             return []
         check = a.check
         initial = check.initial_loss or float("nan")

@@ -9,7 +9,7 @@ from runlens.context import Context
 from runlens.findings import Finding
 from runlens.run import LayerMatrix
 from runlens.signatures import _layers as L
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures.base import NotChecked, Param, Params, Signature
 
 
 class DeadRelu(Signature):
@@ -78,13 +78,20 @@ class DeadRelu(Signature):
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         m = ctx.layer(fmt.KIND_ACTIVATION, "frac_dead_units")
         if m is None:
-            return []
+            raise NotChecked("no frac_dead_units activation statistic", "not-recorded")
         cols = _relu_columns(ctx, m)
         if cols.size == 0:
-            return []
+            raise NotChecked(
+                "no ReLU-family layer among the recorded activations", "not-applicable"
+            )
         examples = _examples_per_unit(ctx)
         if examples is not None and examples < p.min_examples:
-            return []  # with a batch of 1, every zero output is "zero for every example"
+            # with a batch of 1, every zero output is "zero for every example"
+            raise NotChecked(
+                f"each unit sees {examples:g} example(s) per batch, needs "
+                f"{int(p.min_examples)} to call a unit dead",
+                "not-applicable",
+            )
         hit = L.persistent_layers(ctx, m, cols, p.dead_fraction, p.min_fraction)
         if hit is None:
             return []

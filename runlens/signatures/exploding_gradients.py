@@ -11,7 +11,7 @@ from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
 from runlens.signatures import _layers as L
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures.base import NotChecked, Param, Params, Signature, run_parts
 
 
 class ExplodingGradients(Signature):
@@ -85,7 +85,11 @@ class ExplodingGradients(Signature):
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
-        found = [f for f in (_over_steps(ctx, p), _over_depth(ctx, p)) if f is not None]
+        parts = (
+            ("growth over steps", lambda: _over_steps(ctx, p)),
+            ("ratio over depth", lambda: _over_depth(ctx, p)),
+        )
+        found = [f for f in run_parts(ctx, parts) if f is not None]
         # One finding per run: both shapes together are one instability.
         return [_merge(*found)] if len(found) == 2 else found
 
@@ -102,6 +106,9 @@ def _merge(a: Finding, b: Finding) -> Finding:
     )
 
 
+MIN_NORM_POINTS = 10
+"""Fewer finite gradient norms: no trend over steps to speak of."""
+
 _FIX = (
     "Clip gradients (clip_grad_norm_ to ~1.0), lower the learning rate or add warm-up, use "
     "Kaiming/Xavier initialization, and add normalization or residual connections."
@@ -113,13 +120,15 @@ _CAUSES = (
 )
 
 
-def _total_norm(ctx: Context) -> tuple[np.ndarray, np.ndarray, str] | None:
+def _total_norm(ctx: Context) -> tuple[np.ndarray, np.ndarray, str]:
     c = ctx.curve(fmt.GRAD_NORM)
     if c is not None and np.isfinite(c.raw).sum() >= 5:
         return c.steps, c.raw, "grad_norm"
     m = ctx.layer(fmt.KIND_GRAD, "norm")
     if m is None:
-        return None
+        if c is not None:
+            raise NotChecked.too_few(int(np.isfinite(c.raw).sum()), "finite grad_norm points", 10)
+        raise NotChecked("no grad_norm scalar and no per-layer gradient norms", "not-recorded")
     v = m.values
     with np.errstate(invalid="ignore"):
         total = np.sqrt(np.nansum(np.square(v), axis=1))
@@ -128,13 +137,10 @@ def _total_norm(ctx: Context) -> tuple[np.ndarray, np.ndarray, str] | None:
 
 
 def _over_steps(ctx: Context, p: Params) -> Finding | None:
-    got = _total_norm(ctx)
-    if got is None:
-        return None
-    steps, total, label = got
+    steps, total, label = _total_norm(ctx)
     ok = np.isfinite(total) & (total > 0)
-    if ok.sum() < 10:
-        return None
+    if ok.sum() < MIN_NORM_POINTS:
+        raise NotChecked.too_few(int(ok.sum()), f"finite, non-zero {label} points", MIN_NORM_POINTS)
     steps, logv = steps[ok], np.log10(total[ok])
     # Rolling median in log space: one noisy batch is not an explosion. Growth is measured
     # from the lowest smoothed level reached so far, so a run that first calms down and
@@ -144,7 +150,9 @@ def _over_steps(ctx: Context, p: Params) -> Finding | None:
     runmin = np.minimum.accumulate(smooth)
     late = steps > ctx.transient_end
     if not late.any():
-        return None
+        raise NotChecked(
+            f"no {label} point after the warm-up (step {ctx.transient_end})", "too-few-points"
+        )
     rise = np.where(late, smooth - runmin, -np.inf)
     i = int(np.argmax(rise))
     growth = float(10 ** rise[i])
@@ -189,19 +197,25 @@ def _largest_grad_layers(ctx: Context, step: int) -> tuple[str, ...]:
 
 def depth_profile(
     ctx: Context,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], list[str], np.ndarray] | None:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], list[str], np.ndarray]:
     """Per-step geometric-mean gradient norm of the first and of the last quarter of the
-    weight layers: (steps, early, late, early names, late names, post-transient mask)."""
+    weight layers: (steps, early, late, early names, late names, post-transient mask).
+    Raises NotChecked without per-layer gradient norms or with fewer than 3 weight layers
+    that ever receive a gradient (no depth to compare)."""
     m = ctx.layer(fmt.KIND_GRAD, "norm")
     if m is None:
-        return None
+        raise NotChecked("no per-layer gradient norms (layers:grad)", "not-recorded")
     cols = L.weight_columns(ctx, m)
     v = m.values[:, cols]
     # A layer that never gets a gradient is frozen-layer's business, not the profile's.
     live = (np.isfinite(v) & (v > 0)).any(axis=0)
     cols, v = cols[live], v[:, live]
     if len(cols) < 3:
-        return None
+        raise NotChecked(
+            f"{len(cols)} weight layer(s) receive a gradient; comparing first and last "
+            "layers needs 3",
+            "not-applicable",
+        )
     k = max(1, len(cols) // 4)
     with np.errstate(divide="ignore", invalid="ignore"):
         lv = np.log10(np.where(v > 0, v, np.nan))
@@ -219,15 +233,14 @@ def _nanmean_rows(x: np.ndarray) -> np.ndarray:
 
 
 def _over_depth(ctx: Context, p: Params) -> Finding | None:
-    prof = depth_profile(ctx)
-    if prof is None:
-        return None
-    steps, early, late, enames, lnames, post = prof
+    steps, early, late, enames, lnames, post = depth_profile(ctx)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = early / late
     valid = post & np.isfinite(ratio)
     if valid.sum() < 3:
-        return None
+        raise NotChecked.too_few(
+            int(valid.sum()), "steps with first and last layer gradients", 3, "after the warm-up"
+        )
     hit = valid & (ratio >= p.depth_ratio)
     frac = hit.sum() / valid.sum()
     if frac < p.min_fraction:

@@ -8,7 +8,7 @@ from runlens_collect import format as fmt
 from runlens.context import Context
 from runlens.findings import Evidence, Finding
 from runlens.signatures import _layers as L
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures.base import NotChecked, Param, Params, Signature
 
 
 class FrozenLayer(Signature):
@@ -61,7 +61,23 @@ class FrozenLayer(Signature):
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         names = list(ctx.run.layer_names)
         if not names:
-            return []
+            raise NotChecked(
+                "no parameter names (no weight statistics, no model summary in run.json)",
+                "not-recorded",
+            )
+        rows = [
+            len(m.steps)
+            for m in (
+                ctx.layer(fmt.KIND_GRAD, "norm"),
+                ctx.layer(fmt.KIND_UPDATE, "missing"),
+                ctx.layer(fmt.KIND_WEIGHT, "norm"),
+            )
+            if m is not None
+        ]
+        if max(rows, default=0) < int(p.min_steps):
+            raise NotChecked.too_few(
+                max(rows, default=0), "recorded steps of layer statistics", int(p.min_steps)
+            )
         reasons = _frozen_reasons(ctx, names, int(p.min_steps))
         if not reasons or len(reasons) == len(names) or not _others_train(ctx, reasons):
             return []

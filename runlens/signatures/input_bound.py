@@ -8,7 +8,7 @@ from runlens_collect import format as fmt
 from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures.base import NotChecked, Param, Params, Signature
 
 
 class InputBound(Signature):
@@ -67,18 +67,22 @@ class InputBound(Signature):
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         d, c = ctx.curve(fmt.TIME_DATA), ctx.curve(fmt.TIME_COMPUTE)
         if d is None or c is None:
-            return []
+            raise NotChecked(f"needs {fmt.TIME_DATA} and {fmt.TIME_COMPUTE}", "not-recorded")
         cv = S.align(c.steps, c.raw, d.steps)
         ok = np.isfinite(d.raw) & np.isfinite(cv) & (d.raw >= 0) & (cv >= 0)
         late = ok & (d.steps > ctx.transient_end)
         if late.sum() < 5:
             late = ok
         if late.sum() < 5:
-            return []
+            raise NotChecked.too_few(int(late.sum()), "steps with data and compute times", 5)
         data, comp = d.raw[late], cv[late]
         total = data + comp
         with np.errstate(invalid="ignore", divide="ignore"):
             share = np.where(total > 0, data / total, np.nan)
+        if not np.isfinite(share).any():
+            raise NotChecked(
+                f"{fmt.TIME_DATA} + {fmt.TIME_COMPUTE} is 0 at every step", "not-recorded"
+            )
         med_share = float(np.nanmedian(share))
         med_data, med_comp = float(np.median(data)), float(np.median(comp))
         if not (med_share >= p.data_fraction and med_data * 1e3 >= p.min_data_ms):

@@ -10,7 +10,8 @@ from runlens_collect import format as fmt
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
 from runlens.signatures import _layers as L
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures._curves import require_chance
+from runlens.signatures.base import NotChecked, Param, Params, Signature
 
 
 def softmax_ce_floor(num_classes: int) -> float:
@@ -28,7 +29,9 @@ class LogitsAsProbabilities(Signature):
         training loss never goes below the floor that cross-entropy on probabilities can
         reach, ``log(1 + (C - 1) / e)`` for ``C`` classes (1.46 for 10 classes), less a
         ``floor_tol`` margin. A model that outputs probabilities but is trained correctly
-        (``NLLLoss`` on their log) goes below that floor and is not flagged.
+        (``NLLLoss`` on their log) goes below that floor and is not flagged. ``C`` is the
+        stated class count of a classification task (see ``bad-initial-loss``); without
+        one the check does not run.
 
     Why it matters:
         ``CrossEntropyLoss`` applies ``log_softmax`` itself. Fed probabilities, it
@@ -85,14 +88,18 @@ class LogitsAsProbabilities(Signature):
         hi = ctx.layer(fmt.KIND_OUTPUT, "max")
         rs = ctx.layer(fmt.KIND_OUTPUT, "row_sum_mean")
         loss = ctx.train_loss
+        if lo is None or hi is None or rs is None or loss is None:
+            raise NotChecked(
+                "no output min/max/row_sum_mean statistics or no training loss", "not-recorded"
+            )
+        require_chance(ctx)  # the softmax-CE floor needs C: classification only
         classes = ctx.num_classes
-        if lo is None or hi is None or rs is None or loss is None or not classes:
-            return []
+        assert classes is not None
         j = _output_column(lo.layers)
         mn, mx, s = lo.values[:, j], hi.values[:, j], rs.values[:, j]
         valid = np.isfinite(mn) & np.isfinite(mx) & np.isfinite(s)
         if valid.sum() < 3:
-            return []
+            raise NotChecked.too_few(int(valid.sum()), "steps with finite output statistics", 3)
         with np.errstate(invalid="ignore"):
             probs = valid & (mn >= -1e-6) & (mx <= 1 + 1e-6) & (np.abs(s - 1) <= p.sum_tol)
         share = float(probs.sum() / valid.sum())
@@ -100,7 +107,7 @@ class LogitsAsProbabilities(Signature):
             return []
         finite = np.isfinite(loss.smooth)
         if finite.sum() < 3:
-            return []
+            raise NotChecked.too_few(int(finite.sum()), f"finite {fmt.TRAIN_LOSS} points", 3)
         floor = softmax_ce_floor(int(classes))
         i = int(np.nanargmin(np.where(finite, loss.smooth, np.nan)))
         best = float(loss.smooth[i])

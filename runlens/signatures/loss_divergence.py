@@ -8,7 +8,7 @@ from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
 from runlens.signatures._curves import TINY, confidence, finite_points, loss_view
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures.base import NotChecked, Param, Params, Signature
 
 
 class LossDivergence(Signature):
@@ -64,14 +64,13 @@ class LossDivergence(Signature):
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         v = loss_view(ctx)
-        if v is None:
-            return []
         n = len(v)
         k = max(5, int(p.late_fraction * n))
         late = float(np.median(v.raw[-k:]))
         before = v.level[: n - k]
         if before.size == 0 or not np.isfinite(before).any():
-            return []
+            # late_fraction near 1 leaves no "before" to rise from
+            raise NotChecked.too_few(n, "points after the warm-up", k + 1)
         i_best = int(np.nanargmin(before))
         best = float(before[i_best])
         best_step = int(v.steps[i_best])

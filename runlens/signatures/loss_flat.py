@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
+from runlens_collect import format as fmt
 
 from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
-from runlens.signatures._curves import TINY, chance_level, confidence, finite_points, start_level
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures._curves import (
+    TINY,
+    chance_for_part,
+    confidence,
+    finite_points,
+    start_level,
+)
+from runlens.signatures.base import NotChecked, Param, Params, Signature
 
 
 class LossFlat(Signature):
@@ -58,11 +65,16 @@ class LossFlat(Signature):
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         c = ctx.train_loss
         if c is None:
-            return []
+            raise NotChecked(f"no {fmt.TRAIN_LOSS} recorded", "not-recorded")
         steps, raw = finite_points(c)
         start = start_level(c)
-        if start is None or raw.size < max(p.min_points, 5) or abs(start) < TINY:
-            return []
+        need = max(int(p.min_points), 5)
+        if start is None or raw.size < need:
+            raise NotChecked.too_few(int(raw.size), f"finite {fmt.TRAIN_LOSS} points", need)
+        if abs(start) < TINY:
+            raise NotChecked(
+                "the initial training loss is 0: a relative drop is undefined", "not-applicable"
+            )
         level = S.rolling_median(raw, max(5, raw.size // 20) | 1)
         low = float(np.nanmin(level))
         k = max(3, raw.size // 10)
@@ -71,7 +83,9 @@ class LossFlat(Signature):
         end_change = abs(final - start) / abs(start)
         if not (np.isfinite(drop) and drop < p.max_drop and end_change < p.max_drop):
             return []
-        chance = chance_level(ctx)
+        chance = chance_for_part(
+            ctx, "severity from the chance level (a start far below it is a warning, not an error)"
+        )
         already_good = chance is not None and start < 0.5 * chance
         evidence = [
             Evidence("largest drop below the initial level", drop, p.max_drop, "<"),

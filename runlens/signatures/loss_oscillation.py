@@ -7,7 +7,7 @@ import numpy as np
 from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
-from runlens.signatures._curves import TINY, confidence, loss_view
+from runlens.signatures._curves import confidence, loss_view, nonzero_start
 from runlens.signatures.base import Param, Params, Signature
 
 
@@ -23,7 +23,9 @@ class LossOscillation(Signature):
         is well above 1, the value batch-to-batch noise gives. So a noisy plateau (each
         step's loss independent noise around a level: noisy-loss, underfitting) is not
         called an oscillation however wide its band; a loss that overshoots and takes a
-        few steps to come back is.
+        few steps to come back is. The variance ratio needs 20 points in the second half,
+        so runs with fewer than 40 finite loss points after the transient are reported as
+        not checked (too few points).
 
     Why it matters:
         A loss that keeps bouncing without progress usually means the optimizer is at or
@@ -83,9 +85,9 @@ class LossOscillation(Signature):
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
-        v = loss_view(ctx)
-        if v is None or abs(v.start) < TINY:
-            return []
+        # The variance ratio needs 4 windows of 5 points in the second half.
+        v = loss_view(ctx, min_points=2 * 4 * VARIANCE_WINDOW)
+        nonzero_start(v)
         n = len(v)
         late = v.raw[n // 2 :]
         steps = v.steps[n // 2 :]
@@ -134,7 +136,10 @@ class LossOscillation(Signature):
         ]
 
 
-def variance_ratio(x: np.ndarray, w: int = 5) -> float:
+VARIANCE_WINDOW = 5
+
+
+def variance_ratio(x: np.ndarray, w: int = VARIANCE_WINDOW) -> float:
     """Var of w-point means × w / Var of points: ≈ 1 for independent noise, > 1 when the
     loss stays high (or low) for several steps in a row. Residuals are clipped at 4 MADs
     so one spike does not make a ratio."""

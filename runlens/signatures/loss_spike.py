@@ -80,8 +80,6 @@ class LossSpike(Signature):
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         v = loss_view(ctx)
-        if v is None:
-            return []
         spikes = S.find_spikes(
             v.steps, v.raw, threshold=p.z, window=int(p.window), min_rel=p.min_rel
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
 from runlens.sanity import KIND_LR_RANGE_TEST, lr_suggestion
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures.base import NotChecked, Param, Params, Signature
 
 
 class LRRangeTest(Signature):
@@ -76,10 +76,17 @@ class LRRangeTest(Signature):
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         if ctx.run.kind != KIND_LR_RANGE_TEST:
-            return []
+            raise NotChecked(
+                f"only LR range test runs (kind {KIND_LR_RANGE_TEST}) are checked",
+                "not-applicable",
+            )
         s = lr_suggestion(ctx, p.diverge_factor, p.skip_start, int(p.skip_end))
         if s is None:
-            return []
+            raise NotChecked(
+                "fewer than 8 usable points of the sweep (a positive lr/0 and a finite loss) "
+                "before it diverged",
+                "too-few-points",
+            )
         evidence = [
             Evidence("suggested LR (steepest descent)", s.suggested_lr),
             Evidence("steepest slope", s.steepest_slope, unit="loss/decade"),

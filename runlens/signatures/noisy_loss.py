@@ -58,8 +58,6 @@ class NoisyLoss(Signature):
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         v = loss_view(ctx)
-        if v is None:
-            return []
         noise = S.robust_noise(v.raw)
         level = float(np.median(v.raw[len(v) // 2 :]))
         scale = loss_scale(v.start, level)

@@ -9,7 +9,7 @@ from runlens import series as S
 from runlens.context import Context, Curve
 from runlens.findings import Evidence, Finding, fmt_num
 from runlens.signatures._curves import TINY, confidence, finite_points
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures.base import NotChecked, Param, Params, Signature
 
 
 class Overfitting(Signature):
@@ -66,18 +66,28 @@ class Overfitting(Signature):
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         train = ctx.train_loss
         if train is None:
-            return []
+            raise NotChecked(f"no {fmt.TRAIN_LOSS} recorded", "not-recorded")
         t_steps, t_raw = finite_points(train)
-        if t_raw.size < 10:
-            return []
+        if t_raw.size < MIN_TRAIN_POINTS:
+            raise NotChecked.too_few(
+                int(t_raw.size), f"finite {fmt.TRAIN_LOSS} points", MIN_TRAIN_POINTS
+            )
         t_level = S.rolling_median(t_raw, max(5, t_raw.size // 20) | 1)
-        val = ctx.val_loss
-        if val is not None and np.isfinite(val.raw).sum() >= p.min_evals + 2:
-            return self._on_loss(ctx, p, t_steps, t_level)
-        acc = ctx.curve(fmt.VAL_ACCURACY)
-        if acc is not None and np.isfinite(acc.raw).sum() >= p.min_evals + 2:
-            return self._on_accuracy(ctx, p, t_steps, t_level)
-        return []
+        need = int(p.min_evals) + 2
+        counts = []
+        for name, on in ((fmt.VAL_LOSS, self._on_loss), (fmt.VAL_ACCURACY, self._on_accuracy)):
+            c = ctx.curve(name)
+            if c is None:
+                continue
+            n = int(np.isfinite(c.raw).sum())
+            if n >= need:
+                return on(ctx, p, t_steps, t_level)
+            counts.append(f"{n} {name}")
+        raise NotChecked(
+            f"only {' and '.join(counts)} evaluations with a finite value, needs {need} "
+            f"(min_evals {int(p.min_evals)} after the best one)",
+            "too-few-points",
+        )
 
     def _on_loss(
         self, ctx: Context, p: Params, t_steps: np.ndarray, t_level: np.ndarray
@@ -157,6 +167,9 @@ class Overfitting(Signature):
             )
         ]
 
+
+MIN_TRAIN_POINTS = 10
+"""Fewer finite training-loss points: no smoothed training curve to compare against."""
 
 _CAUSES = (
     "model too large for the amount of training data",

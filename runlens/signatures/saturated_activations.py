@@ -8,7 +8,7 @@ from runlens_collect import format as fmt
 from runlens.context import Context
 from runlens.findings import Finding
 from runlens.signatures import _layers as L
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures.base import NotChecked, Param, Params, Signature
 
 
 class SaturatedActivations(Signature):
@@ -66,7 +66,7 @@ class SaturatedActivations(Signature):
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         m = ctx.layer(fmt.KIND_ACTIVATION, "frac_saturated")
         if m is None:
-            return []
+            raise NotChecked("no frac_saturated activation statistic", "not-recorded")
         types = [ctx.module_type(n) for n in m.layers]
         # Only bounded modules have a meaningful saturated fraction; when types are unknown
         # trust the collector, which leaves it NaN for unbounded activations.
@@ -75,7 +75,10 @@ class SaturatedActivations(Signature):
             [j for j, t in enumerate(types) if (t in L.BOUNDED) or not known], dtype=int
         )
         if cols.size == 0:
-            return []
+            raise NotChecked(
+                "no bounded activation layer (Tanh, Sigmoid, ...) among the recorded ones",
+                "not-applicable",
+            )
         hit = L.persistent_layers(ctx, m, cols, p.saturated_fraction, p.min_fraction)
         if hit is None:
             return []

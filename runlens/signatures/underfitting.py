@@ -6,7 +6,14 @@ import numpy as np
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
-from runlens.signatures._curves import TINY, chance_level, confidence, finite_points, loss_view
+from runlens.signatures._curves import (
+    TINY,
+    chance_for_part,
+    confidence,
+    finite_points,
+    loss_view,
+    nonzero_start,
+)
 from runlens.signatures.base import Param, Params, Signature
 
 
@@ -71,9 +78,10 @@ class Underfitting(Signature):
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         v = loss_view(ctx)
-        if v is None or abs(v.start) < TINY:
-            return []
-        chance = chance_level(ctx)
+        nonzero_start(v)
+        chance = chance_for_part(
+            ctx, "plateau compared with the chance level ln(C) (the initial loss is used instead)"
+        )
         ref = chance if chance is not None else abs(v.start)
         level = v.median(0.75, 1.0)
         progress = (v.start - level) / abs(v.start)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+from runlens_collect import format as fmt
 
 from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
 from runlens.signatures._curves import TINY, finite_points, start_level
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures.base import NotChecked, Param, Params, Signature
 
 
 class ValBelowTrain(Signature):
@@ -76,19 +77,28 @@ class ValBelowTrain(Signature):
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         train, val = ctx.train_loss, ctx.val_loss
         if train is None or val is None:
-            return []
+            raise NotChecked(f"needs {fmt.TRAIN_LOSS} and {fmt.VAL_LOSS}", "not-recorded")
         t_steps, t_raw = finite_points(train)
         v_steps, v_raw = finite_points(val)
         start = start_level(train)
         keep = v_steps > ctx.transient_end
         v_steps, v_raw = v_steps[keep], v_raw[keep]
-        if t_raw.size < 10 or v_raw.size < 3 or start is None:
-            return []
+        if t_raw.size < 10 or start is None:
+            raise NotChecked.too_few(int(t_raw.size), f"finite {fmt.TRAIN_LOSS} points", 10)
+        if v_raw.size < 3:
+            raise NotChecked.too_few(
+                int(v_raw.size),
+                f"finite {fmt.VAL_LOSS} points",
+                3,
+                f"after the warm-up (step {ctx.transient_end})",
+            )
         t_level = S.rolling_median(t_raw, max(5, t_raw.size // 25) | 1)
         t_at = S.align(t_steps, t_level, v_steps)
         ok = np.isfinite(t_at) & (np.abs(t_at) > TINY)
         if ok.sum() < 3:
-            return []
+            raise NotChecked.too_few(
+                int(ok.sum()), f"{fmt.VAL_LOSS} points", 3, "within the training loss's steps"
+            )
         t_at, v_at, st = t_at[ok], v_raw[ok], v_steps[ok]
         rel = (t_at - v_at) / np.abs(t_at)
         gap = float(np.median(rel))

@@ -7,7 +7,7 @@ import numpy as np
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
 from runlens.signatures import _layers as L
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures.base import NotChecked, Param, Params, Signature
 from runlens.signatures.exploding_gradients import depth_profile
 
 
@@ -71,15 +71,17 @@ class VanishingGradients(Signature):
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
-        prof = depth_profile(ctx)
-        if prof is None:
-            return []
-        steps, early, late, enames, lnames, post = prof
+        steps, early, late, enames, lnames, post = depth_profile(ctx)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = early / late
         valid = post & np.isfinite(ratio)
         if valid.sum() < 3:
-            return []
+            raise NotChecked.too_few(
+                int(valid.sum()),
+                "steps with first and last layer gradients",
+                3,
+                "after the warm-up",
+            )
         hit = valid & (ratio <= p.ratio) & (early <= p.max_norm)
         frac = hit.sum() / valid.sum()
         if frac < p.min_fraction:
