@@ -29,11 +29,13 @@ from typing import Any, Literal
 import numpy as np
 from runlens_collect import format as fmt
 
+from runlens import metrics as M
 from runlens import series as S
-from runlens.context import Context, Curve
+from runlens.context import Context
 from runlens.engine import AnalyzeOptions, analyze
 from runlens.errors import OptionError, RunlensError
 from runlens.findings import SEVERITY_ORDER, Report, Severity, _jsonable
+from runlens.levels import levels
 from runlens.run import Run
 from runlens.sources import open_run
 
@@ -42,18 +44,9 @@ By = Literal["step", "time"]
 ProgressFn = Callable[[int, int], None]
 """Called as ``on_progress(done, total)`` after each run is loaded and analyzed."""
 
-# Metric direction (docs/compare.md): the last path segment of the name is split into
-# words; a "higher is better" word wins, else lower is better (losses, errors, ...).
-HIGHER_IS_BETTER = frozenset(
-    {
-        "acc", "accuracy", "top1", "top5", "f1", "auc", "auroc", "roc", "precision",
-        "recall", "iou", "miou", "map", "bleu", "rouge", "r2", "dice", "score",
-        "reward", "return", "correct", "throughput",
-    }
-)  # fmt: skip
-LOWER_IS_BETTER = frozenset(
-    {"loss", "error", "err", "nll", "mse", "mae", "rmse", "perplexity", "ppl", "cer", "wer"}
-)
+# Metric direction (docs/compare.md): see runlens.metrics (re-exported here).
+HIGHER_IS_BETTER = M.HIGHER_IS_BETTER
+LOWER_IS_BETTER = M.LOWER_IS_BETTER
 
 GRAD_NORM_STAT = "grad_norm"
 UPDATE_RATIO_STAT = "update_ratio"
@@ -116,9 +109,11 @@ class ComparedRun:
     rank: int | None
     """1 = best by the metric; None when the run has no finite final value of it."""
     metric_final: float | None
-    """Smoothed metric at its last recorded point; None if that point is not finite."""
+    """Final level of the metric (runlens.levels, as the report header); None if its
+    last recorded point is not finite."""
     metric_best: float | None
     metric_best_step: int | None
+    """Best level of the metric and its step (runlens.levels, as the report header)."""
     metric_nonfinite: bool
     """The metric's last recorded point is NaN/Inf (the run blew up)."""
     report: Report
@@ -296,17 +291,7 @@ class Comparison:
 # -- metric direction ---------------------------------------------------------------------
 
 
-def metric_mode(name: str) -> tuple[Mode, str]:
-    """(direction, why) for a metric name: see HIGHER_IS_BETTER / LOWER_IS_BETTER."""
-    last = name.rsplit("/", 1)[-1].lower()
-    words = [w for w in re.split(r"[^a-z0-9]+", last) if w]
-    for w in words:
-        if w in HIGHER_IS_BETTER:
-            return "max", f"higher is better ('{w}' in the name)"
-    for w in words:
-        if w in LOWER_IS_BETTER:
-            return "min", f"lower is better ('{w}' in the name)"
-    return "min", "lower is better (default: no known word in the name)"
+metric_mode = M.metric_mode
 
 
 # -- inputs ---------------------------------------------------------------------------------
@@ -582,15 +567,14 @@ def _entry(label: str, x: _Loaded, metric: str, mode: Mode) -> ComparedRun:
     best_step = None
     nonfinite = False
     if metric in x.curves:
-        _, raw, smooth = x.curves[metric]
-        steps = x.curve_steps[metric]
+        _, raw, _ = x.curves[metric]
         nonfinite = not math.isfinite(raw[-1])
-        if not nonfinite:
-            final = float(smooth[-1])
-        c = Curve(metric, steps, raw, smooth)
-        b = c.best("max" if mode == "max" else "min")
-        if b is not None:
-            best_step, best = b
+        # The levels of the run's report header (runlens.levels); a schedule has no best.
+        schedule = M.is_schedule(metric, x.run_meta)
+        lv = levels(x.curve_steps[metric], raw, None if schedule else mode, 1 if schedule else None)
+        if lv is not None:
+            final = None if nonfinite else lv.final
+            best, best_step = lv.best, lv.best_step
     return ComparedRun(
         label=label,
         path=x.path,

@@ -99,6 +99,14 @@ class Run:
         return cfg if isinstance(cfg, dict) else {}
 
     @property
+    def x_axis(self) -> str:
+        """What steps count: ``step``, or ``epoch`` for an imported log indexed by epochs
+        (``run.json`` ``imported.x_axis``, written by the importer)."""
+        imported = self.meta.get("imported")
+        axis = imported.get("x_axis") if isinstance(imported, dict) else None
+        return "epoch" if axis == "epoch" else "step"
+
+    @property
     def clean_close(self) -> bool:
         return any(e.get("kind") == "close" for e in self.events)
 
