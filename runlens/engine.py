@@ -212,6 +212,7 @@ def summarize(ctx: Context, options: AnalyzeOptions | None = None) -> RunSummary
     task = ctx.task_metric
     task_lv = ctx.levels(task) if task is not None else None
     abnormal, reason = _end_state(run)
+    plan = _planned(run)
     return RunSummary(
         steps=n_steps,
         first_step=first,
@@ -232,7 +233,8 @@ def summarize(ctx: Context, options: AnalyzeOptions | None = None) -> RunSummary
         final_task_metric=task_lv.final if task_lv else None,
         best_task_metric=task_lv.best if task_lv else None,
         best_task_metric_step=task_lv.best_step if task_lv else None,
-        planned_steps=_planned(run)[0],
+        planned_length=plan[0] if plan else None,
+        planned_unit=plan[1] if plan else None,
         **_sanity_summary(ctx, options or AnalyzeOptions()),
     )
 
@@ -261,52 +263,45 @@ def _wall_times(run: Run) -> np.ndarray | None:
     return np.sort(w)
 
 
-def _planned(run: Run) -> tuple[int | None, str | None]:
-    """(planned length, where it was read) of an imported log, from run.json's
-    ``imported.planned`` ({"total": N, "source": "..."}) written by the importer."""
+def _planned(run: Run) -> tuple[int, str, int | None, str] | None:
+    """(planned length, its unit, how far the log got, where the plan was read) of an
+    imported log: run.json ``imported.planned`` / ``imported.reached`` (the importer's)."""
     imported = run.meta.get("imported")
     planned = imported.get("planned") if isinstance(imported, dict) else None
     if not isinstance(planned, dict):
-        return None, None
+        return None
     total = planned.get("total")
     if not isinstance(total, int) or isinstance(total, bool) or total <= 0:
-        return None, None
-    return total, str(planned.get("source") or "")
+        return None
+    reached = imported.get("reached")
+    reached = reached if isinstance(reached, int) and not isinstance(reached, bool) else None
+    unit = "epoch" if planned.get("unit") == "epoch" else "step"
+    return total, unit, reached, str(planned.get("source") or "")
 
 
 def _status(run: Run) -> str:
     """run.json's status, except that an imported log that ends before its planned length
     is ``stopped`` (not ``finished``): the log cannot say whether it crashed or was cut."""
-    if run.source_format != "runlens" and _stopped_early(run) is not None:
+    plan = _planned(run)
+    if run.source_format != "runlens" and plan and plan[2] is not None and plan[2] < plan[0]:
         return "stopped"
     return run.status
 
 
-def _stopped_early(run: Run) -> tuple[int, int] | None:
-    """(last step reached, planned length) when an imported log ends before its plan."""
-    total, _ = _planned(run)
-    imported = run.meta.get("imported")
-    reached = imported.get("reached") if isinstance(imported, dict) else None
-    if total is None or not isinstance(reached, int) or isinstance(reached, bool):
-        return None
-    return (reached, total) if reached < total else None
-
-
 def _end_state(run: Run) -> tuple[bool, str]:
     if run.source_format != "runlens":
-        unit = run.x_axis
-        stopped = _stopped_early(run)
-        total, source = _planned(run)
-        if stopped is not None:
-            reached, total = stopped
+        plan = _planned(run)
+        if plan is not None and plan[2] is not None:
+            total, unit, reached, source = plan
             where = f" ({source})" if source else ""
+            if reached < total:
+                return False, (
+                    f"stopped at {unit} {reached:,} of {total:,} planned{where}; "
+                    f"imported from {run.source_format}"
+                )
             return False, (
-                f"stopped at {unit} {reached:,} of {total:,} planned{where}; "
-                f"imported from {run.source_format}"
+                f"reached the {total:,} {unit}s planned{where}; imported from {run.source_format}"
             )
-        imported = run.meta.get("imported") or {}
-        if total is not None and isinstance(imported.get("reached"), int):
-            return False, f"reached the planned {total:,} {unit}s; imported from {run.source_format}"
         return False, f"imported from {run.source_format}"
     status = run.status
     if status == fmt.STATUS_FINISHED and run.clean_close:

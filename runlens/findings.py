@@ -130,8 +130,10 @@ class RunSummary:
     final_task_metric: float | None = None
     best_task_metric: float | None = None
     best_task_metric_step: int | None = None
-    planned_steps: int | None = None
+    planned_length: int | None = None
     """Length the run was set up for (an imported log's max_steps / max_epochs), if known."""
+    planned_unit: str | None = None
+    """``step`` or ``epoch``: what ``planned_length`` counts."""
 
 
 @dataclass(frozen=True)

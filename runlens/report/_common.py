@@ -117,9 +117,7 @@ def header_facts(report: Report) -> list[tuple[str, str]]:
     if val:
         facts.append(("val loss", val))
     if s.task_metric is not None:
-        task = loss_fact(
-            s.final_task_metric, s.best_task_metric, s.best_task_metric_step, unit
-        )
+        task = loss_fact(s.final_task_metric, s.best_task_metric, s.best_task_metric_step, unit)
         if task:
             facts.append((s.task_metric, task))
     if report.run.config:
