@@ -413,8 +413,9 @@ def _analyze_many(
         os.makedirs(pages_dir, exist_ok=True)
     elif output is not None and os.path.isdir(output):
         fail(f"-o {output} is a directory: give a file name")
-    for note in found.notes:
-        click.echo(f"runlens: {note}", err=True)
+    if output is not None or fmt in ("json", "html"):  # else the preamble shows them
+        for note in found.notes:
+            click.echo(f"runlens: {note}", err=True)
 
     status = EXIT_OK
     texts: list[str] = []

@@ -295,8 +295,9 @@ def _end_state(run: Run) -> tuple[bool, str]:
             total, unit, reached, source = plan
             where = f" ({source})" if source else ""
             if reached < total:
+                at = "at" if unit == "step" else "after"  # reached = epochs completed
                 return False, (
-                    f"stopped at {unit} {reached:,} of {total:,} planned{where}; "
+                    f"stopped {at} {unit} {reached:,} of {total:,} planned{where}; "
                     f"imported from {run.source_format}"
                 )
             return False, (

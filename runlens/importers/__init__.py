@@ -105,7 +105,9 @@ def file_format(p: Path) -> str | None:
         return CSV
     if p.name == HF_STATE_FILE:
         return HF_TRAINER
-    if p.name == KERAS_LOG or p.suffix.lower() in SNIFFED_SUFFIXES:
+    if p.name == KERAS_LOG:
+        return CSV
+    if p.suffix.lower() in SNIFFED_SUFFIXES:
         from runlens.importers.csv import looks_like_csv
 
         return CSV if looks_like_csv(p) else None

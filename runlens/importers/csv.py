@@ -133,10 +133,11 @@ def read(path: Path, part: int | None = None) -> ImportedLog:
     log = _to_log(f, table, warnings)
     if len(split) > 1:
         log.name = f"{log.name} (run {k + 1} of {len(split)})"
+        why = f" ({p.why})" if p.why else ""
         log.warnings.insert(
             0,
-            f"{f.name}: {len(split)} runs appended in one file ({_describe(split)}); "
-            f"this is run {k + 1}, lines {p.first_line}–{p.last_line}",
+            f"{f.name} holds {len(split)} runs appended in one file: this is run {k + 1}, "
+            f"lines {p.first_line}–{p.last_line}{why}",
         )
     return log
 
