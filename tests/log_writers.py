@@ -193,9 +193,8 @@ def hf_log_history(
             e = evals[step]
             for name in eval_sets or ("",):
                 pre = f"eval_{name}_" if name else "eval_"
-                loss, acc = (
-                    (e["test_loss"], e["test_acc"]) if name == "test" else (e["val_loss"], e["val_acc"])
-                )
+                split = "test" if name == "test" else "val"
+                loss, acc = e[f"{split}_loss"], e[f"{split}_acc"]
                 history.append({"epoch": epoch, f"{pre}accuracy": acc, f"{pre}loss": loss,
                                 f"{pre}runtime": 0.0123, f"{pre}samples_per_second": 41626.0,
                                 f"{pre}steps_per_second": 1300.8, "step": step})  # fmt: skip

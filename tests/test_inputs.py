@@ -86,7 +86,7 @@ def test_tensorboard_runs_folder_is_analyzed_run_by_run(
     assert {r.format for r in found.runs} == {"tensorboard"}
     assert all(r.reason == "TensorBoard event files" for r in found.runs)
     # The library refuses to pick one and names them.
-    with pytest.raises(RunLoadError, match="holds 2 runs .*May01_09-00-00_gpu1"):
+    with pytest.raises(RunLoadError, match=r"holds 2 runs .*May01_09-00-00_gpu1"):
         open_run(runs)
 
     r = invoke("analyze", runs)
@@ -108,7 +108,8 @@ def test_lightning_logs_folder_from_the_real_csvlogger(lightning_logs: Path) -> 
     assert all(r.format == "csv" and "metrics.csv" in r.reason for r in found.runs)
     for item in found.runs:
         run = open_found(item)
-        rows = list(csv.DictReader(open(item.path / "metrics.csv")))
+        with open(item.path / "metrics.csv") as fh:
+            rows = list(csv.DictReader(fh))
         step_rows = [r for r in rows if r["train_loss_step"]]
         # on_step + on_epoch: train_loss_step is train/loss, train_loss_epoch keeps apart.
         tl = run.scalar("train/loss")
@@ -407,9 +408,9 @@ def test_hf_log_that_stops_before_max_steps_is_not_finished(
 
 def test_benign_duplicate_steps_are_not_warnings(tmp_path: Path, training: Training) -> None:
     write_hf_checkpoint(tmp_path / "hf", training, max_steps=600)
-    history = json.loads(
-        (tmp_path / "hf" / "checkpoint-600" / "trainer_state.json").read_text()
-    )["log_history"]
+    history = json.loads((tmp_path / "hf" / "checkpoint-600" / "trainer_state.json").read_text())[
+        "log_history"
+    ]
     steps = [e["step"] for e in history]
     assert len(steps) > len(set(steps))  # train and eval entries share eval steps
     report = runlens.analyze(tmp_path / "hf")

@@ -95,9 +95,7 @@ def render_comparison(comparison: Any, runs_data: Sequence[Mapping[str, Any]]) -
         "facts": _compare_facts(comparison),
         "smoothing": runs_data[0].get("smoothing", 0.9) if runs_data else 0.9,
         # Epochs only when every run counts epochs (mixed runs share a step axis).
-        "x_axis": "epoch"
-        if runs and all(e.report.run.x_axis == "epoch" for e in runs)
-        else "step",
+        "x_axis": "epoch" if runs and all(e.report.run.x_axis == "epoch" for e in runs) else "step",
         "findings": findings,
         "runs": [dict(d, label=e.label) for e, d in zip(runs, runs_data, strict=True)],
         "tables": [
