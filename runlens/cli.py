@@ -419,6 +419,7 @@ def _analyze_many(
 
     status = EXIT_OK
     texts: list[str] = []
+    pages: list[str] = []
     reports: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     names = _page_names([r.label for r in found.runs])
@@ -439,12 +440,12 @@ def _analyze_many(
         elif pages_dir is not None:
             path = os.path.join(pages_dir, page + ".html")
             emit(_html_report(run, report, options.smoothing), path)
-            texts.append(path)
+            pages.append(path)
         else:
             sub = None if plots is None else os.path.join(plots, page)
             texts.append(_render(run, report, fmt, output, sub, options))
     if pages_dir is not None:
-        click.echo(f"runlens: wrote {len(texts)} pages: {', '.join(texts)}", err=True)
+        click.echo(f"runlens: wrote {len(pages)} pages: {', '.join(pages)}", err=True)
         return status
     if fmt == "json":
         emit(json_report.render_many(found, reports, errors), output)

@@ -30,7 +30,7 @@ from runlens_collect import format as fmt
 
 from runlens.errors import OptionError, RunLoadError
 
-IMPORTER_VERSION: Final = 1
+IMPORTER_VERSION: Final = 2
 """Bumped when an importer's output changes, so cached imports are rebuilt."""
 
 RUNLENS: Final = "runlens"
