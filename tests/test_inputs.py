@@ -455,3 +455,19 @@ def test_import_of_an_appended_file_names_the_runs(tmp_path: Path, training: Tra
     assert_one_line_error(
         invoke("import", f, "-o", tmp_path / "out"), "holds 2 runs (training.log#1"
     )
+
+
+def test_hf_log_without_steps_counts_epochs_and_its_plan(
+    tmp_path: Path, training: Training
+) -> None:
+    # Older Trainer versions / custom loops: log_history entries with an epoch, no step.
+    rows = training.epochs()[:12]
+    history = [{"epoch": float(r["epoch"]), "loss": r["loss"], "eval_loss": r["val_loss"]}
+               for r in rows]  # fmt: skip
+    state = {"log_history": history, "epoch": 12.0, "num_train_epochs": 30}
+    f = tmp_path / "trainer_state.json"
+    f.write_text(json.dumps(state))
+    report = runlens.analyze(f)
+    assert report.run.x_axis == "epoch" and report.run.status == "stopped"
+    assert report.summary.end_reason.startswith("stopped after epoch 12 of 30 planned")
+    assert report.summary.last_step == 11
