@@ -9,6 +9,7 @@ Every library error (:class:`runlens.RunlensError`) becomes one line on stderr:
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -276,7 +277,14 @@ def _write_plots(
 @cli.command()
 @click.argument("run_dir", metavar="RUN_DIR")
 @format_option(("terminal", "markdown", "json", "html"), "terminal")
-@output_option
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(writable=True),
+    default=None,
+    help="Write the output to FILE instead of stdout (html of several runs: a folder, one "
+    "page per run).",
+)
 @fail_on_option
 @click.option(
     "--plots",
@@ -303,10 +311,15 @@ def analyze(
     input_format: str,
     map_: tuple[str, ...],
 ) -> None:
-    """Diagnose one recorded run: what went wrong, where, the evidence, the fix.
+    """Diagnose a recorded run: what went wrong, where, the evidence, the fix.
+
+    RUN_DIR is a run directory or a log (TensorBoard, CSV, HF trainer_state.json), or a
+    folder of several (TensorBoard runs/, lightning_logs/, a folder of runs or CSV logs):
+    each run found is analyzed and reported in turn (html: one page per run with
+    -o DIR). A CSV holding several runs appended to each other is split likewise.
 
     \b
-    Exit status: 0 ok, 1 when --fail-on is hit, 2 on bad input.
+    Exit status: 0 ok, 1 when --fail-on is hit, 2 on bad input (the worst over all runs).
     \b
     Examples:
       runlens analyze runs/exp1
@@ -315,39 +328,179 @@ def analyze(
       runlens analyze runs/exp1 --fail-on error --set loss-spike.threshold=8
       runlens analyze tb_logs/run1            # TensorBoard, CSV, HF trainer_state too
       runlens analyze runs/exp1 --task classification:10
+      runlens analyze lightning_logs/         # every version_N, one report each
     """
-    import shutil
-
-    from runlens.engine import analyze as run_analysis
-    from runlens.findings import SEVERITY_ORDER
+    from runlens.discover import discover
     from runlens.importers import parse_map
-    from runlens.report import json_report, markdown, terminal
-    from runlens.sources import open_run
 
     options = analyze_options(set_, config, smoothing, only, task)
     if plots is not None and fmt != "markdown":
         fail("--plots works with --format markdown (the html format has its own plots)")
-    if fmt == "html":
-        _refuse_html_to_tty(output)
-    run = open_run(run_dir, input_format, parse_map(map_) or None)
+    found = discover(run_dir, None if input_format == "auto" else input_format)
+    mapping = parse_map(map_) or None
+    if found.single:
+        if output is not None and os.path.isdir(output):
+            fail(f"-o {output} is a directory: give a file name")
+        if fmt == "html":
+            _refuse_html_to_tty(output)
+        status = _analyze_one(found.runs[0], fmt, output, fail_on, plots, options, mapping)
+    else:
+        status = _analyze_many(found, fmt, output, fail_on, plots, options, mapping)
+    if status:
+        sys.exit(status)
+
+
+def _analyze_one(
+    found: Any,
+    fmt: str,
+    output: str | None,
+    fail_on: str | None,
+    plots: str | None,
+    options: Any,
+    mapping: dict[str, str] | None,
+) -> int:
+    """Analyze one run and write its report; the exit status (0 or EXIT_FAIL_ON)."""
+    from runlens.engine import analyze as run_analysis
+    from runlens.sources import open_found
+
+    run = open_found(found, mapping)
     report = run_analysis(run, options)
+    emit(_render(run, report, fmt, output, plots, options), output)
+    return _fail_on_status(report, fail_on)
+
+
+def _render(
+    run: Any, report: Any, fmt: str, output: str | None, plots: str | None, options: Any
+) -> str:
+    import shutil
+
+    from runlens.report import json_report, markdown, terminal
+
     if fmt == "json":
-        text = json_report.render(report)
-    elif fmt == "html":
-        text = _html_report(run, report, options.smoothing)
-    elif fmt == "markdown":
+        return json_report.render(report)
+    if fmt == "html":
+        return _html_report(run, report, options.smoothing)
+    if fmt == "markdown":
         text = markdown.render(report)
         if plots is not None:
             text = _write_plots(text, run, report, plots, output, options.smoothing)
-    else:
-        tty = output is None and _stdout_is_tty()
-        width = shutil.get_terminal_size((100, 24)).columns if tty else 100
-        text = terminal.render(report, width=width, color=tty)
-    emit(text, output)
+        return text
+    tty = output is None and _stdout_is_tty()
+    width = shutil.get_terminal_size((100, 24)).columns if tty else 100
+    return terminal.render(report, width=width, color=tty)
+
+
+def _fail_on_status(report: Any, fail_on: str | None) -> int:
+    from runlens.findings import SEVERITY_ORDER
+
     if fail_on is not None and any(
         SEVERITY_ORDER[f.severity] <= SEVERITY_ORDER[fail_on] for f in report.findings
     ):
-        sys.exit(EXIT_FAIL_ON)
+        return EXIT_FAIL_ON
+    return EXIT_OK
+
+
+def _analyze_many(
+    found: Any,
+    fmt: str,
+    output: str | None,
+    fail_on: str | None,
+    plots: str | None,
+    options: Any,
+    mapping: dict[str, str] | None,
+) -> int:
+    """Analyze every run ``discover`` found, in its order: one report each (terminal,
+    markdown), one JSON document listing them, or one HTML page each in the folder -o.
+    A run that cannot be read is reported (stderr and the output) and the others still
+    are. Returns the worst exit status over the runs."""
+    from runlens.engine import analyze as run_analysis
+    from runlens.report import json_report
+    from runlens.sources import open_found
+
+    pages_dir = None
+    if fmt == "html":
+        if output is None or output.lower().endswith((".html", ".htm")) or os.path.isfile(output):
+            fail(
+                f"{found.root} holds {len(found.runs)} runs ({found.describe()}): --format "
+                "html writes one page per run: give -o DIR (a folder), or pass one run at a time"
+            )
+        pages_dir = output
+        os.makedirs(pages_dir, exist_ok=True)
+    elif output is not None and os.path.isdir(output):
+        fail(f"-o {output} is a directory: give a file name")
+    if output is not None or fmt in ("json", "html"):  # else the preamble shows them
+        for note in found.notes:
+            click.echo(f"runlens: {note}", err=True)
+
+    status = EXIT_OK
+    texts: list[str] = []
+    pages: list[str] = []
+    reports: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
+    names = _page_names([r.label for r in found.runs])
+    for item, page in zip(found.runs, names, strict=True):
+        try:
+            run = open_found(item, mapping)
+            report = run_analysis(run, options)
+        except RunlensError as exc:
+            click.echo(f"runlens: error: {item.label}: {exc}", err=True)
+            errors.append({"label": item.label, "path": str(item.path), "message": str(exc)})
+            texts.append(_run_error_text(fmt, item.label, str(exc)))
+            status = max(status, EXIT_USAGE)
+            continue
+        status = max(status, _fail_on_status(report, fail_on))
+        if fmt == "json":
+            reports.append({"label": item.label, "format": item.format,
+                            "reason": item.reason, **json_report.to_json_dict(report)})  # fmt: skip
+        elif pages_dir is not None:
+            path = os.path.join(pages_dir, page + ".html")
+            emit(_html_report(run, report, options.smoothing), path)
+            pages.append(path)
+        else:
+            sub = None if plots is None else os.path.join(plots, page)
+            texts.append(_render(run, report, fmt, output, sub, options))
+    if pages_dir is not None:
+        click.echo(f"runlens: wrote {len(pages)} pages: {', '.join(pages)}", err=True)
+        return status
+    if fmt == "json":
+        emit(json_report.render_many(found, reports, errors), output)
+        return status
+    emit(_many_preamble(found, fmt) + "\n".join(texts), output)
+    return status
+
+
+def _page_names(labels: list[str]) -> list[str]:
+    """File-system-safe, unique names for the runs' pages and plot folders."""
+    import re
+
+    out: list[str] = []
+    for label in labels:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", label.replace("#", "-run")).strip("._") or "run"
+        name, k = base, 2
+        while name in out:
+            name, k = f"{base}-{k}", k + 1
+        out.append(name)
+    return out
+
+
+def _many_preamble(found: Any, fmt: str) -> str:
+    n = len(found.runs)
+    head = f"{found.root}: {n} runs, one report each: {found.describe(limit=n)}"
+    if fmt == "markdown":
+        from runlens.report.markdown import escape
+
+        lines = [f"# runlens: {escape(head)}", ""]
+        lines += [f"- {escape(note)}" for note in found.notes]
+        return "\n".join([*lines, ""]) + "\n"
+    return "\n".join([f"runlens: {head}", *(f"runlens: {n}" for n in found.notes), ""]) + "\n"
+
+
+def _run_error_text(fmt: str, label: str, message: str) -> str:
+    if fmt == "markdown":
+        from runlens.report.markdown import escape
+
+        return f"## runlens report: {escape(label)}\n\n**error:** {escape(message)}\n"
+    return f"runlens report: {label}\nerror: {message}\n"
 
 
 @cli.command()

@@ -29,31 +29,25 @@ from typing import Any, Literal
 import numpy as np
 from runlens_collect import format as fmt
 
+from runlens import metrics as M
 from runlens import series as S
-from runlens.context import Context, Curve
+from runlens.context import Context
+from runlens.discover import FoundRun, discover
 from runlens.engine import AnalyzeOptions, analyze
 from runlens.errors import OptionError, RunlensError
 from runlens.findings import SEVERITY_ORDER, Report, Severity, _jsonable
+from runlens.levels import levels
 from runlens.run import Run
-from runlens.sources import open_run
+from runlens.sources import open_found
 
 Mode = Literal["min", "max"]
 By = Literal["step", "time"]
 ProgressFn = Callable[[int, int], None]
 """Called as ``on_progress(done, total)`` after each run is loaded and analyzed."""
 
-# Metric direction (docs/compare.md): the last path segment of the name is split into
-# words; a "higher is better" word wins, else lower is better (losses, errors, ...).
-HIGHER_IS_BETTER = frozenset(
-    {
-        "acc", "accuracy", "top1", "top5", "f1", "auc", "auroc", "roc", "precision",
-        "recall", "iou", "miou", "map", "bleu", "rouge", "r2", "dice", "score",
-        "reward", "return", "correct", "throughput",
-    }
-)  # fmt: skip
-LOWER_IS_BETTER = frozenset(
-    {"loss", "error", "err", "nll", "mse", "mae", "rmse", "perplexity", "ppl", "cer", "wer"}
-)
+# Metric direction (docs/compare.md): see runlens.metrics (re-exported here).
+HIGHER_IS_BETTER = M.HIGHER_IS_BETTER
+LOWER_IS_BETTER = M.LOWER_IS_BETTER
 
 GRAD_NORM_STAT = "grad_norm"
 UPDATE_RATIO_STAT = "update_ratio"
@@ -116,9 +110,11 @@ class ComparedRun:
     rank: int | None
     """1 = best by the metric; None when the run has no finite final value of it."""
     metric_final: float | None
-    """Smoothed metric at its last recorded point; None if that point is not finite."""
+    """Final level of the metric (runlens.levels, as the report header); None if its
+    last recorded point is not finite."""
     metric_best: float | None
     metric_best_step: int | None
+    """Best level of the metric and its step (runlens.levels, as the report header)."""
     metric_nonfinite: bool
     """The metric's last recorded point is NaN/Inf (the run blew up)."""
     report: Report
@@ -298,48 +294,33 @@ class Comparison:
 # -- metric direction ---------------------------------------------------------------------
 
 
-def metric_mode(name: str) -> tuple[Mode, str]:
-    """(direction, why) for a metric name: see HIGHER_IS_BETTER / LOWER_IS_BETTER."""
-    last = name.rsplit("/", 1)[-1].lower()
-    words = [w for w in re.split(r"[^a-z0-9]+", last) if w]
-    for w in words:
-        if w in HIGHER_IS_BETTER:
-            return "max", f"higher is better ('{w}' in the name)"
-    for w in words:
-        if w in LOWER_IS_BETTER:
-            return "min", f"lower is better ('{w}' in the name)"
-    return "min", "lower is better (default: no known word in the name)"
+metric_mode = M.metric_mode
 
 
 # -- inputs ---------------------------------------------------------------------------------
 
 
-def expand_inputs(items: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list[CompareError]]:
-    """Paths of run directories: globs expanded (sorted), a folder of runs expanded to its
-    runs, anything else kept as given (loading will say what is wrong with it)."""
-    paths: list[Path] = []
+def expand_inputs(
+    items: Sequence[str | os.PathLike[str]], input_format: str | None = None
+) -> tuple[list[FoundRun], list[CompareError]]:
+    """The runs to compare: globs expanded (sorted), each path's runs found by
+    :func:`runlens.discover.discover` (a folder of runs gives all of them, a CSV with
+    runs appended each of them). A path that holds no run becomes an error entry."""
+    found: list[FoundRun] = []
     errors: list[CompareError] = []
     for item in items:
         text = os.fspath(item)
+        paths = [text]
         if _GLOB_CHARS.search(text) and not os.path.exists(text):
-            matches = sorted(glob.glob(os.path.expanduser(text)))
-            if not matches:
+            paths = sorted(glob.glob(os.path.expanduser(text)))
+            if not paths:
                 errors.append(CompareError(text, f"no run matches {text!r}"))
-            # Files too: a glob may name imported logs (runs/*.csv).
-            paths.extend(Path(m) for m in matches)
-            continue
-        p = Path(text).expanduser()
-        if p.is_dir() and not _is_run_dir(p):
-            children = sorted(c for c in p.iterdir() if c.is_dir() and _is_run_dir(c))
-            if children:
-                paths.extend(children)
-                continue
-        paths.append(p)
-    return paths, errors
-
-
-def _is_run_dir(p: Path) -> bool:
-    return any((p / n).exists() for n in (fmt.RUN_JSON, fmt.SCALARS_DIR, fmt.LAYERS_DIR))
+        for p in paths:
+            try:
+                found += discover(Path(p).expanduser(), input_format).runs
+            except RunlensError as exc:
+                errors.append(CompareError(p, str(exc)))
+    return found, errors
 
 
 # -- per-run work (in the pool) -------------------------------------------------------------
@@ -360,13 +341,9 @@ class _Loaded:
 
 
 def _load_one(
-    source: Run | Path, curve_names: Sequence[str] | None, opts: CompareOptions
+    source: Run | FoundRun, curve_names: Sequence[str] | None, opts: CompareOptions
 ) -> _Loaded:
-    run = (
-        source
-        if isinstance(source, Run)
-        else open_run(source, opts.input_format, dict(opts.mapping) or None)
-    )
+    run = source if isinstance(source, Run) else open_found(source, dict(opts.mapping) or None)
     report = analyze(run, opts.analyze)
     ctx = Context(run, opts.analyze.smoothing)
     # The default metric (val/loss or train/loss) is chosen once all runs are loaded.
@@ -441,14 +418,15 @@ def compare(
     opts = options or CompareOptions()
     if not runs:
         raise OptionError("compare needs at least one run")
-    sources: list[Run | Path] = []
+    sources: list[Run | FoundRun] = []
     errors: list[CompareError] = []
+    input_format = None if opts.input_format in (None, "auto") else opts.input_format
     for r in runs:  # expand one at a time so the user's order (and baseline) is kept
         if isinstance(r, Run):
             sources.append(r)
         else:
-            paths, errs = expand_inputs([r])
-            sources += paths
+            found, errs = expand_inputs([r], input_format)
+            sources += found
             errors += errs
     sources, dup_warnings = _dedupe(sources)
     if not sources:
@@ -478,11 +456,12 @@ def compare(
     return _build(good, opts, errors, dup_warnings)
 
 
-def _dedupe(sources: list[Run | Path]) -> tuple[list[Run | Path], list[str]]:
-    seen: set[str] = set()
+def _dedupe(sources: list[Run | FoundRun]) -> tuple[list[Run | FoundRun], list[str]]:
+    seen: set[tuple[str, int | None]] = set()
     out, warnings = [], []
     for s in sources:
-        key = os.path.realpath(_source_path(s))
+        part = s.part if isinstance(s, FoundRun) else None
+        key = (os.path.realpath(_source_path(s)), part)
         if key in seen:
             warnings.append(f"{_source_path(s)} given twice; compared once")
             continue
@@ -491,8 +470,10 @@ def _dedupe(sources: list[Run | Path]) -> tuple[list[Run | Path], list[str]]:
     return out, warnings
 
 
-def _source_path(s: Run | Path) -> str:
-    return str(s.path if isinstance(s, Run) else s)
+def _source_path(s: Run | FoundRun) -> str:
+    if isinstance(s, FoundRun) and s.part is not None:
+        return f"{s.path}#{s.part + 1}"
+    return str(s.path)
 
 
 def _nothing_message(errors: list[CompareError]) -> str:
@@ -584,15 +565,14 @@ def _entry(label: str, x: _Loaded, metric: str, mode: Mode) -> ComparedRun:
     best_step = None
     nonfinite = False
     if metric in x.curves:
-        _, raw, smooth = x.curves[metric]
-        steps = x.curve_steps[metric]
+        _, raw, _ = x.curves[metric]
         nonfinite = not math.isfinite(raw[-1])
-        if not nonfinite:
-            final = float(smooth[-1])
-        c = Curve(metric, steps, raw, smooth)
-        b = c.best("max" if mode == "max" else "min")
-        if b is not None:
-            best_step, best = b
+        # The levels of the run's report header (runlens.levels); a schedule has no best.
+        schedule = M.is_schedule(metric, x.run_meta)
+        lv = levels(x.curve_steps[metric], raw, None if schedule else mode, 1 if schedule else None)
+        if lv is not None:
+            final = None if nonfinite else lv.final
+            best, best_step = lv.best, lv.best_step
     return ComparedRun(
         label=label,
         path=x.path,

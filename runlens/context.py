@@ -8,8 +8,11 @@ from functools import cached_property
 import numpy as np
 from runlens_collect import format as fmt
 
+from runlens import levels as L
 from runlens import series as S
 from runlens.findings import SkipKind, Skipped
+from runlens.levels import Levels
+from runlens.metrics import Mode, direction, is_schedule, task_metric
 from runlens.run import LayerMatrix, Run
 from runlens.task import TaskInfo, resolve_task
 
@@ -37,26 +40,9 @@ class Curve:
         i = int(idx[-1])
         return int(self.steps[i]), float((self.smooth if smoothed else self.raw)[i])
 
-    def level(self, window: int) -> tuple[float, tuple[int, float]] | None:
-        """(final, (step, best)) of the trailing median of ``window`` finite raw points:
-        the level the run ended at and the lowest level it reached. The EMA's last value
-        carries a late spike or blow-up for many steps (0.9^n takes 1e7 down to ~1e2 only
-        after ~100 steps), and on a falling curve its minimum lags behind the raw values;
-        a median over the same window does neither, and final >= best by construction."""
-        med = S.trailing_median(self.raw, window)
-        ok = np.isfinite(med)
-        if not ok.any():
-            return None
-        i = int(np.nanargmin(med))
-        return float(med[ok][-1]), (int(self.steps[i]), float(med[i]))
-
-    def best(self, mode: str = "min") -> tuple[int, float] | None:
-        """(step, value) of the best smoothed value."""
-        vals = np.where(self.finite, self.smooth, np.nan)
-        if not np.isfinite(vals).any():
-            return None
-        i = int(np.nanargmin(vals) if mode == "min" else np.nanargmax(vals))
-        return int(self.steps[i]), float(vals[i])
+    def levels(self, mode: Mode | None, window: int | None = None) -> Levels | None:
+        """First/final/best level and best step: the one definition of runlens.levels."""
+        return L.levels(self.steps, self.raw, mode, window)
 
     def between(self, start: int, end: int) -> Curve:
         m = (self.steps >= start) & (self.steps <= end)
@@ -75,6 +61,7 @@ class Context:
         self._curves: dict[str, Curve | None] = {}
         self._signature = ""
         self._parts: list[Skipped] = []
+        self._levels: dict[str, Levels | None] = {}
 
     # -- coverage -----------------------------------------------------------------------
     def begin(self, signature: str) -> None:
@@ -112,12 +99,37 @@ class Context:
     def curve(self, name: str) -> Curve | None:
         if name not in self._curves:
             s = self.run.scalar(name)
-            self._curves[name] = (
-                None
-                if s is None
-                else Curve(name, s.steps, s.values, S.ema_debiased(s.values, self.smoothing))
-            )
+            if s is None:
+                self._curves[name] = None
+            else:
+                # A schedule is set, not measured: never smoothed (its "smooth" is the raw).
+                schedule = is_schedule(name, self.run.meta)
+                smooth = s.values.copy() if schedule else S.ema_debiased(s.values, self.smoothing)
+                self._curves[name] = Curve(name, s.steps, s.values, smooth)
         return self._curves[name]
+
+    def levels(self, name: str) -> Levels | None:
+        """Levels of a curve as every report shows them (runlens.levels): raw values for a
+        schedule, lowest-is-best for losses, highest for accuracy-like names."""
+        if name not in self._levels:
+            c = self.curve(name)
+            schedule = is_schedule(name, self.run.meta)
+            mode = None if schedule else direction(name)
+            self._levels[name] = (
+                None if c is None else c.levels(mode, window=1 if schedule else None)
+            )
+        return self._levels[name]
+
+    @cached_property
+    def task_metric(self) -> str | None:
+        """The validation metric checkpoints are chosen by (``val/wer``, ``val/accuracy``...;
+        see runlens.metrics.task_metric), or None."""
+        return task_metric(self.run.scalar_names)
+
+    @property
+    def x_unit(self) -> str:
+        """What the step axis counts: ``step``, or ``epoch`` for logs indexed by epoch."""
+        return self.run.x_axis
 
     @property
     def train_loss(self) -> Curve | None:

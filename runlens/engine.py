@@ -28,6 +28,7 @@ from runlens.findings import (
 )
 from runlens.health import layer_health
 from runlens.links import link_findings, rank_findings
+from runlens.metrics import is_schedule
 from runlens.run import Run
 from runlens.signatures import REGISTRY
 from runlens.signatures.base import NotChecked, Params, Signature
@@ -290,10 +291,11 @@ def _run_info(run: Run) -> RunInfo:
         path=str((run.meta.get("imported") or {}).get("source") or run.path),
         run_id=run.meta.get("run_id"),
         kind=run.kind,
-        status=run.status,
+        status=_status(run),
         schema_version=version if isinstance(version, int) else None,
         source_format=run.source_format,
         config=dict(run.config),
+        x_axis=run.x_axis,
     )
 
 
@@ -311,34 +313,35 @@ def summarize(ctx: Context, options: AnalyzeOptions | None = None) -> RunSummary
         if duration > 0 and n_steps > 1:
             steps_per_s = (n_steps - 1) / duration
 
-    ema_window = round(1 / (1 - ctx.smoothing)) if ctx.smoothing < 1 else 1
-
-    def level(c: Any) -> tuple[float | None, tuple[int, float] | None]:
-        # The EMA's window, at most a tenth of the points (sparse validation curves), at
-        # least 3: see Curve.level.
-        if c is None:
-            return None, None
-        window = max(3, min(ema_window, int(c.finite.sum()) // 10))
-        return c.level(window) or (None, None)
-
-    train_final, tb = level(tl)
-    val_final, vb = level(vl)
+    # One definition of final/best/best step for every report (runlens.levels).
+    tl_lv = ctx.levels(fmt.TRAIN_LOSS) if tl is not None else None
+    vl_lv = ctx.levels(fmt.VAL_LOSS) if vl is not None else None
+    task = ctx.task_metric
+    task_lv = ctx.levels(task) if task is not None else None
     abnormal, reason = _end_state(run)
+    plan = _planned(run)
     return RunSummary(
         steps=n_steps,
         first_step=first,
         last_step=last,
         duration_s=duration,
         steps_per_s=steps_per_s,
-        final_train_loss=train_final,
-        best_train_loss=tb[1] if tb else None,
-        best_train_step=tb[0] if tb else None,
-        final_val_loss=val_final,
-        best_val_loss=vb[1] if vb else None,
-        best_val_step=vb[0] if vb else None,
+        final_train_loss=tl_lv.final if tl_lv else None,
+        best_train_loss=tl_lv.best if tl_lv else None,
+        best_train_step=tl_lv.best_step if tl_lv else None,
+        final_val_loss=vl_lv.final if vl_lv else None,
+        best_val_loss=vl_lv.best if vl_lv else None,
+        best_val_step=vl_lv.best_step if vl_lv else None,
         ended_abnormally=abnormal,
         end_reason=reason,
         extras=dict(run.meta.get("summary_extras") or {}),
+        task_metric=task if task_lv else None,
+        task_metric_mode=task_lv.mode if task_lv else None,
+        final_task_metric=task_lv.final if task_lv else None,
+        best_task_metric=task_lv.best if task_lv else None,
+        best_task_metric_step=task_lv.best_step if task_lv else None,
+        planned_length=plan[0] if plan else None,
+        planned_unit=plan[1] if plan else None,
         **_sanity_summary(ctx, options or AnalyzeOptions()),
     )
 
@@ -367,8 +370,46 @@ def _wall_times(run: Run) -> np.ndarray | None:
     return np.sort(w)
 
 
+def _planned(run: Run) -> tuple[int, str, int | None, str] | None:
+    """(planned length, its unit, how far the log got, where the plan was read) of an
+    imported log: run.json ``imported.planned`` / ``imported.reached`` (the importer's)."""
+    imported = run.meta.get("imported")
+    planned = imported.get("planned") if isinstance(imported, dict) else None
+    if not isinstance(planned, dict):
+        return None
+    total = planned.get("total")
+    if not isinstance(total, int) or isinstance(total, bool) or total <= 0:
+        return None
+    reached = imported.get("reached")
+    reached = reached if isinstance(reached, int) and not isinstance(reached, bool) else None
+    unit = "epoch" if planned.get("unit") == "epoch" else "step"
+    return total, unit, reached, str(planned.get("source") or "")
+
+
+def _status(run: Run) -> str:
+    """run.json's status, except that an imported log that ends before its planned length
+    is ``stopped`` (not ``finished``): the log cannot say whether it crashed or was cut."""
+    plan = _planned(run)
+    if run.source_format != "runlens" and plan and plan[2] is not None and plan[2] < plan[0]:
+        return "stopped"
+    return run.status
+
+
 def _end_state(run: Run) -> tuple[bool, str]:
     if run.source_format != "runlens":
+        plan = _planned(run)
+        if plan is not None and plan[2] is not None:
+            total, unit, reached, source = plan
+            where = f" ({source})" if source else ""
+            if reached < total:
+                at = "at" if unit == "step" else "after"  # reached = epochs completed
+                return False, (
+                    f"stopped {at} {unit} {reached:,} of {total:,} planned{where}; "
+                    f"imported from {run.source_format}"
+                )
+            return False, (
+                f"reached the {total:,} {unit}s planned{where}; imported from {run.source_format}"
+            )
         return False, f"imported from {run.source_format}"
     status = run.status
     if status == fmt.STATUS_FINISHED and run.clean_close:
@@ -386,17 +427,29 @@ def _end_state(run: Run) -> tuple[bool, str]:
 
 def _previews(ctx: Context, points: int) -> list[CurvePreview]:
     out = []
-    for name in PREVIEW_CURVES:
+    names = list(PREVIEW_CURVES)
+    if ctx.task_metric is not None and ctx.task_metric not in names:
+        names.insert(3, ctx.task_metric)
+    for name in names:
         c = ctx.curve(name) if ctx.run.has_scalar(name) else None
         if c is None or len(c) == 0:
             continue
         idx = np.unique(np.linspace(0, len(c) - 1, min(points, len(c))).astype(np.int64))
+        lv = ctx.levels(name)
+        schedule = is_schedule(name, ctx.run.meta)
         out.append(
             CurvePreview(
                 name=name,
                 steps=tuple(int(s) for s in c.steps[idx]),
                 values=tuple(float(v) for v in c.raw[idx]),
                 smoothed=tuple(float(v) for v in c.smooth[idx]),
+                schedule=schedule,
+                first=lv.first if lv else None,
+                final=lv.final if lv else None,
+                best=lv.best if lv else None,
+                best_step=lv.best_step if lv else None,
+                mode=lv.mode if lv else None,
+                level_window=lv.window if lv else 1,
             )
         )
     return out

@@ -150,6 +150,8 @@ class RunInfo:
     schema_version: int | None
     source_format: str = "runlens"
     config: dict[str, Any] = field(default_factory=dict)
+    x_axis: str = "step"
+    """What steps count: ``step``, or ``epoch`` for a log indexed by epochs."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,17 @@ class RunSummary:
     suggested_lr: float | None = None
     lr_method: str | None = None
     overfit_check: OverfitCheck | None = None
+    # The validation metric checkpoints are chosen by (val/wer, val/accuracy...), when the
+    # run logs one, with its levels (runlens.levels, like the losses above).
+    task_metric: str | None = None
+    task_metric_mode: str | None = None
+    final_task_metric: float | None = None
+    best_task_metric: float | None = None
+    best_task_metric_step: int | None = None
+    planned_length: int | None = None
+    """Length the run was set up for (an imported log's max_steps / max_epochs), if known."""
+    planned_unit: str | None = None
+    """``step`` or ``epoch``: what ``planned_length`` counts."""
 
 
 @dataclass(frozen=True)
@@ -210,6 +223,16 @@ class CurvePreview:
     steps: tuple[int, ...]
     values: tuple[float, ...]
     smoothed: tuple[float, ...]
+    """The debiased EMA; equal to ``values`` for a schedule (never smoothed)."""
+    schedule: bool = False
+    first: float | None = None
+    final: float | None = None
+    best: float | None = None
+    best_step: int | None = None
+    """``first``/``final``/``best``/``best_step``: runlens.levels over the whole curve (not
+    just the kept points); ``best`` is None when the name has no better direction."""
+    mode: str | None = None
+    level_window: int = 1
 
 
 @dataclass(frozen=True)

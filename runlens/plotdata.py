@@ -94,6 +94,7 @@ def build_plot_data(
     return {
         "version": PLOT_DATA_VERSION,
         "name": run.name,
+        "x_axis": run.x_axis,
         "smoothing": float(smoothing),
         "series": series,
         "lr": [n for n in lr_names if n in series],

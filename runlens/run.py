@@ -99,6 +99,14 @@ class Run:
         return cfg if isinstance(cfg, dict) else {}
 
     @property
+    def x_axis(self) -> str:
+        """What steps count: ``step``, or ``epoch`` for an imported log indexed by epochs
+        (``run.json`` ``imported.x_axis``, written by the importer)."""
+        imported = self.meta.get("imported")
+        axis = imported.get("x_axis") if isinstance(imported, dict) else None
+        return "epoch" if axis == "epoch" else "step"
+
+    @property
     def clean_close(self) -> bool:
         return any(e.get("kind") == "close" for e in self.events)
 
@@ -479,25 +487,29 @@ def directory_of_runs_message(root: Path, children: list[Path]) -> str:
 
 
 def _check_steps(run: Run) -> None:
-    """Warn about steps recorded more than once (a resumed run, or two runs in one
-    directory): the loader keeps the last write, which may not be what was meant."""
+    """Warn about steps recorded more than once with different values (a resumed run,
+    two runs in one directory): the loader keeps the last write, which may not be what
+    was meant. The same value written twice at one step (a logger that repeats the epoch
+    counter on its train and eval records) changes nothing and is not reported."""
     try:
         dup = run.query(
             fmt.SCALARS_DIR,
             lambda lf: (
-                lf.group_by("name")
-                .agg(pl.len().alias("rows"), pl.col("step").n_unique().alias("steps"))
-                .filter(pl.col("rows") > pl.col("steps"))
+                lf.group_by("name", "step")
+                .agg(pl.col("value").n_unique().alias("values"))
+                .filter(pl.col("values") > 1)
+                .group_by("name")
+                .agg(pl.len().alias("n"))
             ),
         )
     except RunLoadError as exc:
         run.warnings.append(str(exc))
         return
     if dup.height:
-        worst = dup.with_columns((pl.col("rows") - pl.col("steps")).alias("n")).sort("n")[-1]
+        worst = dup.sort(["n", "name"])[-1]
         run.warnings.append(
-            f"{dup.height} series have steps recorded more than once (e.g. "
-            f"{worst['name'][0]}: {worst['n'][0]} repeats); the last value written is used"
+            f"{dup.height} series have steps recorded more than once with different values "
+            f"(e.g. {worst['name'][0]}: {worst['n'][0]} steps); the last value written is used"
         )
 
 

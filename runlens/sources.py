@@ -21,9 +21,9 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from runlens import importers
+from runlens import discover, importers
 from runlens.errors import RunLoadError
-from runlens.run import Run, child_runs, directory_of_runs_message, load_run
+from runlens.run import Run, load_run
 
 
 def cache_root() -> Path:
@@ -36,10 +36,15 @@ def cache_root() -> Path:
     return root / "runlens" / "imports"
 
 
-def cache_key(path: Path, source_format: str, mapping: Mapping[str, str] | None) -> str:
-    """Hash identifying one import of one version of a log."""
+def cache_key(
+    path: Path, source_format: str, mapping: Mapping[str, str] | None, part: int | None = None
+) -> str:
+    """Hash identifying one import of one version of a log (``part``: which of the runs
+    appended in one CSV file)."""
     h = hashlib.sha256()
     h.update(f"v{importers.IMPORTER_VERSION}\0{source_format}\0{path.resolve()}\0".encode())
+    if part is not None:
+        h.update(f"part{part}\0".encode())
     h.update(json.dumps(sorted((mapping or {}).items())).encode())
     for f in importers.inputs(path, source_format):
         st = f.stat()
@@ -52,35 +57,39 @@ def open_run(
     input_format: str | None = None,
     mapping: Mapping[str, str] | None = None,
 ) -> Run:
-    """Open ``path`` for analysis.
+    """Open ``path`` for analysis: ONE run.
 
     ``input_format`` is one of ``auto`` (None), ``runlens``, ``tensorboard``, ``csv``,
     ``hf-trainer``; ``mapping`` overrides source-name → runlens-name mapping of imports
-    (``{"eval/loss": "val/loss"}``). Raises :class:`RunLoadError` with a one-line message.
+    (``{"eval/loss": "val/loss"}``). A path holding several runs (a folder of runs, a CSV
+    with runs appended) raises a one-line :class:`RunLoadError` naming them: list them
+    with :func:`runlens.discover.discover` and open each with :func:`open_found`.
     """
-    p = Path(path)
-    forced = importers.check_format(input_format)
-    if not p.exists():
-        raise RunLoadError(f"no such run directory or log: {p}")
-    if forced is None and p.is_dir() and not importers.is_runlens_dir(p):
-        children = child_runs(p)
-        if children:
-            raise RunLoadError(directory_of_runs_message(p, children))
-    source_format = forced or importers.detect_format(p)
+    return open_found(discover.single(path, input_format), mapping)
+
+
+def open_found(found: discover.FoundRun, mapping: Mapping[str, str] | None = None) -> Run:
+    """Open one run that :func:`runlens.discover.discover` found."""
+    p, source_format = found.path, found.format
     if source_format == importers.RUNLENS:
         if mapping:
             raise RunLoadError("--map applies to imported logs, not to runlens run directories")
         return load_run(p)
-    run_dir = imported_dir(p, source_format, mapping)
+    run_dir = imported_dir(p, source_format, mapping, found.part)
     run = load_run(run_dir)
     run.source_format = source_format
     return run
 
 
-def imported_dir(path: Path, source_format: str, mapping: Mapping[str, str] | None = None) -> Path:
+def imported_dir(
+    path: Path,
+    source_format: str,
+    mapping: Mapping[str, str] | None = None,
+    part: int | None = None,
+) -> Path:
     """The cache directory holding ``path`` converted; converts it if not cached yet."""
     root = cache_root()
-    dest = root / cache_key(path, source_format, mapping)
+    dest = root / cache_key(path, source_format, mapping, part)
     if (dest / "run.json").is_file():
         return dest
     try:
@@ -89,7 +98,7 @@ def imported_dir(path: Path, source_format: str, mapping: Mapping[str, str] | No
     except OSError as exc:
         raise RunLoadError(f"cannot create the import cache in {root}: {exc.strerror}") from None
     try:
-        log = importers.read(path, source_format)
+        log = importers.read(path, source_format, part)
         importers.write_run(log, path, tmp, mapping)
         try:
             tmp.rename(dest)  # atomic: readers see a complete import or none

@@ -131,7 +131,10 @@ def test_a_file_is_not_a_run(tmp_path: Path) -> None:
 
 
 def test_empty_dir(tmp_path: Path) -> None:
-    assert_one_line_error(invoke("analyze", tmp_path), "not a runlens run")
+    # Nothing readable: one line saying what was looked for.
+    assert_one_line_error(
+        invoke("analyze", tmp_path), "no runs found", "TensorBoard event files", "training.log"
+    )
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:

@@ -366,16 +366,18 @@ def test_keras_csv_uses_epochs_as_steps(keras_csv: Path, overfit: dict) -> None:
                                 "val/loss")  # fmt: skip
     n_epochs = overfit["train"][-1]["epoch"] + 1
     assert run.scalar("train/loss").steps.tolist() == list(range(n_epochs))
-    assert any("epochs are used as steps" in w for w in run.warnings)
+    assert run.x_axis == "epoch"
+    assert any("the x axis counts epochs" in w for w in run.warnings)
     report = analyze(keras_csv)
-    assert any("epochs are used as steps" in w for w in report.warnings)
+    assert report.run.x_axis == "epoch"
+    assert any("the x axis counts epochs" in w for w in report.warnings)
 
 
 @pytest.mark.parametrize(
     ("content", "match"),
     [
         (b"\x00\x01\x02\xff\xfe garbage \x00\n\x89PNG", "CSV"),
-        (b"loss,accuracy\n0.5,0.7\n0.4,0.8\n", "no step or epoch column"),
+        (b"name,colour\nfoo,0.7\nbar,0.8\n", "no step or epoch column"),
         (b"", "CSV"),
         (b"step,loss\nabc,0.5\n", "step"),
     ],
@@ -497,7 +499,7 @@ def test_cli_import_then_analyze(lightning_csv: Path, tmp_path: Path) -> None:
 
 
 def test_cli_analyze_forced_format_and_errors(keras_csv: Path, tmp_path: Path) -> None:
-    txt = tmp_path / "log.txt"
+    txt = tmp_path / "log.dat"  # a name that says nothing, and is not sniffed
     shutil.copy(keras_csv, txt)
     res = CliRunner().invoke(cli, ["analyze", str(txt), "--format", "json"])
     assert res.exit_code == 2 and res.output.count("\n") == 1, res.output

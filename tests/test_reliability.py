@@ -447,7 +447,7 @@ def _newer_schema(run: Path) -> str:
 def _empty(run: Path) -> str:
     shutil.rmtree(run)
     run.mkdir()
-    return "not a runlens run"
+    return "no runs found: looked for runlens run directories"
 
 
 def _only_bad_run_json(run: Path) -> str:
@@ -457,20 +457,10 @@ def _only_bad_run_json(run: Path) -> str:
     return "unreadable run.json and no segments"
 
 
-def _parent_of_runs(run: Path) -> str:
-    tmp = run.with_name("tmp")
-    run.rename(tmp)
-    run.mkdir()
-    tmp.rename(run / "a")
-    shutil.copytree(run / "a", run / "b")
-    return "looks like a directory of runs (a, b); use `runlens compare"
-
-
 ERROR_CASES = {
     "newer-schema": _newer_schema,
     "empty-dir": _empty,
     "only-corrupt-run-json": _only_bad_run_json,
-    "parent-of-runs": _parent_of_runs,
 }
 
 

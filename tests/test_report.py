@@ -47,15 +47,15 @@ def test_terminal_has_header_findings_curves_and_layers(nan_report: Report) -> N
     s = nan_report.summary
     assert f"{s.steps} recorded, steps {s.first_step}–{s.last_step}" in text
     assert nan_report.summary.end_reason in text
-    assert "throughput" in text and "train loss (smoothed)" in text
+    assert "throughput" in text and "train loss" in text
     nan = next(f for f in nan_report.findings if f.signature == "nan-inf")
     assert f"ERROR  nan-inf  steps {NAN_STEP}–" in text
     assert "fix: " + nan.fix[:30] in text
     for e in nan.evidence:
         assert e.name.split()[0] in text
-    assert "Curves (smoothed)" in text and "Layer health" in text
+    assert "Curves" in text and "first/final/best: levels" in text and "Layer health" in text
     # The train/loss sparkline ends in NaN marks: the loss went NaN at NAN_STEP.
-    curves = text[text.index("Curves (smoothed)") :]
+    curves = text[text.index("Curves") :]
     spark = next(ln for ln in curves.splitlines() if ln.strip().startswith("train/loss"))
     assert "×" in spark
     assert all(len(line) <= 100 for line in text.splitlines())
@@ -156,7 +156,7 @@ def test_markdown_escape_function_round_trips() -> None:
 def test_markdown_sections(nan_report: Report) -> None:
     md = markdown.render(nan_report)
     assert md.startswith(f"## runlens report: {markdown.escape(nan_report.run.name)}")
-    for heading in ("### Findings", "### Curves (smoothed)", "### Layer health"):
+    for heading in ("### Findings", "### Curves", "### Layer health"):
         assert heading in md
     assert "#### 1. 🔴 ERROR: nan\\-inf" in md or "#### 1. 🔴 ERROR: nan-inf" in md
 

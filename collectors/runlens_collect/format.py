@@ -68,7 +68,10 @@ RUN_JSON_KEYS: Final = {
     "by `runlens import`: 'tensorboard' | 'csv' | 'hf-trainer'",
     "imported": "dict | null, for converted logs: {source (absolute path of the log), "
     "importer_version, imported_at (UNIX s), names (source name -> runlens name, null = "
-    "dropped), warnings (list of str, shown as run warnings)}",
+    "dropped), warnings (list of str, shown as run warnings), x_axis ('step' | 'epoch': "
+    "what steps count), planned ({total, unit, source}: the length the log was planned "
+    "for, when it says) and reached (how far it got, in that unit), schedules (optional "
+    "list of names shown raw, never smoothed)}",
     "summary_extras": "dict, extra facts for the report's run summary (JSON scalars), e.g. "
     "an imported Hugging Face run's train_runtime",
     "task": "dict | null, what the model was trained to do, as the writer saw it (see "

@@ -9,6 +9,7 @@
   "use strict";
   const DATA = JSON.parse(document.getElementById("runlens-data").textContent);
   const RUNS = DATA.runs;
+  const UNIT = DATA.x_axis === "epoch" ? "epoch" : "step";  // what the x axis counts
   const MULTI = RUNS.length > 1;
   const CONFIG = {
     displaylogo: false, responsive: true, showLink: false, showSendToCloud: false,
@@ -100,7 +101,7 @@
   function baseLayout(ytitle, extra) {
     return Object.assign({
       margin: { l: 60, r: 20, t: 30, b: 40 }, hovermode: "x unified",
-      xaxis: { title: { text: "step" }, zeroline: false },
+      xaxis: { title: { text: UNIT }, zeroline: false },
       yaxis: { title: { text: ptext(ytitle) }, zeroline: false },
       legend: { orientation: "h", x: 0, y: 1, yanchor: "bottom" }, shapes: [],
     }, extra || {});
@@ -196,7 +197,7 @@
       c.appendChild(t);
       c.appendChild(el("div", "summary", f.summary));
       const where = [];
-      if (f.steps) where.push(f.steps[0] === f.steps[1] ? "step " + f.steps[0] : "steps " + f.steps[0] + "–" + f.steps[1]);
+      if (f.steps) where.push(f.steps[0] === f.steps[1] ? UNIT + " " + f.steps[0] : UNIT + "s " + f.steps[0] + "–" + f.steps[1]);
       if (f.layers.length) where.push("layers: " + f.layers.join(", "));
       if (where.length) c.appendChild(el("div", "where", where.join(" · ")));
       if (f.evidence.length) {

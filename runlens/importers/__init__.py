@@ -30,7 +30,7 @@ from runlens_collect import format as fmt
 
 from runlens.errors import OptionError, RunLoadError
 
-IMPORTER_VERSION: Final = 1
+IMPORTER_VERSION: Final = 2
 """Bumped when an importer's output changes, so cached imports are rebuilt."""
 
 RUNLENS: Final = "runlens"
@@ -66,6 +66,14 @@ class ImportedLog:
     config: dict[str, Any] = field(default_factory=dict)
     summary_extras: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    x_axis: str = "step"
+    """What the steps count: ``step``, or ``epoch`` for logs indexed by epochs."""
+    hints: dict[str, str] = field(default_factory=dict)
+    """Runlens names the importer knows from the log's layout (fastai's ``accuracy`` is a
+    validation metric): they beat the default mapping, ``--map`` beats them."""
+    planned: dict[str, Any] | None = None
+    """``{"total", "unit", "reached", "source"}``: the length the run was set up for and
+    how far the log got, when the log says (HF max_steps, Lightning max_epochs)."""
 
 
 # -- format detection -------------------------------------------------------------------
@@ -83,34 +91,98 @@ def is_event_file(path: Path) -> bool:
     return "tfevents" in path.name
 
 
-def detect_format(path: str | os.PathLike[str]) -> str:
-    """The source format of ``path`` (one of FORMATS), or a one-line RunLoadError."""
-    p = Path(path)
-    if not p.exists():
-        raise RunLoadError(f"no such file or directory: {p}")
-    if p.is_file():
-        if is_event_file(p):
-            return TENSORBOARD
-        if p.suffix.lower() in (".csv", ".tsv"):
-            return CSV
-        if p.name == HF_STATE_FILE or p.suffix.lower() == ".json":
-            return HF_TRAINER
-        raise RunLoadError(
-            f"cannot tell the format of {p}: expected a TensorBoard event file "
-            "(*tfevents*), a .csv metrics file or a trainer_state.json (use --input-format)"
-        )
+KERAS_LOG: Final = "training.log"
+CSV_SUFFIXES: Final = (".csv", ".tsv")
+SNIFFED_SUFFIXES: Final = (".log", ".txt", "")
+"""Files whose name does not say CSV but whose first line may (Keras' ``training.log``)."""
+
+
+def file_format(p: Path) -> str | None:
+    """The format of a log file, or None when it is none runlens reads."""
+    if is_event_file(p):
+        return TENSORBOARD
+    if p.suffix.lower() in CSV_SUFFIXES:
+        return CSV
+    if p.name == HF_STATE_FILE:
+        return HF_TRAINER
+    if p.name == KERAS_LOG:
+        return CSV
+    if p.suffix.lower() in SNIFFED_SUFFIXES:
+        from runlens.importers.csv import looks_like_csv
+
+        return CSV if looks_like_csv(p) else None
+    return None
+
+
+def dir_format(p: Path) -> str | None:
+    """The format of a directory that is one run (a runlens run, a Trainer output or
+    checkpoint folder, a Lightning version folder, a TensorBoard log directory), or None
+    when it is not one run (a folder of runs, or nothing readable)."""
     if is_runlens_dir(p):
         return RUNLENS
     if (p / HF_STATE_FILE).is_file() or any(p.glob(f"checkpoint-*/{HF_STATE_FILE}")):
         return HF_TRAINER
     if (p / LIGHTNING_CSV).is_file():
         return CSV
-    if any(is_event_file(f) for f in p.rglob("*tfevents*")):
+    if is_tensorboard_run(p):
         return TENSORBOARD
-    raise RunLoadError(
-        f"{p} is not a runlens run and holds no TensorBoard event files, metrics.csv or "
-        "trainer_state.json (use --input-format to force one)"
-    )
+    return None
+
+
+SPLIT_DIRS: Final = frozenset(
+    {"train", "training", "validation", "valid", "val", "eval", "evaluation", "test"}
+)
+"""Sub-directory names Keras' TensorBoard callback (``logs/train``, ``logs/validation``)
+and similar loggers use for the splits of ONE run."""
+
+
+def is_tensorboard_run(p: Path) -> bool:
+    """One TensorBoard run: event files directly in ``p`` (sub-directories with event
+    files are its ``add_scalars`` curves), or only split-named sub-directories
+    (``train/``, ``validation/``) holding them."""
+    try:
+        entries = list(p.iterdir())
+    except OSError:
+        return False
+    if any(e.is_file() and is_event_file(e) for e in entries):
+        return True
+    with_events = [e for e in entries if e.is_dir() and any(is_event_file(f) for f in _files_in(e))]
+    return bool(with_events) and all(e.name.lower() in SPLIT_DIRS for e in with_events)
+
+
+def _files_in(d: Path) -> list[Path]:
+    try:
+        return [f for f in d.iterdir() if f.is_file()]
+    except OSError:
+        return []
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """The source format of ``path`` (one of FORMATS), or a one-line RunLoadError. A
+    folder of several runs is no format: see :mod:`runlens.discover`."""
+    p = Path(path)
+    if not p.exists():
+        raise RunLoadError(f"no such file or directory: {p}")
+    if p.is_file():
+        found = file_format(p)
+        if found is None and p.suffix.lower() == ".json":
+            return HF_TRAINER  # any JSON: the importer says whether it is a Trainer state
+        if found is None:
+            raise RunLoadError(
+                f"cannot tell the format of {p}: expected a TensorBoard event file "
+                "(*tfevents*), a CSV metrics file (.csv, .tsv, Keras' training.log) or a "
+                "trainer_state.json (use --input-format)"
+            )
+        return found
+    found = dir_format(p)
+    if found is None and any(is_event_file(f) for f in p.rglob("*tfevents*")):
+        return TENSORBOARD
+    if found is None:
+        raise RunLoadError(
+            f"{p} is not a runlens run and holds no TensorBoard event files, metrics.csv or "
+            "trainer_state.json (use --input-format to force one)"
+        )
+    return found
 
 
 def check_format(name: str | None) -> str | None:
@@ -132,6 +204,10 @@ def _module(source_format: str) -> Any:
     else:
         raise OptionError(f"no importer for format {source_format!r}")
     return mod
+
+
+def is_csv_format(source_format: str) -> bool:
+    return source_format == CSV
 
 
 def inputs(path: str | os.PathLike[str], source_format: str) -> list[Path]:
@@ -227,11 +303,21 @@ _PATTERN_RANK: Final = 100
 _KEEP_RANK: Final = 1000
 
 
-def canonical_name(raw: str) -> tuple[str, int]:
+_EPOCH_TAG = re.compile(r"^(?P<split>[^/]+)/epoch_(?P<rest>.+)$", re.IGNORECASE)
+"""Keras' TensorBoard callback: ``train/epoch_loss``, ``validation/epoch_accuracy``."""
+
+
+def canonical_name(raw: str) -> tuple[str, float]:
     """The default runlens name of a source metric name and its priority (lower wins)."""
     hit = _ALIAS_INDEX.get(raw.lower())
     if hit is not None:
         return hit
+    m = _EPOCH_TAG.match(raw)
+    if m:
+        split = m.group("split").lower()
+        split = "val" if split in ("validation", "valid", "eval", "evaluation") else split
+        target, rank = canonical_name(f"{split}/{m.group('rest')}")
+        return target, rank + 0.5
     m = _LR_MONITOR.match(raw)
     if m:
         group = int(m.group(1)) - 1 if m.group(1) else 0
@@ -256,16 +342,88 @@ def parse_map(items: Iterable[str]) -> dict[str, str]:
     return out
 
 
+_VAL_PREFIXES: Final = ("val_", "val/", "valid_", "valid/", "validation_", "validation/",
+                        "eval_", "eval/")  # fmt: skip
+_EVAL_SET_LOSS = re.compile(r"^(?:eval|val)[_/](?P<set>.+?)[_/]loss$", re.IGNORECASE)
+PRIMARY_EVAL_SETS: Final = ("validation", "valid", "val", "dev", "eval", "evaluation")
+"""When a log has several evaluation sets and no plain ``eval_loss``, the first set with
+one of these names (else the first set logged) is the primary one: its loss is val/loss."""
+
+
+def default_names(raw_names: Iterable[str]) -> dict[str, tuple[str, float]]:
+    """The default (runlens name, priority) of every source name of one log: the alias
+    table and patterns of :func:`canonical_name`, plus rules that look at the other
+    names of the log:
+
+    * Lightning ``X_step`` / ``X_epoch`` (``self.log(..., on_step=True, on_epoch=True)``):
+      ``X_step`` takes X's runlens name, ``X_epoch`` that name + ``_epoch``;
+    * Keras ``X`` next to ``val_X``: ``train/X``;
+    * several evaluation sets (``eval_<set>_loss``, HF Trainer with a dict of eval
+      datasets) and no plain ``eval_loss``: the primary set's loss is ``val/loss`` and its
+      metrics ``val/<metric>``; the other sets keep ``val/<set>_<metric>``.
+    """
+    names = list(dict.fromkeys(raw_names))
+    lower = {n.lower() for n in names}
+    out = {raw: canonical_name(raw) for raw in names}
+    for raw in names:
+        low = raw.lower()
+        for suffix in ("_step", "_epoch"):
+            if not low.endswith(suffix) or raw.lower() in _ALIAS_INDEX:
+                continue
+            base = raw[: -len(suffix)]
+            target, rank = canonical_name(base)
+            if rank >= _KEEP_RANK:
+                continue
+            if suffix == "_epoch" and f"{base.lower()}_step" in lower:
+                out[raw] = (f"{target}_epoch", _PATTERN_RANK)
+            else:
+                out[raw] = (target, rank + (0.25 if suffix == "_step" else 0.5))
+        if low.endswith("_epoch") and f"{low[:-6]}_step" in lower and raw.lower() in _ALIAS_INDEX:
+            target, _ = out[raw]
+            out[raw] = (f"{target}_epoch", _PATTERN_RANK)
+        if out[raw][1] >= _KEEP_RANK and any(p + low in lower for p in _VAL_PREFIXES):
+            out[raw] = (f"train/{raw}", _PATTERN_RANK)
+    _eval_sets(names, out)
+    return out
+
+
+def _eval_sets(names: list[str], out: dict[str, tuple[str, float]]) -> None:
+    if any(target == fmt.VAL_LOSS and rank < _PATTERN_RANK for target, rank in out.values()):
+        return  # a plain eval_loss/val_loss: that is the validation loss
+    sets = []
+    for raw in names:
+        m = _EVAL_SET_LOSS.match(raw)
+        if m and m.group("set").lower() not in ("", "train"):
+            sets.append((raw[: m.start("set")], m.group("set")))
+    if not sets:
+        return
+    by_name = {s.lower(): (prefix, s) for prefix, s in sets}
+    primary = next((by_name[n] for n in PRIMARY_EVAL_SETS if n in by_name), sets[0])
+    prefix, name = primary
+    head = f"{prefix}{name}"
+    for raw in names:
+        if raw.lower().startswith(head.lower()) and raw[len(head) : len(head) + 1] in ("_", "/"):
+            metric = raw[len(head) + 1 :]
+            target, rank = canonical_name(f"val_{metric}")
+            out[raw] = (target, min(rank, _PATTERN_RANK) - 0.5)
+
+
 def resolve_names(
-    raw_names: Iterable[str], overrides: Mapping[str, str] | None = None
+    raw_names: Iterable[str],
+    overrides: Mapping[str, str] | None = None,
+    hints: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, str | None], list[str]]:
-    """Map source names to runlens names: ``--map`` overrides first, then the defaults.
+    """Map source names to runlens names: ``--map`` overrides first, then the importer's
+    ``hints`` (what the log's layout says), then the defaults (:func:`default_names`).
 
     Returns ``{source name: runlens name or None (dropped)}`` and warnings about
     collisions (two source names mapping to one runlens name).
     """
     overrides = overrides or {}
-    wanted: dict[str, tuple[str, int]] = {}
+    hints = hints or {}
+    raw_names = list(raw_names)
+    defaults = default_names(raw_names)
+    wanted: dict[str, tuple[str, float]] = {}
     out: dict[str, str | None] = {}
     for raw in raw_names:
         if raw in overrides:
@@ -273,9 +431,11 @@ def resolve_names(
             if not dst:
                 out[raw] = None
                 continue
-            wanted[raw] = (dst, -1)  # explicit mapping beats every default
+            wanted[raw] = (dst, -2)  # explicit mapping beats every default
+        elif raw in hints:
+            wanted[raw] = (canonical_name(hints[raw])[0] if hints[raw] else raw, -1)
         else:
-            wanted[raw] = canonical_name(raw)
+            wanted[raw] = defaults[raw]
     by_target: dict[str, list[str]] = {}
     for raw, (target, _) in wanted.items():
         by_target.setdefault(target, []).append(raw)
@@ -295,8 +455,13 @@ def resolve_names(
 # -- writing a run directory ------------------------------------------------------------
 
 
-def read(path: str | os.PathLike[str], source_format: str) -> ImportedLog:
-    """Read a log with the importer of ``source_format`` (source names, nothing mapped)."""
+def read(path: str | os.PathLike[str], source_format: str, part: int | None = None) -> ImportedLog:
+    """Read a log with the importer of ``source_format`` (source names, nothing mapped).
+    ``part``: which of the runs appended in one CSV file (see ``csv.parts``)."""
+    if part is not None:
+        if source_format != CSV:
+            raise OptionError(f"only CSV logs hold appended runs, not {source_format}")
+        return _module(source_format).read(Path(path), part)
     return _module(source_format).read(Path(path))
 
 
@@ -311,8 +476,10 @@ def convert(
     ``source_format`` None detects it. ``mapping`` maps source names to runlens names
     (see :func:`resolve_names`). ``out_dir`` must not already hold a run.
     """
-    src = Path(path)
-    fmt_name = check_format(source_format) or detect_format(src)
+    from runlens.discover import single
+
+    found = single(path, source_format)
+    src, fmt_name = found.path, found.format
     if fmt_name == RUNLENS:
         raise RunLoadError(f"{src} is already a runlens run: nothing to import")
     out = Path(out_dir)
@@ -320,7 +487,7 @@ def convert(
         raise RunLoadError(f"output directory {out} exists and is not empty")
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise RunLoadError(f"output directory {out} is inside the log {src}: choose another")
-    log = read(src, fmt_name)
+    log = read(src, fmt_name, found.part)
     write_run(log, src, out, mapping)
     return out
 
@@ -332,7 +499,7 @@ def write_run(
     mapping: Mapping[str, str] | None = None,
 ) -> None:
     """Write ``log`` as a runlens run directory (scalars, layers, run.json)."""
-    names, name_warnings = resolve_names([s.name for s in log.scalars], mapping)
+    names, name_warnings = resolve_names([s.name for s in log.scalars], mapping, log.hints)
     warnings = [*log.warnings, *name_warnings]
     if mapping:
         unused = sorted(set(mapping) - set(names))
@@ -370,11 +537,25 @@ def write_run(
             "imported_at": time.time(),
             "names": {raw: dst for raw, dst in names.items()},
             "warnings": warnings,
+            "x_axis": log.x_axis,
+            **_plan(log),
         },
     )
     if log.summary_extras:
         meta["summary_extras"] = log.summary_extras
     fmt.write_json_atomic(meta, out_dir / fmt.RUN_JSON)
+
+
+def _plan(log: ImportedLog) -> dict[str, Any]:
+    """run.json ``imported.planned`` / ``imported.reached`` in the units of the plan."""
+    p = log.planned
+    if not p or not isinstance(p.get("total"), int) or not isinstance(p.get("reached"), int):
+        return {}
+    return {
+        "planned": {"total": p["total"], "unit": p.get("unit", "step"),
+                    "source": p.get("source", "")},
+        "reached": p["reached"],
+    }  # fmt: skip
 
 
 def _scalars_table(kept: list[tuple[str | None, ScalarSeries]]) -> pa.Table:

@@ -84,22 +84,15 @@ def read(path: Path) -> ImportedLog:
         warnings.append(f"{f.name}: {no_step} log_history entries without a step ignored")
     if not points:
         raise RunLoadError(f"{f}: log_history holds no metrics")
-    series = [
-        ScalarSeries(
-            k,
-            np.asarray(s, np.int64),
-            np.asarray(v, np.float64),
-            np.full(len(s), np.nan),  # the Trainer logs no wall-clock times
-        )
-        for k, (s, v) in points.items()
-    ]
+    series = [_dedupe(k, s, v) for k, (s, v) in points.items()]
     config = {
         k: v
         for k, v in state.items()
         if k != "log_history" and (v is None or isinstance(v, (int, float, str, bool)))
     }
     # Name the run after the training output folder, not "checkpoint-500".
-    folder = f.parent.parent if f.parent.name.startswith("checkpoint-") else f.parent
+    in_checkpoint = f.parent.name.startswith("checkpoint-")
+    folder = f.parent.parent if in_checkpoint else f.parent
     return ImportedLog(
         HF_TRAINER,
         folder.name or f.stem,
@@ -107,7 +100,44 @@ def read(path: Path) -> ImportedLog:
         config=config,
         summary_extras=extras,
         warnings=warnings,
+        x_axis="epoch" if use_epoch else "step",
+        planned=_plan(state, use_epoch, f.parent.name if in_checkpoint else None),
     )
+
+
+def _dedupe(name: str, steps: list[int], values: list[float]) -> ScalarSeries:
+    """One series; a point repeated with the same value at one step (``epoch`` is in both
+    the training and the evaluation entry of a step) is kept once, so only conflicting
+    values at one step reach the loader's duplicate-step warning."""
+    s, v = np.asarray(steps, np.int64), np.asarray(values, np.float64)
+    if s.size > 1:
+        same = (s[1:] == s[:-1]) & ((v[1:] == v[:-1]) | (np.isnan(v[1:]) & np.isnan(v[:-1])))
+        keep = np.concatenate([[True], ~same])
+        s, v = s[keep], v[keep]
+    return ScalarSeries(name, s, v, np.full(s.size, np.nan))  # the Trainer logs no times
+
+
+def _plan(state: dict[str, Any], use_epoch: bool, checkpoint: str | None) -> dict[str, Any] | None:
+    """The planned length (``max_steps``; ``num_train_epochs`` for a log without steps)
+    and how far the state got (``global_step`` / ``epoch``)."""
+    where = f"{checkpoint}/{HF_STATE_FILE}" if checkpoint else HF_STATE_FILE
+    if not use_epoch:
+        total, reached = _int(state.get("max_steps")), _int(state.get("global_step"))
+        if total and total > 0 and reached is not None:
+            return {"total": total, "unit": "step", "reached": reached,
+                    "source": f"max_steps in {where}"}  # fmt: skip
+        return None
+    total = _int(state.get("num_train_epochs"))
+    epoch = _number(state.get("epoch"))
+    if total and total > 0 and epoch is not None and math.isfinite(epoch):
+        return {"total": total, "unit": "epoch", "reached": math.floor(epoch + 1e-6),
+                "source": f"num_train_epochs in {where}"}  # fmt: skip
+    return None
+
+
+def _int(v: Any) -> int | None:
+    x = _number(v)
+    return int(x) if x is not None and math.isfinite(x) and x == int(x) else None
 
 
 def _number(v: Any) -> float | None:

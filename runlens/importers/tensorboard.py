@@ -18,6 +18,8 @@ every value as a Python object per point; the values are the same.
   ``absmax`` is the outer edge of the outermost non-empty bucket. Everything else
   (``frac_nonfinite``, ``update_ratio``, the fixed-bin ``hist``...) is null.
 * Histogram tag → (layer, kind), see :func:`layer_and_kind`.
+* When every scalar tag is ``epoch_*`` (Keras' callback: ``train/epoch_loss`` at step =
+  epoch), the run's x axis is ``epoch``.
 
 A truncated last record (a run killed while writing) is dropped with a warning, as
 TensorBoard itself does; a file with no readable record at all is an error.
@@ -164,7 +166,16 @@ def read(path: Path) -> ImportedLog:
     if not series and layers is None:
         raise RunLoadError(f"{path}: no scalars or histograms in these TensorBoard files")
     name = (path if path.is_dir() else path.parent).name
-    return ImportedLog(TENSORBOARD, name, series, layers=layers, warnings=warnings)
+    # Keras' TensorBoard callback logs epoch_loss, epoch_accuracy... at step = epoch.
+    epochs = bool(series) and all(s.name.rsplit("/", 1)[-1].startswith("epoch_") for s in series)
+    return ImportedLog(
+        TENSORBOARD,
+        name,
+        series,
+        layers=layers,
+        warnings=warnings,
+        x_axis="epoch" if epochs else "step",
+    )
 
 
 def _group(

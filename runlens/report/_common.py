@@ -75,6 +75,14 @@ def fmt_steps(steps: tuple[int, int] | None) -> str:
     return str(a) if a == b else f"{a}–{b}"
 
 
+def fmt_where(steps: tuple[int, int] | None, unit: str = "step") -> str:
+    """A finding's range with its unit: ``step 40``, ``steps 40–59``, ``epochs 3–9``."""
+    if steps is None:
+        return f"{unit}s -"
+    a, b = steps
+    return f"{unit} {a}" if a == b else f"{unit}s {a}–{b}"
+
+
 def fmt_frac(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
@@ -83,14 +91,16 @@ def fmt_opt(x: float | None) -> str:
     return "-" if x is None else fmt_num(x)
 
 
-def loss_fact(final: float | None, best: float | None, best_step: int | None) -> str | None:
+def loss_fact(
+    final: float | None, best: float | None, best_step: int | None, unit: str = "step"
+) -> str | None:
     if final is None and best is None:
         return None
     text = f"final {fmt_num(final)}"
     if best is not None:
         text += f" · best {fmt_num(best)}"
         if best_step is not None:
-            text += f" @ step {best_step}"
+            text += f" @ {unit} {best_step}"
     return text
 
 
@@ -101,19 +111,24 @@ def header_facts(report: Report) -> list[tuple[str, str]]:
     if report.run.kind != "train":
         facts.append(("kind", report.run.kind))
     facts.append(("status", f"{report.run.status} ({s.end_reason})"))
+    unit = report.run.x_axis
     if s.first_step is not None and s.last_step is not None:
-        facts.append(("steps", f"{s.steps} recorded, steps {s.first_step}–{s.last_step}"))
+        facts.append((f"{unit}s", f"{s.steps} recorded, {unit}s {s.first_step}–{s.last_step}"))
     else:
-        facts.append(("steps", str(s.steps)))
+        facts.append((f"{unit}s", str(s.steps)))
     facts.append(("duration", fmt_duration(s.duration_s)))
     if s.steps_per_s is not None:
-        facts.append(("throughput", f"{fmt_num(s.steps_per_s)} steps/s"))
-    train = loss_fact(s.final_train_loss, s.best_train_loss, s.best_train_step)
+        facts.append(("throughput", f"{fmt_num(s.steps_per_s)} {unit}s/s"))
+    train = loss_fact(s.final_train_loss, s.best_train_loss, s.best_train_step, unit)
     if train:
-        facts.append(("train loss (smoothed)", train))
-    val = loss_fact(s.final_val_loss, s.best_val_loss, s.best_val_step)
+        facts.append(("train loss", train))
+    val = loss_fact(s.final_val_loss, s.best_val_loss, s.best_val_step, unit)
     if val:
-        facts.append(("val loss (smoothed)", val))
+        facts.append(("val loss", val))
+    if s.task_metric is not None:
+        task = loss_fact(s.final_task_metric, s.best_task_metric, s.best_task_metric_step, unit)
+        if task:
+            facts.append((s.task_metric, task))
     if report.run.config:
         facts.append(("config", config_line(report.run.config)))
     for key, value in sorted(s.extras.items()):
@@ -202,28 +217,44 @@ def link_note(f: Finding) -> str | None:
     return None
 
 
+def curves_note(curves: Sequence[CurvePreview]) -> str:
+    """What the curve table's numbers are, per curve (the same as the header's)."""
+    groups: dict[str, list[str]] = {}
+    for c in curves:
+        key = "raw values" if c.level_window <= 1 else f"median of {c.level_window} points"
+        groups.setdefault(key, []).append(c.name)
+    parts = [f"{k} ({', '.join(v)})" for k, v in groups.items()]
+    return (
+        "first/final/best: levels as in the header, " + "; ".join(parts) + ". "
+        "Trend: smoothed, schedules raw."
+    )
+
+
 @dataclass(frozen=True)
 class CurveRow:
     name: str
     spark: str
     first: str
-    last: str
-    low: str
-    high: str
+    final: str
+    best: str
+    """``0.41 @ step 800`` (or ``-`` when the curve has no better direction)."""
 
 
-def curve_rows(curves: Sequence[CurvePreview]) -> list[CurveRow]:
+def curve_rows(curves: Sequence[CurvePreview], unit: str = "step") -> list[CurveRow]:
+    """One row per previewed curve: its levels (runlens.levels, as in the header) and a
+    sparkline of the smoothed curve (the raw one for a schedule)."""
     rows = []
     for c in curves:
-        finite = [v for v in c.smoothed if math.isfinite(v)]
+        best = "-"
+        if c.best is not None:
+            best = f"{fmt_num(c.best)} @ {unit} {c.best_step}"
         rows.append(
             CurveRow(
                 name=c.name,
-                spark=sparkline(c.smoothed),
-                first=fmt_num(c.smoothed[0]) if c.smoothed else "-",
-                last=fmt_num(c.smoothed[-1]) if c.smoothed else "-",
-                low=fmt_num(min(finite)) if finite else "-",
-                high=fmt_num(max(finite)) if finite else "-",
+                spark=sparkline(c.values if c.schedule else c.smoothed),
+                first=fmt_opt(c.first),
+                final=fmt_opt(c.final),
+                best=best,
             )
         )
     return rows

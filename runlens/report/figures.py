@@ -49,7 +49,7 @@ def render_pngs(run_data: Mapping[str, Any], dpi: int = 110) -> dict[str, bytes]
         ax = fig.add_subplot()
         for k, name in enumerate(present):
             _line(ax, name, series[name], w, f"C{k}")
-        ax.set_xlabel("step")
+        ax.set_xlabel(str(run_data.get("x_axis") or "step"))
         ax.set_title(TITLES[fname], fontsize=10)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

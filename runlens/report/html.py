@@ -62,6 +62,7 @@ def render(report: Report, run_data: Mapping[str, Any]) -> str:
         "verdict": _verdict(report),
         "facts": C.header_facts(report),
         "smoothing": run_data.get("smoothing", 0.9),
+        "x_axis": report.run.x_axis,
         "findings": findings,
         "runs": [dict(run_data, label=report.run.name)],
         "tables": [
@@ -93,6 +94,8 @@ def render_comparison(comparison: Any, runs_data: Sequence[Mapping[str, Any]]) -
         "verdict": _compare_verdict(comparison),
         "facts": _compare_facts(comparison),
         "smoothing": runs_data[0].get("smoothing", 0.9) if runs_data else 0.9,
+        # Epochs only when every run counts epochs (mixed runs share a step axis).
+        "x_axis": "epoch" if runs and all(e.report.run.x_axis == "epoch" for e in runs) else "step",
         "findings": findings,
         "runs": [dict(d, label=e.label) for e, d in zip(runs, runs_data, strict=True)],
         "tables": [

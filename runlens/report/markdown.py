@@ -48,15 +48,15 @@ def render(report: Report) -> str:
     if report.findings:
         out += ["### Findings", ""]
         for i, f in enumerate(report.findings, 1):
-            out += _finding(i, f)
+            out += _finding(i, f, report.run.x_axis)
     if report.curves:
-        out += ["### Curves (smoothed)", ""]
+        out += ["### Curves", ""]
         rows = [
-            [escape(r.name), r.spark, r.first, r.last, r.low, r.high]
-            for r in C.curve_rows(report.curves)
+            [escape(r.name), r.spark, r.first, r.final, escape(r.best)]
+            for r in C.curve_rows(report.curves, report.run.x_axis)
         ]
-        out += _table(["curve", "trend", "first", "last", "min", "max"], rows, "llrrrr")
-        out.append("")
+        out += _table(["curve", "trend", "first", "final", "best"], rows, "llrrr")
+        out += ["", f"_{escape(C.curves_note(report.curves))}_", ""]
     if report.layers:
         out += _layers(report)
     out += ["### Coverage", "", escape(C.coverage_summary(report)), ""]
@@ -69,14 +69,14 @@ def render(report: Report) -> str:
     return "\n".join(out).rstrip("\n") + "\n"
 
 
-def _finding(index: int, f: Finding) -> list[str]:
+def _finding(index: int, f: Finding, unit: str = "step") -> list[str]:
     icon = SEVERITY_ICON[f.severity]
     out = [
         f"#### {index}. {icon} {f.severity.upper()}: {escape(f.signature)}",
         "",
         escape(f.summary),
         "",
-        f"- **steps:** {escape(C.fmt_steps(f.steps))}",
+        f"- **{unit}s:** {escape(C.fmt_steps(f.steps))}",
         f"- **confidence:** {100 * f.confidence:.0f}%",
     ]
     if f.layers:

@@ -29,9 +29,10 @@ def _sections(report: Report) -> list[list[RenderableType]]:
     """Blocks separated by one blank line: header, verdict, findings, tables, notes."""
     title = Rule(Text("runlens report", style="bold"), align="left")
     sections: list[list[RenderableType]] = [[title, _header(report)], [_verdict(report)]]
-    sections += [[_finding(i, f)] for i, f in enumerate(report.findings, 1)]
+    unit = report.run.x_axis
+    sections += [[_finding(i, f, unit)] for i, f in enumerate(report.findings, 1)]
     if report.curves:
-        sections.append([_curves(report)])
+        sections.append([_curves(report), Text(C.curves_note(report.curves), style="dim")])
     if report.layers:
         sections.append([_layers(report)])
     sections.append([_coverage(report)])
@@ -73,12 +74,12 @@ def _coverage(report: Report) -> Group:
     return Group(title, Padding(grid, (0, 0, 0, 2)))
 
 
-def _finding(index: int, f: Finding) -> Group:
+def _finding(index: int, f: Finding, unit: str = "step") -> Group:
     title = Text(f"{index}. ")
     title.append(f.severity.upper(), style=SEVERITY_STYLE[f.severity])
     title.append("  ")
     title.append(f.signature, style="bold")
-    title.append(f"  steps {C.fmt_steps(f.steps)}  confidence {100 * f.confidence:.0f}%")
+    title.append(f"  {C.fmt_where(f.steps, unit)}  confidence {100 * f.confidence:.0f}%")
     body: list[RenderableType] = [Text(_one_line(f.summary))]
     note = C.link_note(f)
     if note:
@@ -104,18 +105,17 @@ def _finding(index: int, f: Finding) -> Group:
 
 
 def _curves(report: Report) -> Table:
-    t = Table(title="Curves (smoothed)", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
+    t = Table(title="Curves", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
     for name, justify in (
         ("curve", "left"),
         ("trend", "left"),
         ("first", "right"),
-        ("last", "right"),
-        ("min", "right"),
-        ("max", "right"),
+        ("final", "right"),
+        ("best", "right"),
     ):
         t.add_column(name, justify=justify, no_wrap=name == "trend")  # type: ignore[arg-type]
-    for r in C.curve_rows(report.curves):
-        t.add_row(*(Text(v) for v in (r.name, r.spark, r.first, r.last, r.low, r.high)))
+    for r in C.curve_rows(report.curves, report.run.x_axis):
+        t.add_row(*(Text(v) for v in (r.name, r.spark, r.first, r.final, r.best)))
     return t
 
 

@@ -6,7 +6,7 @@ import numpy as np
 from runlens_collect import format as fmt
 
 from runlens import series as S
-from runlens.context import Context, Curve
+from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
 from runlens.signatures._curves import TINY, confidence, finite_points
 from runlens.signatures.base import NotChecked, Param, Params, Signature
@@ -17,11 +17,12 @@ class Overfitting(Signature):
     falling: the train/validation gap widens.
 
     What it detects:
-        The validation loss (rolling median of 3 evaluations) reaches its best value and
-        then ends at least ``min_rise`` above it, over at least ``min_evals`` later
-        evaluations, while the training loss at the end is no higher than at the best
-        validation step. Without a validation loss, the same on validation accuracy with an
-        absolute drop of ``min_acc_drop``.
+        The validation loss reaches its best level and then ends at least ``min_rise``
+        above it, over at least ``min_evals`` later evaluations, while the training loss at
+        the end is no higher than at the best validation step. Best and final are the
+        report's levels (runlens.levels: medians of a few evaluations around each one, the
+        numbers the header shows). Without a validation loss, the same on validation
+        accuracy with an absolute drop of ``min_acc_drop``.
 
     Why it matters:
         The model is memorizing the training set instead of learning what generalizes.
@@ -34,8 +35,10 @@ class Overfitting(Signature):
         train/validation gap at both points.
 
     How to fix:
-        Stop early at the best validation step (keep that checkpoint); add regularization
-        (weight decay, dropout, data augmentation), get more data, or use a smaller model.
+        Stop early at the best validation step (keep that checkpoint; when the run logs a
+        task metric such as WER or accuracy whose best step differs, both steps are named);
+        add regularization (weight decay, dropout, data augmentation), get more data, or
+        use a smaller model.
 
     References:
         Prechelt, "Early Stopping — But When?" (1998); Goodfellow et al., Deep Learning
@@ -93,11 +96,14 @@ class Overfitting(Signature):
         self, ctx: Context, p: Params, t_steps: np.ndarray, t_level: np.ndarray
     ) -> list[Finding]:
         assert ctx.val_loss is not None
-        steps, i_best, after, best, final = _best_and_final(ctx.val_loss, lowest=True)
+        got = _best_and_final(ctx, fmt.VAL_LOSS)
+        if got is None:
+            return []
+        b_step, e_step, after, best, final = got
         rise = (final - best) / max(abs(best), TINY)
         if after < p.min_evals or not np.isfinite(rise) or rise < p.min_rise:
             return []
-        b_step, e_step = int(steps[i_best]), int(steps[-1])
+        unit = ctx.x_unit
         train_at = _train_fell(t_steps, t_level, b_step, e_step)
         if train_at is None:
             return []  # training got worse too: not overfitting (divergence, drift)
@@ -109,7 +115,7 @@ class Overfitting(Signature):
                 severity="warning",
                 confidence=confidence(rise, p.min_rise),
                 summary=(
-                    f"validation loss rose {rise:.0%} from its best {fmt_num(best)} at step "
+                    f"validation loss rose {rise:.0%} from its best {fmt_num(best)} at {unit} "
                     f"{b_step} to {fmt_num(final)} while training loss fell "
                     f"{fmt_num(tb)} → {fmt_num(te)}; the gap widened "
                     f"{fmt_num(gap_b)} → {fmt_num(gap_e)}"
@@ -118,15 +124,16 @@ class Overfitting(Signature):
                 evidence=(
                     Evidence("val loss rise / best", rise, p.min_rise, ">="),
                     Evidence("best val loss", best),
-                    Evidence("best val step", b_step),
+                    Evidence(f"best val {unit}", b_step),
                     Evidence("final val loss", final),
-                    Evidence("train loss at best val step", tb),
+                    Evidence(f"train loss at best val {unit}", tb),
                     Evidence("final train loss", te),
-                    Evidence("gap at best val step", gap_b),
+                    Evidence(f"gap at best val {unit}", gap_b),
                     Evidence("final gap", gap_e),
+                    *_task_evidence(ctx, fmt.VAL_LOSS),
                 ),
                 causes=_CAUSES,
-                fix=_fix(b_step),
+                fix=_fix(ctx, b_step, "lowest val loss", fmt.VAL_LOSS),
             )
         ]
 
@@ -135,11 +142,14 @@ class Overfitting(Signature):
     ) -> list[Finding]:
         acc = ctx.curve(fmt.VAL_ACCURACY)
         assert acc is not None
-        steps, i_best, after, best, final = _best_and_final(acc, lowest=False)
+        got = _best_and_final(ctx, fmt.VAL_ACCURACY)
+        if got is None:
+            return []
+        b_step, e_step, after, best, final = got
         drop = best - final
         if after < p.min_evals or not np.isfinite(drop) or drop < p.min_acc_drop:
             return []
-        b_step, e_step = int(steps[i_best]), int(steps[-1])
+        unit = ctx.x_unit
         train_at = _train_fell(t_steps, t_level, b_step, e_step)
         if train_at is None:
             return []
@@ -150,20 +160,21 @@ class Overfitting(Signature):
                 severity="warning",
                 confidence=confidence(drop, p.min_acc_drop),
                 summary=(
-                    f"validation accuracy fell from {best:.1%} at step {b_step} to "
+                    f"validation accuracy fell from {best:.1%} at {unit} {b_step} to "
                     f"{final:.1%} while training loss fell {fmt_num(tb)} → {fmt_num(te)}"
                 ),
                 steps=(b_step, e_step),
                 evidence=(
                     Evidence("val accuracy drop", drop, p.min_acc_drop, ">="),
                     Evidence("best val accuracy", best),
-                    Evidence("best val step", b_step),
+                    Evidence(f"best val {unit}", b_step),
                     Evidence("final val accuracy", final),
-                    Evidence("train loss at best val step", tb),
+                    Evidence(f"train loss at best val {unit}", tb),
                     Evidence("final train loss", te),
+                    *_task_evidence(ctx, fmt.VAL_ACCURACY),
                 ),
                 causes=_CAUSES,
-                fix=_fix(b_step),
+                fix=_fix(ctx, b_step, "best val accuracy", fmt.VAL_ACCURACY),
             )
         ]
 
@@ -179,13 +190,28 @@ _CAUSES = (
 )
 
 
-def _best_and_final(c: Curve, lowest: bool) -> tuple[np.ndarray, int, int, float, float]:
-    """(steps, index of the best point, evaluations after it, best level, final level)
-    of a validation curve; best is the lowest (loss) or highest (accuracy) median of 3."""
-    steps, raw = finite_points(c)
-    level = S.rolling_median(raw, 3)
-    i_best = int(np.argmin(level) if lowest else np.argmax(level))
-    return steps, i_best, raw.size - 1 - i_best, float(level[i_best]), float(np.median(raw[-3:]))
+def _best_and_final(ctx: Context, name: str) -> tuple[int, int, int, float, float] | None:
+    """(best step, last step, evaluations after the best, best level, final level) of a
+    validation curve: the report's levels (runlens.levels), so the finding cites the
+    header's numbers and names the header's best step."""
+    c, lv = ctx.curve(name), ctx.levels(name)
+    if c is None or lv is None or lv.best is None or lv.best_step is None:
+        return None
+    steps, _ = finite_points(c)
+    after = int(np.count_nonzero(steps > lv.best_step))
+    return lv.best_step, lv.final_step, after, lv.best, lv.final
+
+
+def _task_evidence(ctx: Context, curve: str) -> tuple[Evidence, ...]:
+    """The task metric's best level and step, when the run logs one besides ``curve``."""
+    task = ctx.task_metric
+    lv = ctx.levels(task) if task is not None and task != curve else None
+    if lv is None or lv.best is None or lv.best_step is None:
+        return ()
+    return (
+        Evidence(f"best {task}", lv.best),
+        Evidence(f"best {task} {ctx.x_unit}", lv.best_step),
+    )
 
 
 def _train_fell(
@@ -198,8 +224,23 @@ def _train_fell(
     return tb, te
 
 
-def _fix(b_step: int) -> str:
+def _fix(ctx: Context, b_step: int, why: str, curve: str) -> str:
+    """Early-stopping advice naming the checkpoint(s) to keep: the best step of ``curve``
+    and, when the run logs a task metric (WER, accuracy, F1...) that peaked elsewhere,
+    that step too: the checkpoint to ship is the one best on the metric that matters."""
+    unit = ctx.x_unit
+    keep = f"Keep the checkpoint from {unit} {b_step} ({why})"
+    task = ctx.task_metric
+    lv = ctx.levels(task) if task is not None and task != curve else None
+    if lv is not None and lv.best is not None and lv.best_step is not None:
+        if lv.best_step == b_step:
+            keep = f"Keep the checkpoint from {unit} {b_step} ({why} and best {task})"
+        else:
+            keep += (
+                f", or the one from {unit} {lv.best_step} where {task} was best "
+                f"({fmt_num(lv.best)}) if {task} is what you select models by"
+            )
     return (
-        f"Keep the checkpoint from step {b_step} (early stopping); add weight "
-        "decay/dropout/augmentation, more data, or use a smaller model."
+        f"{keep} (early stopping); add weight decay/dropout/augmentation, more data, or "
+        "use a smaller model."
     )
