@@ -39,12 +39,15 @@ class StepFlags:
     @classmethod
     def for_step(cls, step: int, s: CollectorConfig, kinds: set[str]) -> StepFlags:
         out = step % s.activation_every == 0
-        return cls(
-            stat=step % s.every == 0,
-            out=out,
-            act=out and fmt.KIND_ACTIVATION in kinds,
-            hist=step % s.hist_every == 0,
-        )
+        key = (step % s.every == 0, out, out and fmt.KIND_ACTIVATION in kinds)
+        key += (step % s.hist_every == 0,)
+        flags = _FLAGS.get(key)
+        if flags is None:
+            flags = _FLAGS[key] = cls(*key)  # 16 at most: none built per step
+        return flags
+
+
+_FLAGS: dict[tuple[bool, ...], StepFlags] = {}
 
 
 Part = tuple[Section, "torch.Tensor", "np.ndarray | None"]
