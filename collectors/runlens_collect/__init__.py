@@ -25,7 +25,8 @@ from runlens_collect._active import log
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from runlens_collect.collector import Collector, CollectorConfig
+    from runlens_collect.collector import Collector
+    from runlens_collect.config import CollectorConfig
     from runlens_collect.sanity import init_check, lr_range_test, overfit_one_batch
 
 __all__ = [
@@ -40,7 +41,7 @@ __all__ = [
 
 _LAZY = {
     "Collector": "runlens_collect.collector",
-    "CollectorConfig": "runlens_collect.collector",
+    "CollectorConfig": "runlens_collect.config",
     # The debugging playbook's sanity runs (docs/playbook.md).
     "lr_range_test": "runlens_collect.sanity",
     "overfit_one_batch": "runlens_collect.sanity",

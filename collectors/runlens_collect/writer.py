@@ -25,6 +25,7 @@ import pyarrow.compute
 import pyarrow.parquet
 
 from runlens_collect import format as fmt
+from runlens_collect.layout import LayoutError, Section, StepLayout
 from runlens_collect.stats import NBINS, NRAW, NSINGLE, single_to_raw
 
 _HIST_TYPE = pa.list_(pa.int64())
@@ -55,44 +56,19 @@ is ~600 bytes, so ~60 MB), whatever flush_steps says."""
 
 
 @dataclass
-class Block:
-    """Rows of one kind in a step's package: RAW (+ extra) columns, then optional hist."""
-
-    kind: str
-    layers: np.ndarray  # int32 ids into the writer's layer-name list
-    numels: np.ndarray  # int64
-    extra: tuple[str, ...] = ()
-    hist: bool = False
-    missing: np.ndarray | None = None  # bool per row: stats are NaN
-    pads: np.ndarray | None = None  # zero padding counted in the hist zero bin
-    negate: bool = False  # data holds -x (updates measured as before - after)
-    ratio_ref: int | None = None  # index of the block holding ||w_before||² (update_ratio)
-    write: bool = True  # False: only feeds another block (update_ratio)
-    grad_norm: bool = False  # emit the total L2 norm of the non-missing rows as grad_norm
-    # One tensor's stats.SINGLE values instead of RAW: (rows, gathered rows, row width)
-    single: tuple[int, int, int] | None = None
-    # Columns derived on the host from the SINGLE values, before `extra`: min, max and
-    # row_sum_mean (the sum over the rows' count; rows run along the last dimension).
-    derived: tuple[str, ...] = ()
-
-    @property
-    def width(self) -> int:
-        return (NSINGLE if self.single else NRAW) + len(self.extra)
-
-    @property
-    def size(self) -> int:
-        n = len(self.layers)
-        return n * self.width + (n * NBINS if self.hist else 0)
-
-
-@dataclass
 class Package:
-    """One step's worth of statistics on its way to disk."""
+    """One step's worth of statistics on its way to disk.
+
+    The host buffer holds ``size`` float64 values laid out as ``layout`` says (None: no
+    device data this step); ``missing`` (one mask or None per section) and
+    ``scalar_steps`` (the step of each device scalar) are what varies beside it.
+    """
 
     step: int
     wall_time: float
-    blocks: list[Block] = field(default_factory=list)
-    dev_scalars: list[tuple[int, str]] = field(default_factory=list)  # values after blocks
+    layout: StepLayout | None = None
+    missing: tuple[np.ndarray | None, ...] = ()
+    scalar_steps: tuple[int, ...] = ()
     host_scalars: list[tuple[int, str, float]] = field(default_factory=list)
     extern: list[tuple[int, str, Any]] = field(default_factory=list)  # tensors read here
     host: Any = None  # host buffer (torch tensor) holding `size` float64 values
@@ -253,15 +229,16 @@ class Writer(threading.Thread):
                     break
 
     def _decode_batch(self, batch: list[tuple[Package, np.ndarray | None]]) -> None:
-        """Decode packages: scalars in one append; blocks of the same shape across
-        consecutive packages (the usual case: every step records the same layers) are
-        stacked and derived with one set of numpy ops."""
+        """Decode packages: scalars in one append; consecutive packages with the same
+        layout (the usual case: every step records the same layers) are stacked and
+        derived with one set of numpy ops. A package that disagrees with its layout is
+        reported (through the collector's one warning) and its device data dropped."""
         steps: list[int] = []
         walls: list[float] = []
         names: list[str] = []
         values: list[float] = []
         group: list[tuple[Package, np.ndarray]] = []
-        key: tuple[Any, ...] | None = None
+        key: tuple[Section, ...] | None = None
         for pkg, arr in batch:
             try:
                 for step, name, value in pkg.host_scalars:
@@ -275,19 +252,27 @@ class Writer(threading.Thread):
                     values.append(float(t))
                     walls.append(pkg.wall_time)
                 if arr is not None:
-                    off = sum(b.size for b in pkg.blocks)
-                    for (s, name), v in zip(
-                        pkg.dev_scalars, arr[off : off + len(pkg.dev_scalars)], strict=True
-                    ):
+                    layout = pkg.layout
+                    if layout is None:
+                        raise LayoutError("internal error: device data without a layout")
+                    layout.check(pkg.size, pkg.missing, pkg.scalar_steps)
+                    if len(arr) < layout.size:
+                        raise LayoutError(
+                            f"internal error: {len(arr)} values copied, layout {layout.size}"
+                        )
+                    scalars = arr[layout.scalar_offset : layout.size]
+                    for s, name, v in zip(pkg.scalar_steps, layout.scalars, scalars, strict=True):
                         steps.append(s)
                         names.append(name)
                         values.append(float(v))
                         walls.append(pkg.wall_time)
-                    k = tuple(_block_key(b) for b in pkg.blocks)
-                    if k != key and group:
+                    # Steps with the same sections (the usual case: every step records
+                    # the same layers; sections are built once, so this compares identities)
+                    # are decoded together, whatever their device scalars.
+                    if layout.sections != key and group:
                         self._decode_group(group)
                         group = []
-                    key = k
+                    key = layout.sections
                     group.append((pkg, arr))
             except Exception as exc:
                 self.report("writer", f"decoding step {pkg.step} failed; it is dropped", exc)
@@ -308,31 +293,26 @@ class Writer(threading.Thread):
             self.report("writer", f"decoding step {group[0][0].step} failed; it is dropped", exc)
 
     def _decode_stacked(self, group: list[tuple[Package, np.ndarray]]) -> None:
-        blocks = group[0][0].blocks
+        layout = group[0][0].layout
+        assert layout is not None
         k = len(group)
         pkg_steps = np.array([p.step for p, _ in group], np.int64)
         walls = np.array([p.wall_time for p, _ in group], np.float64)
-        size = sum(b.size for b in blocks)
-        data = np.stack([arr[:size] for _, arr in group])  # (k, size)
-        off = 0
+        # (k, size of the sections): the same sections in every package of the group
+        data = np.stack([arr[: layout.scalar_offset] for _, arr in group])
         raws: list[np.ndarray] = []
-        for i, b in enumerate(blocks):
-            n = len(b.layers)
+        for i, (b, off) in enumerate(zip(layout.sections, layout.offsets, strict=True)):
+            n = b.rows
             raw = data[:, off : off + n * b.width].reshape(k, n, b.width)
             off += n * b.width
             if b.single is not None:
                 raw, b = _finish_single(raw, b)
-            hist = None
-            if b.hist:
-                hist = data[:, off : off + n * NBINS].reshape(k * n, NBINS)
-                off += n * NBINS
+            hist = data[:, off : off + n * NBINS].reshape(k * n, NBINS) if b.hist else None
             raws.append(raw)
-            missing = np.stack(
-                [
-                    p.blocks[i].missing if p.blocks[i].missing is not None else np.zeros(n, bool)
-                    for p, _ in group
-                ]
-            )  # (k, n)
+            if b.has_missing:
+                missing = np.stack([p.missing[i] for p, _ in group])  # (k, n)
+            else:
+                missing = np.zeros((k, n), bool)
             if b.grad_norm:
                 with np.errstate(invalid="ignore"):
                     ok = ~missing
@@ -340,13 +320,14 @@ class Writer(threading.Thread):
                     gn = np.where(ok.any(1), gn, np.nan)
                 self._add_scalars(pkg_steps, walls, [fmt.GRAD_NORM] * k, gn)
             if b.write:
-                ref = raws[b.ratio_ref] if b.ratio_ref is not None else None
+                ref_i = layout.ratio_index[i]
+                ref = raws[ref_i] if ref_i is not None else None
                 self._add_block(pkg_steps, b, raw, hist, ref, missing)
 
-    def _add_block(self, steps, b: Block, raw, hist, ref, missing) -> None:
+    def _add_block(self, steps, b: Section, raw, hist, ref, missing) -> None:
         """Rows of one block for k steps: raw (k, n, width), hist (k*n, NBINS) or None,
         ref (k, n, width) or None, missing (k, n)."""
-        k, n = raw.shape[0], len(b.layers)
+        k, n = raw.shape[0], b.rows
         rows = k * n
         raw = raw.reshape(rows, b.width)
         missing = missing.reshape(rows)
@@ -574,7 +555,7 @@ class Writer(threading.Thread):
                 self.flush()
 
 
-def _finish_single(raw: np.ndarray, b: Block) -> tuple[np.ndarray, Block]:
+def _finish_single(raw: np.ndarray, b: Section) -> tuple[np.ndarray, Section]:
     """RAW (+ derived + extra) columns from a single-tensor block's SINGLE columns."""
     single = raw[..., :NSINGLE]
     derived = {
@@ -586,22 +567,6 @@ def _finish_single(raw: np.ndarray, b: Block) -> tuple[np.ndarray, Block]:
     cols.append(raw[..., NSINGLE:])
     finished = replace(b, single=None, derived=(), extra=b.derived + b.extra)
     return np.concatenate(cols, axis=-1), finished
-
-
-def _block_key(b: Block) -> tuple[Any, ...]:
-    return (
-        b.kind,
-        b.single,
-        b.derived,
-        b.layers.tobytes(),
-        b.extra,
-        b.hist,
-        b.negate,
-        b.ratio_ref,
-        b.write,
-        b.grad_norm,
-        b.missing is None,
-    )
 
 
 def _next_seq(run_dir: Path, table: str, rank: int) -> int:

@@ -1,0 +1,99 @@
+"""What the Collector records and how often: its knobs, validated, and their JSON form."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+from runlens_collect import format as fmt
+
+DEFAULT_EXCLUDE: tuple[type[nn.Module], ...] = (
+    nn.modules.dropout._DropoutNd,
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+)
+"""Modules never recorded by default: their output equals their input."""
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    """What the Collector records and how often. Defaults were chosen by measurement
+    (``benchmarks/collector_overhead.py``): at these settings a small CPU transformer
+    trains at about 1.03x the bare step time (1.04x over a whole run, activation and
+    histogram steps included), 1.02-1.03x with ``every=10`` (docs/benchmarks.md).
+
+    Attributes:
+        kinds: which layer statistics to record, a subset of format.KINDS. ``update`` needs
+            an optimizer (it is measured across ``optimizer.step()``).
+        every: weight/grad/update statistics every N steps (1 = every step). Scalars
+            (loss, lr, grad_norm, timings) are recorded every step regardless.
+        activation_every: activation and model-output statistics every N steps (forward
+            hooks return at once on other steps). The output is an activation (the root
+            module's), often the largest tensor of a step (logits), and the analyzer uses
+            it for level checks only: every step would cost ~1% here for nothing.
+        hist_every: fixed-bin histograms every N steps (on steps that record the kind).
+        modules: which modules get activation rows: None = every leaf module; else a
+            sequence of module types and/or regular expressions matched (re.search) against
+            the module path; a module matching any entry is included, leaf or not.
+        exclude_modules: module types / path regexes never recorded (default: dropout,
+            Identity, Flatten, Unflatten: their output equals their input).
+        flush_steps: write a Parquet segment at least every N steps ...
+        flush_seconds: ... and at least every N seconds (what a crash can lose).
+        max_queue: steps in flight between training thread and writer (host buffers in the
+            ring), at most; the writer decodes everything queued at each wake-up, so a
+            writer briefly slower than training catches up instead of dropping.
+        max_queue_bytes: ... and at most this many bytes of host buffers in the ring
+            (whichever bound is hit first). When no buffer is free and another would exceed
+            the budget, the step's statistics are dropped (training never blocks and memory
+            never grows without limit); the drop is counted, warned once and written as a
+            ``skipped`` event.
+        name: run name (default: the run directory's name).
+        rank: override the rank (default: torch.distributed rank, else 0).
+    """
+
+    kinds: tuple[str, ...] = fmt.KINDS
+    every: int = 1
+    activation_every: int = 10
+    hist_every: int = 50
+    modules: Sequence[type[nn.Module] | str] | None = None
+    exclude_modules: Sequence[type[nn.Module] | str] = DEFAULT_EXCLUDE
+    flush_steps: int = 500
+    flush_seconds: float = 30.0
+    max_queue: int = 64
+    max_queue_bytes: int = 64 * 2**20
+    name: str | None = None
+    rank: int | None = None
+
+    def validate(self) -> None:
+        unknown = set(self.kinds) - set(fmt.KINDS)
+        if unknown:
+            raise ValueError(f"unknown kinds {sorted(unknown)}; choose from {fmt.KINDS}")
+        for knob in (
+            "every",
+            "activation_every",
+            "hist_every",
+            "flush_steps",
+            "max_queue",
+            "max_queue_bytes",
+        ):
+            if int(getattr(self, knob)) < 1:
+                raise ValueError(f"{knob} must be >= 1")
+        if self.flush_seconds <= 0:
+            raise ValueError("flush_seconds must be > 0")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+
+        def spec(items: Iterable[Any] | None) -> list[str] | None:
+            if items is None:
+                return None
+            return [i.__name__ if isinstance(i, type) else str(i) for i in items]
+
+        d["modules"] = spec(self.modules)
+        d["exclude_modules"] = spec(self.exclude_modules)
+        d["kinds"] = list(self.kinds)
+        return d
