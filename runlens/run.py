@@ -3,28 +3,32 @@
 The data model (what signatures see) is:
 
 * ``Run.meta``: the parsed ``run.json`` (an empty-ish dict when it was missing/corrupt).
-* ``Run.scalars``: LazyFrame ``step:i64, wall_time:f64, name:str, value:f64, rank:i64``.
+* ``Run.scalars``: LazyFrame ``step:i64, wall_time:f64, name:str, value:f64, rank:i64``,
+  read (and checked) in full when the run is loaded: scalars are small.
 * ``Run.layers``: LazyFrame with the columns of ``format.LAYERS_SCHEMA`` plus ``rank``, or
-  ``None`` when the run has no layer statistics.
+  ``None`` when the run has no layer statistics; a scan of the segment files, read by the
+  analysis in one pass (runlens.layerscan via runlens.context).
 * ``Run.events``: the parsed lines of ``events.jsonl``.
 * ``Run.warnings``: one line per problem tolerated while loading (a skipped segment...).
 
-Code that needs its own polars query on ``scalars``/``layers`` runs it through
-:meth:`Run.query`, which drops a segment whose data turns out unreadable (with a warning)
-instead of failing the analysis.
+A :class:`Run` is a read-only view: nothing in it changes after :func:`load_run` returns,
+and it caches nothing. Which segments are unreadable is decided once: at load for the
+footers and schemas of every segment and the data of the scalars, and for the data of the
+layers by the analysis' pass over them (runlens.context.Context, whose view of the run
+then lists them as skipped). Derived data and every cache live in the Context.
 
 Helpers return numpy arrays: :meth:`Run.scalar` one series (sorted by step, one value per
 step: the last one written wins), :meth:`Run.layer_matrix` a step × layer matrix of one
-statistic. Both are cached, so signatures can ask freely.
+statistic at every recorded step. Each call reads again: an analysis goes through
+:class:`~runlens.context.Context`, which reads once and keeps what it read.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,10 @@ import pyarrow.parquet as pq
 from runlens_collect import format as fmt
 
 from runlens.errors import RunLoadError
+from runlens.layerscan import EXACT, LayerMatrix, scan_layers
+from runlens.needs import LayerStat
+
+__all__ = ["LayerMatrix", "Run", "RunFacts", "Series", "load_run"]
 
 
 @dataclass(frozen=True)
@@ -51,17 +59,18 @@ class Series:
 
 
 @dataclass(frozen=True)
-class LayerMatrix:
-    """``values[i, j]`` is the statistic of ``layers[j]`` at ``steps[i]`` (NaN if absent)."""
+class RunFacts:
+    """Facts about a run's data, known without reading it again (None: not known, the
+    Run reads it when asked). :func:`load_run` knows the scalar names and, from the
+    segments' footers, the size and step range of the layers table; an analysis'
+    Context knows the rest once it has read the layers."""
 
-    kind: str
-    stat: str
-    steps: np.ndarray
-    layers: tuple[str, ...]
-    values: np.ndarray
-
-    def column(self, layer: str) -> np.ndarray:
-        return self.values[:, self.layers.index(layer)]
+    scalar_names: tuple[str, ...] | None = None
+    layer_kinds: tuple[str, ...] | None = None
+    layer_names: tuple[str, ...] | None = None
+    layer_rows: int | None = None
+    layer_steps: tuple[int, int] | None = None
+    """First and last step in the layers table (from the segments' statistics)."""
 
 
 @dataclass
@@ -76,7 +85,7 @@ class Run:
     rank: int | None = None
     """Rank whose layer/scalar data is analyzed (the lowest present); None if no data."""
 
-    _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+    facts: RunFacts = field(default_factory=RunFacts, repr=False)
     _files: dict[str, list[Path]] = field(default_factory=dict, repr=False)
     """Segments behind ``scalars`` / ``layers`` (empty for in-memory runs)."""
 
@@ -110,90 +119,43 @@ class Run:
     def clean_close(self) -> bool:
         return any(e.get("kind") == "close" for e in self.events)
 
-    # -- scalars ----------------------------------------------------------------------
+    def segment_files(self, table: str) -> list[Path]:
+        """The segment files behind ``table`` (``scalars`` / ``layers``), in row order."""
+        return list(self._files.get(table, ()))
+
+    # -- queries ------------------------------------------------------------------------
     def query(self, table: str, build: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame:
         """Run ``build`` on the scalars (``table="scalars"``) or layers frame and collect it
-        (an empty frame when the run has no layers). A segment whose footer read but whose
-        data does not (corrupt pages) is dropped with a warning and the query retried, so
-        one bad file never stops an analysis."""
-        for _ in range(len(self._files.get(table, ())) + 1):
-            lf = self.scalars if table == fmt.SCALARS_DIR else self.layers
-            if lf is None:
-                return pl.DataFrame()
-            try:
-                return build(lf).collect()
-            except (pl.exceptions.PolarsError, OSError) as exc:
-                if not self._drop_unreadable(table):
-                    raise RunLoadError(f"{self.path}: cannot read {table}: {_short(exc)}") from None
-        raise RunLoadError(f"{self.path}: cannot read {table}")
+        (an empty frame when the run has no layers). A layers segment whose footer read but
+        whose data does not (corrupt pages) is left out of this query, so one bad file
+        never stops an analysis (the Context's pass reports it as skipped)."""
+        return collect_tolerant(self, table, build)[0]
 
-    def _drop_unreadable(self, table: str) -> bool:
-        """Read each segment of ``table`` in full; drop the ones that fail. True if any."""
-        files = self._files.get(table, [])
-        schema = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
-        good = []
-        for f in files:
-            try:
-                pl.scan_parquet(f).collect()
-            except Exception as exc:
-                self.warnings.append(
-                    f"skipped unreadable segment {f.relative_to(self.path)}: {_short(exc)}"
-                )
-                continue
-            good.append(f)
-        if len(good) == len(files):
-            return False
-        self._files[table] = good
-        lf = _scan(good, self.rank, schema)
-        if table == fmt.SCALARS_DIR:
-            self.scalars = lf
-        else:
-            self.layers = lf if good else None
-        self._cache.clear()
-        self.__dict__.pop("scalar_names", None)
-        self.__dict__.pop("layer_kinds", None)
-        return True
-
-    @cached_property
+    # -- scalars ----------------------------------------------------------------------
+    @property
     def scalar_names(self) -> tuple[str, ...]:
-        names = self.query(fmt.SCALARS_DIR, lambda lf: lf.select(pl.col("name").unique()))
-        return tuple(sorted(str(n) for n in names["name"].to_list() if n is not None))
+        if self.facts.scalar_names is not None:
+            return self.facts.scalar_names
+        return _scalar_names(self.scalars)
 
     def has_scalar(self, name: str) -> bool:
         return name in self.scalar_names
 
     def scalar(self, name: str) -> Series | None:
         """The series ``name`` sorted by step, one value per step (last write wins)."""
-        key = ("scalar", name)
-        if key not in self._cache:
-            self._cache[key] = self._load_scalar(name) if self.has_scalar(name) else None
-        return self._cache[key]
-
-    def _load_scalar(self, name: str) -> Series | None:
-        df = self.query(
-            fmt.SCALARS_DIR,
-            lambda lf: lf.filter(pl.col("name") == name).select("step", "wall_time", "value"),
-        )
-        if df.height == 0:
+        if not self.has_scalar(name):
             return None
-        # Sort stably on step only, so for duplicated steps the last written row wins.
-        df = df.with_row_index("_i").sort(["step", "_i"]).unique("step", keep="last")
-        df = df.sort("step")
-        return Series(
-            name=name,
-            steps=df["step"].to_numpy().astype(np.int64),
-            values=df["value"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
-            wall_time=df["wall_time"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
-        )
+        df = self.scalars.filter(pl.col("name") == name).select("step", "wall_time", "value")
+        return series_of(name, df.collect())
 
     # -- layers -----------------------------------------------------------------------
-    @cached_property
+    @property
     def layer_kinds(self) -> tuple[str, ...]:
+        if self.facts.layer_kinds is not None:
+            return self.facts.layer_kinds
         if self.layers is None:
             return ()
         kinds = self.query(fmt.LAYERS_DIR, lambda lf: lf.select(pl.col("kind").unique()))
-        if self.layers is None:  # every layers segment turned out unreadable
-            return ()
         return tuple(sorted(str(k) for k in kinds["kind"].to_list() if k is not None))
 
     def has_layers(self, kind: str | None = None) -> bool:
@@ -201,87 +163,46 @@ class Run:
 
     def layer_frame(self, kind: str, columns: tuple[str, ...]) -> pl.DataFrame:
         """Rows of one kind: ``step, layer`` plus ``columns``; duplicates resolved (last)."""
-        key = ("frame", kind, columns)
-        if key not in self._cache:
-            if self.layers is None:
-                df = pl.DataFrame()
-            else:
-                df = self.query(
-                    fmt.LAYERS_DIR,
-                    lambda lf: lf.filter(pl.col("kind") == kind).select(
-                        "step", pl.col("layer").cast(pl.String), *columns
-                    ),
-                )
-                if df.height:
-                    df = df.unique(["step", "layer"], keep="last", maintain_order=True)
-            self._cache[key] = df
-        return self._cache[key]
+        if self.layers is None:
+            return pl.DataFrame()
+        df = self.query(
+            fmt.LAYERS_DIR,
+            lambda lf: lf.filter(pl.col("kind") == kind).select(
+                "step", pl.col("layer").cast(pl.String), *columns
+            ),
+        )
+        return df.unique(["step", "layer"], keep="last", maintain_order=True) if df.height else df
 
     def layer_matrix(self, kind: str, stat: str) -> LayerMatrix | None:
-        """A step × layer matrix of one statistic, layers in first-seen (model) order."""
-        key = ("matrix", kind, stat)
-        if key in self._cache:
-            return self._cache[key]
-        result = None
-        if self.has_layers(kind):
-            if stat not in self._layer_columns:
+        """A step × layer matrix of one statistic at every recorded step, layers in
+        first-seen (model) order; None when the run has no rows of ``kind``."""
+        if self.layers is None:
+            return None
+        if stat not in self.layers.collect_schema().names():
+            if self.has_layers(kind):
                 raise RunLoadError(f"{self.path}: layers have no statistic {stat!r}")
-            index = self._kind_index(kind, stat)
-            if index is not None:
-                column = index.pending.pop(stat, None)
-                if column is None:  # not among the columns loaded with the kind
-                    column = self._kind_column(kind, stat, index)
-                if column is not None:
-                    result = index.matrix(kind, stat, column)
-        self._cache[key] = result
-        return result
+            return None
+        need = LayerStat(kind, stat)
+        lp = read_layers(self, [need], files=self.segment_files(fmt.LAYERS_DIR))[0]
+        return lp.matrices.get(need)
 
-    def _kind_index(self, kind: str, stat: str) -> _KindIndex | None:
-        """Row -> matrix cell mapping of one kind, built by a single scan that also
-        loads the statistics usually asked of that kind (``PRELOAD_STATS``)."""
-        key = ("index", kind)
-        if key not in self._cache:
-            names = self._layer_columns
-            stats = [c for c in dict.fromkeys((stat, *PRELOAD_STATS.get(kind, ()))) if c in names]
-            df = self.query(
-                fmt.LAYERS_DIR,
-                lambda lf: lf.filter(pl.col("kind") == kind).select("step", "layer", *stats),
-            )
-            index = _KindIndex.build(df) if df.height else None
-            if index is not None:
-                index.pending = {c: df[c] for c in stats}
-            self._cache[key] = index
-        return self._cache[key]
-
-    def _kind_column(self, kind: str, stat: str, index: _KindIndex) -> pl.Series | None:
-        """One more statistic of a kind, in the row order the index was built from."""
-        df = self.query(fmt.LAYERS_DIR, lambda lf: lf.filter(pl.col("kind") == kind).select(stat))
-        if df.height != index.n:  # a segment was dropped meanwhile: rebuild everything
-            self._cache.pop(("index", kind), None)
-            index = self._kind_index(kind, stat)
-            return None if index is None else index.pending.pop(stat, None)
-        return df[stat]
-
-    @cached_property
-    def _layer_columns(self) -> tuple[str, ...]:
-        return tuple(self.layers.collect_schema().names()) if self.layers is not None else ()
-
-    @cached_property
+    @property
     def layer_names(self) -> tuple[str, ...]:
         """Parameter names in model order (from the weight rows, else run.json)."""
-        m = self.layer_matrix(fmt.KIND_WEIGHT, "norm")
-        if m is not None:
-            return m.layers
-        names: list[str] = []
-        for mod in (self.meta.get("model") or {}).get("modules", []) or []:
-            if not isinstance(mod, dict):
-                continue
-            for p in mod.get("params", []) or []:
-                if isinstance(p, dict) and "name" in p:
-                    names.append(full_param_name(str(mod.get("path") or ""), str(p["name"])))
-        return tuple(names)
+        if self.facts.layer_names is not None:
+            return self.facts.layer_names
+        if self.layers is not None:
+            df = self.query(
+                fmt.LAYERS_DIR,
+                lambda lf: lf.filter(pl.col("kind") == fmt.KIND_WEIGHT).select(
+                    pl.col("layer").cast(pl.String).unique(maintain_order=True)
+                ),
+            )
+            if df.height:
+                return tuple(str(x) for x in df["layer"].to_list())
+        return model_param_names(self.meta)
 
-    @cached_property
+    @property
     def module_types(self) -> dict[str, str]:
         """Module path -> class name, from run.json's model summary."""
         out: dict[str, str] = {}
@@ -290,7 +211,7 @@ class Run:
                 out[str(mod["path"])] = str(mod.get("type", ""))
         return out
 
-    @cached_property
+    @property
     def output_width(self) -> int | None:
         shape = (self.meta.get("model") or {}).get("output_shape")
         if isinstance(shape, list) and shape and isinstance(shape[-1], int):
@@ -298,90 +219,153 @@ class Run:
         return None
 
 
-PRELOAD_STATS: dict[str, tuple[str, ...]] = {
-    fmt.KIND_WEIGHT: ("norm", "std"),
-    fmt.KIND_GRAD: ("norm",),
-    fmt.KIND_UPDATE: ("update_ratio", "missing"),
-    fmt.KIND_ACTIVATION: ("norm", "std", "numel", "frac_dead_units", "frac_saturated"),
-    fmt.KIND_OUTPUT: ("min", "max", "row_sum_mean", "numel"),
-}
-"""Statistics loaded together with the first matrix asked of a kind: what the signatures
-and the health table read, so each kind is scanned once. Any other statistic still works
-(one more scan of that column)."""
+def model_param_names(meta: dict[str, Any]) -> tuple[str, ...]:
+    """Parameter names listed in run.json's model summary, in its order."""
+    names: list[str] = []
+    for mod in (meta.get("model") or {}).get("modules", []) or []:
+        if not isinstance(mod, dict):
+            continue
+        for p in mod.get("params", []) or []:
+            if isinstance(p, dict) and "name" in p:
+                names.append(full_param_name(str(mod.get("path") or ""), str(p["name"])))
+    return tuple(names)
 
 
-@dataclass
-class _KindIndex:
-    """Where each layers row of one kind goes in its step × layer matrix."""
-
-    steps: np.ndarray
-    layers: tuple[str, ...]
-    cells: np.ndarray
-    """Flat matrix index of each kept row."""
-    keep: np.ndarray | None
-    """Rows kept (the last write of each (step, layer)); None when there are no
-    duplicates, the usual case."""
-    n: int
-    """Rows of the scan the index was built from (later scans must line up)."""
-    pending: dict[str, pl.Series] = field(default_factory=dict)
-    """Columns loaded with the index and not yet turned into matrices."""
-
-    @classmethod
-    def build(cls, df: pl.DataFrame) -> _KindIndex:
-        # int32 indices where they fit: half the memory traffic on 10M-row runs
-        step = df["step"].to_numpy()
-        if step.size < 2 or bool(np.all(step[1:] >= step[:-1])):  # segments in order
-            change = np.empty(step.size, bool)
-            change[:1] = True
-            np.not_equal(step[1:], step[:-1], out=change[1:])
-            steps = step[change]
-            rows = np.cumsum(change, dtype=np.int64 if step.size >= 1 << 31 else np.int32)
-            rows -= 1
-        else:
-            steps, rows = np.unique(step, return_inverse=True)
-        layer = df["layer"]
-        if not isinstance(layer.dtype, pl.Categorical):
-            layer = layer.cast(pl.String).cast(pl.Categorical)
-        codes = layer.to_physical()
-        # Model order = order of first appearance (the collector writes in model order).
-        first = codes.arg_unique().to_numpy()
-        names = tuple(str(x) for x in layer.gather(first).cast(pl.String).to_list())
-        codes_np = codes.to_numpy()
-        uniq = codes_np[first].astype(np.int64)
-        if uniq.max(initial=0) < 1 << 22:
-            lookup = np.zeros(int(uniq.max(initial=0)) + 1, np.int32)
-            lookup[uniq] = np.arange(uniq.size, dtype=np.int32)
-            cols = lookup[codes_np]
-        else:  # sparse code space: sort-based lookup
-            order = np.argsort(uniq)
-            cols = order[np.searchsorted(uniq[order], codes_np)]
-        size = steps.size * len(names)
-        cells = rows.astype(np.int64 if size >= 1 << 31 else np.int32, copy=False)
-        cells *= len(names)
-        cells += cols
-        seen = np.zeros(size, bool)
-        seen[cells] = True
-        keep = None
-        if np.count_nonzero(seen) < cells.size:
-            # Duplicated (step, layer): the last row written wins, as for scalars.
-            _, last_rev = np.unique(cells[::-1], return_index=True)
-            keep = np.sort(cells.size - 1 - last_rev)
-            cells = cells[keep]
-        return cls(steps.astype(np.int64), names, cells, keep, df.height)
-
-    def matrix(self, kind: str, stat: str, column: pl.Series) -> LayerMatrix:
-        if column.dtype.is_float():
-            vals = column.to_numpy()  # nulls come out as NaN
-        else:
-            vals = column.cast(pl.Float64).fill_null(float("nan")).to_numpy()
-        if self.keep is not None:
-            vals = vals[self.keep]
-        values = np.full((len(self.steps), len(self.layers)), np.nan)
-        values.ravel()[self.cells] = vals
-        return LayerMatrix(kind, stat, self.steps, self.layers, values)
+def series_of(name: str, df: pl.DataFrame) -> Series | None:
+    """``step, wall_time, value`` rows of one series (in the order written) as a
+    :class:`Series`: sorted by step, the last row written winning for a repeated step."""
+    if df.height == 0:
+        return None
+    # Sort stably on step only, so for duplicated steps the last written row wins.
+    df = df.with_row_index("_i").sort(["step", "_i"]).unique("step", keep="last")
+    df = df.sort("step")
+    return Series(
+        name=name,
+        steps=df["step"].to_numpy().astype(np.int64),
+        values=df["value"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
+        wall_time=df["wall_time"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
+    )
 
 
-# -- loading ------------------------------------------------------------------------------
+def all_series(scalars: pl.LazyFrame) -> dict[str, Series]:
+    """Every series of a scalars table, read in one query (what :meth:`Run.scalar`
+    gives for each name)."""
+    df = scalars.select(pl.col("name").cast(pl.String), "step", "wall_time", "value").collect()
+    out: dict[str, Series] = {}
+    if df.height == 0:
+        return out
+    for (name,), part in df.group_by("name", maintain_order=True):
+        if name is None:
+            continue
+        s = series_of(str(name), part.select("step", "wall_time", "value"))
+        if s is not None:
+            out[str(name)] = s
+    return out
+
+
+def _scalar_names(scalars: pl.LazyFrame) -> tuple[str, ...]:
+    names = scalars.select(pl.col("name").unique()).collect()
+    return tuple(sorted(str(n) for n in names["name"].to_list() if n is not None))
+
+
+# -- reading segments that may turn out unreadable ------------------------------------------
+
+
+def collect_tolerant(
+    run: Run,
+    table: str,
+    build: Callable[[pl.LazyFrame], pl.LazyFrame],
+    files: Sequence[Path] | None = None,
+) -> tuple[pl.DataFrame, list[Path], list[str]]:
+    """``build`` on ``table`` (over ``files``, default the run's), collected; a segment
+    whose data cannot be read is left out and the query run again. Returns the frame, the
+    files it read and a warning per file left out. Raises RunLoadError when nothing can
+    be read."""
+    files = list(run.segment_files(table) if files is None else files)
+    schema = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
+    notes: list[str] = []
+    while True:
+        lf = run.scalars if table == fmt.SCALARS_DIR else run.layers
+        if lf is None:
+            return pl.DataFrame(), files, notes
+        if files != run.segment_files(table):
+            lf = scan_segments(files, run.rank, schema)
+        try:
+            return build(lf).collect(), files, notes
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            good, bad = _readable(run, files, build, schema)
+            if not bad:
+                raise RunLoadError(f"{run.path}: cannot read {table}: {_short(exc)}") from None
+            notes += bad
+            files = good
+
+
+def read_layers(
+    run: Run,
+    needs: Sequence[Any],
+    files: Sequence[Path],
+    **kwargs: Any,
+) -> tuple[Any, list[Path], list[str]]:
+    """One pass (runlens.layerscan.scan_layers) over the layers of ``files``; a segment
+    whose data cannot be read is left out and the pass run again. Returns the pass, the
+    files read and a warning per file left out."""
+    from runlens.needs import NonFiniteRows
+
+    stats = [n for n in needs if isinstance(n, LayerStat)]
+    nonfinite = next((n for n in needs if isinstance(n, NonFiniteRows)), None)
+    files = list(files)
+    notes: list[str] = []
+    kwargs.setdefault("resolution", EXACT)
+    while True:
+        lf = run.layers
+        if lf is None:
+            raise RunLoadError(f"{run.path}: run has no layers")
+        if files != run.segment_files(fmt.LAYERS_DIR):
+            lf = scan_segments(files, run.rank, fmt.LAYERS_SCHEMA) if files else None
+            if lf is None:
+                raise RunLoadError(f"{run.path}: no readable layers segment")
+        try:
+            return scan_layers(lf, stats, nonfinite=nonfinite, **kwargs), files, notes
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            columns = ["step", "layer", "kind", *dict.fromkeys(s.stat for s in stats)]
+            if nonfinite is not None:
+                columns += ["missing", "frac_nonfinite", "norm"]
+            names = set(lf.collect_schema().names())
+            cols = list(dict.fromkeys(c for c in columns if c in names))
+            good, bad = _readable(run, files, _selector(cols), fmt.LAYERS_SCHEMA)
+            if not bad:
+                raise RunLoadError(f"{run.path}: cannot read layers: {_short(exc)}") from None
+            notes += bad
+            files = good
+
+
+def _selector(cols: list[str]) -> Callable[[pl.LazyFrame], pl.LazyFrame]:
+    return lambda lf: lf.select(cols)
+
+
+def _readable(
+    run: Run,
+    files: Sequence[Path],
+    build: Callable[[pl.LazyFrame], pl.LazyFrame],
+    schema: pa.Schema,
+) -> tuple[list[Path], list[str]]:
+    """Split ``files`` into those ``build`` reads and a warning for each of the others."""
+    good, notes = [], []
+    for f in files:
+        try:
+            build(scan_segments([f], run.rank, schema)).collect()
+        except Exception as exc:
+            notes.append(f"skipped unreadable segment {_rel(f, run.path)}: {_short(exc)}")
+            continue
+        good.append(f)
+    return good, notes
+
+
+def _rel(f: Path, root: Path) -> str:
+    try:
+        return str(f.relative_to(root))
+    except ValueError:
+        return str(f)
 
 
 def full_param_name(module_path: str, name: str) -> str:
@@ -394,6 +378,9 @@ def full_param_name(module_path: str, name: str) -> str:
     if not module_path or name.startswith(module_path + "."):
         return name
     return f"{module_path}.{name}"
+
+
+# -- loading ------------------------------------------------------------------------------
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:
@@ -409,8 +396,9 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     meta = _read_meta(root, warnings)
     # A corrupt run.json gets defaults and a warning; the data segments are still analyzed.
     meta_unreadable = len(warnings) > n_warnings
-    scalar_files = _good_segments(root, fmt.SCALARS_DIR, fmt.SCALARS_SCHEMA.names, warnings)
-    layer_files = _good_segments(root, fmt.LAYERS_DIR, ("step", "layer", "kind"), warnings)
+    info: dict[Path, tuple[int, tuple[int, int] | None]] = {}
+    scalar_files = _good_segments(root, fmt.SCALARS_DIR, fmt.SCALARS_SCHEMA.names, warnings, info)
+    layer_files = _good_segments(root, fmt.LAYERS_DIR, ("step", "layer", "kind"), warnings, info)
     if (meta is None or meta_unreadable) and not scalar_files and not layer_files:
         children = child_runs(root)
         if children and meta is None:
@@ -430,8 +418,9 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     rank = ranks[0] if ranks else None
     if len(ranks) > 1:
         warnings.append(f"run has ranks {ranks}; analyzing rank {rank}")
-    scalars = _scan(scalar_files, rank, fmt.SCALARS_SCHEMA)
-    layers = _scan(layer_files, rank, fmt.LAYERS_SCHEMA) if layer_files else None
+    scalar_files = [f for f in scalar_files if _rank_of(f) == rank]
+    layer_files = [f for f in layer_files if _rank_of(f) == rank]
+    layers = scan_segments(layer_files, rank, fmt.LAYERS_SCHEMA) if layer_files else None
     if not scalar_files and not layer_files:
         warnings.append("run has no data segments yet")
     # A log converted by `runlens import` says so in run.json, with its import warnings.
@@ -445,6 +434,9 @@ def load_run(path: str | os.PathLike[str]) -> Run:
             f"this directory holds {len(run_ids)} runs (run ids {', '.join(run_ids)}); their "
             "segments may be mixed: record each run in its own directory"
         )
+    # Scalars are small: read them whole now, so an unreadable segment is found (and left
+    # out, with a warning) here, once, and the analysis reads them from memory.
+    scalars, scalar_files = _read_scalars(root, scalar_files, rank, warnings)
     run = Run(
         path=root,
         meta=meta,
@@ -454,13 +446,44 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         warnings=warnings,
         source_format=str(meta.get("source_format") or "runlens"),
         rank=rank,
-        _files={
-            fmt.SCALARS_DIR: [f for f in scalar_files if _rank_of(f) == rank],
-            fmt.LAYERS_DIR: [f for f in layer_files if _rank_of(f) == rank],
-        },
+        facts=RunFacts(
+            scalar_names=_scalar_names(scalars),
+            layer_rows=sum(info[f][0] for f in layer_files),
+            layer_steps=_step_range([info[f][1] for f in layer_files]),
+        ),
+        _files={fmt.SCALARS_DIR: scalar_files, fmt.LAYERS_DIR: layer_files},
     )
     _check_steps(run)
     return run
+
+
+def _read_scalars(
+    root: Path, files: list[Path], rank: int | None, warnings: list[str]
+) -> tuple[pl.LazyFrame, list[Path]]:
+    """The scalars of ``files`` in memory, segments whose data is unreadable left out."""
+    while True:
+        try:
+            df = scan_segments(files, rank, fmt.SCALARS_SCHEMA).collect()
+            return df.lazy(), files
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            good = []
+            for f in files:
+                try:
+                    pl.scan_parquet(f).collect()
+                except Exception as e:
+                    warnings.append(f"skipped unreadable segment {_rel(f, root)}: {_short(e)}")
+                    continue
+                good.append(f)
+            if len(good) == len(files):
+                raise RunLoadError(f"{root}: cannot read scalars: {_short(exc)}") from None
+            files = good
+
+
+def _step_range(ranges: list[tuple[int, int] | None]) -> tuple[int, int] | None:
+    """The step range of the segments together (None when one of them has none)."""
+    if not ranges or any(r is None for r in ranges):
+        return None
+    return min(r[0] for r in ranges if r), max(r[1] for r in ranges if r)
 
 
 def child_runs(root: Path, limit: int = 5) -> list[Path]:
@@ -528,16 +551,34 @@ def _read_meta(root: Path, warnings: list[str]) -> dict[str, Any] | None:
     return meta
 
 
+def segment_listing(root: Path, table: str) -> list[Path]:
+    """The live segments of ``table`` (format.live_segments), rank by rank."""
+    out: list[Path] = []
+    base = root / table
+    if not base.is_dir():
+        return out
+    for rank_dir in sorted(base.glob("rank=*")):
+        if rank_dir.is_dir():
+            out += fmt.live_segments(rank_dir.glob("part-*.parquet"))
+    return out
+
+
 def _good_segments(
-    root: Path, table: str, required: tuple[str, ...] | list[str], warnings: list[str]
+    root: Path,
+    table: str,
+    required: tuple[str, ...] | list[str],
+    warnings: list[str],
+    info: dict[Path, tuple[int, tuple[int, int] | None]],
 ) -> list[Path]:
     """Segments whose Parquet footer reads and whose columns are the required ones, of
-    the format's types."""
+    the format's types. ``info`` gets each one's row count and step range (from the
+    footer's statistics; None when it has none)."""
     expected = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
     good = []
-    for f in sorted((root / table).glob(fmt.SEGMENT_GLOB)):
+    for f in segment_listing(root, table):
         try:
-            schema = pq.read_schema(f)
+            md = pq.read_metadata(f)
+            schema = md.schema.to_arrow_schema()
         except Exception as exc:  # truncated / not parquet: skip, say which
             warnings.append(f"skipped unreadable segment {f.relative_to(root)}: {_short(exc)}")
             continue
@@ -549,8 +590,27 @@ def _good_segments(
         if bad:
             warnings.append(f"skipped segment {f.relative_to(root)}: {bad}")
             continue
+        info[f] = (md.num_rows, _steps_of(md, schema))
         good.append(f)
     return good
+
+
+def _steps_of(md: pq.FileMetaData, schema: pa.Schema) -> tuple[int, int] | None:
+    """First and last step of a segment from its row groups' statistics."""
+    i = schema.get_field_index("step")
+    if i < 0 or md.num_row_groups == 0:
+        return None
+    lo = hi = None
+    for g in range(md.num_row_groups):
+        col = md.row_group(g).column(i)
+        st = col.statistics
+        if md.row_group(g).num_rows == 0:
+            continue
+        if st is None or not st.has_min_max:
+            return None
+        lo = st.min if lo is None else min(lo, st.min)
+        hi = st.max if hi is None else max(hi, st.max)
+    return (int(lo), int(hi)) if lo is not None and hi is not None else None
 
 
 def _type_family(t: pa.DataType) -> str:
@@ -589,7 +649,8 @@ def _rank_of(f: Path) -> int:
         return 0
 
 
-def _scan(files: list[Path], rank: int | None, schema: Any) -> pl.LazyFrame:
+def scan_segments(files: list[Path], rank: int | None, schema: Any) -> pl.LazyFrame:
+    """A lazy scan of segment ``files`` (of ``rank``) with the format's columns."""
     files = [f for f in files if rank is None or _rank_of(f) == rank]
     if not files:
         empty = pl.from_arrow(schema.empty_table())

@@ -25,6 +25,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Final
 
 import numpy as np
@@ -272,6 +273,62 @@ class SchemaVersionError(ValueError):
 
 def segment_path(run_dir: str | os.PathLike[str], table: str, rank: int, seq: int) -> Path:
     return Path(run_dir) / table / f"rank={rank}" / f"part-{seq:06d}.parquet"
+
+
+# -- compaction: segment names and which segments a reader reads -------------------------
+# A long run leaves many small segments (one per flush). Compaction (runlens_collect.compact)
+# merges the segments numbered A..B of one rank into ``part-A-B.parquet`` (written under a
+# hidden temporary name, then renamed into place) and only then deletes them. A reader
+# therefore reads the *live* segments: a compacted segment replaces every segment whose
+# numbers it covers, so whatever moment a reader lists the folder (before the rename, in
+# between, after the deletions) it sees each row exactly once.
+
+
+def compacted_segment_path(
+    run_dir: str | os.PathLike[str], table: str, rank: int, first: int, last: int
+) -> Path:
+    """Where the segments ``first..last`` of ``rank`` go once merged."""
+    return Path(run_dir) / table / f"rank={rank}" / f"part-{first:06d}-{last:06d}.parquet"
+
+
+def segment_range(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """Segment numbers a file covers: ``part-000007.parquet`` -> (7, 7),
+    ``part-000000-000299.parquet`` -> (0, 299); None for any other name."""
+    name = Path(path).name
+    if not name.startswith("part-") or not name.endswith(".parquet"):
+        return None
+    parts = name[len("part-") : -len(".parquet")].split("-")
+    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+        return None
+    first, last = int(parts[0]), int(parts[-1])
+    return (first, last) if first <= last else None
+
+
+def live_segments(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The segments a reader reads, in row order: by first segment number, each one
+    dropped when another (compacted) segment covers its numbers. Files whose names are
+    not segment names are ignored."""
+    ranged = []
+    for p in paths:
+        r = segment_range(p)
+        if r is not None:
+            ranged.append((r[0], -r[1], Path(p)))
+    ranged.sort(key=lambda x: (x[0], x[1], x[2].name))
+    out: list[Path] = []
+    reach = -1
+    for first, neg_last, p in ranged:
+        if -neg_last <= reach:  # inside a wider segment already taken
+            continue
+        out.append(p)
+        reach = max(reach, -neg_last)
+    return out
+
+
+def next_segment_number(paths: Iterable[str | os.PathLike[str]]) -> int:
+    """One past the highest segment number among ``paths`` (0 if none): where a writer
+    continues so that it never reuses a number a compacted segment covers."""
+    ranges = [r for r in (segment_range(p) for p in paths) if r is not None]
+    return max(r[1] for r in ranges) + 1 if ranges else 0
 
 
 def write_segment(table: pa.Table, path: str | os.PathLike[str]) -> None:

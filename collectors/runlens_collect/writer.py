@@ -570,12 +570,7 @@ def _finish_single(raw: np.ndarray, b: Section) -> tuple[np.ndarray, Section]:
 
 
 def _next_seq(run_dir: Path, table: str, rank: int) -> int:
-    """One past the highest segment number of this rank already in run_dir (0 if none)."""
+    """One past the highest segment number of this rank already in run_dir (0 if none),
+    compacted segments included (format.next_segment_number)."""
     d = Path(run_dir) / table / f"rank={rank}"
-    seqs = []
-    for f in d.glob("part-*.parquet") if d.is_dir() else ():
-        try:
-            seqs.append(int(f.stem.split("-", 1)[1]))
-        except ValueError:
-            continue
-    return max(seqs) + 1 if seqs else 0
+    return fmt.next_segment_number(d.glob("part-*.parquet") if d.is_dir() else ())

@@ -7,6 +7,7 @@ from runlens_collect import format as fmt
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding
+from runlens.needs import LayerStat
 from runlens.signatures import _layers as L
 from runlens.signatures.base import NotChecked, Param, Params, Signature
 
@@ -49,6 +50,12 @@ class FrozenLayer(Signature):
     category = "layer"
     severity = "warning"
     requires = ("layers:weight|layers:grad",)
+    needs = (
+        LayerStat(fmt.KIND_GRAD, "norm"),
+        LayerStat(fmt.KIND_UPDATE, "missing"),
+        LayerStat(fmt.KIND_UPDATE, "update_ratio"),
+        LayerStat(fmt.KIND_WEIGHT, "norm"),
+    )
     params = (
         Param(
             "min_steps",

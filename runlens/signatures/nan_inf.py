@@ -8,6 +8,7 @@ from runlens_collect import format as fmt
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding
+from runlens.needs import NONFINITE_ROWS
 from runlens.signatures.base import Params, Signature
 
 # Within one step, tensors go bad in computation order: forward, output, backward, step.
@@ -54,6 +55,7 @@ class NanInf(Signature):
     category = "curve"
     severity = "error"
     requires = ("train/loss",)
+    needs = (NONFINITE_ROWS,)
     params = ()
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
@@ -120,18 +122,7 @@ class NanInf(Signature):
 
 
 def _first_nonfinite_layer(ctx: Context) -> tuple[int, str, str] | None:
-    if ctx.run.layers is None:
-        return None
-    bad = ctx.run.query(
-        fmt.LAYERS_DIR,
-        lambda lf: (
-            lf.filter(~pl.col("missing"))
-            .filter((pl.col("frac_nonfinite") > 0) | ~pl.col("norm").is_finite())
-            .select("step", pl.col("layer").cast(pl.String), pl.col("kind").cast(pl.String))
-            .sort("step")
-            .head(10_000)
-        ),
-    )
+    bad = ctx.nonfinite_rows(NONFINITE_ROWS)
     if bad.height == 0:
         return None
     s0 = bad["step"][0]

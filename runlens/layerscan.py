@@ -1,0 +1,537 @@
+"""One pass over a run's layers table: every step × layer matrix an analysis needs, in
+memory bounded by a setting, not by the run.
+
+The pass reads the columns of the declared needs (runlens.needs) once, in chunks of
+``Resolution.chunk_rows`` rows (polars' streaming engine, ``collect_batches``), and turns
+each chunk into rows of the matrices before reading the next:
+
+* **Exact** (the run has at most ``Resolution.rows_for(layers)`` steps, or
+  :data:`EXACT`): one row per recorded step, one column per layer in first-seen (model)
+  order, NaN where a layer has no row; a (step, layer) written twice keeps the last write,
+  as for scalars.
+* **Windows** (longer runs): the steps are cut into windows of ``window`` consecutive
+  step numbers and each row is the window's level (``LayerStat.reduce``): the median of
+  the finite values by default, a robust level that one odd step does not move. A window
+  where most values are non-finite has a non-finite level (its last non-finite value), so
+  a NaN/Inf layer still shows. The row's step is the last recorded step of its window.
+  A kind recorded every ``k`` steps with ``k >= window`` keeps one value per window: its
+  rows are exact.
+
+The window is chosen per kind when the kind is first seen, from the run's step span and
+the number of its layers, so a matrix never exceeds ``Resolution.max_cells`` cells nor
+``Resolution.max_rows`` rows. Signatures see the same :class:`LayerMatrix` either way;
+``LayerMatrix.window`` says how many step numbers a row covers (1: every step).
+
+Nothing here knows which files the frame comes from: a chunk that fails to read raises,
+and the caller (Context) excludes the segment and runs the pass again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from runlens.needs import LayerStat, NonFiniteRows
+
+MIB = 2**20
+DEFAULT_MEMORY_MB = 1024
+"""Default bound on the analyzer's memory (AnalyzeOptions.memory_mb)."""
+LEVEL_ROWS = 20_000
+"""Rows kept per matrix at most, whatever the memory: the resolution signatures need
+(their windows are a twentieth of the run and longer) with room to spare."""
+MIN_LEVEL_ROWS = 1_000
+"""Rows kept per matrix at least, however many layers (memory then grows with layers)."""
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """How finely and in what memory the layers table is read."""
+
+    max_rows: int | None
+    """Rows per matrix at most (None: every recorded step, whatever the length)."""
+    max_cells: int | None
+    """Cells (rows × layers) per matrix at most (None: no bound)."""
+    chunk_rows: int
+    """Layers rows read per chunk."""
+
+    @classmethod
+    def for_memory(cls, memory_mb: float) -> Resolution:
+        """The resolution that keeps an analysis within about ``memory_mb`` MiB.
+
+        A chunk costs ~600 bytes per row while it is read and scattered (the polars
+        frame, its numpy copies per kind, the window arrays); a matrix is float64 and an
+        analysis holds ~16 of them plus the signatures' temporaries (~4 copies each)."""
+        budget = max(64.0, float(memory_mb)) * MIB
+        chunk = int(min(4_000_000, max(100_000, budget / 4 / 600)))
+        cells = int(budget / 4 / (8 * 16 * 4))
+        return cls(LEVEL_ROWS, max(cells, 10_000), chunk)
+
+    def rows_for(self, n_layers: int) -> int | None:
+        """Rows per matrix for a kind with ``n_layers`` layers (None: unbounded)."""
+        if self.max_rows is None:
+            return None
+        rows = self.max_rows
+        if self.max_cells is not None:
+            rows = min(rows, max(MIN_LEVEL_ROWS, self.max_cells // max(1, n_layers)))
+        return rows
+
+
+NONFINITE_SCHEMA = {"step": pl.Int64, "layer": pl.String, "kind": pl.String}
+
+EXACT = Resolution(max_rows=None, max_cells=None, chunk_rows=2_000_000)
+"""Every recorded step (Run.layer_matrix): memory grows with the run."""
+
+
+@dataclass(frozen=True)
+class LayerMatrix:
+    """``values[i, j]`` is the statistic of ``layers[j]`` at ``steps[i]`` (NaN if absent).
+
+    With ``window > 1`` each row is the level of a window of ``window`` step numbers
+    ending at (and shown as) ``steps[i]``, reduced by ``reduce`` (see runlens.layerscan);
+    with ``window == 1`` every recorded step is a row."""
+
+    kind: str
+    stat: str
+    steps: np.ndarray
+    layers: tuple[str, ...]
+    values: np.ndarray
+    window: int = 1
+    reduce: str = "exact"
+
+    def column(self, layer: str) -> np.ndarray:
+        return self.values[:, self.layers.index(layer)]
+
+
+@dataclass(frozen=True)
+class LayerPass:
+    """What one pass found: the kinds present, each planned matrix, the non-finite rows."""
+
+    kinds: tuple[str, ...]
+    """Kinds present in the table, sorted."""
+    layers: dict[str, tuple[str, ...]]
+    """Layers of each planned kind, first-seen (model) order."""
+    matrices: dict[LayerStat, LayerMatrix | None]
+    """Each planned statistic (None: its kind has no row)."""
+    nonfinite: pl.DataFrame | None
+    """``step, layer, kind`` of the first non-finite rows (None when not planned)."""
+    rows: int
+
+
+def scan_layers(
+    lf: pl.LazyFrame,
+    stats: Iterable[LayerStat],
+    *,
+    nonfinite: NonFiniteRows | None = None,
+    resolution: Resolution = EXACT,
+    step_range: tuple[int, int] | None = None,
+    total_rows: int | None = None,
+) -> LayerPass:
+    """Read ``stats`` (and the non-finite rows) from the layers frame ``lf`` in one pass.
+
+    ``step_range`` (first, last step of the table) sets the windows; it is read from the
+    frame when not given and the resolution may need windows. ``total_rows``, when known,
+    lets a table that fits in one chunk be collected at once. Statistics that are not
+    columns of ``lf`` are left out (their matrices are missing from the result)."""
+    names = lf.collect_schema().names()
+    wanted = list(dict.fromkeys(s for s in stats if s.stat in names))
+    columns = list(dict.fromkeys(s.stat for s in wanted))
+    probe = nonfinite is not None and {"missing", "frac_nonfinite", "norm"} <= set(names)
+    exprs: list[pl.Expr] = [
+        pl.col("step").cast(pl.Int64),
+        pl.col("layer").cast(pl.Categorical),
+        pl.col("kind").cast(pl.Categorical),
+        *(pl.col(c) for c in columns),
+    ]
+    if probe:
+        bad = ~pl.col("missing") & (
+            (pl.col("frac_nonfinite") > 0) | ~pl.col("norm").cast(pl.Float64).is_finite()
+        )
+        exprs.append(bad.fill_null(False).alias("_nonfinite"))
+    query = lf.select(exprs)
+    if resolution.max_rows is not None and step_range is None:
+        r = lf.select(pl.col("step").min().alias("a"), pl.col("step").max().alias("b")).collect()
+        a, b = r["a"][0], r["b"][0]
+        step_range = (int(a), int(b)) if a is not None and b is not None else (0, 0)
+    span = (step_range[1] - step_range[0] + 1) if step_range else 1
+    origin = step_range[0] if step_range else 0
+
+    by_kind: dict[str, list[LayerStat]] = {}
+    for s in wanted:
+        by_kind.setdefault(s.kind, []).append(s)
+    acc = _Pass(by_kind, resolution, span, origin, nonfinite if probe else None)
+    for df in _chunks(query, resolution.chunk_rows, total_rows):
+        acc.feed(df)
+    return acc.finish(wanted, nonfinite is not None)
+
+
+def _chunks(query: pl.LazyFrame, chunk_rows: int, total_rows: int | None) -> Iterator[pl.DataFrame]:
+    if total_rows is not None and total_rows <= chunk_rows:
+        yield query.collect()
+        return
+    # The streaming engine hands out chunks in order; memory stays at a few chunks.
+    yield from query.collect_batches(chunk_size=chunk_rows, maintain_order=True)
+
+
+# -- the pass -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Block:
+    """Rows of one kind from one chunk: ``keys`` (steps, or window numbers) sorted and
+    unique, ``steps`` shown for them, one (rows × n_layers) array per statistic."""
+
+    keys: np.ndarray
+    steps: np.ndarray
+    values: dict[LayerStat, np.ndarray]
+    written: np.ndarray
+    """Cells that had a row (a written NaN overrides an earlier value; a gap does not)."""
+
+
+@dataclass
+class _Kind:
+    """Accumulates the matrices of one kind over the chunks."""
+
+    stats: list[LayerStat]
+    window: int | None = None
+    """Step numbers per row (1: exact); chosen when the kind is first seen."""
+    lookup: np.ndarray = field(default_factory=lambda: np.full(0, -1, np.int64))
+    """Categorical code -> column (-1: not seen yet)."""
+    names: list[str] = field(default_factory=list)
+    blocks: list[_Block] = field(default_factory=list)
+    carry: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]] | None = None
+    """Rows of the last, possibly unfinished window (window mode)."""
+
+    def columns(self, codes: np.ndarray, layer: pl.Series, rows: np.ndarray | None) -> np.ndarray:
+        """Column of each row's layer; layers not seen before get the next columns in
+        first-seen order."""
+        top = int(codes.max(initial=-1)) + 1
+        if top > self.lookup.size:
+            grown = np.full(max(top, 2 * self.lookup.size), -1, np.int64)
+            grown[: self.lookup.size] = self.lookup
+            self.lookup = grown
+        cols = self.lookup[codes]
+        new = cols < 0
+        if new.any():
+            pos = np.flatnonzero(new)
+            uniq, first = np.unique(codes[pos], return_index=True)
+            order = np.argsort(first, kind="stable")
+            first_rows = pos[first[order]]
+            at = first_rows if rows is None else rows[first_rows]
+            labels = layer.gather(at).cast(pl.String).to_list()
+            for code, name in zip(uniq[order], labels, strict=True):
+                self.lookup[code] = len(self.names)
+                self.names.append(str(name))
+            cols = self.lookup[codes]
+        return cols
+
+
+class _Pass:
+    def __init__(
+        self,
+        by_kind: dict[str, list[LayerStat]],
+        resolution: Resolution,
+        span: int,
+        origin: int,
+        nonfinite: NonFiniteRows | None,
+    ) -> None:
+        self.kinds = {k: _Kind(v) for k, v in by_kind.items()}
+        self.resolution = resolution
+        self.span = span
+        self.origin = origin
+        self.nonfinite = nonfinite
+        self.bad: list[pl.DataFrame] = []
+        self.bad_rows = 0
+        self.kind_codes: dict[int, str] = {}
+        self.rows = 0
+
+    # -- per chunk --------------------------------------------------------------------------
+    def feed(self, df: pl.DataFrame) -> None:
+        if df.height == 0:
+            return
+        self.rows += df.height
+        kind_s = df["kind"]
+        kc = kind_s.to_physical().to_numpy().astype(np.int64, copy=False)
+        counts = np.bincount(kc)
+        present = np.flatnonzero(counts)
+        for code in present:
+            if int(code) not in self.kind_codes:
+                i = int(np.argmax(kc == code))
+                self.kind_codes[int(code)] = str(kind_s[i])
+        if self.nonfinite is not None:
+            self._probe(df)
+        step = df["step"].to_numpy()
+        lc = df["layer"].to_physical().to_numpy().astype(np.int64, copy=False)
+        for code in present:
+            acc = self.kinds.get(self.kind_codes[int(code)])
+            if acc is None:
+                continue
+            rows = None if present.size == 1 else np.flatnonzero(kc == code)
+            cols = acc.columns(lc if rows is None else lc[rows], df["layer"], rows)
+            st = step if rows is None else step[rows]
+            vals = {s.stat: _floats(df[s.stat], rows) for s in acc.stats}
+            if acc.window is None:
+                acc.window = self._window(len(acc.names))
+            self._add_rows(acc, st, cols, vals, final=False)
+
+    def _window(self, n_layers: int) -> int:
+        rows = self.resolution.rows_for(n_layers)
+        if rows is None or self.span <= rows:
+            return 1
+        return math.ceil(self.span / rows)
+
+    def _probe(self, df: pl.DataFrame) -> None:
+        assert self.nonfinite is not None
+        hit = df["_nonfinite"].to_numpy()
+        if not hit.any():
+            return
+        rows = df.filter(pl.Series(hit)).select(
+            "step", pl.col("layer").cast(pl.String), pl.col("kind").cast(pl.String)
+        )
+        self.bad.append(rows)
+        self.bad_rows += rows.height
+        if self.bad_rows > 2 * self.nonfinite.limit:  # keep the first ones only
+            kept = _first_rows(pl.concat(self.bad), self.nonfinite.limit)
+            self.bad, self.bad_rows = [kept], kept.height
+
+    def _add_rows(
+        self,
+        acc: _Kind,
+        steps: np.ndarray,
+        cols: np.ndarray,
+        vals: dict[str, np.ndarray],
+        final: bool,
+    ) -> None:
+        if acc.carry is not None:
+            cs, cc, cv = acc.carry
+            steps = np.concatenate([cs, steps])
+            cols = np.concatenate([cc, cols])
+            vals = {k: np.concatenate([cv[k], v]) for k, v in vals.items()}
+            acc.carry = None
+        if steps.size == 0:
+            return
+        assert acc.window is not None
+        win = (steps - self.origin) // acc.window
+        if not final:
+            # The last step/window may go on in the next chunk: keep its rows for then.
+            last = win.max()
+            open_ = win == last
+            if open_.all():
+                acc.carry = (steps, cols, vals)
+                return
+            acc.carry = (steps[open_], cols[open_], {k: v[open_] for k, v in vals.items()})
+            done = ~open_
+            steps, cols, win = steps[done], cols[done], win[done]
+            vals = {k: v[done] for k, v in vals.items()}
+        if acc.window == 1:
+            acc.blocks.append(_exact_block(steps, cols, vals, acc))
+        else:
+            acc.blocks.append(_window_block(steps, win, cols, vals, acc))
+
+    # -- the end ----------------------------------------------------------------------------
+    def finish(self, wanted: list[LayerStat], probe_planned: bool) -> LayerPass:
+        for acc in self.kinds.values():
+            if acc.window is not None:
+                self._add_rows(acc, _I64, _I64, {s.stat: _F64 for s in acc.stats}, final=True)
+        matrices: dict[LayerStat, LayerMatrix | None] = {}
+        layers: dict[str, tuple[str, ...]] = {}
+        for kind, acc in self.kinds.items():
+            layers[kind] = tuple(acc.names)
+            merged = _merge(acc) if acc.blocks else None
+            for s in acc.stats:
+                if merged is None:
+                    matrices[s] = None
+                    continue
+                steps, values = merged
+                window = acc.window or 1
+                matrices[s] = LayerMatrix(
+                    kind,
+                    s.stat,
+                    steps,
+                    layers[kind],
+                    values[s],
+                    window=window,
+                    reduce=s.reduce if window > 1 else "exact",
+                )
+        for s in wanted:
+            matrices.setdefault(s, None)
+        nonfinite = None
+        if probe_planned:
+            limit = self.nonfinite.limit if self.nonfinite is not None else 0
+            empty = pl.DataFrame(schema=NONFINITE_SCHEMA)
+            nonfinite = _first_rows(pl.concat(self.bad), limit) if self.bad else empty
+        kinds = tuple(sorted(set(self.kind_codes.values())))
+        return LayerPass(kinds, layers, matrices, nonfinite, self.rows)
+
+
+_I64 = np.zeros(0, np.int64)
+_F64 = np.zeros(0, np.float64)
+
+
+def _first_rows(df: pl.DataFrame, limit: int) -> pl.DataFrame:
+    """The first ``limit`` rows by step, rows of one step in the order written."""
+    return df.sort("step", maintain_order=True).head(limit)
+
+
+def _floats(col: pl.Series, rows: np.ndarray | None) -> np.ndarray:
+    """A column as float values (nulls as NaN), only ``rows`` when given."""
+    if col.dtype.is_float():
+        v = col.to_numpy()  # nulls come out as NaN
+    else:
+        v = col.cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    return v if rows is None else v[rows]
+
+
+def _unique_steps(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct steps and each row's index among them (fast when in order)."""
+    if steps.size < 2 or bool(np.all(steps[1:] >= steps[:-1])):
+        change = np.empty(steps.size, bool)
+        change[:1] = True
+        np.not_equal(steps[1:], steps[:-1], out=change[1:])
+        rows = np.cumsum(change, dtype=np.int64)
+        rows -= 1
+        return steps[change], rows
+    uniq, inv = np.unique(steps, return_inverse=True)
+    return uniq, inv.astype(np.int64, copy=False)
+
+
+def _last_write(cells: np.ndarray, size: int) -> np.ndarray | None:
+    """Rows to keep so that each cell is written once, by its last row (None: all)."""
+    seen = np.zeros(size, bool)
+    seen[cells] = True
+    if np.count_nonzero(seen) == cells.size:
+        return None
+    _, last_rev = np.unique(cells[::-1], return_index=True)
+    return np.sort(cells.size - 1 - last_rev)
+
+
+def _exact_block(
+    steps: np.ndarray, cols: np.ndarray, vals: dict[str, np.ndarray], acc: _Kind
+) -> _Block:
+    uniq, rows = _unique_steps(steps)
+    n_layers = len(acc.names)
+    cells = rows * n_layers + cols
+    keep = _last_write(cells, uniq.size * n_layers)
+    if keep is not None:
+        cells = cells[keep]
+    written = np.zeros((uniq.size, n_layers), bool)
+    written.ravel()[cells] = True
+    values = {}
+    for s in acc.stats:
+        v = vals[s.stat] if keep is None else vals[s.stat][keep]
+        m = np.full((uniq.size, n_layers), np.nan)
+        m.ravel()[cells] = v
+        values[s] = m
+    return _Block(uniq, uniq, values, written)
+
+
+def _window_block(
+    steps: np.ndarray,
+    win: np.ndarray,
+    cols: np.ndarray,
+    vals: dict[str, np.ndarray],
+    acc: _Kind,
+) -> _Block:
+    """Window levels of complete windows. Each window's recorded steps get a slot, so
+    the arrays hold (windows × layers × steps per window) cells: the chunk's own size."""
+    uniq, rows = _unique_steps(steps)
+    uwin = np.empty(uniq.size, np.int64)
+    uwin[rows] = win  # window number of each distinct step
+    change = np.empty(uniq.size, bool)
+    change[:1] = True
+    np.not_equal(uwin[1:], uwin[:-1], out=change[1:])
+    starts = np.flatnonzero(change)
+    win_row = np.cumsum(change, dtype=np.int64) - 1
+    slot = np.arange(uniq.size, dtype=np.int64) - starts[win_row]
+    n_slots = int(slot.max(initial=0)) + 1
+    n_win, n_layers = starts.size, len(acc.names)
+    ends = np.append(starts[1:], uniq.size) - 1
+    cells = (win_row[rows] * n_layers + cols) * n_slots + slot[rows]
+    size = n_win * n_layers * n_slots
+    keep = _last_write(cells, size)
+    if keep is not None:
+        cells = cells[keep]
+    written = np.zeros(size, bool)
+    written[cells] = True
+    written = written.reshape(n_win * n_layers, n_slots)
+    n_written = written.sum(axis=1)
+    values = {}
+    for s in acc.stats:
+        v = vals[s.stat] if keep is None else vals[s.stat][keep]
+        a = np.full(size, np.nan)
+        a[cells] = v
+        values[s] = _reduce(a.reshape(n_win * n_layers, n_slots), written, n_written, s.reduce)
+        values[s] = values[s].reshape(n_win, n_layers)
+    return _Block(uwin[starts], uniq[ends], values, (n_written > 0).reshape(n_win, n_layers))
+
+
+def _reduce(a: np.ndarray, written: np.ndarray, n_written: np.ndarray, how: str) -> np.ndarray:
+    """Level of each row of ``a`` (one window of one layer, NaN where not written)."""
+    fin = np.isfinite(a)
+    k = fin.sum(axis=1)
+    out = np.full(a.shape[0], np.nan)
+    ok = (k > 0) & (2 * k >= n_written)
+    if how == "max":
+        with np.errstate(invalid="ignore"):
+            top = np.where(written & ~np.isnan(a), a, -np.inf).max(axis=1)
+        has = (written & ~np.isnan(a)).any(axis=1)
+        return np.where(has, top, np.nan)
+    if how == "mean":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(fin, a, 0.0).sum(axis=1) / np.maximum(k, 1)
+        out[ok] = mean[ok]
+    else:
+        s = np.where(fin, a, np.inf)
+        s.sort(axis=1)
+        lo = np.take_along_axis(s, np.maximum(k - 1, 0)[:, None] // 2, axis=1)[:, 0]
+        hi = np.take_along_axis(s, np.minimum(k // 2, a.shape[1] - 1)[:, None], axis=1)[:, 0]
+        with np.errstate(invalid="ignore"):
+            med = np.where(k % 2 == 1, lo, (lo + hi) / 2)
+        out[ok] = med[ok]
+    # Mostly non-finite: the window's level is its last non-finite value.
+    bad = written & ~fin
+    nf = (n_written > 0) & ~ok
+    if nf.any():
+        last = a.shape[1] - 1 - np.argmax(bad[nf][:, ::-1], axis=1)
+        out[nf] = a[nf][np.arange(last.size), last]
+    return out
+
+
+def _merge(acc: _Kind) -> tuple[np.ndarray, dict[LayerStat, np.ndarray]]:
+    """The blocks of one kind as one matrix per statistic (keys sorted; a key written in
+    several blocks keeps, per cell, the last write)."""
+    n_layers = len(acc.names)
+    blocks = acc.blocks
+    in_order = all(a.keys[-1] < b.keys[0] for a, b in itertools.pairwise(blocks))
+    if in_order:
+        steps = np.concatenate([b.steps for b in blocks])
+        out = {}
+        for s in acc.stats:
+            parts = [_pad(b.values[s], n_layers) for b in blocks]
+            out[s] = parts[0] if len(parts) == 1 else np.vstack(parts)
+        return steps, out
+    keys = np.unique(np.concatenate([b.keys for b in blocks]))
+    steps = np.full(keys.size, np.iinfo(np.int64).min, np.int64)
+    out = {s: np.full((keys.size, n_layers), np.nan) for s in acc.stats}
+    for b in blocks:
+        at = np.searchsorted(keys, b.keys)
+        steps[at] = np.maximum(steps[at], b.steps)
+        w = b.written
+        for s in acc.stats:
+            dest = out[s][at, : w.shape[1]]
+            dest[w] = b.values[s][w]
+            out[s][at, : w.shape[1]] = dest
+    return steps, out
+
+
+def _pad(m: np.ndarray, n_layers: int) -> np.ndarray:
+    """``m`` widened to ``n_layers`` columns (layers first seen in a later chunk: NaN)."""
+    if m.shape[1] == n_layers:
+        return m
+    out = np.full((m.shape[0], n_layers), np.nan)
+    out[:, : m.shape[1]] = m
+    return out
