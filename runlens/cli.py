@@ -361,9 +361,11 @@ def _analyze_one(
 ) -> int:
     """Analyze one run and write its report; the exit status (0 or EXIT_FAIL_ON)."""
     from runlens.engine import analyze as run_analysis
+    from runlens.engine import make_context
     from runlens.sources import open_found
 
-    run = open_found(found, mapping)
+    # One Context: the graphical reports reuse what the analysis read.
+    run = make_context(open_found(found, mapping), options)
     report = run_analysis(run, options)
     emit(_render(run, report, fmt, output, plots, options), output)
     return _fail_on_status(report, fail_on)
@@ -414,6 +416,7 @@ def _analyze_many(
     A run that cannot be read is reported (stderr and the output) and the others still
     are. Returns the worst exit status over the runs."""
     from runlens.engine import analyze as run_analysis
+    from runlens.engine import make_context
     from runlens.report import json_report
     from runlens.sources import open_found
 
@@ -440,7 +443,7 @@ def _analyze_many(
     names = _page_names([r.label for r in found.runs])
     for item, page in zip(found.runs, names, strict=True):
         try:
-            run = open_found(item, mapping)
+            run = make_context(open_found(item, mapping), options)
             report = run_analysis(run, options)
         except RunlensError as exc:
             click.echo(f"runlens: error: {item.label}: {exc}", err=True)
