@@ -332,7 +332,7 @@ def histograms(
             "step": np.concatenate([s for _, _, s in chosen]).astype(np.int64),
         }
     )
-    steps = picked["step"].unique()
+    steps = picked["step"].unique().implode()
     rows = query(
         fmt.LAYERS_DIR,
         lambda lf: (
