@@ -437,7 +437,8 @@ def _window_block(
     acc: _Kind,
 ) -> _Block:
     """Window levels of complete windows. Each window's recorded steps get a slot, so
-    the arrays hold (windows × layers × steps per window) cells: the chunk's own size."""
+    the arrays hold (steps per window) × (windows × layers) cells: the chunk's own size,
+    one contiguous vector per slot."""
     uniq, rows = _unique_steps(steps)
     uwin = np.empty(uniq.size, np.int64)
     uwin[rows] = win  # window number of each distinct step
@@ -450,54 +451,78 @@ def _window_block(
     n_slots = int(slot.max(initial=0)) + 1
     n_win, n_layers = starts.size, len(acc.names)
     ends = np.append(starts[1:], uniq.size) - 1
-    cells = (win_row[rows] * n_layers + cols) * n_slots + slot[rows]
-    size = n_win * n_layers * n_slots
+    n_cells = n_win * n_layers
+    cells = slot[rows] * n_cells + win_row[rows] * n_layers + cols
+    size = n_slots * n_cells
     keep = _last_write(cells, size)
     if keep is not None:
         cells = cells[keep]
     written = np.zeros(size, bool)
     written[cells] = True
-    written = written.reshape(n_win * n_layers, n_slots)
-    n_written = written.sum(axis=1)
+    written = written.reshape(n_slots, n_cells)
+    n_written = written.sum(axis=0)
     values = {}
     for s in acc.stats:
         v = vals[s.stat] if keep is None else vals[s.stat][keep]
         a = np.full(size, np.nan)
         a[cells] = v
-        values[s] = _reduce(a.reshape(n_win * n_layers, n_slots), written, n_written, s.reduce)
-        values[s] = values[s].reshape(n_win, n_layers)
+        level = _reduce(a.reshape(n_slots, n_cells), written, n_written, s.reduce)
+        values[s] = level.reshape(n_win, n_layers)
     return _Block(uwin[starts], uniq[ends], values, (n_written > 0).reshape(n_win, n_layers))
 
 
+NETWORK_SLOTS = 16
+"""Windows of at most this many steps are sorted by a vectorized sorting network (a few
+min/max passes over contiguous vectors); longer ones by numpy's sort."""
+
+
+def _sorted_slots(a: np.ndarray) -> np.ndarray:
+    """``a`` (slots × cells) sorted along the slots, each cell on its own."""
+    n = a.shape[0]
+    if n > NETWORK_SLOTS:
+        return np.sort(a, axis=0)
+    a = a.copy()
+    tmp = np.empty(a.shape[1])
+    for r in range(n):  # odd-even transposition: n rounds sort n values
+        for i in range(r % 2, n - 1, 2):
+            x, y = a[i], a[i + 1]
+            np.minimum(x, y, out=tmp)
+            np.maximum(x, y, out=y)
+            x[:] = tmp
+    return a
+
+
 def _reduce(a: np.ndarray, written: np.ndarray, n_written: np.ndarray, how: str) -> np.ndarray:
-    """Level of each row of ``a`` (one window of one layer, NaN where not written)."""
+    """Level of each column of ``a`` (slots × cells: one window of one layer per column,
+    NaN where not written)."""
     fin = np.isfinite(a)
-    k = fin.sum(axis=1)
-    out = np.full(a.shape[0], np.nan)
+    k = fin.sum(axis=0)
+    out = np.full(a.shape[1], np.nan)
     ok = (k > 0) & (2 * k >= n_written)
     if how == "max":
-        with np.errstate(invalid="ignore"):
-            top = np.where(written & ~np.isnan(a), a, -np.inf).max(axis=1)
-        has = (written & ~np.isnan(a)).any(axis=1)
-        return np.where(has, top, np.nan)
-    if how == "mean":
+        seen = written & ~np.isnan(a)
+        top = np.where(seen, a, -np.inf).max(axis=0)
+        return np.where(seen.any(axis=0), top, np.nan)
+    if a.shape[0] == 1:
+        out[ok] = a[0, ok]
+    elif how == "mean":
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(fin, a, 0.0).sum(axis=1) / np.maximum(k, 1)
+            mean = np.where(fin, a, 0.0).sum(axis=0) / np.maximum(k, 1)
         out[ok] = mean[ok]
     else:
-        s = np.where(fin, a, np.inf)
-        s.sort(axis=1)
-        lo = np.take_along_axis(s, np.maximum(k - 1, 0)[:, None] // 2, axis=1)[:, 0]
-        hi = np.take_along_axis(s, np.minimum(k // 2, a.shape[1] - 1)[:, None], axis=1)[:, 0]
+        srt = _sorted_slots(np.where(fin, a, np.inf))
+        cols = np.arange(a.shape[1])
+        lo = srt[np.maximum(k - 1, 0) // 2, cols]
+        hi = srt[np.minimum(k // 2, a.shape[0] - 1), cols]
         with np.errstate(invalid="ignore"):
             med = np.where(k % 2 == 1, lo, (lo + hi) / 2)
         out[ok] = med[ok]
     # Mostly non-finite: the window's level is its last non-finite value.
-    bad = written & ~fin
     nf = (n_written > 0) & ~ok
     if nf.any():
-        last = a.shape[1] - 1 - np.argmax(bad[nf][:, ::-1], axis=1)
-        out[nf] = a[nf][np.arange(last.size), last]
+        bad = (written & ~fin)[:, nf]
+        last = a.shape[0] - 1 - np.argmax(bad[::-1], axis=0)
+        out[nf] = a[:, nf][last, np.arange(last.size)]
     return out
 
 
