@@ -96,6 +96,11 @@ def hist_table() -> str:
     return "\n".join(lines)
 
 
+def compaction() -> str:
+    steps = [f"{i}. {text}" for i, text in enumerate(fmt.COMPACTION_STEPS, 1)]
+    return "\n".join([fmt.READER_RULE, "", *steps])
+
+
 def sections() -> dict[str, str]:
     return {
         "run-json": keys_table(fmt.RUN_JSON_KEYS),
@@ -106,6 +111,7 @@ def sections() -> dict[str, str]:
         "hist-bins": hist_table(),
         "events": keys_table(fmt.EVENT_KINDS),
         "version": f"Current `SCHEMA_VERSION`: **{fmt.SCHEMA_VERSION}**.",
+        "compaction": compaction(),
     }
 
 

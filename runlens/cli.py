@@ -691,6 +691,34 @@ def import_(path: str, out_dir: str, input_format: str, map_: tuple[str, ...]) -
         click.echo(f"runlens: warning: {w}", err=True)
 
 
+@cli.command("compact")
+@click.argument("run_dir", metavar="RUN_DIR")
+@click.option("--dry-run", is_flag=True, help="Say what would be merged; change nothing.")
+@handle_errors
+def compact_(run_dir: str, dry_run: bool) -> None:
+    """Merge a run's many small segments into few large ones, so it reads fast.
+
+    The collector does this on close(); run it for a run that ended abnormally (killed,
+    crashed before closing) or was recorded with compact=False. Crash-safe: the old
+    segments stay readable until the merged one is in place (docs/run-format.md).
+
+    \b
+    Examples:
+      runlens compact runs/exp1
+      runlens compact runs/exp1 --dry-run
+    """
+    from runlens_collect.compact import compact_run
+
+    from runlens.run import load_run
+
+    load_run(run_dir)  # a one-line error for anything that is not a run directory
+    done = compact_run(run_dir, dry_run=dry_run)
+    prefix = "would compact" if dry_run else "compacted"
+    click.echo(f"{prefix} {run_dir}: {done.describe()}")
+    for line in done.skipped:
+        click.echo(f"runlens: warning: {line}", err=True)
+
+
 # -- collect ------------------------------------------------------------------------------
 
 

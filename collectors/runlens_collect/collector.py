@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from runlens_collect import _active, repro, runinfo, stats
+from runlens_collect import _active, compact, repro, runinfo, stats
 from runlens_collect import format as fmt
 from runlens_collect.activation_stats import ActivationStats, first_tensor
 from runlens_collect.config import CollectorConfig
@@ -532,6 +532,11 @@ class Collector:
                 fmt.write_json_atomic(self.meta, self.run_dir / fmt.RUN_JSON)
             except Exception as exc:
                 self._report("close", "writing run.json failed", exc, event=False)
+        if status is not None and self.settings.compact and not writer.is_alive():
+            try:  # the run is complete on disk: merging its segments is safe at any point
+                compact.compact_run(self.run_dir, ranks=[self.rank])
+            except Exception as exc:
+                self._report("close", "compacting segments failed", exc, event=False)
         self._enabled = False
 
 

@@ -24,8 +24,8 @@ import json
 import os
 import socket
 import tempfile
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
@@ -284,6 +284,36 @@ def segment_path(run_dir: str | os.PathLike[str], table: str, rank: int, seq: in
 # between, after the deletions) it sees each row exactly once.
 
 
+COMPACT_ROW_GROUP_ROWS: Final = 1 << 20
+"""Rows per row group of a compacted segment: large enough for fast scans (a few per
+core), small enough that one is cheap to hold while writing."""
+COMPACT_MAX_FILE_ROWS: Final = 16 * COMPACT_ROW_GROUP_ROWS
+"""Rows per compacted segment at most (a damaged file loses no more than this)."""
+
+COMPACTION_STEPS: Final = (
+    "Per table and rank, the live segments in order are grouped: consecutive readable "
+    "segments with one schema, each smaller than half a row group, up to "
+    f"{COMPACT_MAX_FILE_ROWS:,} rows per group (runlens_collect.compact). Large or "
+    "unreadable segments stay as they are.",
+    "A group of two or more segments is streamed, one segment at a time, into a hidden "
+    "temporary file (`.tmp-compact-*.parquet`, not a segment name) in the rank folder, in "
+    f"row groups of {COMPACT_ROW_GROUP_ROWS:,} rows with column statistics (min/max of "
+    "`step` lets readers skip row groups), and flushed to disk (fsync).",
+    "The file is renamed to `part-A-B.parquet`, A and B the first and last segment numbers "
+    "of the group, and the folder fsynced. From then on readers read it and ignore every "
+    "segment whose numbers it covers.",
+    "The covered segments are deleted (a later compaction deletes any left by a crash).",
+)
+"""The compaction protocol, step by step (docs/run-format.md is generated from this)."""
+
+READER_RULE: Final = (
+    "Readers read the *live* segments of a rank folder (`format.live_segments`): the files "
+    "named `part-N.parquet` or `part-A-B.parquet`, in order of their first number, leaving "
+    "out any segment whose numbers a `part-A-B.parquet` covers. Writers continue after the "
+    "highest number present, covered ones included (`format.next_segment_number`)."
+)
+
+
 def compacted_segment_path(
     run_dir: str | os.PathLike[str], table: str, rank: int, first: int, last: int
 ) -> Path:
@@ -316,7 +346,7 @@ def live_segments(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     ranged.sort(key=lambda x: (x[0], x[1], x[2].name))
     out: list[Path] = []
     reach = -1
-    for first, neg_last, p in ranged:
+    for _first, neg_last, p in ranged:
         if -neg_last <= reach:  # inside a wider segment already taken
             continue
         out.append(p)
