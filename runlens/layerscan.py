@@ -188,8 +188,44 @@ class _Block:
     keys: np.ndarray
     steps: np.ndarray
     values: dict[LayerStat, np.ndarray]
-    written: np.ndarray
-    """Cells that had a row (a written NaN overrides an earlier value; a gap does not)."""
+    written: np.ndarray | None
+    """Cells that had a row (a written NaN overrides an earlier value; a gap does not);
+    None: all of them."""
+
+
+@dataclass
+class _Rows:
+    """Rows of one kind: step, column, window number, and one value array per stat."""
+
+    steps: np.ndarray
+    cols: np.ndarray
+    vals: dict[str, np.ndarray]
+    win: np.ndarray
+
+    def slice(self, a: int, b: int) -> _Rows:
+        return _Rows(
+            self.steps[a:b],
+            self.cols[a:b],
+            {k: v[a:b] for k, v in self.vals.items()},
+            self.win[a:b],
+        )
+
+    def take(self, mask: np.ndarray) -> _Rows:
+        return _Rows(
+            self.steps[mask],
+            self.cols[mask],
+            {k: v[mask] for k, v in self.vals.items()},
+            self.win[mask],
+        )
+
+    @staticmethod
+    def concat(parts: list[_Rows]) -> _Rows:
+        return _Rows(
+            np.concatenate([p.steps for p in parts]),
+            np.concatenate([p.cols for p in parts]),
+            {k: np.concatenate([p.vals[k] for p in parts]) for k in parts[0].vals},
+            np.concatenate([p.win for p in parts]),
+        )
 
 
 @dataclass
@@ -203,13 +239,13 @@ class _Kind:
     """Categorical code -> column (-1: not seen yet)."""
     names: list[str] = field(default_factory=list)
     blocks: list[_Block] = field(default_factory=list)
-    carry: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]] | None = None
-    """Rows of the last, possibly unfinished window (window mode)."""
+    carry: _Rows | None = None
+    """Rows of the last, possibly unfinished step or window."""
 
     def columns(self, codes: np.ndarray, layer: pl.Series, rows: np.ndarray | None) -> np.ndarray:
         """Column of each row's layer; layers not seen before get the next columns in
         first-seen order."""
-        top = int(codes.max(initial=-1)) + 1
+        top = int(codes.max()) + 1 if codes.size else 0
         if top > self.lookup.size:
             grown = np.full(max(top, 2 * self.lookup.size), -1, np.int64)
             grown[: self.lookup.size] = self.lookup
@@ -255,25 +291,32 @@ class _Pass:
             return
         self.rows += df.height
         kind_s = df["kind"]
-        kc = kind_s.to_physical().to_numpy().astype(np.int64, copy=False)
-        counts = np.bincount(kc)
-        present = np.flatnonzero(counts)
-        for code in present:
-            if int(code) not in self.kind_codes:
-                i = int(np.argmax(kc == code))
-                self.kind_codes[int(code)] = str(kind_s[i])
+        kc = kind_s.to_physical().to_numpy()
+        first = int(kc[0])
+        if bool(np.all(kc == first)):
+            where: dict[int, np.ndarray | None] = {first: None}  # one kind: every row
+        else:
+            codes = np.flatnonzero(np.bincount(kc))
+            where = {int(c): np.flatnonzero(kc == c) for c in codes}
+        for code, rows in where.items():
+            if code not in self.kind_codes:
+                self.kind_codes[code] = str(kind_s[0 if rows is None else int(rows[0])])
         if self.nonfinite is not None:
             self._probe(df)
         step = df["step"].to_numpy()
-        lc = df["layer"].to_physical().to_numpy().astype(np.int64, copy=False)
-        for code in present:
-            acc = self.kinds.get(self.kind_codes[int(code)])
+        lc = df["layer"].to_physical().to_numpy()
+        arrays: dict[str, np.ndarray] = {}
+        for code, rows in where.items():
+            acc = self.kinds.get(self.kind_codes[code])
             if acc is None:
                 continue
-            rows = None if present.size == 1 else np.flatnonzero(kc == code)
             cols = acc.columns(lc if rows is None else lc[rows], df["layer"], rows)
             st = step if rows is None else step[rows]
-            vals = {s.stat: _floats(df[s.stat], rows) for s in acc.stats}
+            vals = {}
+            for stat in dict.fromkeys(x.stat for x in acc.stats):
+                if stat not in arrays:
+                    arrays[stat] = _floats(df[stat])
+                vals[stat] = arrays[stat] if rows is None else arrays[stat][rows]
             if acc.window is None:
                 acc.window = self._window(len(acc.names))
             self._add_rows(acc, st, cols, vals, final=False)
@@ -306,37 +349,57 @@ class _Pass:
         vals: dict[str, np.ndarray],
         final: bool,
     ) -> None:
-        if acc.carry is not None:
-            cs, cc, cv = acc.carry
-            steps = np.concatenate([cs, steps])
-            cols = np.concatenate([cc, cols])
-            vals = {k: np.concatenate([cv[k], v]) for k, v in vals.items()}
-            acc.carry = None
-        if steps.size == 0:
-            return
+        """Turn the rows of complete windows (steps, when exact) into blocks; keep the
+        rows of the last one, which may go on in the next chunk."""
         assert acc.window is not None
-        win = (steps - self.origin) // acc.window
+        w = acc.window
+        win = steps if w == 1 else (steps - self.origin) // w
+        ordered = win.size < 2 or bool(np.all(win[1:] >= win[:-1]))
+        rows = _Rows(steps, cols, vals, win)
+        if not ordered:  # rows out of step order (a resumed run): one block of everything
+            if acc.carry is not None:
+                rows = _Rows.concat([acc.carry, rows])
+                acc.carry = None
+            self._emit(acc, rows, final)
+            return
+        if acc.carry is not None and win.size:
+            # The rows of the carried window that are in this chunk join it.
+            head = int(np.searchsorted(win, acc.carry.win[-1], side="right"))
+            first = _Rows.concat([acc.carry, rows.slice(0, head)])
+            acc.carry = None
+            rows = rows.slice(head, win.size)
+            if rows.win.size == 0 and not final:
+                acc.carry = first
+                return
+            acc.blocks.append(_block(first, acc))
+        elif acc.carry is not None:
+            rows, acc.carry = acc.carry, None
+        self._emit(acc, rows, final)
+
+    def _emit(self, acc: _Kind, rows: _Rows, final: bool) -> None:
+        if rows.win.size == 0:
+            return
         if not final:
             # The last step/window may go on in the next chunk: keep its rows for then.
-            last = win.max()
-            open_ = win == last
-            if open_.all():
-                acc.carry = (steps, cols, vals)
+            last = rows.win.max()
+            if bool(np.all(rows.win[1:] >= rows.win[:-1])):
+                cut = int(np.searchsorted(rows.win, last))
+                acc.carry = rows.slice(cut, rows.win.size)
+                rows = rows.slice(0, cut)
+            else:
+                open_ = rows.win == last
+                acc.carry = rows.take(open_)
+                rows = rows.take(~open_)
+            if rows.win.size == 0:
                 return
-            acc.carry = (steps[open_], cols[open_], {k: v[open_] for k, v in vals.items()})
-            done = ~open_
-            steps, cols, win = steps[done], cols[done], win[done]
-            vals = {k: v[done] for k, v in vals.items()}
-        if acc.window == 1:
-            acc.blocks.append(_exact_block(steps, cols, vals, acc))
-        else:
-            acc.blocks.append(_window_block(steps, win, cols, vals, acc))
+        acc.blocks.append(_block(rows, acc))
 
     # -- the end ----------------------------------------------------------------------------
     def finish(self, wanted: list[LayerStat], probe_planned: bool) -> LayerPass:
         for acc in self.kinds.values():
-            if acc.window is not None:
-                self._add_rows(acc, _I64, _I64, {s.stat: _F64 for s in acc.stats}, final=True)
+            if acc.window is not None and acc.carry is not None:
+                rows, acc.carry = acc.carry, None
+                self._emit(acc, rows, final=True)
         matrices: dict[LayerStat, LayerMatrix | None] = {}
         layers: dict[str, tuple[str, ...]] = {}
         for kind, acc in self.kinds.items():
@@ -368,22 +431,17 @@ class _Pass:
         return LayerPass(kinds, layers, matrices, nonfinite, self.rows)
 
 
-_I64 = np.zeros(0, np.int64)
-_F64 = np.zeros(0, np.float64)
-
-
 def _first_rows(df: pl.DataFrame, limit: int) -> pl.DataFrame:
     """The first ``limit`` rows by step, rows of one step in the order written."""
     return df.sort("step", maintain_order=True).head(limit)
 
 
-def _floats(col: pl.Series, rows: np.ndarray | None) -> np.ndarray:
-    """A column as float values (nulls as NaN), only ``rows`` when given."""
+def _floats(col: pl.Series) -> np.ndarray:
+    """A column as float values, nulls as NaN: float32 columns stay float32 (exact in
+    float64 later, half the memory traffic until then), others become float64."""
     if col.dtype.is_float():
-        v = col.to_numpy()  # nulls come out as NaN
-    else:
-        v = col.cast(pl.Float64).fill_null(float("nan")).to_numpy()
-    return v if rows is None else v[rows]
+        return col.to_numpy()  # nulls come out as NaN
+    return col.cast(pl.Float64).fill_null(float("nan")).to_numpy()
 
 
 def _unique_steps(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -409,11 +467,31 @@ def _last_write(cells: np.ndarray, size: int) -> np.ndarray | None:
     return np.sort(cells.size - 1 - last_rev)
 
 
+def _block(rows: _Rows, acc: _Kind) -> _Block:
+    if acc.window == 1:
+        return _exact_block(rows.steps, rows.cols, rows.vals, acc)
+    return _window_block(rows.steps, rows.win, rows.cols, rows.vals, acc)
+
+
+def _canonical(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_layers: int) -> bool:
+    """True when row i is (step i // n_layers, layer i % n_layers): every step has every
+    layer once, in column order (the collector's layout), so a reshape is the matrix."""
+    if rows.size != n_rows * n_layers or rows.size == 0:
+        return False
+    r = rows.reshape(n_rows, n_layers)
+    c = cols.reshape(n_rows, n_layers)
+    return bool(np.all(c == np.arange(n_layers)) and np.all(r == np.arange(n_rows)[:, None]))
+
+
 def _exact_block(
     steps: np.ndarray, cols: np.ndarray, vals: dict[str, np.ndarray], acc: _Kind
 ) -> _Block:
     uniq, rows = _unique_steps(steps)
     n_layers = len(acc.names)
+    if _canonical(rows, cols, uniq.size, n_layers):
+        shape = (uniq.size, n_layers)
+        values = {s: vals[s.stat].reshape(shape).astype(np.float64) for s in acc.stats}
+        return _Block(uniq, uniq, values, None)
     cells = rows * n_layers + cols
     keep = _last_write(cells, uniq.size * n_layers)
     if keep is not None:
@@ -446,12 +524,22 @@ def _window_block(
     change[:1] = True
     np.not_equal(uwin[1:], uwin[:-1], out=change[1:])
     starts = np.flatnonzero(change)
-    win_row = np.cumsum(change, dtype=np.int64) - 1
-    slot = np.arange(uniq.size, dtype=np.int64) - starts[win_row]
-    n_slots = int(slot.max(initial=0)) + 1
     n_win, n_layers = starts.size, len(acc.names)
+    n_slots = int(np.diff(np.append(starts, uniq.size)).max(initial=1))
     ends = np.append(starts[1:], uniq.size) - 1
     n_cells = n_win * n_layers
+    keys, shown = uwin[starts], uniq[ends]
+    if uniq.size == n_win * n_slots and _canonical(rows, cols, uniq.size, n_layers):
+        # Every window full, every step every layer in order: reshapes, no scatter.
+        values = {}
+        for s in acc.stats:
+            a = vals[s.stat].reshape(n_win, n_slots, n_layers).transpose(1, 0, 2)
+            a = np.ascontiguousarray(a).reshape(n_slots, n_cells)
+            level = _reduce(a, None, None, s.reduce).astype(np.float64, copy=False)
+            values[s] = level.reshape(n_win, n_layers)
+        return _Block(keys, shown, values, None)
+    win_row = np.cumsum(change, dtype=np.int64) - 1
+    slot = np.arange(uniq.size, dtype=np.int64) - starts[win_row]
     cells = slot[rows] * n_cells + win_row[rows] * n_layers + cols
     size = n_slots * n_cells
     keep = _last_write(cells, size)
@@ -468,7 +556,7 @@ def _window_block(
         a[cells] = v
         level = _reduce(a.reshape(n_slots, n_cells), written, n_written, s.reduce)
         values[s] = level.reshape(n_win, n_layers)
-    return _Block(uwin[starts], uniq[ends], values, (n_written > 0).reshape(n_win, n_layers))
+    return _Block(keys, shown, values, (n_written > 0).reshape(n_win, n_layers))
 
 
 NETWORK_SLOTS = 16
@@ -477,12 +565,12 @@ min/max passes over contiguous vectors); longer ones by numpy's sort."""
 
 
 def _sorted_slots(a: np.ndarray) -> np.ndarray:
-    """``a`` (slots × cells) sorted along the slots, each cell on its own."""
+    """``a`` (slots × cells) sorted along the slots, each cell on its own (in place)."""
     n = a.shape[0]
     if n > NETWORK_SLOTS:
-        return np.sort(a, axis=0)
-    a = a.copy()
-    tmp = np.empty(a.shape[1])
+        a.sort(axis=0)
+        return a
+    tmp = np.empty(a.shape[1], a.dtype)
     for r in range(n):  # odd-even transposition: n rounds sort n values
         for i in range(r % 2, n - 1, 2):
             x, y = a[i], a[i + 1]
@@ -492,10 +580,25 @@ def _sorted_slots(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _reduce(a: np.ndarray, written: np.ndarray, n_written: np.ndarray, how: str) -> np.ndarray:
+def _reduce(
+    a: np.ndarray, written: np.ndarray | None, n_written: np.ndarray | None, how: str
+) -> np.ndarray:
     """Level of each column of ``a`` (slots × cells: one window of one layer per column,
-    NaN where not written)."""
+    NaN where not written; ``written`` None: every slot written)."""
+    n = a.shape[0]
     fin = np.isfinite(a)
+    if written is None and how != "max" and bool(fin.all()):
+        # Every slot written and finite (the usual window): no per-cell bookkeeping.
+        if n == 1:
+            return a[0].copy()
+        if how == "mean":
+            return a.mean(axis=0, dtype=np.float64)
+        srt = _sorted_slots(a)
+        return srt[n // 2].copy() if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2
+    if written is None:
+        written = np.ones(a.shape, bool)
+        n_written = np.full(a.shape[1], n)
+    assert n_written is not None
     k = fin.sum(axis=0)
     out = np.full(a.shape[1], np.nan)
     ok = (k > 0) & (2 * k >= n_written)
@@ -503,7 +606,7 @@ def _reduce(a: np.ndarray, written: np.ndarray, n_written: np.ndarray, how: str)
         seen = written & ~np.isnan(a)
         top = np.where(seen, a, -np.inf).max(axis=0)
         return np.where(seen.any(axis=0), top, np.nan)
-    if a.shape[0] == 1:
+    if n == 1:
         out[ok] = a[0, ok]
     elif how == "mean":
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -513,7 +616,7 @@ def _reduce(a: np.ndarray, written: np.ndarray, n_written: np.ndarray, how: str)
         srt = _sorted_slots(np.where(fin, a, np.inf))
         cols = np.arange(a.shape[1])
         lo = srt[np.maximum(k - 1, 0) // 2, cols]
-        hi = srt[np.minimum(k // 2, a.shape[0] - 1), cols]
+        hi = srt[np.minimum(k // 2, n - 1), cols]
         with np.errstate(invalid="ignore"):
             med = np.where(k % 2 == 1, lo, (lo + hi) / 2)
         out[ok] = med[ok]
@@ -521,7 +624,7 @@ def _reduce(a: np.ndarray, written: np.ndarray, n_written: np.ndarray, how: str)
     nf = (n_written > 0) & ~ok
     if nf.any():
         bad = (written & ~fin)[:, nf]
-        last = a.shape[0] - 1 - np.argmax(bad[::-1], axis=0)
+        last = n - 1 - np.argmax(bad[::-1], axis=0)
         out[nf] = a[:, nf][last, np.arange(last.size)]
     return out
 
@@ -545,7 +648,7 @@ def _merge(acc: _Kind) -> tuple[np.ndarray, dict[LayerStat, np.ndarray]]:
     for b in blocks:
         at = np.searchsorted(keys, b.keys)
         steps[at] = np.maximum(steps[at], b.steps)
-        w = b.written
+        w = b.written if b.written is not None else np.ones(b.values[acc.stats[0]].shape, bool)
         for s in acc.stats:
             dest = out[s][at, : w.shape[1]]
             dest[w] = b.values[s][w]
