@@ -143,15 +143,37 @@ class Context:
 
     def _read(self, needs: list[Any]) -> tuple[LayerPass, list[Any], list[str]]:
         run = self._shared.run
+        steps, rows = self.cached("layer_extent", self._layer_extent)
         lp, files, notes = read_layers(
             run,
             needs,
             files=run.segment_files(fmt.LAYERS_DIR),
             resolution=self.resolution,
-            step_range=run.facts.layer_steps,
-            total_rows=run.facts.layer_rows,
+            step_range=steps,
+            total_rows=rows,
         )
         return lp, files, notes
+
+    def _layer_extent(self) -> tuple[tuple[int, int] | None, int | None]:
+        """First and last step and row count of the layers table (polars answers from
+        the segments' footers), which set the windows of the pass."""
+        run = self._shared.run
+        if run.facts.layer_steps is not None:
+            return run.facts.layer_steps, run.facts.layer_rows
+        if run.layers is None:
+            return None, 0
+        try:
+            df, _, _ = collect_tolerant(
+                run,
+                fmt.LAYERS_DIR,
+                lambda lf: lf.select(
+                    pl.col("step").min().alias("a"), pl.col("step").max().alias("b"), pl.len()
+                ),
+            )
+        except RunLoadError:
+            return None, None  # the pass finds out what is wrong, and says it
+        a, b, n = df.row(0)
+        return ((int(a), int(b)) if a is not None and b is not None else None), int(n)
 
     def _keep(self, lp: LayerPass, stats: list[LayerStat], probes: list[NonFiniteRows]) -> None:
         sh = self._shared

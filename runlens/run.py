@@ -350,12 +350,27 @@ def _readable(
     schema: pa.Schema,
 ) -> tuple[list[Path], list[str]]:
     """Split ``files`` into those ``build`` reads and a warning for each of the others."""
+    return _split_readable(run.path, files, build, schema, run.rank)
+
+
+def _split_readable(
+    root: Path,
+    files: Sequence[Path],
+    build: Callable[[pl.LazyFrame], pl.LazyFrame],
+    schema: pa.Schema,
+    rank: int | None,
+) -> tuple[list[Path], list[str]]:
     good, notes = [], []
+    required = REQUIRED[fmt.SCALARS_DIR if schema is fmt.SCALARS_SCHEMA else fmt.LAYERS_DIR]
     for f in files:
-        try:
-            build(scan_segments([f], run.rank, schema)).collect()
-        except Exception as exc:
-            notes.append(f"skipped unreadable segment {_rel(f, run.path)}: {_short(exc)}")
+        why = _footer_problem(root, f, required, schema)
+        if why is None:
+            try:
+                build(scan_segments([f], rank, schema)).collect()
+            except Exception as exc:
+                why = f"skipped unreadable segment {_rel(f, root)}: {_short(exc)}"
+        if why is not None:
+            notes.append(why)
             continue
         good.append(f)
     return good, notes
@@ -396,10 +411,11 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     meta = _read_meta(root, warnings)
     # A corrupt run.json gets defaults and a warning; the data segments are still analyzed.
     meta_unreadable = len(warnings) > n_warnings
-    info: dict[Path, tuple[int, tuple[int, int] | None]] = {}
-    scalar_files = _good_segments(root, fmt.SCALARS_DIR, fmt.SCALARS_SCHEMA.names, warnings, info)
-    layer_files = _good_segments(root, fmt.LAYERS_DIR, ("step", "layer", "kind"), warnings, info)
-    if (meta is None or meta_unreadable) and not scalar_files and not layer_files:
+    # Segments are listed, not opened: the scalars are read whole below and the layers by
+    # the analysis' pass, and a segment that turns out unreadable is left out then.
+    scalar_files = segment_listing(root, fmt.SCALARS_DIR)
+    layer_files = segment_listing(root, fmt.LAYERS_DIR)
+    if (meta is None or meta_unreadable) and not _any_segment(root, scalar_files, layer_files):
         children = child_runs(root)
         if children and meta is None:
             raise RunLoadError(directory_of_runs_message(root, children))
@@ -446,11 +462,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         warnings=warnings,
         source_format=str(meta.get("source_format") or "runlens"),
         rank=rank,
-        facts=RunFacts(
-            scalar_names=_scalar_names(scalars),
-            layer_rows=sum(info[f][0] for f in layer_files),
-            layer_steps=_step_range([info[f][1] for f in layer_files]),
-        ),
+        facts=RunFacts(scalar_names=_scalar_names(scalars)),
         _files={fmt.SCALARS_DIR: scalar_files, fmt.LAYERS_DIR: layer_files},
     )
     _check_steps(run)
@@ -460,30 +472,29 @@ def load_run(path: str | os.PathLike[str]) -> Run:
 def _read_scalars(
     root: Path, files: list[Path], rank: int | None, warnings: list[str]
 ) -> tuple[pl.LazyFrame, list[Path]]:
-    """The scalars of ``files`` in memory, segments whose data is unreadable left out."""
-    while True:
-        try:
-            df = scan_segments(files, rank, fmt.SCALARS_SCHEMA).collect()
-            return df.lazy(), files
-        except (pl.exceptions.PolarsError, OSError) as exc:
-            good = []
-            for f in files:
-                try:
-                    pl.scan_parquet(f).collect()
-                except Exception as e:
-                    warnings.append(f"skipped unreadable segment {_rel(f, root)}: {_short(e)}")
-                    continue
-                good.append(f)
-            if len(good) == len(files):
-                raise RunLoadError(f"{root}: cannot read scalars: {_short(exc)}") from None
-            files = good
+    """The scalars of ``files`` in memory; a segment that cannot be read (footer, schema
+    or data) is left out with a warning."""
+    try:
+        df = scan_segments(files, rank, fmt.SCALARS_SCHEMA).collect()
+        return df.lazy(), files
+    except (pl.exceptions.PolarsError, OSError, pa.ArrowException):
+        pass
+    good, notes = _split_readable(root, files, lambda lf: lf, fmt.SCALARS_SCHEMA, rank)
+    warnings.extend(notes)
+    try:
+        df = scan_segments(good, rank, fmt.SCALARS_SCHEMA).collect()
+    except (pl.exceptions.PolarsError, OSError, pa.ArrowException) as exc:
+        raise RunLoadError(f"{root}: cannot read scalars: {_short(exc)}") from None
+    return df.lazy(), good
 
 
-def _step_range(ranges: list[tuple[int, int] | None]) -> tuple[int, int] | None:
-    """The step range of the segments together (None when one of them has none)."""
-    if not ranges or any(r is None for r in ranges):
-        return None
-    return min(r[0] for r in ranges if r), max(r[1] for r in ranges if r)
+def _any_segment(root: Path, *listings: list[Path]) -> bool:
+    """Whether any listed segment has a readable footer with the required columns."""
+    for table, files in zip((fmt.SCALARS_DIR, fmt.LAYERS_DIR), listings, strict=True):
+        schema = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
+        if any(_footer_problem(root, f, REQUIRED[table], schema) is None for f in files):
+            return True
+    return False
 
 
 def child_runs(root: Path, limit: int = 5) -> list[Path]:
@@ -563,54 +574,29 @@ def segment_listing(root: Path, table: str) -> list[Path]:
     return out
 
 
-def _good_segments(
-    root: Path,
-    table: str,
-    required: tuple[str, ...] | list[str],
-    warnings: list[str],
-    info: dict[Path, tuple[int, tuple[int, int] | None]],
-) -> list[Path]:
-    """Segments whose Parquet footer reads and whose columns are the required ones, of
-    the format's types. ``info`` gets each one's row count and step range (from the
-    footer's statistics; None when it has none)."""
-    expected = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
-    good = []
-    for f in segment_listing(root, table):
-        try:
-            md = pq.read_metadata(f)
-            schema = md.schema.to_arrow_schema()
-        except Exception as exc:  # truncated / not parquet: skip, say which
-            warnings.append(f"skipped unreadable segment {f.relative_to(root)}: {_short(exc)}")
-            continue
-        missing = [c for c in required if c not in schema.names]
-        if missing:
-            warnings.append(f"skipped segment {f.relative_to(root)}: missing columns {missing}")
-            continue
-        bad = _type_mismatch(schema, expected)
-        if bad:
-            warnings.append(f"skipped segment {f.relative_to(root)}: {bad}")
-            continue
-        info[f] = (md.num_rows, _steps_of(md, schema))
-        good.append(f)
-    return good
+REQUIRED = {
+    fmt.SCALARS_DIR: tuple(fmt.SCALARS_SCHEMA.names),
+    fmt.LAYERS_DIR: ("step", "layer", "kind"),
+}
+"""Columns a segment of each table must have to be read at all."""
 
 
-def _steps_of(md: pq.FileMetaData, schema: pa.Schema) -> tuple[int, int] | None:
-    """First and last step of a segment from its row groups' statistics."""
-    i = schema.get_field_index("step")
-    if i < 0 or md.num_row_groups == 0:
-        return None
-    lo = hi = None
-    for g in range(md.num_row_groups):
-        col = md.row_group(g).column(i)
-        st = col.statistics
-        if md.row_group(g).num_rows == 0:
-            continue
-        if st is None or not st.has_min_max:
-            return None
-        lo = st.min if lo is None else min(lo, st.min)
-        hi = st.max if hi is None else max(hi, st.max)
-    return (int(lo), int(hi)) if lo is not None and hi is not None else None
+def _footer_problem(
+    root: Path, f: Path, required: Sequence[str], expected: pa.Schema
+) -> str | None:
+    """Why segment ``f`` cannot be read, from its footer: unreadable, a required column
+    missing, a column of the wrong type (None when it looks fine)."""
+    try:
+        schema = pq.read_schema(f)
+    except Exception as exc:  # truncated / not parquet
+        return f"skipped unreadable segment {_rel(f, root)}: {_short(exc)}"
+    missing = [c for c in required if c not in schema.names]
+    if missing:
+        return f"skipped segment {_rel(f, root)}: missing columns {missing}"
+    bad = _type_mismatch(schema, expected)
+    if bad:
+        return f"skipped segment {_rel(f, root)}: {bad}"
+    return None
 
 
 def _type_family(t: pa.DataType) -> str:

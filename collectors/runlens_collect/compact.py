@@ -6,8 +6,9 @@ merges them; the collector calls it from ``close()`` and ``runlens compact RUN_D
 it for runs that ended abnormally. The protocol (format.py, "compaction"):
 
 1. Per table and rank, the live segments (``format.live_segments``) in order are grouped:
-   consecutive readable segments with the same schema, each smaller than a row group,
-   up to ``MAX_FILE_ROWS`` rows per group. Large or unreadable segments stay as they are.
+   consecutive readable segments with the same schema, each of fewer than
+   ``SMALL_ROWS`` rows, up to ``MAX_FILE_ROWS`` rows per group. Larger or unreadable
+   segments stay as they are.
 2. A group of two or more segments is streamed, one segment at a time, into a hidden
    temporary file in the rank folder, in row groups of ``ROW_GROUP_ROWS`` rows with
    column statistics (predicate push-down on ``step``), then flushed to disk (fsync).
@@ -39,6 +40,7 @@ import pyarrow.parquet as pq
 from runlens_collect import format as fmt
 
 ROW_GROUP_ROWS = fmt.COMPACT_ROW_GROUP_ROWS
+SMALL_ROWS = fmt.COMPACT_SMALL_ROWS
 MAX_FILE_ROWS = fmt.COMPACT_MAX_FILE_ROWS
 LOCK_NAME = ".compact.lock"
 STALE_LOCK_S = 600.0
@@ -183,7 +185,7 @@ def _plan(
             kept += 1
             out.skipped.append(f"{p}: unreadable ({type(exc).__name__}), left as it is")
             continue
-        if md.num_rows >= row_group_rows // 2:  # already large: nothing to gain
+        if md.num_rows >= SMALL_ROWS:  # already large: nothing to gain
             close()
             kept += 1
             continue

@@ -284,16 +284,19 @@ def segment_path(run_dir: str | os.PathLike[str], table: str, rank: int, seq: in
 # between, after the deletions) it sees each row exactly once.
 
 
-COMPACT_ROW_GROUP_ROWS: Final = 1 << 20
-"""Rows per row group of a compacted segment: large enough for fast scans (a few per
-core), small enough that one is cheap to hold while writing."""
-COMPACT_MAX_FILE_ROWS: Final = 16 * COMPACT_ROW_GROUP_ROWS
+COMPACT_ROW_GROUP_ROWS: Final = 1 << 16
+"""Rows per row group of a compacted segment. Readers decode row groups in parallel:
+measured with polars on 1.2M layers rows, 2^15-2^16 rows per group scanned fastest (2-3x
+faster than 2^20), and their statistics let a step filter skip most of a file."""
+COMPACT_SMALL_ROWS: Final = 1 << 18
+"""Segments with fewer rows are merged; larger ones already scan well and stay."""
+COMPACT_MAX_FILE_ROWS: Final = 1 << 24
 """Rows per compacted segment at most (a damaged file loses no more than this)."""
 
 COMPACTION_STEPS: Final = (
     "Per table and rank, the live segments in order are grouped: consecutive readable "
-    "segments with one schema, each smaller than half a row group, up to "
-    f"{COMPACT_MAX_FILE_ROWS:,} rows per group (runlens_collect.compact). Large or "
+    f"segments with one schema, each of fewer than {COMPACT_SMALL_ROWS:,} rows, up to "
+    f"{COMPACT_MAX_FILE_ROWS:,} rows per group (runlens_collect.compact). Larger or "
     "unreadable segments stay as they are.",
     "A group of two or more segments is streamed, one segment at a time, into a hidden "
     "temporary file (`.tmp-compact-*.parquet`, not a segment name) in the rank folder, in "
@@ -324,11 +327,11 @@ def compacted_segment_path(
 def segment_range(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     """Segment numbers a file covers: ``part-000007.parquet`` -> (7, 7),
     ``part-000000-000299.parquet`` -> (0, 299); None for any other name."""
-    name = Path(path).name
+    name = os.path.basename(os.fspath(path))
     if not name.startswith("part-") or not name.endswith(".parquet"):
         return None
-    parts = name[len("part-") : -len(".parquet")].split("-")
-    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+    parts = name[5:-8].split("-")
+    if len(parts) > 2 or not all(p.isdigit() for p in parts):
         return None
     first, last = int(parts[0]), int(parts[-1])
     return (first, last) if first <= last else None
