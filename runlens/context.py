@@ -106,10 +106,12 @@ class Context:
         task: TaskInfo | None = None,
         *,
         memory_mb: float = DEFAULT_MEMORY_MB,
+        resolution: Resolution | None = None,
     ) -> None:
         self.smoothing = smoothing
         self._stated_task = task
-        self.resolution = Resolution.for_memory(memory_mb)
+        self.resolution = resolution or Resolution.for_memory(memory_mb)
+        """How finely the layers are read (from ``memory_mb`` unless given)."""
         self._shared = _Shared(run)
         self._signature = ""
         self._parts: list[Skipped] = []

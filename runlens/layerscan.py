@@ -488,23 +488,25 @@ def _exact_block(
 ) -> _Block:
     uniq, rows = _unique_steps(steps)
     n_layers = len(acc.names)
+    # Every recorded step is a row: the reductions of one statistic share one matrix.
+    by_stat: dict[str, np.ndarray] = {}
     if _canonical(rows, cols, uniq.size, n_layers):
         shape = (uniq.size, n_layers)
-        values = {s: vals[s.stat].reshape(shape).astype(np.float64) for s in acc.stats}
-        return _Block(uniq, uniq, values, None)
+        for stat in dict.fromkeys(s.stat for s in acc.stats):
+            by_stat[stat] = vals[stat].reshape(shape).astype(np.float64)
+        return _Block(uniq, uniq, {s: by_stat[s.stat] for s in acc.stats}, None)
     cells = rows * n_layers + cols
     keep = _last_write(cells, uniq.size * n_layers)
     if keep is not None:
         cells = cells[keep]
     written = np.zeros((uniq.size, n_layers), bool)
     written.ravel()[cells] = True
-    values = {}
-    for s in acc.stats:
-        v = vals[s.stat] if keep is None else vals[s.stat][keep]
+    for stat in dict.fromkeys(s.stat for s in acc.stats):
+        v = vals[stat] if keep is None else vals[stat][keep]
         m = np.full((uniq.size, n_layers), np.nan)
         m.ravel()[cells] = v
-        values[s] = m
-    return _Block(uniq, uniq, values, written)
+        by_stat[stat] = m
+    return _Block(uniq, uniq, {s: by_stat[s.stat] for s in acc.stats}, written)
 
 
 def _window_block(
@@ -534,7 +536,7 @@ def _window_block(
         values = {}
         for s in acc.stats:
             a = vals[s.stat].reshape(n_win, n_slots, n_layers).transpose(1, 0, 2)
-            a = np.ascontiguousarray(a).reshape(n_slots, n_cells)
+            a = np.array(a, order="C").reshape(n_slots, n_cells)  # a copy: sorted in place
             level = _reduce(a, None, None, s.reduce).astype(np.float64, copy=False)
             values[s] = level.reshape(n_win, n_layers)
         return _Block(keys, shown, values, None)
@@ -587,12 +589,14 @@ def _reduce(
     NaN where not written; ``written`` None: every slot written)."""
     n = a.shape[0]
     fin = np.isfinite(a)
-    if written is None and how != "max" and bool(fin.all()):
+    if written is None and bool(fin.all()):
         # Every slot written and finite (the usual window): no per-cell bookkeeping.
         if n == 1:
             return a[0].copy()
         if how == "mean":
             return a.mean(axis=0, dtype=np.float64)
+        if how == "max":
+            return a.max(axis=0)
         srt = _sorted_slots(a)
         return srt[n // 2].copy() if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2
     if written is None:
@@ -601,12 +605,11 @@ def _reduce(
     assert n_written is not None
     k = fin.sum(axis=0)
     out = np.full(a.shape[1], np.nan)
-    ok = (k > 0) & (2 * k >= n_written)
+    ok = (k > 0) & (2 * k >= n_written)  # most values finite: a finite level
     if how == "max":
-        seen = written & ~np.isnan(a)
-        top = np.where(seen, a, -np.inf).max(axis=0)
-        return np.where(seen.any(axis=0), top, np.nan)
-    if n == 1:
+        ok = k > 0  # the largest finite value; only a window with none is non-finite
+        out[ok] = np.where(fin, a, -np.inf).max(axis=0)[ok]
+    elif n == 1:
         out[ok] = a[0, ok]
     elif how == "mean":
         with np.errstate(invalid="ignore", divide="ignore"):

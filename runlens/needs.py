@@ -26,8 +26,11 @@ class LayerStat:
 
     ``reduce`` says how a window of steps becomes one row when the run has more recorded
     steps than the analysis keeps (runlens.layerscan): ``median`` (a robust level, the
-    default), ``max`` (spikes survive) or ``mean``. Runs within the resolution are read
-    exactly, every recorded step one row, whatever ``reduce`` says."""
+    default: the median of the finite values, non-finite when most are), ``max`` (the
+    largest finite value: one step with a gradient, a spike, survives; non-finite only
+    when every value is) or ``mean`` (of the finite values: the share of steps a 0/1
+    flag such as ``missing`` was set). Runs within the resolution are read exactly, every
+    recorded step one row, whatever ``reduce`` says."""
 
     kind: str
     stat: str

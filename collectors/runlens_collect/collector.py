@@ -533,8 +533,8 @@ class Collector:
             except Exception as exc:
                 self._report("close", "writing run.json failed", exc, event=False)
         if status is not None and self.settings.compact and not writer.is_alive():
-            try:  # the run is complete on disk: merging its segments is safe at any point
-                compact.compact_run(self.run_dir, ranks=[self.rank])
+            try:  # complete on disk: merging this writer's own segments is safe at any point
+                compact.compact_run(self.run_dir, ranks=[self.rank], first=writer.first_seq)
             except Exception as exc:
                 self._report("close", "compacting segments failed", exc, event=False)
         self._enabled = False

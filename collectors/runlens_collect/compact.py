@@ -30,7 +30,7 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,11 +91,16 @@ def compact_run(
     run_dir: str | os.PathLike[str],
     ranks: Iterable[int] | None = None,
     *,
+    first: Mapping[str, int] | None = None,
     dry_run: bool = False,
     row_group_rows: int = ROW_GROUP_ROWS,
     max_file_rows: int = MAX_FILE_ROWS,
 ) -> Compaction:
-    """Compact the segments of ``run_dir`` (of ``ranks``; None: every rank)."""
+    """Compact the segments of ``run_dir`` (of ``ranks``; None: every rank).
+
+    ``first`` (table -> segment number) leaves alone the segments numbered below it: a
+    collector compacts only what it wrote, never the segments of an earlier run that
+    shares its directory."""
     root = Path(run_dir)
     out = Compaction()
     wanted = None if ranks is None else set(ranks)
@@ -107,8 +112,9 @@ def compact_run(
             rank = _rank(rank_dir)
             if not rank_dir.is_dir() or rank is None or (wanted is not None and rank not in wanted):
                 continue
+            low = (first or {}).get(table, 0)
             _compact_folder(
-                root, table, rank, rank_dir, out, dry_run, row_group_rows, max_file_rows
+                root, table, rank, rank_dir, out, dry_run, row_group_rows, max_file_rows, low
             )
     return out
 
@@ -129,11 +135,14 @@ def _compact_folder(
     dry_run: bool,
     row_group_rows: int,
     max_file_rows: int,
+    low: int = 0,
 ) -> None:
     files = list(folder.glob("part-*.parquet"))
     live = fmt.live_segments(files)
     _remove_covered(files, live, dry_run)
-    groups, kept = _plan(live, out, row_group_rows, max_file_rows)
+    mine = [p for p in live if (fmt.segment_range(p) or (-1, -1))[0] >= low]
+    out.kept += len(live) - len(mine)
+    groups, kept = _plan(mine, out, row_group_rows, max_file_rows)
     out.kept += kept
     if not groups:
         return

@@ -185,6 +185,8 @@ class Writer(threading.Thread):
         # Continue after segments already there (another collector on the same run_dir):
         # never overwrite recorded data.
         self._seq = {t: _next_seq(run_dir, t, rank) for t in (fmt.SCALARS_DIR, fmt.LAYERS_DIR)}
+        self.first_seq = dict(self._seq)
+        """This writer's first segment number per table (it compacts from there on)."""
         self._batch: list[tuple[Package, np.ndarray | None]] = []
         self._scalar_ids: dict[str, int] = {}
         self._scalar_names: list[str] = []

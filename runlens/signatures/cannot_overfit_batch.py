@@ -70,7 +70,7 @@ class CannotOverfitBatch(Signature):
         LayerStat(fmt.KIND_OUTPUT, "max"),
         LayerStat(fmt.KIND_OUTPUT, "row_sum_mean"),
         LayerStat(fmt.KIND_UPDATE, "update_ratio"),
-        LayerStat(fmt.KIND_GRAD, "norm"),
+        LayerStat(fmt.KIND_GRAD, "norm", "max"),
     )
     params = (
         Param(

@@ -50,10 +50,12 @@ class FrozenLayer(Signature):
     category = "layer"
     severity = "warning"
     requires = ("layers:weight|layers:grad",)
+    # "ever had a gradient / ever moved": over windows of a long run, the largest value;
+    # "never in the optimizer": the share of steps marked missing.
     needs = (
-        LayerStat(fmt.KIND_GRAD, "norm"),
-        LayerStat(fmt.KIND_UPDATE, "missing"),
-        LayerStat(fmt.KIND_UPDATE, "update_ratio"),
+        LayerStat(fmt.KIND_GRAD, "norm", "max"),
+        LayerStat(fmt.KIND_UPDATE, "missing", "mean"),
+        LayerStat(fmt.KIND_UPDATE, "update_ratio", "max"),
         LayerStat(fmt.KIND_WEIGHT, "norm"),
     )
     params = (
@@ -75,8 +77,8 @@ class FrozenLayer(Signature):
         rows = [
             len(m.steps)
             for m in (
-                ctx.layer(fmt.KIND_GRAD, "norm"),
-                ctx.layer(fmt.KIND_UPDATE, "missing"),
+                ctx.layer(fmt.KIND_GRAD, "norm", "max"),
+                ctx.layer(fmt.KIND_UPDATE, "missing", "mean"),
                 ctx.layer(fmt.KIND_WEIGHT, "norm"),
             )
             if m is not None
@@ -144,7 +146,7 @@ def _frozen_reasons(ctx: Context, names: list[str], min_steps: int) -> dict[str,
     for n in names:
         if info.get(n) is not None and info[n].requires_grad is False:
             reasons[n] = "requires_grad=False"
-    grad = ctx.layer(fmt.KIND_GRAD, "norm")
+    grad = ctx.layer(fmt.KIND_GRAD, "norm", "max")
     if grad is not None and len(grad.steps) >= min_steps:
         v = grad.values
         has = np.isfinite(v) & (v > 0)
@@ -160,7 +162,7 @@ def _frozen_reasons(ctx: Context, names: list[str], min_steps: int) -> dict[str,
     # The collector marks update rows missing for parameters outside the optimizer. An
     # update of exactly 0 with a gradient is float underflow of a tiny step (vanishing
     # gradients, a tiny LR): those findings explain it, so it is not called frozen here.
-    upd = ctx.layer(fmt.KIND_UPDATE, "missing")
+    upd = ctx.layer(fmt.KIND_UPDATE, "missing", "mean")
     if upd is not None and len(upd.steps) >= min_steps:
         outside = (upd.values == 1).all(axis=0)
         for j, n in enumerate(upd.layers):
@@ -181,7 +183,7 @@ def _frozen_reasons(ctx: Context, names: list[str], min_steps: int) -> dict[str,
 
 
 def _others_train(ctx: Context, reasons: dict[str, str]) -> bool:
-    upd = ctx.layer(fmt.KIND_UPDATE, "update_ratio")
+    upd = ctx.layer(fmt.KIND_UPDATE, "update_ratio", "max")
     if upd is not None:
         v = upd.values
         moved = (np.isfinite(v) & (v > 0)).any(axis=0)
