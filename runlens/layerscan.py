@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +46,8 @@ DEFAULT_MEMORY_MB = 1024
 LEVEL_ROWS = 20_000
 """Rows kept per matrix at most, whatever the memory: the resolution signatures need
 (their windows are a twentieth of the run and longer) with room to spare."""
+THREADS = min(4, os.cpu_count() or 1)
+"""Threads turning one chunk's kinds into matrix rows at once."""
 MIN_LEVEL_ROWS = 1_000
 """Rows kept per matrix at least, however many layers (memory then grows with layers)."""
 
@@ -164,8 +168,10 @@ def scan_layers(
     for s in wanted:
         by_kind.setdefault(s.kind, []).append(s)
     acc = _Pass(by_kind, resolution, span, origin, nonfinite if probe else None)
-    for df in _chunks(query, resolution.chunk_rows, total_rows):
-        acc.feed(df)
+    with ThreadPoolExecutor(max_workers=THREADS) as pool:
+        acc.pool = pool if THREADS > 1 else None
+        for df in _chunks(query, resolution.chunk_rows, total_rows):
+            acc.feed(df)
     return acc.finish(wanted, nonfinite is not None)
 
 
@@ -284,6 +290,7 @@ class _Pass:
         self.bad_rows = 0
         self.kind_codes: dict[int, str] = {}
         self.rows = 0
+        self.pool: ThreadPoolExecutor | None = None
 
     # -- per chunk --------------------------------------------------------------------------
     def feed(self, df: pl.DataFrame) -> None:
@@ -305,21 +312,35 @@ class _Pass:
             self._probe(df)
         step = df["step"].to_numpy()
         lc = df["layer"].to_physical().to_numpy()
+        layer = df["layer"]
+        jobs = []
         arrays: dict[str, np.ndarray] = {}
         for code, rows in where.items():
             acc = self.kinds.get(self.kind_codes[code])
             if acc is None:
                 continue
-            cols = acc.columns(lc if rows is None else lc[rows], df["layer"], rows)
-            st = step if rows is None else step[rows]
-            vals = {}
             for stat in dict.fromkeys(x.stat for x in acc.stats):
                 if stat not in arrays:
                     arrays[stat] = _floats(df[stat])
-                vals[stat] = arrays[stat] if rows is None else arrays[stat][rows]
+            jobs.append((acc, rows))
+
+        def run(job: tuple[_Kind, np.ndarray | None]) -> None:
+            acc, rows = job
+            cols = acc.columns(lc if rows is None else lc[rows], layer, rows)
+            st = step if rows is None else step[rows]
+            stats = dict.fromkeys(x.stat for x in acc.stats)
+            vals = {k: arrays[k] if rows is None else arrays[k][rows] for k in stats}
             if acc.window is None:
                 acc.window = self._window(len(acc.names))
             self._add_rows(acc, st, cols, vals, final=False)
+
+        # Kinds are independent (each its own accumulator): numpy releases the GIL, so
+        # they are turned into blocks in parallel.
+        if self.pool is not None and len(jobs) > 1:
+            list(self.pool.map(run, jobs))
+        else:
+            for job in jobs:
+                run(job)
 
     def _window(self, n_layers: int) -> int:
         rows = self.resolution.rows_for(n_layers)
@@ -534,11 +555,12 @@ def _window_block(
     if uniq.size == n_win * n_slots and _canonical(rows, cols, uniq.size, n_layers):
         # Every window full, every step every layer in order: reshapes, no scatter.
         values = {}
-        for s in acc.stats:
-            a = vals[s.stat].reshape(n_win, n_slots, n_layers).transpose(1, 0, 2)
+        for stat, wanted in _by_stat(acc.stats).items():
+            a = vals[stat].reshape(n_win, n_slots, n_layers).transpose(1, 0, 2)
             a = np.array(a, order="C").reshape(n_slots, n_cells)  # a copy: sorted in place
-            level = _reduce(a, None, None, s.reduce).astype(np.float64, copy=False)
-            values[s] = level.reshape(n_win, n_layers)
+            levels = _reduce_all(a, None, None, [s.reduce for s in wanted])
+            for s in wanted:
+                values[s] = levels[s.reduce].astype(np.float64, copy=False).reshape(n_win, -1)
         return _Block(keys, shown, values, None)
     win_row = np.cumsum(change, dtype=np.int64) - 1
     slot = np.arange(uniq.size, dtype=np.int64) - starts[win_row]
@@ -552,12 +574,15 @@ def _window_block(
     written = written.reshape(n_slots, n_cells)
     n_written = written.sum(axis=0)
     values = {}
-    for s in acc.stats:
-        v = vals[s.stat] if keep is None else vals[s.stat][keep]
+    for stat, wanted in _by_stat(acc.stats).items():
+        v = vals[stat] if keep is None else vals[stat][keep]
         a = np.full(size, np.nan)
         a[cells] = v
-        level = _reduce(a.reshape(n_slots, n_cells), written, n_written, s.reduce)
-        values[s] = level.reshape(n_win, n_layers)
+        levels = _reduce_all(
+            a.reshape(n_slots, n_cells), written, n_written, [s.reduce for s in wanted]
+        )
+        for s in wanted:
+            values[s] = levels[s.reduce].reshape(n_win, n_layers)
     return _Block(keys, shown, values, (n_written > 0).reshape(n_win, n_layers))
 
 
@@ -582,27 +607,51 @@ def _sorted_slots(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _reduce(
-    a: np.ndarray, written: np.ndarray | None, n_written: np.ndarray | None, how: str
-) -> np.ndarray:
-    """Level of each column of ``a`` (slots × cells: one window of one layer per column,
-    NaN where not written; ``written`` None: every slot written)."""
+def _by_stat(stats: list[LayerStat]) -> dict[str, list[LayerStat]]:
+    """The planned statistics of a kind grouped by column (one window array each)."""
+    out: dict[str, list[LayerStat]] = {}
+    for s in stats:
+        out.setdefault(s.stat, []).append(s)
+    return out
+
+
+def _reduce_all(
+    a: np.ndarray, written: np.ndarray | None, n_written: np.ndarray | None, hows: list[str]
+) -> dict[str, np.ndarray]:
+    """Each level in ``hows`` of each column of ``a`` (slots × cells: one window of one
+    layer per column, NaN where not written; ``written`` None: every slot written).
+    ``a`` may be sorted in place."""
     n = a.shape[0]
     fin = np.isfinite(a)
+    out: dict[str, np.ndarray] = {}
     if written is None and bool(fin.all()):
         # Every slot written and finite (the usual window): no per-cell bookkeeping.
         if n == 1:
-            return a[0].copy()
-        if how == "mean":
-            return a.mean(axis=0, dtype=np.float64)
-        if how == "max":
-            return a.max(axis=0)
-        srt = _sorted_slots(a)
-        return srt[n // 2].copy() if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2
+            return dict.fromkeys(hows, a[0].copy())
+        if "mean" in hows:
+            out["mean"] = a.mean(axis=0, dtype=np.float64)
+        if "median" in hows:
+            srt = _sorted_slots(a)
+            out["median"] = srt[n // 2].copy() if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2
+            if "max" in hows:
+                out["max"] = srt[-1].copy()
+        elif "max" in hows:
+            out["max"] = a.max(axis=0)
+        return out
     if written is None:
         written = np.ones(a.shape, bool)
         n_written = np.full(a.shape[1], n)
     assert n_written is not None
+    for how in dict.fromkeys(hows):
+        out[how] = _reduce(a, fin, written, n_written, how)
+    return out
+
+
+def _reduce(
+    a: np.ndarray, fin: np.ndarray, written: np.ndarray, n_written: np.ndarray, how: str
+) -> np.ndarray:
+    """One level of each column of ``a`` (the general case: gaps or non-finite values)."""
+    n = a.shape[0]
     k = fin.sum(axis=0)
     out = np.full(a.shape[1], np.nan)
     ok = (k > 0) & (2 * k >= n_written)  # most values finite: a finite level
