@@ -35,6 +35,7 @@ from runlens.run import (
     Series,
     all_series,
     collect_tolerant,
+    layer_columns,
     model_param_names,
     read_layers,
     scan_segments,
@@ -384,7 +385,7 @@ class Context:
             if run.layers is None or kind not in self.layer_kinds:
                 mats.setdefault(need, None)
             else:
-                if stat not in run.layers.collect_schema().names():
+                if stat not in self.cached("layer_columns", lambda: layer_columns(run.layers)):
                     raise RunLoadError(f"{run.path}: layers have no statistic {stat!r}")
                 lp, _, notes = self._read([need])
                 self._shared.notes.extend(notes)

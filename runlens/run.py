@@ -178,7 +178,7 @@ class Run:
         first-seen (model) order; None when the run has no rows of ``kind``."""
         if self.layers is None:
             return None
-        if stat not in self.layers.collect_schema().names():
+        if stat not in layer_columns(self.layers):
             if self.has_layers(kind):
                 raise RunLoadError(f"{self.path}: layers have no statistic {stat!r}")
             return None
@@ -217,6 +217,15 @@ class Run:
         if isinstance(shape, list) and shape and isinstance(shape[-1], int):
             return int(shape[-1])
         return None
+
+
+def layer_columns(layers: pl.LazyFrame) -> tuple[str, ...]:
+    """Columns of a layers frame. A scan takes them from its first segment; when that
+    one is unreadable (the pass will leave it out), they are the format's columns."""
+    try:
+        return tuple(layers.collect_schema().names())
+    except (pl.exceptions.PolarsError, OSError):
+        return (*fmt.LAYERS_COLUMNS, "rank")
 
 
 def model_param_names(meta: dict[str, Any]) -> tuple[str, ...]:
@@ -321,16 +330,15 @@ def read_layers(
         if lf is None:
             raise RunLoadError(f"{run.path}: run has no layers")
         if files != run.segment_files(fmt.LAYERS_DIR):
-            lf = scan_segments(files, run.rank, fmt.LAYERS_SCHEMA) if files else None
-            if lf is None:
-                raise RunLoadError(f"{run.path}: no readable layers segment")
+            # every segment unreadable: an empty table (the notes say why)
+            lf = scan_segments(files, run.rank, fmt.LAYERS_SCHEMA)
         try:
             return scan_layers(lf, stats, nonfinite=nonfinite, **kwargs), files, notes
         except (pl.exceptions.PolarsError, OSError) as exc:
             columns = ["step", "layer", "kind", *dict.fromkeys(s.stat for s in stats)]
             if nonfinite is not None:
                 columns += ["missing", "frac_nonfinite", "norm"]
-            names = set(lf.collect_schema().names())
+            names = set(layer_columns(lf))
             cols = list(dict.fromkeys(c for c in columns if c in names))
             good, bad = _readable(run, files, _selector(cols), fmt.LAYERS_SCHEMA)
             if not bad:
