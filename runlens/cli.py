@@ -179,12 +179,24 @@ def analysis_options(fn: F) -> F:
     return fn
 
 
+memory_option = click.option(
+    "--memory-mb",
+    "memory_mb",
+    type=float,
+    default=None,
+    metavar="MB",
+    help="Bound on the memory of reading a run's layer statistics (default 1024): a run "
+    "too long for it is read in chunks as window levels.",
+)
+
+
 def analyze_options(
     set_: tuple[str, ...],
     config: str | None,
     smoothing: float | None,
     only: tuple[str, ...],
     task: str | None = None,
+    memory_mb: float | None = None,
 ) -> Any:
     """AnalyzeOptions from the :func:`analysis_options` values (--set wins over --config)."""
     from runlens.engine import AnalyzeOptions, load_config, parse_set
@@ -196,6 +208,8 @@ def analyze_options(
     kwargs: dict[str, Any] = {"overrides": overrides, "only": names or None, "task": task}
     if smoothing is not None:
         kwargs["smoothing"] = smoothing
+    if memory_mb is not None:
+        kwargs["memory_mb"] = memory_mb
     return AnalyzeOptions(**kwargs)
 
 
@@ -295,6 +309,7 @@ def _write_plots(
     "(needs matplotlib).",
 )
 @analysis_options
+@memory_option
 @input_options
 @handle_errors
 def analyze(
@@ -308,6 +323,7 @@ def analyze(
     smoothing: float | None,
     only: tuple[str, ...],
     task: str | None,
+    memory_mb: float | None,
     input_format: str,
     map_: tuple[str, ...],
 ) -> None:
@@ -333,7 +349,7 @@ def analyze(
     from runlens.discover import discover
     from runlens.importers import parse_map
 
-    options = analyze_options(set_, config, smoothing, only, task)
+    options = analyze_options(set_, config, smoothing, only, task, memory_mb)
     if plots is not None and fmt != "markdown":
         fail("--plots works with --format markdown (the html format has its own plots)")
     found = discover(run_dir, None if input_format == "auto" else input_format)
@@ -582,6 +598,7 @@ def explain(name: str) -> None:
     help="Align curves by step or by wall-clock seconds since each run started.",
 )
 @analysis_options
+@memory_option
 @input_options
 @handle_errors
 def compare(
@@ -595,6 +612,7 @@ def compare(
     smoothing: float | None,
     only: tuple[str, ...],
     task: str | None,
+    memory_mb: float | None,
     input_format: str,
     map_: tuple[str, ...],
 ) -> None:
@@ -623,7 +641,7 @@ def compare(
     options = CompareOptions(
         metric=metric,
         by=by,
-        analyze=analyze_options(set_, config, smoothing, only, task),  # type: ignore[arg-type]
+        analyze=analyze_options(set_, config, smoothing, only, task, memory_mb),  # type: ignore[arg-type]
         input_format=input_format,
         mapping=tuple(parse_map(map_).items()),
     )
