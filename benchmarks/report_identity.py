@@ -62,7 +62,7 @@ def sample_runs() -> list[Path]:
 def jobs(runs: list[Path], extra: list[str]) -> list[tuple[str, list[str]]]:
     out: list[tuple[str, list[str]]] = []
     inputs = [(p.name, str(p)) for p in runs]
-    inputs += [(f"extra{i}-{Path(e).name}", e) for i, e in enumerate(extra)]
+    inputs += [(f"extra{i}-{Path(e).name}", str(Path(e).resolve())) for i, e in enumerate(extra)]
     for name, path in inputs:
         for f in ("terminal", "markdown", "json"):
             out.append((f"analyze-{name}.{f}", ["analyze", path, "--format", f]))
