@@ -36,6 +36,7 @@ from runlens.errors import OptionError, RunlensError
 from runlens.findings import SEVERITY_ORDER, Report, Severity, _jsonable
 from runlens.run import Run
 from runlens.sources import open_run
+from runlens.storage import expand_url, is_url
 
 Mode = Literal["min", "max"]
 By = Literal["step", "time"]
@@ -319,6 +320,9 @@ def expand_inputs(items: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], 
     errors: list[CompareError] = []
     for item in items:
         text = os.fspath(item)
+        if is_url(text):  # object storage: runs of a folder or glob, listed remotely
+            paths.extend(expand_url(text))  # type: ignore[arg-type]
+            continue
         if _GLOB_CHARS.search(text) and not os.path.exists(text):
             matches = sorted(glob.glob(os.path.expanduser(text)))
             if not matches:

@@ -75,6 +75,9 @@ class Run:
     source_format: str = "runlens"
     rank: int | None = None
     """Rank whose layer/scalar data is analyzed (the lowest present); None if no data."""
+    origin: str | None = None
+    """Where the run was read from when that is not ``path``: the URL of a run on object
+    storage (``path`` is then its local mirror, see runlens.storage)."""
 
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
     _files: dict[str, list[Path]] = field(default_factory=dict, repr=False)

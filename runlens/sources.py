@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from runlens import importers
+from runlens import importers, storage
 from runlens.errors import RunLoadError
 from runlens.run import Run, child_runs, directory_of_runs_message, load_run
 
@@ -58,6 +58,10 @@ def open_run(
     ``hf-trainer``; ``mapping`` overrides source-name → runlens-name mapping of imports
     (``{"eval/loss": "val/loss"}``). Raises :class:`RunLoadError` with a one-line message.
     """
+    if storage.is_url(path):  # object storage: read a local mirror (runlens.storage)
+        run = open_run(storage.localize(os.fspath(path)), input_format, mapping)
+        run.origin = os.fspath(path)
+        return run
     p = Path(path)
     forced = importers.check_format(input_format)
     if not p.exists():
