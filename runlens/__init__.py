@@ -8,6 +8,8 @@ Library API (the CLI is a thin layer over it)::
     for f in report.findings:                     # -> runlens.Finding
         print(f.signature, f.severity, f.summary)
     cmp = runlens.compare(["runs/lr_*"])          # -> runlens.Comparison
+    for event in runlens.watch("runs/live"):      # -> runlens.WatchEvent, as they happen
+        print(event.kind, event.message)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from runlens.compare import CompareOptions, Comparison, compare
 from runlens.engine import AnalyzeOptions, analyze, parse_set
 from runlens.errors import OptionError, RunlensError, RunLoadError
 from runlens.findings import Evidence, Finding, LayerHealth, Report, RunSummary, Skipped
+from runlens.live import WatchEvent, WatchOptions, watch
 from runlens.run import Run, load_run
 from runlens.signatures import REGISTRY
 
@@ -37,8 +40,11 @@ __all__ = [
     "RunSummary",
     "RunlensError",
     "Skipped",
+    "WatchEvent",
+    "WatchOptions",
     "analyze",
     "compare",
     "load_run",
     "parse_set",
+    "watch",
 ]

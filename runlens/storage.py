@@ -64,7 +64,7 @@ def filesystem(url: str) -> tuple[Any, str]:
 
 
 def _missing(scheme: str, package: str) -> str:
-    extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(scheme, None)
+    extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(scheme)
     how = f"pip install 'runlens[{extra}]'" if extra else f"install the fsspec backend for {scheme}"
     return f"reading {scheme}:// URLs needs {package}: {how}"
 

@@ -179,8 +179,7 @@ def _names_step_column(head: Callable[[str], bytes], rel: str) -> bool:
         return False
     sep = "\t" if rel.lower().endswith(".tsv") else ","
     return any(
-        c.strip().strip('"').lower() in (*STEP_COLUMNS, *EPOCH_COLUMNS)
-        for c in first.split(sep)
+        c.strip().strip('"').lower() in (*STEP_COLUMNS, *EPOCH_COLUMNS) for c in first.split(sep)
     )
 
 

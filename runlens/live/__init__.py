@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from runlens.live.watcher import WatchEvent, Watcher, WatchOptions, WatchStats, watch
+from runlens.live.watcher import Watcher, WatchEvent, WatchOptions, WatchStats, watch
 
 __all__ = ["WatchEvent", "WatchOptions", "WatchStats", "Watcher", "watch"]

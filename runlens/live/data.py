@@ -51,7 +51,9 @@ class _Growing:
                 np.concatenate([self.wall[: self.n], wall]),
             )
             self.n = 0
-            self.steps, self.values, self.wall = (np.empty(0, a.dtype) for a in (steps, values, wall))
+            self.steps, self.values, self.wall = (
+                np.empty(0, a.dtype) for a in (steps, values, wall)
+            )
         need = self.n + steps.size
         if need > self.steps.size:
             cap = max(need, 2 * self.steps.size, 256)

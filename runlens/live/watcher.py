@@ -30,7 +30,7 @@ from runlens.engine import AnalyzeOptions, analyze
 from runlens.errors import OptionError, RunlensError, RunLoadError
 from runlens.findings import Finding, Report, _jsonable
 from runlens.live.data import LiveData
-from runlens.live.dedupe import Seen, same
+from runlens.live.dedupe import Seen, Sighting
 from runlens.run import read_events_from, read_meta, read_segment
 from runlens.signatures import REGISTRY
 
@@ -64,7 +64,8 @@ class WatchOptions:
     stall_factor: float = 20.0
     """Stalled: no new step for stall_factor x the median step time ..."""
     stall_floor: float = 60.0
-    """... and at least this long, and at least twice the collector's flush interval."""
+    """... and at least this long, and at least twice the collector's flush interval
+    (``flush_seconds``, or ``flush_steps`` x the median step time when shorter)."""
 
     def __post_init__(self) -> None:
         if self.interval <= 0:
@@ -137,8 +138,10 @@ class _Follower:
             f
             for f in files
             if f.rel in (fmt.RUN_JSON, fmt.EVENTS_JSONL)
-            or f.rel.startswith((f"{fmt.SCALARS_DIR}/", f"{fmt.LAYERS_DIR}/"))
-            and f.rel.endswith(".parquet")
+            or (
+                f.rel.startswith((f"{fmt.SCALARS_DIR}/", f"{fmt.LAYERS_DIR}/"))
+                and f.rel.endswith(".parquet")
+            )
         ]
         return storage.mirror(self.url, keep) if keep else None
 
@@ -188,7 +191,7 @@ class Watcher:
         self._last_progress: float | None = None
         self._stalled_at: float | None = None
         self._ending = False
-        self._streak: dict[str, list[tuple[Finding, int]]] = {}
+        self._streak: dict[str, list[tuple[Sighting, int]]] = {}
         """Per signature: its findings in its last pass, with the passes in a row each
         has been seen (see ``confirm``)."""
         user_only = self.options.analyze.only
@@ -222,7 +225,7 @@ class Watcher:
         self.stats.read_seconds += time.perf_counter() - t0
         if not self._started and (data.last_step is not None or meta is not None):
             self._started = True
-            out.insert(0, self._event("watching", f"watching {self._name()} ({status})"))
+            out.insert(0, self._event("watching", f"{self._name()} ({status})"))
         now = self.clock()
         if data.last_step is not None and data.last_step != before:
             if self._stalled_at is not None:
@@ -323,19 +326,19 @@ class Watcher:
             self.stats.full_passes += 1
         else:
             self.stats.curve_passes += 1
-        return self._new_findings(self._confirmed(report, names))
+        last = data.last_step
+        return self._new_findings(self._confirmed(report, names, last), last)
 
-    def _confirmed(self, report: Report, ran: tuple[str, ...]) -> list[Finding]:
+    def _confirmed(self, report: Report, ran: tuple[str, ...], last: int | None) -> list[Finding]:
         """Findings seen in ``confirm`` passes in a row of their signature (a transient
         state of a young run rarely lasts two passes; a real problem does)."""
         out = []
         for name in ran:
-            now = [f for f in report.findings if f.signature == name]
             before = self._streak.get(name, [])
             streak = []
-            for f in now:
-                n = 1 + max((k for g, k in before if same(f, g)), default=0)
-                streak.append((f, n))
+            for f in (f for f in report.findings if f.signature == name):
+                n = 1 + max((k for g, k in before if g.matches(f)), default=0)
+                streak.append((Sighting.of(f, last), n))
                 if n >= self.options.confirm or name in EXACT_SIGNATURES:
                     out.append(f)
             self._streak[name] = streak
@@ -344,9 +347,11 @@ class Watcher:
     def _options(self, names: tuple[str, ...]) -> AnalyzeOptions:
         return dataclasses.replace(self.options.analyze, only=names, preview_points=2)
 
-    def _new_findings(self, findings: Iterable[Finding]) -> list[WatchEvent]:
+    def _new_findings(self, findings: Iterable[Finding], last: int | None) -> list[WatchEvent]:
         return [
-            self._event("finding", f.summary, finding=f) for f in findings if self.seen.is_new(f)
+            self._event("finding", f.summary, finding=f)
+            for f in findings
+            if self.seen.is_new(f, last)
         ]
 
     def _final(self, status: str) -> list[WatchEvent]:
@@ -360,7 +365,7 @@ class Watcher:
         except RunlensError as exc:
             out.append(self._event("warning", f"final analysis failed: {exc}"))
         else:
-            out += self._new_findings(report.findings)
+            out += self._new_findings(report.findings, report.summary.last_step)
         finally:
             self.stats.analyze_seconds += time.perf_counter() - t0
             self.stats.full_passes += 1
@@ -401,9 +406,15 @@ class Watcher:
         med = self.median_step_seconds()
         if med is None:
             return None
-        flush = (self._data.meta.get("collector") or {}).get("flush_seconds") if self._data else None
-        flush_s = float(flush) if isinstance(flush, (int, float)) else 0.0
-        return max(self.options.stall_factor * med, self.options.stall_floor, 2 * flush_s)
+        # New steps become visible one flush at a time: every flush_seconds, or every
+        # flush_steps steps when that comes first.
+        col = (self._data.meta.get("collector") or {}) if self._data else {}
+        secs, steps = col.get("flush_seconds"), col.get("flush_steps")
+        flush = min(
+            float(secs) if _number(secs) else 0.0,
+            float(steps) * med if _number(steps) else float("inf"),
+        )
+        return max(self.options.stall_factor * med, self.options.stall_floor, 2 * flush)
 
     def _check_stall(self, data: LiveData, now: float) -> list[WatchEvent]:
         if self._stalled_at is not None or self._last_progress is None:
@@ -448,6 +459,10 @@ class Watcher:
             finding=finding,
             details=details or {},
         )
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
 
 
 def watch(
