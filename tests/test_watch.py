@@ -17,6 +17,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -282,7 +283,7 @@ def _last_step_at_least(run_dir: Path, n: int) -> bool:
 
 
 class _Hooks(BaseHTTPRequestHandler):
-    bodies: list = []
+    bodies: ClassVar[list] = []
     fail_first = 0
     release: threading.Event | None = None
 
@@ -302,7 +303,7 @@ class _Hooks(BaseHTTPRequestHandler):
 @pytest.fixture
 def hook_server():
     class Handler(_Hooks):
-        bodies: list = []
+        bodies: ClassVar[list] = []
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
