@@ -184,5 +184,95 @@ def watch(
     sys.exit(code)
 
 
+@click.command(cls=RunlensCommand)
+@click.argument("root", metavar="ROOT")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the findings table, reports and summary (created; reused next time).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes analyzing runs in parallel (with --ray local: the CPUs Ray may use).",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Analyze the runs as Ray tasks: alone, on a local Ray instance started here; "
+    "with an address (auto, ray://head:10001), on that cluster. Needs runlens[ray].",
+)
+@click.option(
+    "--partition-by",
+    type=click.Choice(
+        ["date", "status", "source_format", "signature", "severity", "run", "none"]
+    ),  # fmt: skip
+    default="date",
+    show_default=True,
+    help="Hive partition key of the findings table (date: UTC day the run started).",
+)
+@click.option(
+    "--reports",
+    type=click.Choice(["md", "html", "none"]),
+    default="md",
+    show_default=True,
+    help="Write each run's report under OUT/reports in this format.",
+)
+@click.option("--force", is_flag=True, help="Analyze every run again, changed or not.")
+@analysis_options
+@handle_errors
+def triage(
+    root: str,
+    out_dir: str,
+    workers: int,
+    ray_address: str | None,
+    partition_by: str,
+    reports: str,
+    force: bool,
+    set_: tuple[str, ...],
+    config: str | None,
+    smoothing: float | None,
+    only: tuple[str, ...],
+) -> None:
+    """Analyze every run under ROOT into one queryable findings table and a summary.
+
+    ROOT is a folder or an object-storage URL (s3://bucket/prefix). Runs are runlens run
+    directories and the logs runlens imports (TensorBoard, CSV, trainer_state.json).
+    Runs unchanged since the last triage into OUT are not analyzed again; unreadable runs
+    are listed, never fatal.
+
+    \b
+    Examples:
+      runlens triage /shared/runs --out triage/
+      runlens triage s3://team-bucket/runs --out triage/ --workers 8
+      runlens triage /shared/runs --out triage/ --ray auto --partition-by status
+    """
+    from runlens.compare import progress_bar
+    from runlens.fleet.summary import render_terminal
+    from runlens.fleet.triage import TriageOptions
+    from runlens.fleet.triage import triage as run_triage
+
+    options = TriageOptions(
+        analyze=analyze_options(set_, config, smoothing, only),
+        workers=workers,
+        ray=ray_address,
+        partition_by=partition_by,
+        reports=reports,
+        force=force,
+    )
+    with progress_bar() as on_progress:
+        result = run_triage(root, out_dir, options, on_progress=on_progress)
+    click.echo(render_terminal(result.summary, out_dir), nl=False)
+
+
 def register(group: Any) -> None:
     group.add_command(watch)
+    group.add_command(triage)
