@@ -212,9 +212,7 @@ def watch(
 )
 @click.option(
     "--partition-by",
-    type=click.Choice(
-        ["date", "status", "source_format", "signature", "severity", "run", "none"]
-    ),  # fmt: skip
+    type=click.Choice(["date", "status", "source_format", "signature", "severity", "run", "none"]),
     default="date",
     show_default=True,
     help="Hive partition key of the findings table (date: UTC day the run started).",

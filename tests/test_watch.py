@@ -216,15 +216,35 @@ def test_watch_catches_injected_divergence_live_and_fails_on_error(tmp_path):
     run_dir = tmp_path / "live"
     out = tmp_path / "exec.jsonl"
     trainer = _trainer(
-        run_dir, "--steps", "2000", "--diverge-at", str(DIVERGE_AT),
-        "--flush-steps", str(FLUSH_STEPS), "--step-sleep", "0.08",
-    )  # fmt: skip
+        run_dir,
+        "--steps",
+        "2000",
+        "--diverge-at",
+        str(DIVERGE_AT),
+        "--flush-steps",
+        str(FLUSH_STEPS),
+        "--step-sleep",
+        "0.08",
+    )
     try:
         watch = subprocess.run(
-            [*RUNLENS, "watch", str(run_dir), "--interval", "0.1", "--format", "jsonl",
-             "--fail-on", "error", "--exec", f"cat >> {out}"],
-            capture_output=True, text=True, timeout=LIVENESS_S,
-        )  # fmt: skip
+            [
+                *RUNLENS,
+                "watch",
+                str(run_dir),
+                "--interval",
+                "0.1",
+                "--format",
+                "jsonl",
+                "--fail-on",
+                "error",
+                "--exec",
+                f"cat >> {out}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=LIVENESS_S,
+        )
     finally:
         _stop(trainer)
     assert watch.returncode == 1, watch.stderr
@@ -255,10 +275,22 @@ def test_watch_reports_a_killed_trainer_as_stalled(tmp_path):
         trainer.send_signal(signal.SIGKILL)
         trainer.wait(timeout=30)
         watch = subprocess.run(
-            [*RUNLENS, "watch", str(run_dir), "--interval", "0.2", "--format", "jsonl",
-             "--stall-floor", "1", "--fail-on-stall"],
-            capture_output=True, text=True, timeout=LIVENESS_S,
-        )  # fmt: skip
+            [
+                *RUNLENS,
+                "watch",
+                str(run_dir),
+                "--interval",
+                "0.2",
+                "--format",
+                "jsonl",
+                "--stall-floor",
+                "1",
+                "--fail-on-stall",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=LIVENESS_S,
+        )
     finally:
         _stop(trainer)
     assert watch.returncode == 1, watch.stderr
@@ -341,8 +373,9 @@ def test_webhook_gives_up_with_one_warning_and_submit_never_waits(hook_server):
 
 def test_webhook_refused_connection_is_a_warning(tmp_path):
     warnings: list[str] = []
-    hook = WebhookAction("http://127.0.0.1:9/x", timeout=1, retries=1, backoff=0.01,
-                         on_warning=warnings.append)  # fmt: skip
+    hook = WebhookAction(
+        "http://127.0.0.1:9/x", timeout=1, retries=1, backoff=0.01, on_warning=warnings.append
+    )
     hook.submit({"n": 1})
     assert hook.close(LIVENESS_S)
     assert hook.failed == 1 and "after 2 attempt(s)" in warnings[0]
@@ -367,8 +400,10 @@ def test_cli_watch_posts_findings_to_webhook_and_prints_them(tmp_path, hook_serv
     shutil.copytree(SAMPLES / "nan-inf", run)  # finished: the final pass reports at once
     proc = subprocess.run(
         [*RUNLENS, "watch", str(run), "--format", "jsonl", "--webhook", url],
-        capture_output=True, text=True, timeout=LIVENESS_S,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=LIVENESS_S,
+    )
     assert proc.returncode == 0, proc.stderr
     printed = [json.loads(x) for x in proc.stdout.splitlines()]
     assert [e["kind"] for e in printed] == ["watching", "finding", "finished"]
@@ -379,8 +414,9 @@ def test_cli_watch_posts_findings_to_webhook_and_prints_them(tmp_path, hook_serv
 def test_terminal_format_shows_the_finding_evidence_and_fix(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(SAMPLES / "nan-inf", run)
-    proc = subprocess.run([*RUNLENS, "watch", str(run)], capture_output=True, text=True,
-                          timeout=LIVENESS_S)  # fmt: skip
+    proc = subprocess.run(
+        [*RUNLENS, "watch", str(run)], capture_output=True, text=True, timeout=LIVENESS_S
+    )
     assert proc.returncode == 0
     assert "ERROR    nan-inf:" in proc.stdout
     assert "evidence:" in proc.stdout and "fix:" in proc.stdout
@@ -408,8 +444,12 @@ def test_watch_waits_for_a_run_that_does_not_exist_yet(tmp_path):
 def test_ctrl_c_stops_watch_with_130(tmp_path):
     rp = Replay("loss-spike", tmp_path / "run")
     rp.flush()
-    proc = subprocess.Popen([*RUNLENS, "watch", str(tmp_path / "run"), "--interval", "0.1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [*RUNLENS, "watch", str(tmp_path / "run"), "--interval", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     assert "watching" in proc.stdout.readline()
     proc.send_signal(signal.SIGINT)

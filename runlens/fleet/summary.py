@@ -94,7 +94,7 @@ def summarize(table: pa.Table, root: str, analyzed: int, reused: int) -> TriageS
                 r["warnings"],
                 tuple(r["signatures"]),
                 r["report"],
-            )  # fmt: skip
+            )
             for r in worst.iter_rows(named=True)
         ),
         broken=tuple(Broken(p, e) for p, e in broken.select("path", "error").iter_rows()),
@@ -114,13 +114,17 @@ def render_terminal(s: TriageSummary, out_dir: str) -> str:
     if s.by_signature:
         w = max(len(c.signature) for c in s.by_signature)
         lines.append(f"{'SIGNATURE':<{w}}  SEVERITY  RUNS  FINDINGS")
-        lines += [f"{c.signature:<{w}}  {c.severity:<8}  {c.runs:>4}  {c.findings:>8}"
-                  for c in s.by_signature]  # fmt: skip
+        lines += [
+            f"{c.signature:<{w}}  {c.severity:<8}  {c.runs:>4}  {c.findings:>8}"
+            for c in s.by_signature
+        ]
         lines.append("")
     if s.worst:
         lines.append("Worst runs:")
-        lines += [f"  {r.errors} errors, {r.warnings} warnings  {r.path}  "
-                  f"({', '.join(r.signatures)})" for r in s.worst]  # fmt: skip
+        lines += [
+            f"  {r.errors} errors, {r.warnings} warnings  {r.path}  ({', '.join(r.signatures)})"
+            for r in s.worst
+        ]
         lines.append("")
     if s.broken:
         lines.append(f"Unreadable runs ({len(s.broken)}):")
@@ -139,25 +143,38 @@ def _md(text: object) -> str:
 def render_markdown(s: TriageSummary) -> str:
     out = ["# runlens triage", "", _headline(s), ""]
     if s.by_signature:
-        out += ["## Findings by signature", "", "| signature | severity | runs | findings |",
-                "| --- | --- | ---: | ---: |"]  # fmt: skip
-        out += [f"| `{c.signature}` | {c.severity} | {c.runs} | {c.findings} |"
-                for c in s.by_signature]  # fmt: skip
+        out += [
+            "## Findings by signature",
+            "",
+            "| signature | severity | runs | findings |",
+            "| --- | --- | ---: | ---: |",
+        ]
+        out += [
+            f"| `{c.signature}` | {c.severity} | {c.runs} | {c.findings} |" for c in s.by_signature
+        ]
         out.append("")
     if s.worst:
-        out += ["## Worst runs", "", "| run | status | steps | errors | warnings | findings |",
-                "| --- | --- | ---: | ---: | ---: | --- |"]  # fmt: skip
+        out += [
+            "## Worst runs",
+            "",
+            "| run | status | steps | errors | warnings | findings |",
+            "| --- | --- | ---: | ---: | ---: | --- |",
+        ]
         for r in s.worst:
             name = f"[{_md(r.run)}]({r.report})" if r.report else _md(r.run)
-            out.append(f"| {name} | {r.status} | {r.steps if r.steps is not None else ''} | "
-                       f"{r.errors} | {r.warnings} | {_md(', '.join(r.signatures))} |")  # fmt: skip
+            out.append(
+                f"| {name} | {r.status} | {r.steps if r.steps is not None else ''} | "
+                f"{r.errors} | {r.warnings} | {_md(', '.join(r.signatures))} |"
+            )
         out.append("")
     if s.broken:
         out += ["## Unreadable runs", "", "| path | error |", "| --- | --- |"]
         out += [f"| {_md(b.path)} | {_md(b.error)} |" for b in s.broken]
         out.append("")
-    out += ["Query the table: see docs/triage.md (`findings/` is a Hive-partitioned Parquet "
-            "dataset).", ""]  # fmt: skip
+    out += [
+        "Query the table: see docs/triage.md (`findings/` is a Hive-partitioned Parquet dataset).",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -171,20 +188,28 @@ def render_html(s: TriageSummary) -> str:
         f"</head><body><h1>runlens triage</h1><p>{e(_headline(s))}</p>",
     ]
     if s.by_signature:
-        parts.append("<h2>Findings by signature</h2><table><tr><th>signature</th>"
-                     "<th>severity</th><th>runs</th><th>findings</th></tr>")  # fmt: skip
-        parts += [f"<tr><td><code>{e(c.signature)}</code></td><td class='{e(c.severity)}'>"
-                  f"{e(c.severity)}</td><td>{c.runs}</td><td>{c.findings}</td></tr>"
-                  for c in s.by_signature]  # fmt: skip
+        parts.append(
+            "<h2>Findings by signature</h2><table><tr><th>signature</th>"
+            "<th>severity</th><th>runs</th><th>findings</th></tr>"
+        )
+        parts += [
+            f"<tr><td><code>{e(c.signature)}</code></td><td class='{e(c.severity)}'>"
+            f"{e(c.severity)}</td><td>{c.runs}</td><td>{c.findings}</td></tr>"
+            for c in s.by_signature
+        ]
         parts.append("</table>")
     if s.worst:
-        parts.append("<h2>Worst runs</h2><table><tr><th>run</th><th>status</th><th>steps</th>"
-                     "<th>errors</th><th>warnings</th><th>findings</th></tr>")  # fmt: skip
+        parts.append(
+            "<h2>Worst runs</h2><table><tr><th>run</th><th>status</th><th>steps</th>"
+            "<th>errors</th><th>warnings</th><th>findings</th></tr>"
+        )
         for r in s.worst:
             name = f"<a href='{e(r.report)}'>{e(r.run)}</a>" if r.report else e(r.run)
-            parts.append(f"<tr><td>{name}<br><small>{e(r.path)}</small></td><td>{e(r.status)}"
-                         f"</td><td>{r.steps if r.steps is not None else ''}</td><td>{r.errors}"
-                         f"</td><td>{r.warnings}</td><td>{e(', '.join(r.signatures))}</td></tr>")  # fmt: skip
+            parts.append(
+                f"<tr><td>{name}<br><small>{e(r.path)}</small></td><td>{e(r.status)}"
+                f"</td><td>{r.steps if r.steps is not None else ''}</td><td>{r.errors}"
+                f"</td><td>{r.warnings}</td><td>{e(', '.join(r.signatures))}</td></tr>"
+            )
         parts.append("</table>")
     if s.broken:
         parts.append("<h2>Unreadable runs</h2><table><tr><th>path</th><th>error</th></tr>")

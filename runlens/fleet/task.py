@@ -111,8 +111,12 @@ def analyze_one(task: RunTask) -> RunResult:
         return _error(task, base, str(exc))
     except Exception as exc:  # a bug must not sink a 10,000-run triage: report it
         where = traceback.extract_tb(exc.__traceback__)[-1]
-        return _error(task, base, f"internal error: {type(exc).__name__}: {exc} "
-                                  f"({where.filename.rsplit('/', 1)[-1]}:{where.lineno})")  # fmt: skip
+        return _error(
+            task,
+            base,
+            f"internal error: {type(exc).__name__}: {exc} "
+            f"({where.filename.rsplit('/', 1)[-1]}:{where.lineno})",
+        )
     s = report.summary
     start = run.meta.get("start_time")
     if not _finite(start):
@@ -152,7 +156,7 @@ def analyze_one(task: RunTask) -> RunResult:
                         "threshold": e.threshold,
                         "op": e.op,
                         "unit": e.unit,
-                    }  # fmt: skip
+                    }
                     for e in f.evidence
                 ],
                 "explained_by": f.explained_by,

@@ -128,8 +128,14 @@ def triage(
     if new_rows:
         parts.append(pa.Table.from_pylist(new_rows, schema=ROWS_SCHEMA))
     table = pa.concat_tables(parts) if parts else ROWS_SCHEMA.empty_table()
-    table = table.sort_by([("path", "ascending"), ("signature", "ascending"),
-                           ("step_start", "ascending"), ("summary", "ascending")])  # fmt: skip
+    table = table.sort_by(
+        [
+            ("path", "ascending"),
+            ("signature", "ascending"),
+            ("step_start", "ascending"),
+            ("summary", "ascending"),
+        ]
+    )
     present = {location(r) for r in found}
     removed = [loc for loc in known if loc not in present]
     for loc in removed + [r.location for r in results if reports.get(r.location) is None]:
@@ -138,19 +144,29 @@ def triage(
     _write_rows(out_dir, table)
     write_table(table, out_dir / TABLE_DIR, opts.partition_by)
     fps = {location(r): r.fingerprint() for r in found}
-    report_of = dict(zip(table["path"].to_pylist(), table["report"].to_pylist()))
+    report_of = dict(zip(table["path"].to_pylist(), table["report"].to_pylist(), strict=True))
     entries = {
         loc: {"fingerprint": fps[loc], "report": report_of.get(loc)} for loc in sorted(present)
     }
-    _write_json(out_dir / MANIFEST, {"version": MANIFEST_VERSION, "root": root_s,
-                                     "options_key": key, "runs": entries})  # fmt: skip
+    _write_json(
+        out_dir / MANIFEST,
+        {"version": MANIFEST_VERSION, "root": root_s, "options_key": key, "runs": entries},
+    )
     summary = summarize(table, root_s, analyzed=len(tasks), reused=len(reused))
     from runlens.fleet.summary import render_html, render_markdown
 
     (out_dir / "summary.md").write_text(render_markdown(summary), encoding="utf-8")
     (out_dir / "summary.html").write_text(render_html(summary), encoding="utf-8")
-    return TriageResult(out_dir, len(found), len(tasks), len(reused), len(removed), table,
-                        summary, time.perf_counter() - t0)  # fmt: skip
+    return TriageResult(
+        out_dir,
+        len(found),
+        len(tasks),
+        len(reused),
+        len(removed),
+        table,
+        summary,
+        time.perf_counter() - t0,
+    )
 
 
 # -- finding runs -----------------------------------------------------------------------------
@@ -213,8 +229,11 @@ def _on_ray(
 
     started = not ray.is_initialized()
     if started:
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                  "logging_level": logging.ERROR}  # fmt: skip
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": logging.ERROR,
+        }
         if opts.ray == "local":
             ray.init(address="local", num_cpus=opts.workers, **kwargs)
         else:
@@ -239,8 +258,15 @@ def _crashed(task: RunTask, exc: BaseException) -> RunResult:
     from runlens.fleet.task import _error
 
     msg = f"worker failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    return _error(task, {"path": task.location, "source_format": task.source_format,
-                         "fingerprint": task.fingerprint}, msg)  # fmt: skip
+    return _error(
+        task,
+        {
+            "path": task.location,
+            "source_format": task.source_format,
+            "fingerprint": task.fingerprint,
+        },
+        msg,
+    )
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -261,7 +287,7 @@ def write_table(table: pa.Table, dest: Path, partition_by: str) -> None:
                 format="parquet",
                 partitioning=ds.partitioning(
                     pa.schema([table.schema.field(partition_by)]), flavor="hive"
-                ),  # fmt: skip
+                ),
                 basename_template="part-{i}.parquet",
                 existing_data_behavior="overwrite_or_ignore",
             )
@@ -307,7 +333,7 @@ def _options_key(opts: TriageOptions) -> str:
             a.smoothing,
             a.only,
             opts.reports,
-        ],  # fmt: skip
+        ],
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -66,8 +66,12 @@ class _Growing:
         self.n = need
 
     def series(self) -> Series:
-        return Series(self.name, _frozen(self.steps[: self.n]), _frozen(self.values[: self.n]),
-                      _frozen(self.wall[: self.n]))  # fmt: skip
+        return Series(
+            self.name,
+            _frozen(self.steps[: self.n]),
+            _frozen(self.values[: self.n]),
+            _frozen(self.wall[: self.n]),
+        )
 
 
 def _grown(a: np.ndarray, cap: int, n: int) -> np.ndarray:

@@ -7,8 +7,15 @@ import time
 
 from runlens.live.watcher import WatchEvent
 
-_LABEL = {"finding": None, "stalled": "STALLED", "resumed": "resumed", "finished": "finished",
-          "watching": "watching", "waiting": "waiting", "warning": "warning"}  # fmt: skip
+_LABEL = {
+    "finding": None,
+    "stalled": "STALLED",
+    "resumed": "resumed",
+    "finished": "finished",
+    "watching": "watching",
+    "waiting": "waiting",
+    "warning": "warning",
+}
 
 
 def jsonl(event: WatchEvent) -> str:
