@@ -59,8 +59,13 @@ def open_run(
     (``{"eval/loss": "val/loss"}``). Raises :class:`RunLoadError` with a one-line message.
     """
     if storage.is_url(path):  # object storage: read a local mirror (runlens.storage)
-        run = open_run(storage.localize(os.fspath(path)), input_format, mapping)
-        run.origin = os.fspath(path)
+        url = os.fspath(path)
+        local = storage.localize(url)
+        try:
+            run = open_run(local, input_format, mapping)
+        except RunLoadError as exc:  # name the URL, not the mirror
+            raise RunLoadError(str(exc).replace(str(local), url)) from None
+        run.origin = url
         return run
     p = Path(path)
     forced = importers.check_format(input_format)

@@ -182,6 +182,8 @@ def mirror(url: str, files: list[FileEntry]) -> Path:
             with os.fdopen(fd, "wb") as out, fs.open(root if single else f"{root}/{f.rel}") as src:
                 while chunk := src.read(1 << 20):
                     out.write(chunk)
+            if f.mtime is not None:  # keep the object's time (imports date runs by it)
+                os.utime(tmp, (f.mtime, f.mtime))
             os.replace(tmp, local)
         except FileNotFoundError:  # deleted since the listing: drop it
             _unlink(tmp)
