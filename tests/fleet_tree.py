@@ -75,8 +75,10 @@ def _csv(root: Path, rel: str, name: str) -> Expect:
     d.mkdir(parents=True)
     series = _series(name)
     steps = sorted({int(s) for st, _ in series.values() for s in st})
-    cols = {k.replace("/", "_"): dict(zip(st.tolist(), v.tolist(), strict=True))
-            for k, (st, v) in series.items()}  # fmt: skip
+    cols = {
+        k.replace("/", "_"): dict(zip(st.tolist(), v.tolist(), strict=True))
+        for k, (st, v) in series.items()
+    }
     lines = ["step," + ",".join(cols)]
     for s in steps:
         lines.append(f"{s}," + ",".join(repr(c[s]) if s in c else "" for c in cols.values()))
@@ -91,8 +93,11 @@ def _hf(root: Path, rel: str, name: str) -> Expect:
     for key, hf_key in ((fmt.TRAIN_LOSS, "loss"), (fmt.VAL_LOSS, "eval_loss")):
         if key in series:
             st, v = series[key]
-            history += [{hf_key: float(x), "step": int(s)} for s, x in zip(st, v, strict=True)
-                        if np.isfinite(x)]  # fmt: skip
+            history += [
+                {hf_key: float(x), "step": int(s)}
+                for s, x in zip(st, v, strict=True)
+                if np.isfinite(x)
+            ]
     history.sort(key=lambda h: h["step"])
     ck = d / "checkpoint-300"
     ck.mkdir(parents=True)

@@ -80,10 +80,18 @@ def test_analyze_s3_run_equals_local(s3):
 
 def test_cli_analyze_and_compare_over_s3(s3):
     proc = subprocess.run(
-        [*RUNLENS, "analyze", f"s3://{BUCKET}/runs/nan-inf", "--format", "json",
-         "--fail-on", "error"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            *RUNLENS,
+            "analyze",
+            f"s3://{BUCKET}/runs/nan-inf",
+            "--format",
+            "json",
+            "--fail-on",
+            "error",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1, proc.stderr  # nan-inf is an error: --fail-on works too
     report = json.loads(proc.stdout)
     assert report["run"]["path"] == f"s3://{BUCKET}/runs/nan-inf"
@@ -106,8 +114,9 @@ def test_s3_errors_are_one_line(s3):
         runlens.analyze(f"s3://{BUCKET}/nope")
     with pytest.raises(RunLoadError, match="looks like a directory of runs"):
         runlens.analyze(f"s3://{BUCKET}/runs")
-    proc = subprocess.run([*RUNLENS, "analyze", "nosuchproto://b/run"], capture_output=True,
-                          text=True)  # fmt: skip
+    proc = subprocess.run(
+        [*RUNLENS, "analyze", "nosuchproto://b/run"], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("runlens: error: ") and len(proc.stderr.splitlines()) == 1
 
@@ -155,14 +164,16 @@ def test_watch_polls_a_run_synced_to_s3(s3, tmp_path):
     meta = json.loads((src / "run.json").read_text())
     meta["status"] = "running"
     fs.pipe(f"{BUCKET}/live/run1/run.json", json.dumps(meta).encode())
-    tables = {t: pq.read_table(src / t / "rank=0" / "part-000000.parquet")
-              for t in ("scalars", "layers")}  # fmt: skip
+    tables = {
+        t: pq.read_table(src / t / "rank=0" / "part-000000.parquet") for t in ("scalars", "layers")
+    }
     w = Watcher(url, WatchOptions(interval=0.01))
     events = []
     for seq, lo in enumerate(range(0, 300, 50)):
         for t, tab in tables.items():
-            part = tab.filter(pc.and_(pc.greater_equal(tab["step"], lo),
-                                      pc.less(tab["step"], lo + 50)))  # fmt: skip
+            part = tab.filter(
+                pc.and_(pc.greater_equal(tab["step"], lo), pc.less(tab["step"], lo + 50))
+            )
             path = tmp_path / f"{t}-{seq}.parquet"
             pq.write_table(part, path)
             fs.put(str(path), f"{BUCKET}/live/run1/{t}/rank=0/part-{seq:06d}.parquet")

@@ -176,8 +176,12 @@ def test_cli_triage_prints_summary_and_writes_files(tmp_path):
     (root / "b").mkdir()
     (root / "b" / "run.json").write_text("{oops")
     out = tmp_path / "out"
-    proc = subprocess.run([*RUNLENS, "triage", str(root), "--out", str(out)],
-                          capture_output=True, text=True, env={**os.environ})  # fmt: skip
+    proc = subprocess.run(
+        [*RUNLENS, "triage", str(root), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "2 runs under" in proc.stdout and "1 unreadable" in proc.stdout
     assert "nan-inf" in proc.stdout and f"{root / 'b'}: not a runlens run" in proc.stdout
@@ -189,7 +193,10 @@ def test_cli_triage_prints_summary_and_writes_files(tmp_path):
 
 
 def test_cli_triage_bad_root_is_one_line(tmp_path):
-    proc = subprocess.run([*RUNLENS, "triage", str(tmp_path / "nope"), "--out", str(tmp_path)],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [*RUNLENS, "triage", str(tmp_path / "nope"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"runlens: error: no such folder: {tmp_path / 'nope'}"
