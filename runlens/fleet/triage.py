@@ -208,14 +208,24 @@ def _execute(
 
         # spawn, not fork: polars' and Arrow's thread pools do not survive a fork.
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(opts.workers, len(tasks)), mp_context=ctx) as pool:
-            futures = {pool.submit(analyze_one, t): t for t in tasks}
+        workers = min(opts.workers, len(tasks))
+        # A few batches per worker: one round trip per batch, not per (small) run.
+        size = max(1, min(16, len(tasks) // (4 * workers)))
+        batches = [tuple(tasks[i : i + size]) for i in range(0, len(tasks), size)]
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futures = {pool.submit(_analyze_batch, b): b for b in batches}
             for fut in as_completed(futures):
                 try:
-                    finished(fut.result())
-                except Exception as exc:  # the worker died (killed, out of memory)
-                    finished(_crashed(futures[fut], exc))
+                    results = fut.result()
+                except Exception as exc:  # a worker died (killed, out of memory)
+                    results = [_crashed(t, exc) for t in futures[fut]]
+                for res in results:
+                    finished(res)
     return done
+
+
+def _analyze_batch(tasks: Sequence[RunTask]) -> list[RunResult]:
+    return [analyze_one(t) for t in tasks]
 
 
 def _on_ray(
