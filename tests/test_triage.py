@@ -200,3 +200,49 @@ def test_cli_triage_bad_root_is_one_line(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"runlens: error: no such folder: {tmp_path / 'nope'}"
+
+
+def test_discovery_rules_from_a_listing():
+    from runlens.fleet.discover import FileEntry, find_runs
+
+    rels = [
+        "a/run.json",
+        "a/scalars/rank=0/part-000000.parquet",
+        "a/ckpt/model.pt",
+        "a/copy/run.json",  # a folder inside a run is part of it
+        "a/scalars/rank=0/.tmp-x.parquet",  # being written
+        "b/scalars/rank=1/part-000003.parquet",  # segments, run.json not written yet
+        "keras/train/events.out.tfevents.1",
+        "keras/validation/events.out.tfevents.2",
+        "tb/run1/events.out.tfevents.3",
+        "tb/run2/events.out.tfevents.4",
+        "hf/checkpoint-100/trainer_state.json",
+        "hf/checkpoint-250/trainer_state.json",
+        "hf/checkpoint-250/model.safetensors",
+        "lightning/version_0/metrics.csv",
+        "lightning/version_0/hparams.yaml",
+        "logs/history.csv",
+        "data/table.csv",
+        ".hidden/run.json",
+    ]
+    heads = {"logs/history.csv": b"epoch,loss\n1,2\n", "data/table.csv": b"x,y\n1,2\n"}
+    runs = find_runs([FileEntry(r, 1, "v") for r in rels], lambda rel: heads[rel])
+    got = {r.rel: (r.source_format, sorted(f.rel for f in r.inputs)) for r in runs}
+    assert got == {
+        "a": ("runlens", ["a/run.json", "a/scalars/rank=0/part-000000.parquet"]),
+        "b": ("runlens", ["b/scalars/rank=1/part-000003.parquet"]),
+        "keras": (
+            "tensorboard",
+            ["keras/train/events.out.tfevents.1", "keras/validation/events.out.tfevents.2"],
+        ),
+        "tb/run1": ("tensorboard", ["tb/run1/events.out.tfevents.3"]),
+        "tb/run2": ("tensorboard", ["tb/run2/events.out.tfevents.4"]),
+        "hf": ("hf-trainer", ["hf/checkpoint-250/trainer_state.json"]),
+        "lightning/version_0": ("csv", ["lightning/version_0/metrics.csv"]),
+        "logs/history.csv": ("csv", ["logs/history.csv"]),
+    }
+    # The fingerprint follows the inputs only: a new checkpoint's weights change nothing.
+    again = find_runs(
+        [FileEntry(r, 2 if r.endswith(".pt") else 1, "v") for r in rels], lambda rel: heads[rel]
+    )
+    assert [r.fingerprint() for r in again] == [r.fingerprint() for r in runs]

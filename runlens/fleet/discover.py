@@ -24,9 +24,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from runlens_collect import format as fmt
 
@@ -102,71 +102,88 @@ def find_runs(
     files: Iterable[FileEntry], head: Callable[[str], bytes] | None = None
 ) -> list[FoundRun]:
     """The runs in a listing, sorted by path. ``head(rel)`` returns the first bytes of a
-    file; it is asked only for CSV files not named metrics.csv (None: take none)."""
+    file; it is asked only for CSV files not named metrics.csv (None: take none).
+    Linear in the listing (times the folder depth)."""
     entries = [f for f in files if not _hidden(f.rel)]
     by_rel = {f.rel: f for f in entries}
 
-    runlens_roots = set()
+    candidates: set[str] = set()
     for f in entries:
-        p = PurePosixPath(f.rel)
-        if p.name == fmt.RUN_JSON:
-            runlens_roots.add(_parent(f.rel))
-        parts = p.parts
-        for i in range(len(parts) - 2):
-            if _SEGMENT.match("/".join(parts[i:])):
-                runlens_roots.add("/".join(parts[:i]))
-    found: dict[str, FoundRun] = {}
-    for root in runlens_roots:
-        if _under_any(root, runlens_roots - {root}):
-            continue  # a run's own sub-folder (a nested copy) is part of it
-        inputs = [
-            f
-            for f in entries
-            if _within(f.rel, root)
-            and (
-                _rel_to(f.rel, root) in (fmt.RUN_JSON, fmt.EVENTS_JSONL)
-                or _SEGMENT.match(_rel_to(f.rel, root))
-            )
-        ]
-        found[root] = FoundRun(root, importers.RUNLENS, tuple(inputs))
-    taken = set(found)
+        if _name(f.rel) == fmt.RUN_JSON:
+            candidates.add(_parent(f.rel))
+        parts = f.rel.rsplit("/", 3)
+        if len(parts) >= 3 and _SEGMENT.match("/".join(parts[-3:])):
+            candidates.add(parts[0] if len(parts) == 4 else "")
+    # A run's own sub-folder (a nested copy) is part of it: keep the outermost roots.
+    runlens_roots = {r for r in candidates if _owner(r, candidates, strict=True) is None}
+    inputs: dict[str, list[FileEntry]] = {r: [] for r in runlens_roots}
+    rest = []
+    for f in entries:
+        root = _owner(f.rel, runlens_roots)
+        if root is None:
+            rest.append(f)
+        elif _rel_to(f.rel, root) in (fmt.RUN_JSON, fmt.EVENTS_JSONL) or _SEGMENT.match(
+            _rel_to(f.rel, root)
+        ):
+            inputs[root].append(f)
+    found = {r: FoundRun(r, importers.RUNLENS, tuple(v)) for r, v in inputs.items()}
 
     hf_states: dict[str, list[FileEntry]] = {}
-    for f in entries:
-        if PurePosixPath(f.rel).name != importers.HF_STATE_FILE or _under_any(f.rel, taken):
+    for f in rest:
+        if _name(f.rel) != importers.HF_STATE_FILE:
             continue
         parent = _parent(f.rel)
-        root = _parent(parent) if _CHECKPOINT.match(PurePosixPath(parent).name or "") else parent
+        root = _parent(parent) if _CHECKPOINT.match(_name(parent)) else parent
         hf_states.setdefault(root, []).append(f)
     for root, states in hf_states.items():
         top = by_rel.get(_join(root, importers.HF_STATE_FILE))
         chosen = top or max(states, key=lambda e: _checkpoint_number(e.rel))
         found[root] = FoundRun(root, importers.HF_TRAINER, (chosen,))
-    taken |= set(hf_states)
+    rest = [f for f in rest if _owner(f.rel, hf_states.keys()) is None]
 
-    tb_roots: set[str] = set()
-    for f in entries:
-        if "tfevents" not in PurePosixPath(f.rel).name or _under_any(f.rel, taken):
-            continue
+    tb: dict[str, list[FileEntry]] = {}
+    events = [f for f in rest if "tfevents" in _name(f.rel)]
+    for f in events:
         parent = _parent(f.rel)
-        name = PurePosixPath(parent).name.lower()
-        tb_roots.add(_parent(parent) if parent and name in SPLIT_DIRS else parent)
-    for root in tb_roots:
-        events = tuple(
-            f for f in entries if _within(f.rel, root) and "tfevents" in PurePosixPath(f.rel).name
-        )
-        found[root] = FoundRun(root, importers.TENSORBOARD, events)
-    taken |= tb_roots
+        name = _name(parent).lower()
+        tb.setdefault(_parent(parent) if parent and name in SPLIT_DIRS else parent, [])
+    for f in events:  # every event file below a root, as the importer reads them
+        root = _owner(f.rel, tb.keys(), outermost=False)
+        if root is not None:
+            tb[root].append(f)
+    for root, files_ in tb.items():
+        found[root] = FoundRun(root, importers.TENSORBOARD, tuple(files_))
+    rest = [f for f in rest if _owner(f.rel, tb.keys()) is None]
 
-    for f in entries:
-        name = PurePosixPath(f.rel).name
-        if not name.lower().endswith(_CSV_SUFFIXES) or _under_any(f.rel, taken):
+    for f in rest:
+        name = _name(f.rel)
+        if not name.lower().endswith(_CSV_SUFFIXES):
             continue
         if name == importers.LIGHTNING_CSV:
             found.setdefault(_parent(f.rel), FoundRun(_parent(f.rel), importers.CSV, (f,)))
         elif head is not None and _names_step_column(head, f.rel):
             found[f.rel] = FoundRun(f.rel, importers.CSV, (f,))
     return sorted(found.values(), key=lambda r: r.rel)
+
+
+def _ancestors(rel: str) -> list[str]:
+    """Folders containing ``rel``, outermost first ('' = the listed root)."""
+    parts = rel.split("/")
+    return ["", *("/".join(parts[:i]) for i in range(1, len(parts)))]
+
+
+def _owner(
+    rel: str, roots: Collection[str], strict: bool = False, outermost: bool = True
+) -> str | None:
+    """The root in ``roots`` that ``rel`` lies in (``rel`` itself counts unless
+    ``strict``): the outermost one, or the innermost."""
+    chain = _ancestors(rel) if rel else []
+    if not strict:
+        chain.append(rel)
+    for a in chain if outermost else reversed(chain):
+        if a in roots:
+            return a
+    return None
 
 
 def _names_step_column(head: Callable[[str], bytes], rel: str) -> bool:
@@ -196,6 +213,10 @@ def _hidden(rel: str) -> bool:
     return any(p.startswith(".") for p in parts[:-1]) or parts[-1].startswith(".tmp-")
 
 
+def _name(rel: str) -> str:
+    return rel.rsplit("/", 1)[-1]
+
+
 def _parent(rel: str) -> str:
     return rel.rsplit("/", 1)[0] if "/" in rel else ""
 
@@ -204,18 +225,10 @@ def _join(root: str, name: str) -> str:
     return f"{root}/{name}" if root else name
 
 
-def _within(rel: str, root: str) -> bool:
-    return root == "" or rel == root or rel.startswith(root + "/")
-
-
 def _rel_to(rel: str, root: str) -> str:
     return rel[len(root) + 1 :] if root else rel
 
 
-def _under_any(rel: str, roots: Iterable[str]) -> bool:
-    return any(_within(rel, r) for r in roots)
-
-
 def _checkpoint_number(rel: str) -> int:
-    m = _CHECKPOINT.match(PurePosixPath(_parent(rel)).name)
+    m = _CHECKPOINT.match(_name(_parent(rel)))
     return int(m.group(1)) if m else -1
