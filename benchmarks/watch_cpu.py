@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def measure_watch(run_dir: Path, seconds: float, interval: float) -> tuple[float
     )
     assert proc.stdout is not None
     proc.stdout.readline()  # the first event: imports done, the run read once
+    # Keep reading its output, so a full pipe never blocks (or idles) the watch.
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
     t0, c0 = time.monotonic(), cpu_seconds(proc.pid)
     time.sleep(seconds)
     t1, c1 = time.monotonic(), cpu_seconds(proc.pid)
