@@ -39,6 +39,7 @@ from runlens.findings import SEVERITY_ORDER, Report, Severity, _jsonable
 from runlens.levels import levels
 from runlens.run import Run
 from runlens.sources import open_found
+from runlens.storage import is_url
 
 Mode = Literal["min", "max"]
 By = Literal["step", "time"]
@@ -311,13 +312,13 @@ def expand_inputs(
     for item in items:
         text = os.fspath(item)
         paths = [text]
-        if _GLOB_CHARS.search(text) and not os.path.exists(text):
+        if _GLOB_CHARS.search(text) and not os.path.exists(text) and not is_url(text):
             paths = sorted(glob.glob(os.path.expanduser(text)))
             if not paths:
                 errors.append(CompareError(text, f"no run matches {text!r}"))
         for p in paths:
             try:
-                found += discover(Path(p).expanduser(), input_format).runs
+                found += discover(p if is_url(p) else Path(p).expanduser(), input_format).runs
             except RunlensError as exc:
                 errors.append(CompareError(p, str(exc)))
     return found, errors
@@ -471,9 +472,10 @@ def _dedupe(sources: list[Run | FoundRun]) -> tuple[list[Run | FoundRun], list[s
 
 
 def _source_path(s: Run | FoundRun) -> str:
+    path = s.origin if isinstance(s, FoundRun) and s.origin else str(s.path)
     if isinstance(s, FoundRun) and s.part is not None:
-        return f"{s.path}#{s.part + 1}"
-    return str(s.path)
+        return f"{path}#{s.part + 1}"
+    return path
 
 
 def _nothing_message(errors: list[CompareError]) -> str:

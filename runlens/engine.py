@@ -288,7 +288,7 @@ def _run_info(run: Run) -> RunInfo:
     return RunInfo(
         name=run.name,
         # An imported log is named by where the user's log is, not by the cache entry.
-        path=str((run.meta.get("imported") or {}).get("source") or run.path),
+        path=str(run.origin or (run.meta.get("imported") or {}).get("source") or run.path),
         run_id=run.meta.get("run_id"),
         kind=run.kind,
         status=_status(run),
