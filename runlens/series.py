@@ -185,9 +185,13 @@ def find_spikes(
     ]
 
 
-def align(a_steps: np.ndarray, a_values: np.ndarray, b_steps: np.ndarray) -> np.ndarray:
+def align(
+    a_steps: np.ndarray, a_values: np.ndarray, b_steps: np.ndarray, hold: float = 0.0
+) -> np.ndarray:
     """Values of series ``a`` at the steps of ``b`` by linear interpolation over finite
-    points; NaN outside ``a``'s range (never extrapolated)."""
+    points; NaN outside ``a``'s range (never extrapolated), except within ``hold`` steps
+    of either end, where ``a``'s end value holds (an evaluation logged just after the last
+    training-loss point of an epoch still pairs with it)."""
     s = np.asarray(a_steps, dtype=np.float64)
     x = np.asarray(a_values, dtype=np.float64)
     q = np.asarray(b_steps, dtype=np.float64)
@@ -196,9 +200,15 @@ def align(a_steps: np.ndarray, a_values: np.ndarray, b_steps: np.ndarray) -> np.
     if ok.sum() == 0:
         return out
     s, x = s[ok], x[ok]
-    inside = (q >= s[0]) & (q <= s[-1])
-    out[inside] = np.interp(q[inside], s, x)
+    inside = (q >= s[0] - hold) & (q <= s[-1] + hold)
+    out[inside] = np.interp(q[inside], s, x)  # np.interp holds the end values outside
     return out
+
+
+def typical_gap(steps: np.ndarray) -> float:
+    """Median spacing of consecutive distinct steps (0 for fewer than 2)."""
+    s = np.unique(np.asarray(steps, dtype=np.float64))
+    return float(np.median(np.diff(s))) if s.size >= 2 else 0.0
 
 
 def windows_where(mask: np.ndarray, min_len: int = 1) -> list[tuple[int, int]]:
