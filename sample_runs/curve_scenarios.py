@@ -7,6 +7,7 @@ scaled last layer...), so the diagnosis is tested against real training dynamics
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -180,6 +181,84 @@ def loss_flat(run_dir: Path) -> None:
     )
 
 
+def not_learning(run_dir: Path) -> None:
+    """The labels were shuffled apart from their inputs (a misaligned label file): nothing
+    links x to y, so the loss stays at the chance level ln(8) for the whole run."""
+    torch.manual_seed(13)
+    data = classifier_data(13)
+    g = torch.Generator().manual_seed(113)
+    data.y = data.y[torch.randperm(len(data.y), generator=g)]
+    data.yv = data.yv[torch.randperm(len(data.yv), generator=g)]
+    model = mlp([DIM, 64, 64, CLASSES])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=400,
+        batch_size=64,
+        loss_fn=nn.functional.cross_entropy,
+        config=classifier_config(lr=1e-3),
+        seed=13,
+    )
+
+
+def lr_too_high_warmup(run_dir: Path) -> None:
+    """SGD+momentum warmed up over 100 steps to lr 0.5, too high for this LeakyReLU MLP,
+    then cosine decay: the loss climbs several-fold as the rate peaks and comes back down
+    as it decays."""
+    torch.manual_seed(14)
+    data = classifier_data(14)
+    model = mlp([DIM, 64, 64, CLASSES], act=nn.LeakyReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    total, warm = 400, 100
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=total,
+        batch_size=64,
+        loss_fn=nn.functional.cross_entropy,
+        config=classifier_config(lr=0.5, schedule="warmup+cosine", warmup_steps=warm),
+        seed=14,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, factor),
+    )
+
+
+def loss_collapse_zero(run_dir: Path) -> None:
+    """The label leaked into the inputs (a one-hot copy of y appended to x, in both
+    splits): Adam at 3e-2 drives the cross-entropy to exactly 0.0 in float32 within a few
+    dozen steps."""
+    torch.manual_seed(15)
+    data = classifier_data(15)
+
+    def leak(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, 10.0 * nn.functional.one_hot(y, CLASSES).float()], 1)
+
+    data = Data(leak(data.x, data.y), data.y, leak(data.xv, data.yv), data.yv)
+    model = mlp([DIM + CLASSES, 64, 64, CLASSES])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=400,
+        batch_size=64,
+        loss_fn=nn.functional.cross_entropy,
+        config=classifier_config(lr=3e-2, leak="one-hot label in the inputs"),
+        seed=15,
+    )
+
+
 def loss_spike(run_dir: Path) -> None:
     """The healthy classifier, but three batches are corrupted (inputs scaled x8, labels
     shuffled), as a broken shard would: isolated spikes that recover."""
@@ -323,8 +402,11 @@ SCENARIOS: list[Scenario] = [
     _scenario(healthy_schedule, ()),
     _scenario(nan_inf, ("nan-inf",)),
     _scenario(loss_divergence, ("loss-divergence",)),
+    _scenario(lr_too_high_warmup, ("lr-too-high-warmup",)),
     _scenario(loss_oscillation, ("loss-oscillation",)),
     _scenario(loss_flat, ("loss-flat",)),
+    _scenario(not_learning, ("not-learning",)),
+    _scenario(loss_collapse_zero, ("loss-collapse-zero",)),
     _scenario(loss_spike, ("loss-spike",)),
     _scenario(noisy_loss, ("noisy-loss",)),
     _scenario(bad_initial_loss, ("bad-initial-loss",)),
