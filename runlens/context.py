@@ -165,12 +165,10 @@ class Context:
         if self.steps is None:
             return 0
         first, last = self.steps
-        if self.x_unit == "epoch":
-            # Each point of an epoch-indexed log averages a whole epoch: the optimizer's
-            # early transient lies inside the first one, and 10 "steps" would be 10 epochs.
-            end = first
-        else:
-            end = first + max(10, int(0.05 * (last - first)))
+        # Each point of an epoch-indexed log averages a whole epoch: the optimizer's early
+        # transient lies inside the first one, and 10 "steps" would be 10 epochs.
+        epoch = self.x_unit == "epoch"
+        end = first if epoch else first + max(10, int(0.05 * (last - first)))
         lr = self.lr
         if lr is not None and len(lr) > 2 and np.isfinite(lr.raw).any():
             peak = float(np.nanmax(lr.raw))

@@ -165,8 +165,12 @@ def test_a_short_run_is_not_called_clean(two_step_report: Report) -> None:
     text = terminal.render(report, width=200)
     assert _common.NO_PROBLEMS not in text
     assert (
-        "too few points  loss-divergence, loss-spike, noisy-loss, underfitting: only 2 finite "
-        "train/loss points, needs 20"
+        "too few points  loss-spike, noisy-loss, underfitting: only 2 finite train/loss points, "
+        "needs 20"
+    ) in text
+    assert (  # short epoch-level logs are checked from 10 points on
+        "too few points  loss-divergence, loss-flat, val-below-train: only 2 finite train/loss "
+        "points, needs 10"
     ) in text
     md = markdown.render(report)
     assert "### Coverage" in md and _common.NO_PROBLEMS not in md

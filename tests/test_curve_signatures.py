@@ -128,7 +128,9 @@ def _copy(src: Path, dst: Path, factor: float) -> Path:
 
 # underfitting is not here: "high" means high against the chance level ln(C), which is in
 # the units of a cross-entropy loss; on a regression it does not run (next test).
-@pytest.mark.parametrize("name", ["healthy-regression", "loss-divergence", "loss-flat", "overfitting"])
+@pytest.mark.parametrize(
+    "name", ["healthy-regression", "loss-divergence", "loss-flat", "overfitting"]
+)
 def test_verdict_is_scale_invariant(tmp_path: Path, name: str) -> None:
     ref = curve_findings(_copy(SAMPLES / name, tmp_path / "x1", 1.0))
     assert set(by_name(name).expect) <= ref
@@ -204,7 +206,13 @@ def test_odd_curves_never_raise(tmp_path: Path, kind: str) -> None:
 
 def test_constant_loss_is_flat_not_anything_else(tmp_path: Path) -> None:
     run = write_run(tmp_path / "const", {"train/loss": np.full(300, 2.302585)})
-    assert curve_findings(run) == {"loss-flat"}
+    # ln(10) with num_classes 10: flat, and at the chance level (explained by loss-flat)
+    report = runlens.analyze(run, runlens.AnalyzeOptions(only=CURVE_NAMES))
+    assert serious(report) == {"loss-flat", "not-learning"}
+    (nl,) = [f for f in report.findings if f.signature == "not-learning"]
+    assert nl.explained_by == "loss-flat"
+    other = write_run(tmp_path / "const3", {"train/loss": np.full(300, 3.0)})
+    assert curve_findings(other) == {"loss-flat"}  # flat, but not at ln(10)
 
 
 # -- documentation ------------------------------------------------------------------------

@@ -211,6 +211,7 @@ def _evals_after(p: Params, n: int) -> int:
     evaluations (at least 1) when that is fewer, so short epoch-level logs are checked."""
     return int(max(1, min(int(p.min_evals), n // 3)))
 
+
 _CAUSES = (
     "model too large for the amount of training data",
     "too little regularization (weight decay, dropout, augmentation)",

@@ -144,10 +144,11 @@ def analyze_log(log_id: str) -> LogResult:
                 span = (s.first_step, s.last_step)
             for f in report.findings:
                 if f.severity in SERIOUS:
-                    out.hits.append(
-                        Hit(item.label, f.signature, f.severity, f.steps, f.series, span,
-                            run.x_axis, f.summary)  # fmt: skip
-                    )
+                    hit = Hit(
+                        item.label, f.signature, f.severity, f.steps, f.series, span,
+                        run.x_axis, f.summary,
+                    )  # fmt: skip
+                    out.hits.append(hit)
     except Exception as exc:  # a refused log is a failure, not a crash of the scorer
         out.error = f"{type(exc).__name__}: {exc}"
     return out
