@@ -21,13 +21,14 @@ class LrTooHighWarmup(Signature):
 
     What it detects:
         The learning rate has a warm-up: it starts below half its peak and rises to 95% of
-        it. The training loss's level (a centred median over 5 points, 3 on sparse logs)
-        turns up during the warm-up: from its lowest level inside the warm-up it rises to
+        it. The training loss's level (a centred median over the points up to the end of
+        the high-LR phase: of 5 points, 3 below 50 of them, each point on its own below
+        10, as runlens.levels does) turns up during the warm-up: from its lowest level inside the warm-up it rises to
         at least ``1 + min_rise`` times that level before the high-LR phase ends (the
         rate back below 80% of its peak, at most one warm-up length after the warm-up),
         and later the loss recovers: its lowest level after that phase gives back at
         least ``min_recovery`` of the rise. The same check runs on the validation loss (a
-        fine-tune's validation loss often shows it first) when at least 4 evaluations
+        fine-tune's validation loss often shows it first) when at least 3 evaluations
         fall inside the warm-up. A loss that rises and never comes back is loss-divergence's.
 
     Why it matters:
@@ -143,7 +144,7 @@ def _part(ctx: Context, p: Params, warm: _Warmup, name: str) -> Callable[[], Fin
                 n_warm, f"finite {name} points", MIN_WARMUP_POINTS,
                 f"in the warm-up (to step {warm.end}) with some after it",
             )  # fmt: skip
-        level = L.level_curve(raw, 5 if n_in >= 15 else 3)
+        level = L.level_curve(raw, min(L.level_window(n_in), MAX_WINDOW))
         w_level = level[:n_in]
         i_peak = int(np.argmax(w_level))
         if i_peak == 0:
@@ -194,5 +195,10 @@ def _part(ctx: Context, p: Params, warm: _Warmup, name: str) -> Callable[[], Fin
     return run
 
 
-MIN_WARMUP_POINTS = 4
-"""Loss points needed inside the warm-up to see a rise."""
+MAX_WINDOW = 5
+"""Points per median at most: a rise during a warm-up lasts tens of steps, which the
+report's 11-point levels would flatten."""
+
+MIN_WARMUP_POINTS = 3
+"""Loss points needed inside the warm-up to see a rise (a 3-epoch warm-up of an
+epoch-level log has 3)."""
