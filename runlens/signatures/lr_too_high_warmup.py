@@ -23,13 +23,14 @@ class LrTooHighWarmup(Signature):
         The learning rate has a warm-up: it starts below half its peak and rises to 95% of
         it. The training loss's level (a centred median over the points up to the end of
         the high-LR phase: of 5 points, 3 below 50 of them, each point on its own below
-        10, as runlens.levels does) turns up during the warm-up: from its lowest level inside the warm-up it rises to
-        at least ``1 + min_rise`` times that level before the high-LR phase ends (the
-        rate back below 80% of its peak, at most one warm-up length after the warm-up),
-        and later the loss recovers: its lowest level after that phase gives back at
-        least ``min_recovery`` of the rise. The same check runs on the validation loss (a
-        fine-tune's validation loss often shows it first) when at least 3 evaluations
-        fall inside the warm-up. A loss that rises and never comes back is loss-divergence's.
+        10, as runlens.levels does) turns up during the warm-up: from its lowest level
+        inside the warm-up it rises to at least ``1 + min_rise`` times that level before
+        the high-LR phase ends (the rate back below 80% of its peak, at most one warm-up
+        length after the warm-up), and later the loss recovers: its lowest level after
+        that phase gives back at least ``min_recovery`` of the rise. The same check runs
+        on the validation loss (a fine-tune's validation loss often shows it first) when
+        at least 3 evaluations fall inside the warm-up. A loss that rises and never comes
+        back is loss-divergence's.
 
     Why it matters:
         The warm-up exists to reach a high learning rate without blowing up; a loss that
