@@ -18,8 +18,10 @@ class LossCollapseZero(Signature):
     What it detects:
         From some point on, the training loss is exactly 0 at ``min_fraction`` or more of
         the remaining points, for at least ``min_points`` points and to the end of the
-        run, after a start above 0. (A loss written with few decimals shows 0 once it is
-        below its rounding step; the finding then names the log's resolution.)
+        run, after a start above 0. A loss written with few decimals (values stepping by
+        1e-6 or more) shows 0 once it is below its rounding step, which a healthy
+        converged run can reach too: there the finding is only ``info`` and names the
+        log's resolution.
 
     Why it matters:
         A real task keeps some loss on its training batches: label noise, ambiguous
@@ -94,16 +96,19 @@ class LossCollapseZero(Signature):
         initial = start_level(c)
         res = S.resolution(raw)
         first_step = int(steps[start])
+        rounded = res >= ROUNDED
         rounding = (
-            f"; the log's values step by {fmt_num(res)}, so 0 may be a value below that rounding"
-            if res >= ROUNDED
+            f"; the log's values step by {fmt_num(res)}, so 0 may be a loss below that rounding"
+            if rounded
             else ""
         )
         return [
             Finding(
                 signature=self.name,
-                severity="warning",
-                confidence=0.9 if res < ROUNDED else 0.6,
+                # Written with few decimals, 0 only says "below the rounding", where a
+                # converged regression can be too: said, but not as a warning.
+                severity="info" if rounded else "warning",
+                confidence=0.5 if rounded else 0.9,
                 summary=(
                     f"the training loss is exactly 0 at {count} of the {tail.size} points "
                     f"from {ctx.x_unit} {first_step} to the end (it started at "
