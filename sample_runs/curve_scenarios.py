@@ -288,6 +288,42 @@ def loss_spike(run_dir: Path) -> None:
     )
 
 
+def val_spike(run_dir: Path) -> None:
+    """An MLP with BatchNorm (momentum 0.5: fast running statistics) meets one corrupted
+    training batch at step 200 (inputs x30, a broken shard). In training mode the batch is
+    normalized by its own statistics, so the training loss barely notices; the running
+    statistics are polluted, so the evaluation right after jumps ~14x, and 10 steps later
+    they have washed out."""
+    torch.manual_seed(16)
+    data = classifier_data(16)
+    model = nn.Sequential(
+        nn.Linear(DIM, 64),
+        nn.BatchNorm1d(64, momentum=0.5),
+        nn.ReLU(),
+        nn.Linear(64, 64),
+        nn.BatchNorm1d(64, momentum=0.5),
+        nn.ReLU(),
+        nn.Linear(64, CLASSES),
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+
+    def hook(step: int, b: Batch) -> Batch:
+        return (b[0] * 30.0, b[1]) if step == 200 else b
+
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=400,
+        batch_size=64,
+        loss_fn=nn.functional.cross_entropy,
+        config=classifier_config(lr=2e-3, bn_momentum=0.5),
+        seed=16,
+        batch_hook=hook,
+    )
+
+
 def noisy_loss(run_dir: Path) -> None:
     """Batch size 1: each step's loss is one example's, so the curve is mostly noise."""
     torch.manual_seed(8)
@@ -408,6 +444,7 @@ SCENARIOS: list[Scenario] = [
     _scenario(not_learning, ("not-learning",)),
     _scenario(loss_collapse_zero, ("loss-collapse-zero",)),
     _scenario(loss_spike, ("loss-spike",)),
+    _scenario(val_spike, ("val-spike",)),
     _scenario(noisy_loss, ("noisy-loss",)),
     _scenario(bad_initial_loss, ("bad-initial-loss",)),
     _scenario(overfitting, ("overfitting",)),
