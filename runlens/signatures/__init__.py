@@ -32,6 +32,7 @@ from runlens.signatures.saturated_activations import SaturatedActivations
 from runlens.signatures.tiny_updates import TinyUpdates
 from runlens.signatures.underfitting import Underfitting
 from runlens.signatures.val_below_train import ValBelowTrain
+from runlens.signatures.val_spike import ValSpike
 from runlens.signatures.vanishing_gradients import VanishingGradients
 
 # Signatures read from loss and metric curves.
@@ -44,6 +45,7 @@ CURVE_SIGNATURES: tuple[type[Signature], ...] = (
     NotLearning,
     LossCollapseZero,
     LossSpike,
+    ValSpike,
     NoisyLoss,
     BadInitialLoss,
     Overfitting,

@@ -51,6 +51,7 @@ CLASS_OF: dict[str, str] = {
     "loss-divergence": "loss-divergence",
     "lr-too-high-warmup": "lr-too-high-warmup",
     "loss-spike": "loss-spike",
+    "val-spike": "loss-spike",
     "nan-inf": "nan-inf",
     "loss-flat": "not-learning",
     "not-learning": "not-learning",
