@@ -92,14 +92,11 @@ class NotLearning(Signature):
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
-        found = run_parts(
-            ctx,
-            [
-                ("training loss compared with the chance level", lambda: _at_chance(ctx, p)),
-                ("accuracy frozen at one value", lambda: _frozen(ctx, p)),
-            ],
-        )
-        return [f for f in found if f is not None]
+        parts = [("training loss compared with the chance level", lambda: _at_chance(ctx, p))]
+        # Most logs have no accuracy: then there is nothing to check, and nothing missing.
+        if any(ctx.curve(n) is not None for n in ACCURACIES):
+            parts.append(("accuracy frozen at one value", lambda: _frozen(ctx, p)))
+        return [f for f in run_parts(ctx, parts) if f is not None]
 
 
 _CAUSES = (
@@ -161,9 +158,7 @@ MIN_LOSS_POINTS = 5
 
 
 def _frozen(ctx: Context, p: Params) -> Finding | None:
-    name = next((n for n in ACCURACIES if ctx.curve(n) is not None), None)
-    if name is None:
-        return None  # most logs have no accuracy: nothing to check, nothing missing
+    name = next(n for n in ACCURACIES if ctx.curve(n) is not None)
     c = ctx.curve(name)
     assert c is not None
     steps, acc = finite_points(c)
