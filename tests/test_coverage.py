@@ -368,11 +368,14 @@ def test_wide_regression_output_gets_no_chance_check(tmp_path: Path) -> None:
     kind, reason = skipped(report)["bad-initial-loss"]
     assert kind == "task-unknown" and "--task classification:C" in reason
     assert skipped(report)["logits-as-probabilities"][0] == "task-unknown"
+    assert skipped(report)["not-learning"][0] == "task-unknown"  # no accuracy logged either
     # underfitting judges a plateau against ln(C) only: without it, not checked at all
     assert skipped(report)["underfitting"][0] == "task-unknown"
     text = terminal.render(report, width=200)
     assert re.search(r"\n  task +unknown: chance-level checks off", text)
-    assert re.search(r"\n  task unknown +bad-initial-loss, logits-as-probabilities: ", text)
+    assert re.search(
+        r"\n  task unknown +not-learning, bad-initial-loss, logits-as-probabilities: ", text
+    )
     assert re.search(r"\n  task unknown +underfitting: need the number of classes C", text)
     # Stated as a regression, the chance level does not apply: nothing left to ask for.
     stated = runlens.analyze(run, runlens.AnalyzeOptions(task="regression"))
