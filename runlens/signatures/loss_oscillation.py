@@ -210,7 +210,7 @@ class LossOscillation(Signature):
             steps, raw = steps[steps.size // 4 :], raw[raw.size // 4 :]
         if steps.size < MIN_SWING_POINTS:
             raise NotChecked.too_few(
-                int(steps.size), f"finite {name} points", MIN_SWING_POINTS + MIN_SWING_POINTS // 4,
+                int(steps.size), f"finite {name} points", MIN_SWING_POINTS,
                 f"after the warm-up (step {ctx.transient_end})",
             )  # fmt: skip
         level = float(np.median(raw))
