@@ -159,12 +159,16 @@ class Context:
     @cached_property
     def transient_end(self) -> int:
         """Last step of early-training transients: the LR warm-up if there is one, and at
-        least the first 5% of the run (and 10 steps), at most half the run. Signatures
-        about sustained behaviour ignore steps up to here."""
+        least the first 5% of the run (and 10 steps; on an epoch axis the first epoch
+        only), at most half the run. Signatures about sustained behaviour ignore steps up
+        to here."""
         if self.steps is None:
             return 0
         first, last = self.steps
-        end = first + max(10, int(0.05 * (last - first)))
+        # Each point of an epoch-indexed log averages a whole epoch: the optimizer's early
+        # transient lies inside the first one, and 10 "steps" would be 10 epochs.
+        epoch = self.x_unit == "epoch"
+        end = first if epoch else first + max(10, int(0.05 * (last - first)))
         lr = self.lr
         if lr is not None and len(lr) > 2 and np.isfinite(lr.raw).any():
             peak = float(np.nanmax(lr.raw))
