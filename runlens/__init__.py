@@ -8,6 +8,8 @@ Library API (the CLI is a thin layer over it)::
     for f in report.findings:                     # -> runlens.Finding
         print(f.signature, f.severity, f.summary)
     cmp = runlens.compare(["runs/lr_*"])          # -> runlens.Comparison
+    for event in runlens.watch("runs/live"):      # -> runlens.WatchEvent, as they happen
+        print(event.kind, event.message)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from runlens.findings import (
     Skipped,
     TaskSummary,
 )
+from runlens.live import WatchEvent, WatchOptions, watch
 from runlens.run import Run, load_run
 from runlens.signatures import REGISTRY
 
@@ -48,8 +51,11 @@ __all__ = [
     "RunlensError",
     "Skipped",
     "TaskSummary",
+    "WatchEvent",
+    "WatchOptions",
     "analyze",
     "compare",
     "load_run",
     "parse_set",
+    "watch",
 ]

@@ -849,6 +849,13 @@ def _analyze_collected(run_dirs: list[str]) -> int:
     return status
 
 
+# -- watch / triage (runlens/cli_live.py) -----------------------------------------------
+
+from runlens import cli_live  # noqa: E402  (it imports the shared options defined above)
+
+cli_live.register(cli)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:

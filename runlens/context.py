@@ -265,7 +265,12 @@ class Context:
     def _all_series(self) -> dict[str, Series]:
         sh = self._shared
         if sh.series is None:
-            sh.series = all_series(sh.run.scalars)
+            run = sh.run
+            if type(run).scalar is not Run.scalar:  # a Run serving its own series (live)
+                found = {n: run.scalar(n) for n in run.scalar_names}
+                sh.series = {n: s for n, s in found.items() if s is not None}
+            else:
+                sh.series = all_series(run.scalars)
         return sh.series
 
     def scalar(self, name: str) -> Series | None:
@@ -342,15 +347,19 @@ class Context:
     @property
     def transient_end(self) -> int:
         """Last step of early-training transients: the LR warm-up if there is one, and at
-        least the first 5% of the run (and 10 steps), at most half the run. Signatures
-        about sustained behaviour ignore steps up to here."""
+        least the first 5% of the run (and 10 steps; on an epoch axis the first epoch
+        only), at most half the run. Signatures about sustained behaviour ignore steps up
+        to here."""
         return self.cached("transient_end", self._transient_end)
 
     def _transient_end(self) -> int:
         if self.steps is None:
             return 0
         first, last = self.steps
-        end = first + max(10, int(0.05 * (last - first)))
+        # Each point of an epoch-indexed log averages a whole epoch: the optimizer's early
+        # transient lies inside the first one, and 10 "steps" would be 10 epochs.
+        epoch = self.x_unit == "epoch"
+        end = first if epoch else first + max(10, int(0.05 * (last - first)))
         lr = self.lr
         if lr is not None and len(lr) > 2 and np.isfinite(lr.raw).any():
             peak = float(np.nanmax(lr.raw))

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
-from runlens import importers
+from runlens import importers, storage
 from runlens.errors import RunLoadError
 
 MAX_DEPTH: Final = 4
@@ -68,13 +68,17 @@ class FoundRun:
     """Index of the run among those appended in one CSV file; None: the whole file."""
     lines: tuple[int, int] | None = None
     """First and last data line of that part (1-based, inclusive)."""
+    origin: str | None = None
+    """The URL the run was read from when it lives on object storage (``path`` is then
+    its local mirror, see :mod:`runlens.storage`)."""
 
 
 @dataclass(frozen=True)
 class Discovery:
     """What :func:`discover` found under ``root``."""
 
-    root: Path
+    root: Path | str
+    """The path given (a URL string for object storage)."""
     runs: tuple[FoundRun, ...]
     notes: tuple[str, ...] = field(default_factory=tuple)
     """Things a person should know: ``history.csv: 3 runs appended in one file: lines
@@ -95,7 +99,10 @@ def discover(path: str | os.PathLike[str], input_format: str | None = None) -> D
     """Every run under ``path`` (see the module docstring). ``input_format`` (one of
     ``importers.FORMATS``; None detects) keeps only runs of that format, and forces it
     for a path that is a single file. Raises :class:`RunLoadError` (one line) when the
-    path does not exist or holds nothing readable, saying what was looked for."""
+    path does not exist or holds nothing readable, saying what was looked for. A URL
+    (``s3://bucket/runs/``) is listed remotely, each run mirrored locally and found there."""
+    if storage.is_url(path):
+        return _discover_url(os.fspath(path), input_format)
     root = Path(path)
     forced = importers.check_format(input_format)
     if not root.exists():
@@ -137,6 +144,20 @@ def several_message(d: Discovery) -> str:
 
 
 # -- internals -------------------------------------------------------------------------------
+
+
+def _discover_url(url: str, input_format: str | None) -> Discovery:
+    runs: list[FoundRun] = []
+    notes: list[str] = []
+    for run_url in storage.expand_url(url):
+        d = discover(storage.localize(run_url), input_format)
+        notes += d.notes
+        for fr in d.runs:
+            origin = run_url if fr.label == "." else storage.join(run_url, fr.label)
+            runs.append(replace(fr, label=origin, origin=origin))
+    if not runs:
+        raise RunLoadError(f"{url}: no runs found: looked for {LOOKED_FOR}")
+    return Discovery(url, tuple(runs), tuple(notes))
 
 
 def _could_be(p: Path, fmt_name: str) -> bool:

@@ -348,10 +348,16 @@ def _missing_reason(ctx: Context, missing: Sequence[str]) -> str:
 
 
 def _clip_steps(f: Finding, ctx: Context) -> Finding:
-    """Keep a finding's step range inside the run, whatever the signature computed."""
+    """Keep a finding's step range inside the run, whatever the signature computed. The
+    run ends at its last logged step of any scalar: an evaluation logged after the last
+    training-loss entry (the end-of-epoch eval of an HF log) is inside it."""
     if f.steps is None or ctx.steps is None:
         return f
     lo, hi = ctx.steps
+    for name in f.series:
+        c = ctx.curve(name)
+        if c is not None and len(c):
+            lo, hi = min(lo, int(c.steps[0])), max(hi, int(c.steps[-1]))
     a = min(max(f.steps[0], lo), hi)
     b = min(max(f.steps[1], lo), hi)
     if (a, b) == f.steps:
@@ -366,7 +372,7 @@ def _run_info(run: Run) -> RunInfo:
     return RunInfo(
         name=run.name,
         # An imported log is named by where the user's log is, not by the cache entry.
-        path=str((run.meta.get("imported") or {}).get("source") or run.path),
+        path=str(run.origin or (run.meta.get("imported") or {}).get("source") or run.path),
         run_id=run.meta.get("run_id"),
         kind=run.kind,
         status=_status(run),

@@ -52,12 +52,16 @@ class Finding:
     # the finding that explains this one.
     explains: tuple[str, ...] = ()
     explained_by: str | None = None
+    series: tuple[str, ...] = ()
+    """The curves that show the problem, main one first (``("val/loss",)``); empty when
+    the finding is not about particular scalar curves (layer statistics)."""
 
     def __post_init__(self) -> None:
         if self.severity not in SEVERITY_ORDER:
             raise ValueError(f"bad severity {self.severity!r}")
         object.__setattr__(self, "confidence", float(min(1.0, max(0.0, self.confidence))))
         object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "series", tuple(self.series))
         object.__setattr__(self, "evidence", tuple(self.evidence))
         object.__setattr__(self, "causes", tuple(self.causes))
         if self.steps is not None:

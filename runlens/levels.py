@@ -53,10 +53,17 @@ class Levels:
     mode: Mode | None
 
 
+FEW_POINTS: Final = 10
+"""Below this many finite points every point is its own level (window 1): such curves are
+epoch-level logs and sparse evaluations, where each point already averages a whole epoch
+or validation pass, and a median over 3 of 5 points would mix the last evaluation with
+the one before it (a +12% rise at the last of 3 epochs would read as +6%)."""
+
+
 def level_window(n: int) -> int:
     """Odd window for a curve of ``n`` finite points: a tenth of the points, at least 3
-    (1 below 3 points), at most ``LEVEL_SPAN`` rounded up to odd."""
-    if n < 3:
+    (1 below ``FEW_POINTS`` points), at most ``LEVEL_SPAN`` rounded up to odd."""
+    if n < FEW_POINTS:
         return 1
     return max(3, min(LEVEL_SPAN, n // 10) | 1)
 

@@ -37,6 +37,15 @@ CAUSES: dict[str, tuple[str, ...]] = {
     "tiny-updates": ("vanishing-gradients",),
     # A layer behind a fully dead ReLU layer gets exactly zero gradient.
     "frozen-layer": ("dead-relu", "vanishing-gradients"),
+    # A loss that never moves leaves the accuracy where it started.
+    "not-learning": (
+        "loss-flat",
+        "logits-as-probabilities",
+        "frozen-layer",
+        "vanishing-gradients",
+        "dead-relu",
+        "tiny-updates",
+    ),
     "loss-flat": (
         "logits-as-probabilities",
         "frozen-layer",

@@ -84,6 +84,9 @@ class Run:
     source_format: str = "runlens"
     rank: int | None = None
     """Rank whose layer/scalar data is analyzed (the lowest present); None if no data."""
+    origin: str | None = None
+    """Where the run was read from when that is not ``path``: the URL of a run on object
+    storage (``path`` is then its local mirror, see runlens.storage)."""
 
     facts: RunFacts = field(default_factory=RunFacts, repr=False)
     _files: dict[str, list[Path]] = field(default_factory=dict, repr=False)
@@ -682,3 +685,64 @@ def _read_events(root: Path, warnings: list[str]) -> list[dict[str, Any]]:
 
 def _short(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+
+
+# -- following a live run (runlens.live): one segment, one event line at a time -------------
+
+
+def read_meta(root: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """``run.json`` of ``root`` (None when absent) and the problems tolerated reading it.
+    The collector rewrites it atomically, so it can be read at any moment."""
+    warnings: list[str] = []
+    return _read_meta(root, warnings), warnings
+
+
+def read_segment(path: Path, table: str) -> pl.DataFrame:
+    """One complete segment of ``table`` (``scalars`` / ``layers``) with every column of
+    the format in order (absent optional ones as nulls) and the dictionary columns as
+    strings, so segments read one by one concatenate. Raises RunLoadError when the file
+    is not a readable segment of that table."""
+    schema = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
+    try:
+        bad = _type_mismatch(pq.read_schema(path), schema)
+        if bad:
+            raise RunLoadError(f"segment {path.name}: {bad}")
+        df = pl.read_parquet(path)
+    except RunLoadError:
+        raise
+    except Exception as exc:
+        raise RunLoadError(f"unreadable segment {path.name}: {_short(exc)}") from None
+    empty = pl.from_arrow(schema.empty_table())
+    assert isinstance(empty, pl.DataFrame)
+    cols = []
+    for name, dtype in empty.schema.items():
+        target = pl.String if isinstance(dtype, pl.Categorical) else dtype
+        if name in df.columns:
+            cols.append(pl.col(name).cast(target))
+        elif name in ("step", "layer", "kind", "name"):
+            raise RunLoadError(f"segment {path.name}: missing column {name}")
+        else:
+            cols.append(pl.lit(None, target).alias(name))
+    return df.select(cols)
+
+
+def read_events_from(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """Complete lines of ``events.jsonl`` from byte ``offset`` on, and the offset after
+    the last complete line (a line still being appended is left for the next call).
+    Malformed lines are skipped, as in :func:`load_run`."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except OSError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    events = []
+    for line in data[:end].splitlines():
+        try:
+            ev = json.loads(line.decode("utf-8", "replace"))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(ev, dict):
+            events.append(ev)
+    return events, offset + end

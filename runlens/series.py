@@ -164,13 +164,19 @@ def find_spikes(
     st = np.asarray(steps)
     if x.size < 5:
         return []
-    base = rolling_median(x, window)
-    noise = rolling_mad(x, window)
-    # Floor the noise so a perfectly smooth curve does not give infinite scores.
+    # Windows cut at the ends, not padded with the end value: padding would make a spike
+    # on the first point (an epoch log's second epoch, after the transient) its own
+    # baseline.
+    base = _cut_median(x, window)
+    noise = 1.4826 * _cut_median(np.abs(x - base), window)
+    # Floor the noise so a perfectly smooth curve does not give infinite scores, and never
+    # below the log's rounding resolution: a loss written with 4 decimals that steps
+    # 1e-4 -> 2e-4 has moved by one rounding step, not by a huge number of σ.
     global_noise = robust_noise(x)
     floor = max(
         np.nanmedian(noise) * 0.25 if np.isfinite(noise).any() else 0.0,
         global_noise if np.isfinite(global_noise) else 0.0,
+        resolution(x),
         np.finfo(np.float64).tiny,  # relative floors only: verdicts must not depend on units
     )
     sigma = np.maximum(np.nan_to_num(noise, nan=floor), floor)
@@ -185,9 +191,35 @@ def find_spikes(
     ]
 
 
-def align(a_steps: np.ndarray, a_values: np.ndarray, b_steps: np.ndarray) -> np.ndarray:
+def resolution(values: np.ndarray) -> float:
+    """The rounding step of a logged series: the smallest difference between two distinct
+    finite values (0 for fewer than 2 distinct values). A loss written with 4 decimals has
+    resolution 1e-4; an unrounded float32 loss one far below any change that matters."""
+    x = np.unique(_finite(values))
+    if x.size < 2:
+        return 0.0
+    return float(np.min(np.diff(x)))
+
+
+def _cut_median(x: np.ndarray, window: int) -> np.ndarray:
+    """Centred rolling median of finite ``x`` whose window is cut at the ends (the first
+    point's median is over itself and the ``window // 2`` points after it)."""
+    n = x.size
+    h = max(0, min(int(window), n) // 2)
+    out = ndimage.median_filter(x, size=2 * h + 1, mode="nearest") if h else x.copy()
+    for i in range(min(h, n)):
+        out[i] = np.median(x[: i + h + 1])
+        out[n - 1 - i] = np.median(x[n - 1 - i - h :])
+    return out
+
+
+def align(
+    a_steps: np.ndarray, a_values: np.ndarray, b_steps: np.ndarray, hold: float = 0.0
+) -> np.ndarray:
     """Values of series ``a`` at the steps of ``b`` by linear interpolation over finite
-    points; NaN outside ``a``'s range (never extrapolated)."""
+    points; NaN outside ``a``'s range (never extrapolated), except within ``hold`` steps
+    of either end, where ``a``'s end value holds (an evaluation logged just after the last
+    training-loss point of an epoch still pairs with it)."""
     s = np.asarray(a_steps, dtype=np.float64)
     x = np.asarray(a_values, dtype=np.float64)
     q = np.asarray(b_steps, dtype=np.float64)
@@ -196,9 +228,15 @@ def align(a_steps: np.ndarray, a_values: np.ndarray, b_steps: np.ndarray) -> np.
     if ok.sum() == 0:
         return out
     s, x = s[ok], x[ok]
-    inside = (q >= s[0]) & (q <= s[-1])
-    out[inside] = np.interp(q[inside], s, x)
+    inside = (q >= s[0] - hold) & (q <= s[-1] + hold)
+    out[inside] = np.interp(q[inside], s, x)  # np.interp holds the end values outside
     return out
+
+
+def typical_gap(steps: np.ndarray) -> float:
+    """Median spacing of consecutive distinct steps (0 for fewer than 2)."""
+    s = np.unique(np.asarray(steps, dtype=np.float64))
+    return float(np.median(np.diff(s))) if s.size >= 2 else 0.0
 
 
 def windows_where(mask: np.ndarray, min_len: int = 1) -> list[tuple[int, int]]:

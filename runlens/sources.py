@@ -70,14 +70,25 @@ def open_run(
 
 def open_found(found: discover.FoundRun, mapping: Mapping[str, str] | None = None) -> Run:
     """Open one run that :func:`runlens.discover.discover` found."""
+    if found.origin is not None:
+        try:
+            return _open_found(found, mapping)
+        except RunLoadError as exc:  # name the URL, not its local mirror
+            raise RunLoadError(str(exc).replace(str(found.path), found.origin)) from None
+    return _open_found(found, mapping)
+
+
+def _open_found(found: discover.FoundRun, mapping: Mapping[str, str] | None) -> Run:
     p, source_format = found.path, found.format
     if source_format == importers.RUNLENS:
         if mapping:
             raise RunLoadError("--map applies to imported logs, not to runlens run directories")
-        return load_run(p)
-    run_dir = imported_dir(p, source_format, mapping, found.part)
-    run = load_run(run_dir)
-    run.source_format = source_format
+        run = load_run(p)
+    else:
+        run = load_run(imported_dir(p, source_format, mapping, found.part))
+        run.source_format = source_format
+    if found.origin is not None:
+        run.origin = found.origin
     return run
 
 

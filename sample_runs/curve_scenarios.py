@@ -7,6 +7,7 @@ scaled last layer...), so the diagnosis is tested against real training dynamics
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from sample_runs.common import (
     CLASSES,
     DIM,
     Batch,
+    Data,
     Scenario,
     classifier_config,
     classifier_data,
@@ -179,6 +181,84 @@ def loss_flat(run_dir: Path) -> None:
     )
 
 
+def not_learning(run_dir: Path) -> None:
+    """The labels were shuffled apart from their inputs (a misaligned label file): nothing
+    links x to y, so the loss stays at the chance level ln(8) for the whole run."""
+    torch.manual_seed(13)
+    data = classifier_data(13)
+    g = torch.Generator().manual_seed(113)
+    data.y = data.y[torch.randperm(len(data.y), generator=g)]
+    data.yv = data.yv[torch.randperm(len(data.yv), generator=g)]
+    model = mlp([DIM, 64, 64, CLASSES])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=400,
+        batch_size=64,
+        loss_fn=nn.functional.cross_entropy,
+        config=classifier_config(lr=1e-3),
+        seed=13,
+    )
+
+
+def lr_too_high_warmup(run_dir: Path) -> None:
+    """SGD+momentum warmed up over 100 steps to lr 0.5, too high for this LeakyReLU MLP,
+    then cosine decay: the loss climbs several-fold as the rate peaks and comes back down
+    as it decays."""
+    torch.manual_seed(14)
+    data = classifier_data(14)
+    model = mlp([DIM, 64, 64, CLASSES], act=nn.LeakyReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    total, warm = 400, 100
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=total,
+        batch_size=64,
+        loss_fn=nn.functional.cross_entropy,
+        config=classifier_config(lr=0.5, schedule="warmup+cosine", warmup_steps=warm),
+        seed=14,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, factor),
+    )
+
+
+def loss_collapse_zero(run_dir: Path) -> None:
+    """The label leaked into the inputs (a one-hot copy of y appended to x, in both
+    splits): Adam at 3e-2 drives the cross-entropy to exactly 0.0 in float32 within a few
+    dozen steps."""
+    torch.manual_seed(15)
+    data = classifier_data(15)
+
+    def leak(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, 10.0 * nn.functional.one_hot(y, CLASSES).float()], 1)
+
+    data = Data(leak(data.x, data.y), data.y, leak(data.xv, data.yv), data.yv)
+    model = mlp([DIM + CLASSES, 64, 64, CLASSES])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=400,
+        batch_size=64,
+        loss_fn=nn.functional.cross_entropy,
+        config=classifier_config(lr=3e-2, leak="one-hot label in the inputs"),
+        seed=15,
+    )
+
+
 def loss_spike(run_dir: Path) -> None:
     """The healthy classifier, but three batches are corrupted (inputs scaled x8, labels
     shuffled), as a broken shard would: isolated spikes that recover."""
@@ -204,6 +284,42 @@ def loss_spike(run_dir: Path) -> None:
         loss_fn=nn.functional.cross_entropy,
         config=classifier_config(lr=2e-3),
         seed=7,
+        batch_hook=hook,
+    )
+
+
+def val_spike(run_dir: Path) -> None:
+    """An MLP with BatchNorm (momentum 0.5: fast running statistics) meets one corrupted
+    training batch at step 200 (inputs x30, a broken shard). In training mode the batch is
+    normalized by its own statistics, so the training loss barely notices; the running
+    statistics are polluted, so the evaluation right after jumps ~14x, and 10 steps later
+    they have washed out."""
+    torch.manual_seed(16)
+    data = classifier_data(16)
+    model = nn.Sequential(
+        nn.Linear(DIM, 64),
+        nn.BatchNorm1d(64, momentum=0.5),
+        nn.ReLU(),
+        nn.Linear(64, 64),
+        nn.BatchNorm1d(64, momentum=0.5),
+        nn.ReLU(),
+        nn.Linear(64, CLASSES),
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+
+    def hook(step: int, b: Batch) -> Batch:
+        return (b[0] * 30.0, b[1]) if step == 200 else b
+
+    fit(
+        run_dir,
+        model,
+        opt,
+        data,
+        steps=400,
+        batch_size=64,
+        loss_fn=nn.functional.cross_entropy,
+        config=classifier_config(lr=2e-3, bn_momentum=0.5),
+        seed=16,
         batch_hook=hook,
     )
 
@@ -289,17 +405,15 @@ def underfitting(run_dir: Path) -> None:
 
 
 def val_below_train(run_dir: Path) -> None:
-    """Dropout 0.6 plus strong train-only input noise: the training loss is measured on a
-    much harder problem than the validation loss."""
+    """The validation split is a copy of the 512 training examples (a split bug) and dropout
+    0.5 keeps the training loss up: the model memorizes them, so the eval-mode validation
+    loss falls far below the dropout-mode training loss, further than dropout or
+    augmentation alone take it (a 0.6 dropout with train-only input noise gave a 41% gap)."""
     torch.manual_seed(12)
-    data = classifier_data(12)
-    model = mlp([DIM, 128, 128, CLASSES], dropout=0.6)
+    train = gaussian_mixture(512, 16, DIM, CLASSES, seed=12, sep=1.0, clusters_per_class=2)
+    data = Data(train.x, train.y, train.x.clone(), train.y.clone())
+    model = mlp([DIM, 256, 256, CLASSES], dropout=0.5)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(112)
-
-    def augment(x: torch.Tensor) -> torch.Tensor:
-        return x + 1.0 * torch.randn(x.shape, generator=g)
-
     fit(
         run_dir,
         model,
@@ -308,9 +422,8 @@ def val_below_train(run_dir: Path) -> None:
         steps=400,
         batch_size=64,
         loss_fn=nn.functional.cross_entropy,
-        config=classifier_config(lr=2e-3, dropout=0.6),
+        config=classifier_config(lr=2e-3, dropout=0.5, val_split="copy of train"),
         seed=12,
-        train_transform=augment,
     )
 
 
@@ -325,9 +438,13 @@ SCENARIOS: list[Scenario] = [
     _scenario(healthy_schedule, ()),
     _scenario(nan_inf, ("nan-inf",)),
     _scenario(loss_divergence, ("loss-divergence",)),
+    _scenario(lr_too_high_warmup, ("lr-too-high-warmup",)),
     _scenario(loss_oscillation, ("loss-oscillation",)),
     _scenario(loss_flat, ("loss-flat",)),
+    _scenario(not_learning, ("not-learning",)),
+    _scenario(loss_collapse_zero, ("loss-collapse-zero",)),
     _scenario(loss_spike, ("loss-spike",)),
+    _scenario(val_spike, ("val-spike",)),
     _scenario(noisy_loss, ("noisy-loss",)),
     _scenario(bad_initial_loss, ("bad-initial-loss",)),
     _scenario(overfitting, ("overfitting",)),

@@ -126,14 +126,27 @@ def _copy(src: Path, dst: Path, factor: float) -> Path:
     return dst
 
 
+# underfitting is not here: "high" means high against the chance level ln(C), which is in
+# the units of a cross-entropy loss; on a regression it does not run (next test).
 @pytest.mark.parametrize(
-    "name", ["healthy-regression", "loss-divergence", "loss-flat", "overfitting", "underfitting"]
+    "name", ["healthy-regression", "loss-divergence", "loss-flat", "overfitting"]
 )
 def test_verdict_is_scale_invariant(tmp_path: Path, name: str) -> None:
     ref = curve_findings(_copy(SAMPLES / name, tmp_path / "x1", 1.0))
     assert set(by_name(name).expect) <= ref
     for factor in (1e-20, 1e20):
         assert curve_findings(_copy(SAMPLES / name, tmp_path / f"x{factor}", factor)) == ref
+
+
+def test_underfitting_needs_the_chance_level(tmp_path: Path) -> None:
+    """The underfitting sample is found against ln(8); declared a regression (no chance
+    level) the same curves are not judged, and the coverage says why."""
+    assert "underfitting" in curve_findings(SAMPLES / "underfitting")
+    report = runlens.analyze(_copy(SAMPLES / "underfitting", tmp_path / "reg", 1.0))
+    assert "underfitting" not in {f.signature for f in report.findings}
+    (skip,) = [s for s in report.skipped if s.signature == "underfitting"]
+    assert skip.kind == "not-applicable"
+    assert "chance level" in skip.reason and "regression" in skip.reason
 
 
 # -- odd input never raises ----------------------------------------------------------------
@@ -193,7 +206,13 @@ def test_odd_curves_never_raise(tmp_path: Path, kind: str) -> None:
 
 def test_constant_loss_is_flat_not_anything_else(tmp_path: Path) -> None:
     run = write_run(tmp_path / "const", {"train/loss": np.full(300, 2.302585)})
-    assert curve_findings(run) == {"loss-flat"}
+    # ln(10) with num_classes 10: flat, and at the chance level (explained by loss-flat)
+    report = runlens.analyze(run, runlens.AnalyzeOptions(only=CURVE_NAMES))
+    assert serious(report) == {"loss-flat", "not-learning"}
+    (nl,) = [f for f in report.findings if f.signature == "not-learning"]
+    assert nl.explained_by == "loss-flat"
+    other = write_run(tmp_path / "const3", {"train/loss": np.full(300, 3.0)})
+    assert curve_findings(other) == {"loss-flat"}  # flat, but not at ln(10)
 
 
 # -- documentation ------------------------------------------------------------------------
@@ -204,7 +223,8 @@ def test_signature_is_documented(sig: type) -> None:
     doc = sig.doc()
     for section in DOC_SECTIONS:
         assert f"{section}:" in doc, f"{sig.name} lacks '{section}'"
-    assert sig.requires and "train/loss" in sig.requires[0]
+    # the loss curve it reads comes first (val-spike reads the validation loss only)
+    assert sig.requires and any(c in sig.requires[0] for c in ("train/loss", "val/loss"))
     for p in sig.params:
         assert p.doc and p.source, f"{sig.name}.{p.name} needs a doc and a source"
 

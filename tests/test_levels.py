@@ -54,11 +54,12 @@ def imported(tmp_path_factory: pytest.TempPathFactory, training: Training) -> di
 
 def expected_levels(values: np.ndarray, steps: np.ndarray, mode: str) -> tuple:
     """docs/report-schema.md "Levels", written out independently of runlens.levels:
-    medians over 2h + 1 points (cut at the ends), window a tenth of the points, 3..11."""
+    medians over 2h + 1 points (cut at the ends), window a tenth of the points, 3..11,
+    and 1 (the raw values) below 10 points."""
     ok = np.isfinite(values)
     x, s = values[ok], steps[ok]
     n = x.size
-    w = 1 if n < 3 else max(3, min(10, n // 10) | 1)
+    w = 1 if n < 10 else max(3, min(10, n // 10) | 1)
     h = w // 2
     lv = np.array([np.median(x[max(0, i - h) : i + h + 1]) for i in range(n)])
     i = int(np.argmin(lv) if mode == "min" else np.argmax(lv))
@@ -69,21 +70,26 @@ def expected_levels(values: np.ndarray, steps: np.ndarray, mode: str) -> tuple:
 
 
 def test_levels_definition_on_a_small_curve() -> None:
-    steps = np.arange(0, 90, 10)
-    raw = np.array([5.0, 4.0, 9.0, 3.0, np.nan, 3.0, 2.0, 8.0, 6.0])
+    steps = np.arange(0, 110, 10)
+    raw = np.array([5.0, 4.0, 9.0, 3.0, np.nan, 3.0, 2.0, 8.0, 6.0, 7.0, 5.0])
     lv = L.levels(steps, raw, "min")
-    assert lv is not None and lv.window == 3  # 8 finite points: at least 3
-    # finite points 5 4 9 3 3 2 8 6 -> levels 4.5 5 4 3 3 3 6 7 (window cut at the ends)
-    assert (lv.first, lv.final) == (4.5, 7.0)
+    assert lv is not None and lv.window == 3  # 10 finite points: at least 3
+    # finite points 5 4 9 3 3 2 8 6 7 5 -> levels 4.5 5 4 3 3 3 6 7 6 6 (window cut at the ends)
+    assert (lv.first, lv.final) == (4.5, 6.0)
     assert (lv.best, lv.best_step) == (3.0, 30)  # first of the tied lowest levels
-    assert lv.final_step == 80
+    assert lv.final_step == 100
     up = L.levels(steps, raw, "max")
     assert (up.best, up.best_step) == (7.0, 80)
     raw_lv = L.levels(steps, raw, "min", window=1)  # a schedule: the raw values
-    assert (raw_lv.final, raw_lv.best, raw_lv.best_step) == (6.0, 2.0, 60)
-    assert L.levels(steps, np.full(9, np.nan), "min") is None
-    assert [L.level_window(n) for n in (1, 2, 3, 29, 40, 60, 99, 100, 10_000)] == [
-        1, 1, 3, 3, 5, 7, 9, 11, 11,
+    assert (raw_lv.final, raw_lv.best, raw_lv.best_step) == (5.0, 2.0, 60)
+    assert L.levels(steps, np.full(11, np.nan), "min") is None
+    # Fewer than 10 points (an epoch-level log): every point is its own level, so a rise
+    # at the last of a few evaluations is not halved by a median with the one before.
+    few = L.levels(steps[:9], raw[:9], "min")
+    assert few is not None and few.window == 1
+    assert (few.first, few.final, few.best, few.best_step) == (5.0, 6.0, 2.0, 60)
+    assert [L.level_window(n) for n in (1, 2, 3, 9, 10, 29, 40, 60, 99, 100, 10_000)] == [
+        1, 1, 1, 1, 3, 3, 5, 7, 9, 11, 11,
     ]  # fmt: skip
 
 

@@ -26,6 +26,7 @@ from runlens.findings import Report
 from runlens.levels import tail_levels
 from runlens.run import Run
 from runlens.sources import open_found
+from runlens.storage import is_url
 
 ProgressFn = Callable[[int, int], None]
 """Called as ``on_progress(done, total)`` after each run is loaded and analyzed."""
@@ -55,13 +56,13 @@ def expand_inputs(
     for item in items:
         text = os.fspath(item)
         paths = [text]
-        if _GLOB_CHARS.search(text) and not os.path.exists(text):
+        if _GLOB_CHARS.search(text) and not os.path.exists(text) and not is_url(text):
             paths = sorted(glob.glob(os.path.expanduser(text)))
             if not paths:
                 errors.append(CompareError(text, f"no run matches {text!r}"))
         for p in paths:
             try:
-                found += discover(Path(p).expanduser(), input_format).runs
+                found += discover(p if is_url(p) else Path(p).expanduser(), input_format).runs
             except RunlensError as exc:
                 errors.append(CompareError(p, str(exc)))
     return found, errors
@@ -149,9 +150,10 @@ def dedupe(sources: list[Run | FoundRun]) -> tuple[list[Run | FoundRun], list[st
 
 
 def source_path(s: Run | FoundRun) -> str:
+    path = s.origin if isinstance(s, FoundRun) and s.origin else str(s.path)
     if isinstance(s, FoundRun) and s.part is not None:
-        return f"{s.path}#{s.part + 1}"
-    return str(s.path)
+        return f"{path}#{s.part + 1}"
+    return path
 
 
 def nothing_message(errors: list[CompareError]) -> str:

@@ -30,7 +30,7 @@ from runlens_collect import format as fmt
 
 from runlens.errors import OptionError, RunLoadError
 
-IMPORTER_VERSION: Final = 2
+IMPORTER_VERSION: Final = 3
 """Bumped when an importer's output changes, so cached imports are rebuilt."""
 
 RUNLENS: Final = "runlens"
@@ -229,7 +229,9 @@ ALIASES: Final[dict[str, tuple[str, ...]]] = {
         "loss/train",
         "training_loss",
         "training/loss",
+        "trn_loss",
         "loss",
+        "total_loss",
         "train/epoch_loss",
         "train_loss_epoch",
     ),
@@ -297,6 +299,8 @@ _ALIAS_INDEX: Final = {
 # Pattern rules, tried after the aliases (rank 100): Lightning's LearningRateMonitor
 # ("lr-Adam", "lr-Adam/pg2") and prefixed validation/training metrics.
 _LR_MONITOR = re.compile(r"^lr-[A-Za-z0-9_.]+(?:/pg(\d+))?$")
+_ULTRALYTICS_LR = re.compile(r"^(?:lr/pg|x/lr)(\d+)$", re.IGNORECASE)
+"""Ultralytics' per-group learning rates, 0-based: ``lr/pg0`` (YOLOv8), ``x/lr0`` (v5)."""
 _VAL_PREFIX = re.compile(r"^(?:val|valid|validation|eval)[_/](.+)$", re.IGNORECASE)
 _TRAIN_PREFIX = re.compile(r"^(?:train|training)[_/](.+)$", re.IGNORECASE)
 _PATTERN_RANK: Final = 100
@@ -318,6 +322,9 @@ def canonical_name(raw: str) -> tuple[str, float]:
         split = "val" if split in ("validation", "valid", "eval", "evaluation") else split
         target, rank = canonical_name(f"{split}/{m.group('rest')}")
         return target, rank + 0.5
+    m = _ULTRALYTICS_LR.match(raw)
+    if m:
+        return fmt.lr_name(int(m.group(1))), _PATTERN_RANK
     m = _LR_MONITOR.match(raw)
     if m:
         group = int(m.group(1)) - 1 if m.group(1) else 0
@@ -391,9 +398,13 @@ def _eval_sets(names: list[str], out: dict[str, tuple[str, float]]) -> None:
     if any(target == fmt.VAL_LOSS and rank < _PATTERN_RANK for target, rank in out.values()):
         return  # a plain eval_loss/val_loss: that is the validation loss
     sets = []
+    lower = {n.lower() for n in names}
     for raw in names:
         m = _EVAL_SET_LOSS.match(raw)
         if m and m.group("set").lower() not in ("", "train"):
+            part = m.group("set").lower()
+            if any(f"train{sep}{part}_loss" in lower for sep in ("/", "_")):
+                continue  # val/box_loss beside train/box_loss: a loss component, not a set
             sets.append((raw[: m.start("set")], m.group("set")))
     if not sets:
         return
@@ -499,6 +510,9 @@ def write_run(
     mapping: Mapping[str, str] | None = None,
 ) -> None:
     """Write ``log`` as a runlens run directory (scalars, layers, run.json)."""
+    from runlens.importers.components import add_totals
+
+    add_totals(log)
     names, name_warnings = resolve_names([s.name for s in log.scalars], mapping, log.hints)
     warnings = [*log.warnings, *name_warnings]
     if mapping:

@@ -17,27 +17,35 @@ from runlens.signatures.frozen_layer import FrozenLayer
 from runlens.signatures.input_bound import InputBound
 from runlens.signatures.large_updates import LargeUpdates
 from runlens.signatures.logits_as_probabilities import LogitsAsProbabilities
+from runlens.signatures.loss_collapse_zero import LossCollapseZero
 from runlens.signatures.loss_divergence import LossDivergence
 from runlens.signatures.loss_flat import LossFlat
 from runlens.signatures.loss_oscillation import LossOscillation
 from runlens.signatures.loss_spike import LossSpike
 from runlens.signatures.lr_range_test import LRRangeTest
+from runlens.signatures.lr_too_high_warmup import LrTooHighWarmup
 from runlens.signatures.nan_inf import NanInf
 from runlens.signatures.noisy_loss import NoisyLoss
+from runlens.signatures.not_learning import NotLearning
 from runlens.signatures.overfitting import Overfitting
 from runlens.signatures.saturated_activations import SaturatedActivations
 from runlens.signatures.tiny_updates import TinyUpdates
 from runlens.signatures.underfitting import Underfitting
 from runlens.signatures.val_below_train import ValBelowTrain
+from runlens.signatures.val_spike import ValSpike
 from runlens.signatures.vanishing_gradients import VanishingGradients
 
 # Signatures read from loss and metric curves.
 CURVE_SIGNATURES: tuple[type[Signature], ...] = (
     NanInf,
     LossDivergence,
+    LrTooHighWarmup,
     LossOscillation,
     LossFlat,
+    NotLearning,
+    LossCollapseZero,
     LossSpike,
+    ValSpike,
     NoisyLoss,
     BadInitialLoss,
     Overfitting,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from runlens_collect import format as fmt
 
 from runlens import series as S
 from runlens.context import Context
@@ -15,11 +16,14 @@ class LossDivergence(Signature):
     """The training loss climbs away from the best level it reached and stays up.
 
     What it detects:
-        After the warm-up transient, the late training loss (median of the last points) is
-        far above the best level reached before (the lowest rolling median, or the initial
-        loss if the run never got below it): the run has diverged or is diverging. A loss
-        that blows up in the first steps and stays up counts too: the initial loss is taken
-        before the blow-up.
+        After the warm-up transient, the late training loss (median of the last
+        ``late_fraction`` of the points) is far above the best level reached before (the
+        lowest rolling median, or the initial loss if the run never got below it): the run
+        has diverged or is diverging, or it ended far above its best (a transformer whose
+        loss rose 3× over its last 60 of 400 steps). A loss that blows up in the first
+        steps and stays up counts too: the initial loss is taken before the blow-up. Needs
+        ``min_points`` points after the warm-up (on 10–19 points the late level is the
+        median of the last third, at most 5).
 
     Why it matters:
         Training is supposed to lower the loss. A persistent rise means every further step
@@ -60,12 +64,19 @@ class LossDivergence(Signature):
             "fraction of the post-transient points whose median is the late level",
             "runlens default: long enough that a spike near the end does not count",
         ),
+        Param(
+            "min_points",
+            10,
+            "finite training-loss points after the warm-up needed (an epoch-level log of "
+            "10 epochs is checked)",
+            "runlens default (was 20, the shared minimum of the curve signatures)",
+        ),
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
-        v = loss_view(ctx)
+        v = loss_view(ctx, min_points=int(p.min_points))
         n = len(v)
-        k = max(5, int(p.late_fraction * n))
+        k = max(min(5, n // 3), int(p.late_fraction * n))
         late = float(np.median(v.raw[-k:]))
         before = v.level[: n - k]
         if before.size == 0 or not np.isfinite(before).any():
@@ -92,15 +103,16 @@ class LossDivergence(Signature):
             steps, level = v.steps, v.level
         after = np.flatnonzero((steps > best_step) & (level >= half))
         began = int(steps[after[0]]) if after.size else best_step
+        unit = ctx.x_unit
         return [
             Finding(
                 signature=self.name,
                 severity="error",
                 confidence=confidence(rise, p.min_rise),
                 summary=(
-                    f"training loss rose from {fmt_num(best)} (step {best_step}) to "
-                    f"{fmt_num(late)} at the end ({rise:.1f}× the loss scale); the rise "
-                    f"began around step {began}"
+                    f"training loss rose from {fmt_num(best)} ({unit} {best_step}) to "
+                    f"{fmt_num(late)} at the end ({rise:.1f}× the loss scale): the run ended "
+                    f"far above its best; the rise began around {unit} {began}"
                 ),
                 steps=(began, v.last_step),
                 evidence=(
@@ -108,7 +120,7 @@ class LossDivergence(Signature):
                     Evidence("best level", best),
                     Evidence("late level", late),
                     Evidence("initial loss", v.start),
-                    Evidence("rise began at step", began),
+                    Evidence(f"rise began at {unit}", began),
                 ),
                 causes=(
                     "learning rate too high for this model/batch size",
@@ -118,5 +130,6 @@ class LossDivergence(Signature):
                 ),
                 fix="Lower the learning rate 3–10× or add warm-up, clip gradients "
                 "(clip_grad_norm_ 1.0), and restart from a checkpoint before the rise.",
+                series=(fmt.TRAIN_LOSS,),
             )
         ]

@@ -59,7 +59,12 @@ class LossFlat(Signature):
             "largest relative drop of the loss below its initial level that still counts as flat",
             "runlens calibration (healthy sample runs drop > 80%)",
         ),
-        Param("min_points", 30, "fewer finite loss points than this: too short to judge"),
+        Param(
+            "min_points",
+            10,
+            "fewer finite loss points than this: too short to judge",
+            "runlens default (was 30; lowered so a 10-epoch log, each point an epoch, is checked)",
+        ),
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
@@ -117,5 +122,6 @@ class LossFlat(Signature):
                 ),
                 fix="Check the LR and that optimizer.step() updates model.parameters() "
                 "(requires_grad); verify the setup can overfit one batch.",
+                series=(fmt.TRAIN_LOSS,),
             )
         ]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+from runlens_collect import format as fmt
 
 from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
 from runlens.signatures._curves import confidence, loss_scale, loss_view
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures.base import NotChecked, Param, Params, Signature
 
 
 class NoisyLoss(Signature):
@@ -18,7 +19,9 @@ class NoisyLoss(Signature):
         The robust step-to-step noise of the training loss (σ from the median absolute
         deviation of first differences, after the transient) is a large fraction of the
         loss scale: the larger of the late loss level and the improvement made since the
-        start. The trend is then hard to see and each update follows mostly noise.
+        start. The trend is then hard to see and each update follows mostly noise. Not
+        applicable to a loss logged per epoch (each point an epoch average: no batch noise
+        left to measure).
 
     Why it matters:
         The per-step loss is a mean over the batch; its noise falls as 1/√batch. Noise
@@ -57,6 +60,13 @@ class NoisyLoss(Signature):
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
+        if ctx.x_unit == "epoch":
+            raise NotChecked(
+                "the training loss is logged per epoch: each point averages a whole epoch, "
+                "so there is no per-batch noise to measure (swings between epochs are "
+                "loss-oscillation's)",
+                "not-applicable",
+            )
         v = loss_view(ctx)
         noise = S.robust_noise(v.raw)
         level = float(np.median(v.raw[len(v) // 2 :]))
@@ -93,6 +103,7 @@ class NoisyLoss(Signature):
                 ),
                 fix="Increase the batch size or accumulate gradients (scale the LR with it), "
                 "or lower the learning rate.",
+                series=(fmt.TRAIN_LOSS,),
             )
         ]
 

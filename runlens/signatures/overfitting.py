@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from runlens_collect import format as fmt
 
+from runlens import levels as L
 from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
-from runlens.signatures._curves import TINY, confidence, finite_points
+from runlens.signatures._curves import TINY, confidence, finite_points, loss_scale, start_level
 from runlens.signatures.base import NotChecked, Param, Params, Signature
 
 
@@ -18,11 +21,18 @@ class Overfitting(Signature):
 
     What it detects:
         The validation loss reaches its best level and then ends at least ``min_rise``
-        above it, over at least ``min_evals`` later evaluations, while the training loss at
-        the end is no higher than at the best validation step. Best and final are the
-        report's levels (runlens.levels: medians of a few evaluations around each one, the
-        numbers the header shows). Without a validation loss, the same on validation
-        accuracy with an absolute drop of ``min_acc_drop``.
+        above it, over at least ``min_evals`` later evaluations (a third of the
+        evaluations, at least 1, when there are fewer than ``3 × min_evals``: an
+        epoch-level log with 3 evaluations is checked), while the training loss at the end
+        is not higher than at the best validation step by more than ``min_rise`` of its
+        scale (the larger of its level and its improvement since the start: a per-batch
+        loss wobbling near 0 after falling from 0.6 has not risen). Best and final are the report's
+        levels (runlens.levels: medians of a few evaluations around each one, each
+        evaluation on its own below 10 of them; the numbers the header shows). The
+        training loss is read at the evaluation steps; an evaluation logged after the last
+        training-loss point (the end-of-epoch evaluation) pairs with that last point when
+        it lies within one logging interval of it. Without a validation loss, the same on
+        validation accuracy with an absolute drop of ``min_acc_drop``.
 
     Why it matters:
         The model is memorizing the training set instead of learning what generalizes.
@@ -63,7 +73,14 @@ class Overfitting(Signature):
             "absolute drop of validation accuracy from its best (when no val loss)",
             "runlens default",
         ),
-        Param("min_evals", 3, "validation evaluations needed after the best one"),
+        Param(
+            "min_evals",
+            3,
+            "validation evaluations needed after the best one (a third of the evaluations, "
+            "at least 1, on shorter logs)",
+            "runlens default; lowered on short logs because a 3-epoch fine-tune "
+            "(hf-bert-mood-3ep, dev corpus) overfits in its last epoch",
+        ),
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
@@ -75,36 +92,36 @@ class Overfitting(Signature):
             raise NotChecked.too_few(
                 int(t_raw.size), f"finite {fmt.TRAIN_LOSS} points", MIN_TRAIN_POINTS
             )
-        t_level = S.rolling_median(t_raw, max(5, t_raw.size // 20) | 1)
-        need = int(p.min_evals) + 2
+        # The report's level of the training loss at each point (runlens.levels).
+        t_level = L.level_curve(t_raw, L.level_window(t_raw.size))
         counts = []
         for name, on in ((fmt.VAL_LOSS, self._on_loss), (fmt.VAL_ACCURACY, self._on_accuracy)):
             c = ctx.curve(name)
             if c is None:
                 continue
-            n = int(np.isfinite(c.raw).sum())
-            if n >= need:
-                return on(ctx, p, t_steps, t_level)
-            counts.append(f"{n} {name}")
+            v_steps, _ = finite_points(c)
+            if v_steps.size >= MIN_EVALS:
+                hold = max(S.typical_gap(t_steps), S.typical_gap(v_steps))
+                start = start_level(train)
+                tv = _Train(t_steps, t_level, hold, t_raw[0] if start is None else start)
+                return on(ctx, p, tv, _evals_after(p, v_steps.size))
+            counts.append(f"{v_steps.size} {name}")
         raise NotChecked(
-            f"only {' and '.join(counts)} evaluations with a finite value, needs {need} "
-            f"(min_evals {int(p.min_evals)} after the best one)",
+            f"only {' and '.join(counts)} evaluations with a finite value, needs {MIN_EVALS}",
             "too-few-points",
         )
 
-    def _on_loss(
-        self, ctx: Context, p: Params, t_steps: np.ndarray, t_level: np.ndarray
-    ) -> list[Finding]:
+    def _on_loss(self, ctx: Context, p: Params, tv: _Train, min_after: int) -> list[Finding]:
         assert ctx.val_loss is not None
         got = _best_and_final(ctx, fmt.VAL_LOSS)
         if got is None:
             return []
         b_step, e_step, after, best, final = got
         rise = (final - best) / max(abs(best), TINY)
-        if after < p.min_evals or not np.isfinite(rise) or rise < p.min_rise:
+        if after < min_after or not np.isfinite(rise) or rise < p.min_rise:
             return []
         unit = ctx.x_unit
-        train_at = _train_fell(t_steps, t_level, b_step, e_step)
+        train_at = _train_fell(tv, b_step, e_step, p.min_rise)
         if train_at is None:
             return []  # training got worse too: not overfitting (divergence, drift)
         tb, te = train_at
@@ -116,13 +133,14 @@ class Overfitting(Signature):
                 confidence=confidence(rise, p.min_rise),
                 summary=(
                     f"validation loss rose {rise:.0%} from its best {fmt_num(best)} at {unit} "
-                    f"{b_step} to {fmt_num(final)} while training loss fell "
+                    f"{b_step} to {fmt_num(final)} while training loss {_went(tb, te)} "
                     f"{fmt_num(tb)} → {fmt_num(te)}; the gap widened "
                     f"{fmt_num(gap_b)} → {fmt_num(gap_e)}"
                 ),
                 steps=(b_step, e_step),
                 evidence=(
                     Evidence("val loss rise / best", rise, p.min_rise, ">="),
+                    Evidence("evaluations after the best", after, min_after, ">="),
                     Evidence("best val loss", best),
                     Evidence(f"best val {unit}", b_step),
                     Evidence("final val loss", final),
@@ -134,12 +152,11 @@ class Overfitting(Signature):
                 ),
                 causes=_CAUSES,
                 fix=_fix(ctx, b_step, "lowest val loss", fmt.VAL_LOSS),
+                series=(fmt.VAL_LOSS, fmt.TRAIN_LOSS),
             )
         ]
 
-    def _on_accuracy(
-        self, ctx: Context, p: Params, t_steps: np.ndarray, t_level: np.ndarray
-    ) -> list[Finding]:
+    def _on_accuracy(self, ctx: Context, p: Params, tv: _Train, min_after: int) -> list[Finding]:
         acc = ctx.curve(fmt.VAL_ACCURACY)
         assert acc is not None
         got = _best_and_final(ctx, fmt.VAL_ACCURACY)
@@ -147,10 +164,10 @@ class Overfitting(Signature):
             return []
         b_step, e_step, after, best, final = got
         drop = best - final
-        if after < p.min_evals or not np.isfinite(drop) or drop < p.min_acc_drop:
+        if after < min_after or not np.isfinite(drop) or drop < p.min_acc_drop:
             return []
         unit = ctx.x_unit
-        train_at = _train_fell(t_steps, t_level, b_step, e_step)
+        train_at = _train_fell(tv, b_step, e_step, p.min_rise)
         if train_at is None:
             return []
         tb, te = train_at
@@ -161,7 +178,8 @@ class Overfitting(Signature):
                 confidence=confidence(drop, p.min_acc_drop),
                 summary=(
                     f"validation accuracy fell from {best:.1%} at {unit} {b_step} to "
-                    f"{final:.1%} while training loss fell {fmt_num(tb)} → {fmt_num(te)}"
+                    f"{final:.1%} while training loss {_went(tb, te)} {fmt_num(tb)} → "
+                    f"{fmt_num(te)}"
                 ),
                 steps=(b_step, e_step),
                 evidence=(
@@ -175,12 +193,24 @@ class Overfitting(Signature):
                 ),
                 causes=_CAUSES,
                 fix=_fix(ctx, b_step, "best val accuracy", fmt.VAL_ACCURACY),
+                series=(fmt.VAL_ACCURACY, fmt.TRAIN_LOSS),
             )
         ]
 
 
-MIN_TRAIN_POINTS = 10
-"""Fewer finite training-loss points: no smoothed training curve to compare against."""
+MIN_TRAIN_POINTS = 2
+"""Fewer finite training-loss points: no training trend to compare against."""
+
+MIN_EVALS = 3
+"""Fewer finite evaluations: no best with a later one to compare it with (3: the best may
+be the middle one of a 3-epoch log)."""
+
+
+def _evals_after(p: Params, n: int) -> int:
+    """Evaluations needed after the best: ``min_evals``, or a third of the ``n``
+    evaluations (at least 1) when that is fewer, so short epoch-level logs are checked."""
+    return int(max(1, min(int(p.min_evals), n // 3)))
+
 
 _CAUSES = (
     "model too large for the amount of training data",
@@ -214,14 +244,37 @@ def _task_evidence(ctx: Context, curve: str) -> tuple[Evidence, ...]:
     )
 
 
+@dataclass(frozen=True)
+class _Train:
+    """The training loss as overfitting compares it with the validation curve."""
+
+    steps: np.ndarray
+    level: np.ndarray
+    """The report's level at each point (runlens.levels)."""
+    hold: float
+    """An evaluation this many steps past the last training point still pairs with it."""
+    start: float
+
+
 def _train_fell(
-    t_steps: np.ndarray, t_level: np.ndarray, b_step: int, e_step: int
+    tv: _Train, b_step: int, e_step: int, max_rise: float
 ) -> tuple[float, float] | None:
-    """Smoothed training loss at the best-val and last steps; None unless it did not rise."""
-    tb, te = (float(x) for x in S.align(t_steps, t_level, np.array([b_step, e_step])))
-    if not (np.isfinite(tb) and np.isfinite(te)) or te > tb:
+    """Training-loss level at the best-val and last evaluation steps; None when it rose
+    between them by more than ``max_rise`` of its scale (training got worse too:
+    divergence or drift, not overfitting). The scale is the larger of the level and the
+    improvement since the start, so a per-batch loss wobbling near 0 (1e-3 → 9e-3 after
+    falling from 0.6) does not count as a rise."""
+    at = S.align(tv.steps, tv.level, np.array([b_step, e_step]), hold=tv.hold)
+    tb, te = (float(x) for x in at)
+    if not (np.isfinite(tb) and np.isfinite(te)):
+        return None
+    if te - tb > max_rise * loss_scale(tv.start, tb):
         return None
     return tb, te
+
+
+def _went(tb: float, te: float) -> str:
+    return "fell" if te <= tb else "stayed low"
 
 
 def _fix(ctx: Context, b_step: int, why: str, curve: str) -> str:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+from runlens_collect import format as fmt
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
 from runlens.signatures._curves import (
     TINY,
-    chance_for_part,
     confidence,
     finite_points,
     loss_view,
     nonzero_start,
 )
-from runlens.signatures.base import Param, Params, Signature
+from runlens.signatures.base import NotChecked, Param, Params, Signature
 
 
 class Underfitting(Signature):
@@ -24,8 +24,15 @@ class Underfitting(Signature):
         After dropping at least ``min_progress`` from its start (otherwise see loss-flat),
         the training loss has plateaued — its median changed less than ``max_late_change``
         from the 3rd to the 4th quarter of the run — at a level at least
-        ``min_level_ratio`` of a reference: chance level ln(C) for classification, the
-        initial loss otherwise. When a validation loss exists it must be high and flat too.
+        ``min_level_ratio`` of the chance level ln(C) of a classification. When a
+        validation loss exists it must be high and flat too.
+
+        Without a chance level (task unknown, regression, language modeling) it does not
+        run, and the report says so: the initial loss is no reference for "high". A
+        fine-tune starts near its final loss and a converged regression keeps much of its
+        initial MSE: six healthy logs of the development corpus (hf-text-cls-19k,
+        lightning-stellar-regression-v16/v25/v41, lightning-tcc-cnn1d-v4,
+        tb-lightning-quantae-plateau) plateaued at 0.49–0.91 of their initial loss.
 
     Why it matters:
         The model cannot fit even the training data: more steps will not help. The
@@ -57,8 +64,7 @@ class Underfitting(Signature):
         Param(
             "min_level_ratio",
             0.35,
-            "late loss / reference (ln(C) for classification, else initial loss) above which "
-            "the plateau counts as high",
+            "late loss / chance level ln(C) above which the plateau counts as high",
             "runlens calibration: healthy sample runs end ≤ 0.15, the linear-model sample ≈ 0.58",
         ),
         Param(
@@ -77,12 +83,16 @@ class Underfitting(Signature):
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
+        chance = ctx.task.chance_level
+        if chance is None:
+            kind, why = ctx.task.why_no_chance()
+            raise NotChecked(
+                f"a plateau counts as high only against the chance level ln(C): {why}",
+                kind,  # type: ignore[arg-type]
+            )
         v = loss_view(ctx)
         nonzero_start(v)
-        chance = chance_for_part(
-            ctx, "plateau compared with the chance level ln(C) (the initial loss is used instead)"
-        )
-        ref = chance if chance is not None else abs(v.start)
+        ref = chance
         level = v.median(0.75, 1.0)
         progress = (v.start - level) / abs(v.start)
         change = v.late_change()
@@ -94,7 +104,7 @@ class Underfitting(Signature):
             and progress >= p.min_progress
         ):
             return []
-        ref_name = "ln(C)" if chance is not None else "initial loss"
+        ref_name = "ln(C)"
         evidence = [
             Evidence(f"late train loss / {ref_name}", ratio, p.min_level_ratio, ">="),
             Evidence("late train change", change, p.max_late_change, "|·| <="),
@@ -106,6 +116,7 @@ class Underfitting(Signature):
             f"training loss plateaued at {fmt_num(level)} ({ratio:.2f}× {ref_name} = "
             f"{fmt_num(ref)}; {change:+.1%} over the last quarter)"
         )
+        series: tuple[str, ...] = (fmt.TRAIN_LOSS,)
         if ctx.val_loss is not None:
             vs, vr = finite_points(ctx.val_loss)
             vs, vr = vs[vs > ctx.transient_end], vr[vs > ctx.transient_end]
@@ -121,6 +132,7 @@ class Underfitting(Signature):
                     Evidence("late val change", v_change, p.max_late_change, "|·| <="),
                 ]
                 summary += f"; validation plateaued too at {fmt_num(float(v4))}"
+                series = (*series, fmt.VAL_LOSS)
         return [
             Finding(
                 signature=self.name,
@@ -137,5 +149,6 @@ class Underfitting(Signature):
                 ),
                 fix="Increase model capacity or improve features/normalization; raise the LR "
                 "or decay it later; reduce regularization.",
+                series=series,
             )
         ]

@@ -20,6 +20,9 @@ class ValBelowTrain(Signature):
         training loss (its centered rolling median, so there is no smoothing lag) by a
         median relative gap of at least ``min_gap``, at ``min_fraction`` or more of the
         evaluations, and by an absolute gap of at least ``min_abs_gap`` of the initial loss.
+        A validation loss below half the training loss is more than train-only dropout or
+        augmentation usually explains (they give gaps up to about 40%, which is not
+        reported).
 
     Why it matters:
         A model normally does no better on unseen data than on its training data. A large,
@@ -54,10 +57,14 @@ class ValBelowTrain(Signature):
     params = (
         Param(
             "min_gap",
-            0.15,
+            0.5,
             "median (train − val) / train over the post-transient evaluations",
-            "runlens calibration: healthy sample runs < 0 (val above train), dropout 0.6 "
-            "with train-only noise ≈ 0.45",
+            "runlens calibration: healthy sample runs < 0 (val above train); dropout 0.6 "
+            "with train-only input noise ≈ 0.41. Raised from 0.15 by the development "
+            "corpus, whose labels call gaps that dropout/augmentation explain healthy: "
+            "other-brain-tumor-valbelow 0.39, other-nids-cnn-history 0.22, "
+            "lightning-tcc-cnn1d-v3 0.16. The val-below-train sample (validation split = "
+            "the training examples, dropout 0.5) ≈ 0.7",
         ),
         Param(
             "min_fraction",
@@ -132,5 +139,6 @@ class ValBelowTrain(Signature):
                 ),
                 fix="If train-only dropout/augmentation explains it, compare in eval mode; "
                 "otherwise check the splits for duplicates and how val loss is reduced.",
+                series=(fmt.VAL_LOSS, fmt.TRAIN_LOSS),
             )
         ]
