@@ -271,19 +271,12 @@ _RATIO = r"""
 import json, statistics, sys, time
 import polars as pl
 import runlens
-from runlens import engine
-from runlens.needs import LayerStat, NonFiniteRows
-from runlens.signatures import REGISTRY
-from runlens.run import segment_listing
 from pathlib import Path
 
 path, repeat, collect_max = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-needs = engine.plan(REGISTRY.values())
-cols = ["step", "layer", "kind", *dict.fromkeys(n.stat for n in needs if isinstance(n, LayerStat))]
-if any(isinstance(n, NonFiniteRows) for n in needs):
-    cols += [c for c in ("missing", "frac_nonfinite", "norm") if c not in cols]
-lay = pl.scan_parquet([str(f) for f in segment_listing(path, "layers")])
-sca = pl.scan_parquet([str(f) for f in segment_listing(path, "scalars")])
+cols = sys.argv[4].split(",")
+lay = pl.scan_parquet(sorted(str(f) for f in path.glob("layers/rank=*/part-*.parquet")))
+sca = pl.scan_parquet(sorted(str(f) for f in path.glob("scalars/rank=*/part-*.parquet")))
 rows = lay.select(pl.len()).collect().item()
 
 def agg(c, dtype):
@@ -340,12 +333,35 @@ def _measure(argv: list[str], timed_inside: bool) -> tuple[float, float]:
     return (float(stdout.split()[0]) if timed_inside else wall), rss
 
 
-def ratio(path: Path, repeat: int, collect_max: int) -> dict:
+def planned_columns() -> list[str]:
+    """The layers columns an analysis reads: those of ``engine.plan`` over every
+    signature (what ``runlens.analyze`` reads in its one pass)."""
+    from runlens import engine
+    from runlens.needs import LayerStat, NonFiniteRows
+    from runlens.signatures import REGISTRY
+
+    needs = engine.plan(REGISTRY.values())
+    cols = ["step", "layer", "kind"]
+    cols += dict.fromkeys(n.stat for n in needs if isinstance(n, LayerStat))
+    if any(isinstance(n, NonFiniteRows) for n in needs):
+        cols += [c for c in ("missing", "frac_nonfinite", "norm") if c not in cols]
+    return list(dict.fromkeys(cols))
+
+
+def ratio(path: Path, repeat: int, collect_max: int, code: Path | None = None) -> dict:
+    """The interleaved same-process measurement; ``code``: a checkout whose runlens is
+    timed instead of this one (the scan reads the same columns either way)."""
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code), str(code / "collectors")])
+    cols = ",".join(planned_columns())
     out = subprocess.run(
-        [sys.executable, "-c", _RATIO, str(path), str(repeat), str(collect_max)],
+        [sys.executable, "-c", _RATIO, str(path), str(repeat), str(collect_max), cols],
         check=True,
         capture_output=True,
         text=True,
+        env=env,
+        cwd=code,
     )
     return json.loads(out.stdout)
 
@@ -369,11 +385,15 @@ def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def report(path: Path, steps: int, tensors: int, repeat: int, collect_max: int) -> None:
+def report(
+    path: Path, steps: int, tensors: int, repeat: int, collect_max: int, code: Path | None
+) -> None:
     load = os.getloadavg()
     size = sum(f.stat().st_size for f in path.rglob("*.parquet")) / 2**20
-    r = ratio(path, repeat, collect_max)
-    mem = memory(path, repeat, cli=r["rows"] <= 200_000_000)
+    r = ratio(path, repeat, collect_max, code)
+    if code is not None:
+        print(f"\nanalysis timed with the runlens of {code}")
+    mem = memory(path, repeat, cli=r["rows"] <= 200_000_000) if code is None else {}
     print(
         f"\n{r['rows']:,} layer rows ({steps:,} steps × {tensors} tensors × 4 kinds), "
         f"{size:,.0f} MiB of Parquet, load average {load[0]:.1f} / {load[1]:.1f} / "
@@ -392,7 +412,8 @@ def report(path: Path, steps: int, tensors: int, repeat: int, collect_max: int) 
     if r["collect"]:
         line += f", analyze / collect scan = {a / _med(r['collect']):.2f}×"
     print(line)
-    print("| fresh process | seconds (median) | peak RSS MiB (max) |\n|---|---:|---:|")
+    if mem:
+        print("| fresh process | seconds (median) | peak RSS MiB (max) |\n|---|---:|---:|")
     for name, samples in mem.items():
         t = statistics.median(x for x, _ in samples)
         print(f"| {name} | {t:.2f} | {max(m for _, m in samples):.0f} |")
@@ -457,6 +478,8 @@ def main() -> None:
                     help="a run of STEPS steps in PARTS segments against it compacted")  # fmt: skip
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "runlens-bench")
     ap.add_argument("--profile", action="store_true", help="cProfile analyze on the largest")
+    ap.add_argument("--code", type=Path, default=None,
+                    help="time the runlens of this checkout (a `git archive` of main)")  # fmt: skip
     args = ap.parse_args()
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -477,7 +500,7 @@ def main() -> None:
         profile(runs[max(runs)])
         return
     for steps, path in runs.items():
-        report(path, steps, args.tensors, args.repeat, args.collect_max)
+        report(path, steps, args.tensors, args.repeat, args.collect_max, args.code)
 
 
 if __name__ == "__main__":

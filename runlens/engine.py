@@ -38,6 +38,9 @@ from runlens.signatures.base import NotChecked, Params, Signature
 from runlens.sources import open_run
 from runlens.task import TaskInfo, parse_task
 
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+"""Signatures run in this many threads by default: numpy and scipy release the GIL."""
+
 PREVIEW_CURVES = (fmt.TRAIN_LOSS, fmt.VAL_LOSS, "val/accuracy", "lr/0", fmt.GRAD_NORM)
 
 
@@ -56,9 +59,9 @@ class AnalyzeOptions:
     memory_mb: float = DEFAULT_MEMORY_MB
     """Bound on the memory of reading the layers table (runlens.layerscan): a run whose
     step × layer matrices would not fit is read as window levels, in chunks."""
-    workers: int = 1
+    workers: int = DEFAULT_WORKERS
     """Threads running signatures (they share one read of the run; results and report
-    are the same for any number)."""
+    are the same for any number, tests/test_concurrency.py)."""
 
     def __post_init__(self) -> None:
         validate_overrides(self.overrides)
