@@ -441,11 +441,14 @@ def segments(path: Path, parts: int, repeat: int, workdir: Path) -> None:
 import json, sys, time, runlens
 a, b, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3])
 runlens.analyze(a); runlens.analyze(b)
-ta, tb = [], []
+ta, tb, ca, cb = [], [], [], []
+def timed(p, wall, cpu):
+    # CPU seconds of the process (all threads) too: less moved by other jobs than wall
+    t, c = time.perf_counter(), time.process_time(); runlens.analyze(p)
+    wall.append(time.perf_counter() - t); cpu.append(time.process_time() - c)
 for _ in range(repeat):
-    t = time.perf_counter(); runlens.analyze(a); ta.append(time.perf_counter() - t)
-    t = time.perf_counter(); runlens.analyze(b); tb.append(time.perf_counter() - t)
-print(json.dumps([ta, tb]))
+    timed(a, ta, ca); timed(b, tb, cb)
+print(json.dumps([ta, tb, ca, cb]))
 """
     out = subprocess.run(
         [sys.executable, "-c", code, str(many), str(one), str(repeat)],
@@ -453,14 +456,19 @@ print(json.dumps([ta, tb]))
         capture_output=True,
         text=True,
     )
-    ta, tb = json.loads(out.stdout)
+    ta, tb, ca, cb = json.loads(out.stdout)
     load = os.getloadavg()
     n = len(list((many / fmt.LAYERS_DIR).glob(fmt.SEGMENT_GLOB)))
     print(f"\nsegments: {n} per table vs compacted ({done.describe()}); load {load[0]:.1f}")
-    print("| run | analyze seconds (median) | min–max |\n|---|---:|---:|")
-    print(f"| {n} segments | {_med(ta):.3f} | {min(ta):.3f}–{max(ta):.3f} |")
-    print(f"| compacted | {_med(tb):.3f} | {min(tb):.3f}–{max(tb):.3f} |")
-    print(f"{n} segments / compacted = {_med(ta) / _med(tb):.3f}")
+    print("| run | wall s (median) | min–max | CPU s (median) | min–max |")
+    print("|---|---:|---:|---:|---:|")
+    for name, w, c in ((f"{n} segments", ta, ca), ("compacted", tb, cb)):
+        print(f"| {name} | {_med(w):.3f} | {min(w):.3f}–{max(w):.3f} "
+              f"| {_med(c):.3f} | {min(c):.3f}–{max(c):.3f} |")  # fmt: skip
+    print(
+        f"{n} segments / compacted: wall {_med(ta) / _med(tb):.3f} (medians), "
+        f"{min(ta) / min(tb):.3f} (minima); CPU {_med(ca) / _med(cb):.3f} (medians)"
+    )
 
 
 def profile(path: Path, top: int = 30) -> None:
