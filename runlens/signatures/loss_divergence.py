@@ -19,7 +19,10 @@ class LossDivergence(Signature):
         far above the best level reached before (the lowest rolling median, or the initial
         loss if the run never got below it): the run has diverged or is diverging. A loss
         that blows up in the first steps and stays up counts too: the initial loss is taken
-        before the blow-up.
+        before the blow-up. While the run is still being written (``ctx.final`` False:
+        ``runlens watch``), the late level is the lower quartile of the late points instead
+        of their median, so the rise must hold for three quarters of them: a noisy run's
+        short excursion at the end of the data so far is not a divergence.
 
     Why it matters:
         Training is supposed to lower the loss. A persistent rise means every further step
@@ -66,7 +69,11 @@ class LossDivergence(Signature):
         v = loss_view(ctx)
         n = len(v)
         k = max(5, int(p.late_fraction * n))
-        late = float(np.median(v.raw[-k:]))
+        tail = v.raw[-k:]
+        # While the run goes on, the end of the data is not the end of the run: a noisy
+        # loss wanders up for a few dozen steps and comes back, a divergence stays up. Live,
+        # the late level is the lower quartile of the late points (3/4 of them high).
+        late = float(np.median(tail) if ctx.final else np.percentile(tail, 25))
         before = v.level[: n - k]
         if before.size == 0 or not np.isfinite(before).any():
             # late_fraction near 1 leaves no "before" to rise from

@@ -20,6 +20,10 @@ class ValBelowTrain(Signature):
         training loss (its centered rolling median, so there is no smoothing lag) by a
         median relative gap of at least ``min_gap``, at ``min_fraction`` or more of the
         evaluations, and by an absolute gap of at least ``min_abs_gap`` of the initial loss.
+        "Most of the run" needs the run: while it is still being written (``ctx.final``
+        False: ``runlens watch``), at least ``LIVE_MIN_EVALS`` evaluations after the
+        transient, since a young run's few evaluations all fall in its steep descent, where
+        a training loss averaged over the epoch lags the model that is evaluated.
 
     Why it matters:
         A model normally does no better on unseen data than on its training data. A large,
@@ -100,6 +104,8 @@ class ValBelowTrain(Signature):
                 int(ok.sum()), f"{fmt.VAL_LOSS} points", 3, "within the training loss's steps"
             )
         t_at, v_at, st = t_at[ok], v_raw[ok], v_steps[ok]
+        if not ctx.final and st.size < LIVE_MIN_EVALS:
+            return []  # not yet "most of the run": wait for more evaluations
         rel = (t_at - v_at) / np.abs(t_at)
         gap = float(np.median(rel))
         fraction = float(np.mean(v_at < t_at))
@@ -134,3 +140,7 @@ class ValBelowTrain(Signature):
                 "otherwise check the splits for duplicates and how val loss is reduced.",
             )
         ]
+
+
+LIVE_MIN_EVALS = 6
+"""Evaluations after the transient a live run needs (twice the post-hoc minimum of 3)."""
