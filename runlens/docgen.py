@@ -118,9 +118,9 @@ def signatures_doc() -> str:
         "",
         "`runlens watch` analyzes a run while it is written, with `Context.final` False: the "
         "end of the data is not the end of the run, so the signatures that judge the end "
-        "(`loss-divergence`, `overfitting`, `underfitting`, `val-below-train`) ask for the "
-        "confirmation their *What it detects* states ([watch](watch.md#live-findings-and-"
-        "post-hoc-findings)).",
+        "(`loss-divergence`, `loss-oscillation`, `noisy-loss`, `overfitting`, `underfitting`, "
+        "`val-below-train`) ask for the confirmation their *What it detects* states "
+        "([watch](watch.md#live-findings-and-post-hoc-findings)).",
         "",
         signature_table().replace(f"({SIGNATURES_DOC.as_posix()}#", "(#"),
         "",
