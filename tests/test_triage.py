@@ -1,4 +1,4 @@
-"""`runlens triage` over a tree of 200 runs (copies of the sample runs, imported logs,
+"""`runlens triage` over a tree of 200+ runs (copies of the sample runs, imported logs,
 broken runs): in-process, in a process pool and on Ray give the same table; the table
 holds each run's real findings; unchanged runs are not analyzed again."""
 
@@ -52,11 +52,13 @@ def read_table(out: Path) -> pl.DataFrame:
 @pytest.mark.slow
 def test_triage_of_200_runs_in_process_pool_and_ray_gives_one_table(tmp_path, tree, sample_truth):
     root, expected = tree
-    assert len(expected) == 200
+    # Six copies of every sample run: the tree grows with the samples (224 runs with 32).
+    n = len(expected)
+    assert n >= 200
     inline = triage(root, tmp_path / "inline")
-    assert (inline.runs, inline.analyzed, inline.reused) == (200, 200, 0)
+    assert (inline.runs, inline.analyzed, inline.reused) == (n, n, 0)
     df = read_table(tmp_path / "inline")
-    assert df["path"].n_unique() == 200
+    assert df["path"].n_unique() == n
 
     by_path = {p: g for (p,), g in df.group_by("path")}
     for e in expected:
@@ -79,15 +81,15 @@ def test_triage_of_200_runs_in_process_pool_and_ray_gives_one_table(tmp_path, tr
     # Several date partitions (start dates were varied), one report per readable run.
     assert df["date"].n_unique() >= 4
     reports = list((tmp_path / "inline" / "reports").glob("*.md"))
-    assert len(reports) == 200 - sum(e.error is not None for e in expected)
+    assert len(reports) == n - sum(e.error is not None for e in expected)
 
     pool = triage(root, tmp_path / "pool", TriageOptions(workers=2))
-    assert pool.analyzed == 200
+    assert pool.analyzed == n
     assert read_table(tmp_path / "pool").equals(df)
 
     pytest.importorskip("ray", reason="Ray not installed (pip install 'runlens[ray]')")
     on_ray = triage(root, tmp_path / "ray", TriageOptions(workers=2, ray="local"))
-    assert on_ray.analyzed == 200
+    assert on_ray.analyzed == n
     assert read_table(tmp_path / "ray").equals(df)
 
 
