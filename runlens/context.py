@@ -53,9 +53,20 @@ class Context:
     """Derived data for signatures; every property is computed on first use and cached."""
 
     def __init__(
-        self, run: Run, smoothing: float = S.DEFAULT_SMOOTHING, task: TaskInfo | None = None
+        self,
+        run: Run,
+        smoothing: float = S.DEFAULT_SMOOTHING,
+        task: TaskInfo | None = None,
+        final: bool = True,
     ) -> None:
         self.run = run
+        self.final = final
+        """True when the data is the whole run: its last step is the end of the run
+        (post-hoc analysis, a run that ended). False while more steps may come (the live
+        passes of ``runlens watch``): a signature that judges *the end of the run* (a late
+        level, a last quarter, a rise since the best) must not take the end of the data
+        for it; it asks for the confirmation its docstring states, or defers to the
+        final analysis."""
         self.smoothing = smoothing
         self._stated_task = task
         self._curves: dict[str, Curve | None] = {}

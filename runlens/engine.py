@@ -50,6 +50,10 @@ class AnalyzeOptions:
     task: str | None = None
     """The task of the run(s) analyzed, overriding what the run says: ``classification:10``,
     ``regression``, ``multilabel:5``, ``language-modeling``, ``unknown`` (see runlens.task)."""
+    final: bool = True
+    """The data is the whole run (post-hoc analysis). False while the run is still being
+    written (``runlens watch``'s live passes): signatures that judge the end of the run
+    then defer or ask for confirmation (``Context.final``, docs/signatures.md)."""
 
     def __post_init__(self) -> None:
         validate_overrides(self.overrides)
@@ -128,7 +132,7 @@ def analyze(run: Run | str | os.PathLike[str], options: AnalyzeOptions | None = 
     if not isinstance(run, Run):
         run = open_run(run)
     stated = parse_task(options.task) if options.task is not None else None
-    ctx = Context(run, options.smoothing, task=stated)
+    ctx = Context(run, options.smoothing, task=stated, final=options.final)
     findings: list[Finding] = []
     skipped: list[Skipped] = []
     partial: list[Skipped] = []

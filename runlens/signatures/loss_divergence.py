@@ -24,6 +24,10 @@ class LossDivergence(Signature):
         steps and stays up counts too: the initial loss is taken before the blow-up. Needs
         ``min_points`` points after the warm-up (on 10–19 points the late level is the
         median of the last third, at most 5).
+        While the run is still being written (``ctx.final`` False: ``runlens watch``), the
+        late level is the lower quartile of the late points instead of their median, so the
+        rise must hold for three quarters of them: a noisy run's short excursion at the end
+        of the data so far is not a divergence.
 
     Why it matters:
         Training is supposed to lower the loss. A persistent rise means every further step
@@ -77,7 +81,11 @@ class LossDivergence(Signature):
         v = loss_view(ctx, min_points=int(p.min_points))
         n = len(v)
         k = max(min(5, n // 3), int(p.late_fraction * n))
-        late = float(np.median(v.raw[-k:]))
+        tail = v.raw[-k:]
+        # While the run goes on, the end of the data is not the end of the run: a noisy
+        # loss wanders up for a few dozen steps and comes back, a divergence stays up. Live,
+        # the late level is the lower quartile of the late points (3/4 of them high).
+        late = float(np.median(tail) if ctx.final else np.percentile(tail, 25))
         before = v.level[: n - k]
         if before.size == 0 or not np.isfinite(before).any():
             # late_fraction near 1 leaves no "before" to rise from
