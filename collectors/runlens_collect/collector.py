@@ -124,6 +124,7 @@ class Collector:
         self._enabled = False
         self._contract = StepContract(_loss_reduction)
         self._watch_backward = _watch_backward
+        self.recorded: set[str] = set()  # step-contract scalars recorded at least once
         try:
             self._setup(dict(config or {}), start_step, resume)
             self._enabled = True
@@ -169,10 +170,11 @@ class Collector:
         # model split across devices); the collector's device (the first parameter's) first.
         by_device: dict[torch.device, list[tuple[str, nn.Parameter]]] = {self.device: []}
         for n, p in params:
-            by_device.setdefault(p.device, []).append((n, p))
+            by_device.setdefault(_device_of(p), []).append((n, p))
         self._groups: list[ParamStats] = []
-        for dev, group in by_device.items():
-            tag = "" if dev == self.device else f"@{dev}"
+        for key, group in by_device.items():
+            dev = group[0][1].device if group else key
+            tag = "" if key == self.device else f"@{key}"
             scratch = self._scratch if dev == self.device else Scratch(dev)
             self._groups.append(
                 ParamStats(
@@ -193,7 +195,7 @@ class Collector:
 
         # run.json: a new run, or the continuation of the one the directory holds
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        prev = resume_mod.find_previous(self.run_dir) if resume is not False else None
+        prev = resume_mod.find_previous(self.run_dir, self.rank) if resume is not False else None
         continuing = self._resume_point(prev, start_step, resume)
         self.start_time = time.time()
         self.run_id = uuid.uuid4().hex
@@ -248,8 +250,8 @@ class Collector:
         self._flags = StepFlags.for_step(self._step, s, kinds)
         # Moved to the device now: a host-to-device copy at the first histogram step would
         # wait for the device.
-        for dev in by_device:
-            stats.code_map_on(dev)
+        for g in self._groups:
+            stats.code_map_on(g.device)
 
         self._writer = Writer(
             self.run_dir,
@@ -282,7 +284,7 @@ class Collector:
         if start_step is not None:
             return prev is not None or start_step > 0
         if prev is None or prev.last_step is None:
-            if resume is False and any(self.run_dir.glob(f"*/{fmt.SEGMENT_GLOB}")):
+            if resume is False and any(self.run_dir.glob(f"*/rank={self.rank}/part-*")):
                 warnings.warn(
                     f"runlens_collect: {self.run_dir} already holds a run; resume=False: this "
                     "run is recorded from step 0 beside it (the analyzer will see both)",
@@ -642,6 +644,7 @@ class Collector:
             loss = contract.loss()
         if loss is not None:
             self._add_scalar(step, fmt.TRAIN_LOSS, loss)
+            self.recorded.add(fmt.TRAIN_LOSS)
         for k, v in metrics.items():
             self._add_scalar(step, f"train/{k}", v)
         if self.optimizer is not None:
@@ -668,6 +671,7 @@ class Collector:
             g.finish(parts)
         if contract.preclip is not None and not skipped:
             self._add_scalar(step, fmt.GRAD_NORM_PRECLIP, contract.preclip)
+            self.recorded.add(fmt.GRAD_NORM_PRECLIP)
         if contract.scale is not None:
             self._add_scalar(step, fmt.LOSS_SCALE, contract.scale)
         if skipped:
@@ -816,6 +820,11 @@ def _flush_at_exit(ref: weakref.ref[Collector]) -> None:
         col._closed = True
         with contextlib.suppress(Exception):
             col._shutdown(None, timeout=10.0)
+
+
+def _device_of(p: torch.Tensor) -> torch.device:
+    """The device a parameter's statistics are computed on (one ParamStats per device)."""
+    return p.device
 
 
 def _probe_site(probe: Probe) -> str:

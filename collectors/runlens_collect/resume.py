@@ -46,19 +46,21 @@ def _max_step(files: list[Path]) -> int | None:
     return best
 
 
-def find_previous(run_dir: Path) -> Previous | None:
-    """The run ``run_dir`` holds (any rank), or None when it holds none."""
+def find_previous(run_dir: Path, rank: int = 0) -> Previous | None:
+    """The run ``run_dir`` holds for ``rank`` (its segments; rank 0 also run.json, which
+    only rank 0 writes), or None when it holds none: the ranks of a distributed run start
+    at slightly different times, and another rank's first segment is no run to resume."""
     meta = None
-    try:
-        loaded = json.loads((run_dir / fmt.RUN_JSON).read_text(encoding="utf-8"))
-        meta = loaded if isinstance(loaded, dict) else None
-    except (OSError, ValueError):
-        meta = None
+    if rank == 0:
+        try:
+            loaded = json.loads((run_dir / fmt.RUN_JSON).read_text(encoding="utf-8"))
+            meta = loaded if isinstance(loaded, dict) else None
+        except (OSError, ValueError):
+            meta = None
     files = [
-        f
-        for t in (fmt.SCALARS_DIR, fmt.LAYERS_DIR)
-        for f in run_dir.glob(f"{t}/{fmt.SEGMENT_GLOB}")
+        f for t in (fmt.SCALARS_DIR, fmt.LAYERS_DIR) for f in run_dir.glob(f"{t}/rank={rank}/*")
     ]
+    files = [f for f in files if f.name.startswith("part-") and f.suffix == ".parquet"]
     if meta is None and not files:
         return None
     last = meta.get("last_step") if meta is not None else None
