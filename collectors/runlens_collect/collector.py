@@ -61,6 +61,11 @@ from runlens_collect.writer import Package, Writer
 
 __all__ = ["SCRATCH_MAX_BYTES", "Collector", "CollectorConfig"]
 
+# At import, not at the first Collector: a script that binds ``loss_fn = F.cross_entropy``
+# after ``from runlens_collect import Collector`` calls the observed function. Without a
+# collector the wrappers are pass-through.
+observe.install()
+
 
 class Collector:
     """Record a training run into ``run_dir`` in the runlens run format.
