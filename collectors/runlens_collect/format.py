@@ -85,7 +85,8 @@ RUN_JSON_KEYS: Final = {
     "task": "dict | null, what the model was trained to do, as the writer saw it (see "
     "TASK_KEYS); null when not known. Runs written before this key existed lack it: read "
     "as null",
-    "resumed": "list of {step, time, previous_last_step, previous_status}: each time training "
+    "resumed": "list of {step, time, previous_last_step, previous_status, run_id, segments} "
+    "(as the `resume` event): each time training "
     "continued into this run directory (a resume from a checkpoint); `step` is the first "
     "step recorded by the continuation. Steps from `step` on recorded earlier are replaced "
     "(the last write wins). Absent or empty: never resumed",
@@ -318,7 +319,9 @@ EVENT_KINDS: Final = {
     "skipped": "statistics dropped because the writer fell behind: {steps, total}",
     "close": "clean close: {last_step, status}",
     "resume": "training continued into this run directory: {step, previous_last_step, "
-    "previous_status, run_id}",
+    "previous_status, run_id, segments: {scalars, layers}}; `segments` are the first segment "
+    "numbers this rank's continuation writes: rows of earlier segments at `step` or later "
+    "are superseded",
     "signal": "SIGTERM/SIGINT received: the run is flushed and closed as preempted: {signal}",
 }
 """Every event line is a JSON object with ``kind`` (a key of EVENT_KINDS), ``time`` (UNIX
