@@ -379,3 +379,48 @@ def test_lightning_accumulation_records_the_modules_own_loss(tmp_path, precision
     grads = run.layer_matrix("grad", "norm").values
     np.testing.assert_allclose(np.sqrt((grads**2).sum(1)), norms.post, rtol=1e-4)
     healthy(run.path)
+
+
+def test_lightning_resume_from_a_checkpoint_continues_the_run(tmp_path):
+    L = pytest.importorskip("lightning.pytorch")
+    from runlens_collect.integrations.lightning import RunlensCallback
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+            self.own_losses: list[float] = []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = nn.functional.cross_entropy(self.net(x), y)
+            self.own_losses.append(float(loss.detach()))
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    data = DataLoader(TensorDataset(x, y), batch_size=8)
+
+    def trainer(steps):
+        return L.Trainer(
+            max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+            callbacks=[RunlensCallback()],
+        )  # fmt: skip
+
+    first, module = trainer(4), Module()
+    first.fit(module, data)
+    first.save_checkpoint(tmp_path / "step4.ckpt")
+    second, resumed = trainer(8), Module()
+    second.fit(resumed, data, ckpt_path=tmp_path / "step4.ckpt")
+    run = load_run(tmp_path / "runlens")
+    loss = run.scalar("train/loss")
+    assert loss.steps.tolist() == list(range(8))
+    np.testing.assert_allclose(loss.values, module.own_losses + resumed.own_losses, rtol=1e-6)
+    assert run.resumes == (4,)
+    healthy(run.path)
