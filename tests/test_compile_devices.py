@@ -75,6 +75,7 @@ def test_compiled_model_records_without_graph_breaks(tmp_path: Path, how: str) -
     if how == "in-place":
         assert model._compiled_call_impl is not None  # restored, still compiled
         assert getattr(model._compiled_call_impl, "__name__", "") != "call"
+    healthy(tmp_path)
 
 
 def test_a_training_step_compiled_whole_drops_no_step(tmp_path: Path) -> None:
@@ -108,6 +109,7 @@ def test_a_training_step_compiled_whole_drops_no_step(tmp_path: Path) -> None:
     np.testing.assert_allclose(values_of(run, fmt.GRAD_NORM), norms, rtol=1e-4)
     assert run.scalar(fmt.STEP_SKIPPED) is None  # the optimizer step ran: none skipped
     assert run.layer_matrix(fmt.KIND_UPDATE, "norm").steps.tolist() == list(range(STEPS))
+    healthy(tmp_path)
 
 
 class TwoStages(nn.Module):

@@ -12,8 +12,10 @@ The work is done by
 * ``observe`` — the process-wide wrappers that report losses, backward, clipping, scaling;
 * ``taskinfer.TaskTracker`` — run.json ``task`` from the losses and the model class;
 * ``timing.StepTimer`` — time/step, time/data, time/compute;
-* ``resume`` — continuing a run's step axis; ``lifecycle`` — SIGTERM/SIGINT;
-* ``compiled`` — staying out of ``torch.compile``'s graphs;
+* ``hooks.Hooks`` — the hooks on the model and optimizer, and what ``observe`` reports;
+* ``lifecycle.Shutdown`` — closing, at exit and on SIGTERM/SIGINT (``lifecycle``);
+* ``resume`` — continuing a run's step axis; ``compiled`` — staying out of
+  ``torch.compile``'s graphs;
 * ``step`` — the step's flags and parts, and the ``Probe`` seam for extra statistics;
 * ``layout`` — the typed layout of a step's packed buffer (shared with the writer);
 * ``transfer.Transfer`` — host ring buffers and the non_blocking copy;
@@ -41,16 +43,12 @@ from torch import nn
 from runlens_collect import _active, lifecycle, observe, repro, runinfo, stats
 from runlens_collect import format as fmt
 from runlens_collect import resume as resume_mod
-from runlens_collect.activation_stats import ActivationStats, model_output
-from runlens_collect.compiled import (
-    CompiledCallHook,
-    compiled_in_place,
-    compiling,
-    dynamo_loaded,
-    eager,
-)
+from runlens_collect.activation_stats import ActivationStats
+from runlens_collect.compiled import compiled_in_place, compiling, dynamo_loaded
 from runlens_collect.config import CollectorConfig
 from runlens_collect.contract import MEAN, StepContract
+from runlens_collect.hooks import Hooks, Observer
+from runlens_collect.lifecycle import Shutdown, flush_at_exit
 from runlens_collect.param_stats import ParamStats
 from runlens_collect.scratch import SCRATCH_MAX_BYTES, Scratch
 from runlens_collect.step import Probe, StepFlags, StepParts
@@ -67,7 +65,7 @@ __all__ = ["SCRATCH_MAX_BYTES", "Collector", "CollectorConfig"]
 observe.install()
 
 
-class Collector:
+class Collector(Hooks, Shutdown):
     """Record a training run into ``run_dir`` in the runlens run format.
 
     Use as a context manager (``with Collector(...) as col:``) or call :meth:`close`.
@@ -139,7 +137,7 @@ class Collector:
         if self._enabled:
             _active.set_active(self)
             ref = weakref.ref(self)
-            atexit.register(_flush_at_exit, ref)
+            atexit.register(flush_at_exit, ref)
             lifecycle.register(self)
 
     # -- setup --------------------------------------------------------------------------
@@ -201,7 +199,11 @@ class Collector:
         # run.json: a new run, or the continuation of the one the directory holds
         self.run_dir.mkdir(parents=True, exist_ok=True)
         prev = resume_mod.find_previous(self.run_dir, self.rank) if resume is not False else None
-        continuing = self._resume_point(prev, start_step, resume)
+        first, continuing = resume_mod.resume_point(
+            self.run_dir, self.rank, prev, start_step, resume
+        )
+        if first is not None:
+            self._step = first
         self.start_time = time.time()
         self.run_id = uuid.uuid4().hex
         prev_meta = prev.meta if (continuing and prev is not None and prev.meta) else {}
@@ -244,7 +246,7 @@ class Collector:
                 self._handles.extend(probe.attach(inner, self.optimizer))
             except Exception as exc:
                 self._guard(_probe_site(probe), exc)
-        self._observer = _Observer(self)
+        self._observer = Observer(self)
         observe.add_listener(self._observer)
 
         # per-step state
@@ -281,63 +283,6 @@ class Collector:
         if self._is_meta_writer:
             fmt.write_json_atomic(self.meta, self.run_dir / fmt.RUN_JSON)
         self._writer.start()
-
-    def _resume_point(
-        self, prev: resume_mod.Previous | None, start_step: int | None, resume: bool | None
-    ) -> bool:
-        """Set the first step; True when this run continues another (a resume)."""
-        if start_step is not None:
-            return prev is not None or start_step > 0
-        if prev is None or prev.last_step is None:
-            if resume is False and any(self.run_dir.glob(f"*/rank={self.rank}/part-*")):
-                warnings.warn(
-                    f"runlens_collect: {self.run_dir} already holds a run; resume=False: this "
-                    "run is recorded from step 0 beside it (the analyzer will see both)",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-            return False
-        self._step = prev.last_step + 1
-        if resume is None:
-            warnings.warn(
-                f"runlens_collect: {self.run_dir} already holds a run (last step "
-                f"{prev.last_step}); continuing it at step {self._step} (a resume). Pass "
-                "start_step=N to continue from a checkpoint's step, or record into a new "
-                "directory",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        return True
-
-    def _hook_model(self) -> None:
-        root = self.model
-        if compiled_in_place(root):
-            # model.compile(): around the compiled call, outside the compiled region.
-            self._handles.append(CompiledCallHook(root, self._on_forward_pre, self._on_forward))
-            self._root_hooked = "compiled"
-        else:
-            self._handles.append(root.register_forward_pre_hook(self._on_forward_pre))
-            self._handles.append(root.register_forward_hook(self._on_forward))
-            self._root_hooked = "hooks"
-        for mod in self._acts.specs:
-            self._handles.append(mod.register_forward_hook(self._on_activation))
-
-    def _hook_optimizer(self, eagerly: bool) -> None:
-        """The optimizer's step hooks; ``eagerly``: wrapped so that compiled code calls
-        them (and ``step``) eagerly instead of tracing them (dynamo loaded)."""
-        self._opt_eager = eagerly
-        if eagerly:
-            self._step_eager = eager(self.step)
-        opt = self.optimizer
-        if opt is None:
-            return
-        for h in getattr(self, "_opt_handles", ()):
-            with contextlib.suppress(Exception):
-                h.remove()
-        pre, post = self._on_opt_pre, self._on_opt_post
-        if eagerly:
-            pre, post = eager(pre), eager(post)
-        self._opt_handles = [opt.register_step_pre_hook(pre), opt.register_step_post_hook(post)]
 
     def _layer_id(self, name: str) -> int:
         i = self._layer_ids.get(name)
@@ -391,85 +336,6 @@ class Collector:
     def _guard(self, site: str, exc: BaseException) -> None:
         self._disabled.add(site)
         self._report(site, "failed; this statistic is no longer recorded", exc)
-
-    # -- hooks (training thread) --------------------------------------------------------
-
-    def _training_forward(self) -> bool:
-        return torch.is_grad_enabled() and self.model.training
-
-    def _on_forward_pre(self, module: nn.Module, args: Any) -> None:
-        if compiling():
-            return  # inside compiled code: never traced into
-        if self._enabled and self._training_forward():
-            self._timer.forward_start()
-
-    def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        if compiling() or not self._enabled or not self._training_forward():
-            return
-        try:
-            out = model_output(output)
-            if out is None:
-                return
-            model = self.meta["model"]
-            if model.get("output_shape") is None:
-                model["output_shape"] = list(out.shape)
-            flags = self._flags
-            if flags.out and fmt.KIND_OUTPUT in self.kinds and "output" not in self._disabled:
-                self._acts.record_output(out, flags, self._parts)
-        except Exception as exc:
-            self._guard("output", exc)
-
-    def _on_activation(self, module: nn.Module, args: Any, output: Any) -> None:
-        # Off-steps, evaluation and no_grad forwards return here, before any work.
-        if compiling() or not self._flags.act or not self._enabled:
-            return
-        if self._training_forward():
-            self._acts.record(module, output, self._flags, self._parts)
-
-    def _read_grads(self) -> None:
-        scale = self._contract.grad_scale(self.optimizer)
-        for g in self._groups:
-            g.read_grads(self._flags, self._parts, scale)
-        self._contract.grads_read = True
-        self._contract.reread = False
-
-    def _on_opt_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if compiling():
-            self._opt_traced = True  # a side effect dynamo replays: the step happened
-            return
-        if not self._enabled:
-            return
-        self._opt_fired = True
-        found_inf = getattr(optimizer, "found_inf", None)  # fused optimizer + GradScaler
-        if isinstance(found_inf, torch.Tensor):
-            self._contract.device_skip = found_inf
-        if len(optimizer.param_groups) != self._groups[0].n_groups:
-            for g in self._groups:
-                g.refresh_membership(self.optimizer)
-        if not self._grads_read:
-            self._read_grads()
-        for g in self._groups:
-            g.read_weights(self._flags, self._parts)
-
-    def _on_opt_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if compiling() or not self._enabled:
-            return
-        if self._contract.reread:
-            self._read_grads()  # clipped after the last read (Lightning's closure)
-        for g in self._groups:
-            g.read_update(self._flags, self._parts)
-
-    def _on_signal(self, signum: int) -> None:
-        """SIGTERM/SIGINT (lifecycle): flush, close as preempted."""
-        if self._closed:
-            return
-        if self._writer is not None:
-            self._writer.event("signal", signal=int(signum), step=self._step)
-        self._closed = True
-        try:
-            self._shutdown(fmt.STATUS_PREEMPTED, timeout=20.0, pending=False)
-        except Exception as exc:
-            self._report("close", "closing after a signal failed", exc, event=False)
 
     # -- public API ---------------------------------------------------------------------
 
@@ -531,19 +397,6 @@ class Collector:
             self._maintain()
             self._timer.next_step(t_entry)
 
-    def _maintain(self) -> None:
-        """Once per step: catch up with compilation that happened since setup."""
-        if not self._opt_eager and dynamo_loaded() and not self._closed:
-            with contextlib.suppress(Exception):
-                self._hook_optimizer(eagerly=True)
-        if self._root_hooked == "hooks" and compiled_in_place(self.model):
-            # model.compile() after setup: its hooks now run inside the compiled call
-            # (returning at once there); record around the compiled call instead.
-            self._root_hooked = "compiled"
-            self._handles.append(
-                CompiledCallHook(self.model, self._on_forward_pre, self._on_forward)
-            )
-
     def log(self, values: Mapping[str, Any]) -> None:
         """Record scalars under their given names at the last completed step.
 
@@ -590,24 +443,6 @@ class Collector:
             self.close(fmt.STATUS_PREEMPTED)
         else:
             self.close(fmt.STATUS_CRASHED)
-
-    # -- observed (observe.Listener, through _Observer) ---------------------------------
-
-    def _observed_loss(self, name: str, args: Any, kwargs: Any, out: Any) -> None:
-        if self._enabled and not self._closed and not self._task.final:
-            self._task.loss(name, args, kwargs, out)
-
-    def _observed_backward(self, t: torch.Tensor) -> None:
-        if self._enabled and not self._closed and self._watch_backward:
-            self._contract.on_backward(t)
-
-    def _observed_clip(self, params: list[torch.Tensor], norm: Any) -> None:
-        if self._enabled and not self._closed and params and id(params[0]) in self._param_ids:
-            self._contract.on_clip(norm)
-
-    def _observed_scale(self, scaler: Any, loss: torch.Tensor, scaled: torch.Tensor) -> None:
-        if self._enabled and not self._closed:
-            self._contract.on_scale(scaler, loss, scaled)
 
     # -- the end of a step --------------------------------------------------------------
 
@@ -738,93 +573,6 @@ class Collector:
         self._report(
             "writer", "writer fell behind; statistics of some steps dropped", None, event=False
         )
-
-    # -- shutdown -----------------------------------------------------------------------
-
-    def _on_flush(self, last_step: int) -> None:
-        # Runs on the writer thread.
-        if self._is_meta_writer:
-            self.meta["last_step"] = last_step
-            fmt.write_json_atomic(self.meta, self.run_dir / fmt.RUN_JSON)
-
-    def _remove_hooks(self) -> None:
-        for h in [*self._handles, *getattr(self, "_opt_handles", ())]:
-            with contextlib.suppress(Exception):
-                h.remove()
-        self._handles = []
-        self._opt_handles = []
-
-    def _shutdown(self, status: str | None, timeout: float = 60.0, pending: bool = True) -> None:
-        self._remove_hooks()
-        lifecycle.unregister(self)
-        observer = getattr(self, "_observer", None)
-        if observer is not None:
-            observe.remove_listener(observer)
-        if _active.get_active() is self:
-            _active.set_active(None)
-        writer = self._writer
-        if writer is None:
-            return
-        if pending and self._parts.has_scalars():
-            # log() after the last step: ship it in a final package (scalars only).
-            self._parts.sections.clear()
-            self._parts.latest.clear()
-            self._emit(max(self._first_step, self._step - 1), time.time())
-        if status is not None:
-            writer.event("close", last_step=self._step - 1 if self._step else None, status=status)
-        with contextlib.suppress(queue.Full):
-            writer.queue.put(None, timeout=timeout)
-        writer.join(timeout)
-        if writer.is_alive():
-            self._report("writer", "writer did not finish in time; the last rows may be lost", None)
-        if status is not None and self._is_meta_writer:
-            self.meta["status"] = status
-            self.meta["end_time"] = time.time()
-            if writer.last_step is not None:
-                self.meta["last_step"] = writer.last_step
-            try:
-                fmt.write_json_atomic(self.meta, self.run_dir / fmt.RUN_JSON)
-            except Exception as exc:
-                self._report("close", "writing run.json failed", exc, event=False)
-        self._enabled = False
-
-
-class _Observer:
-    """The collector's ``observe`` listener (weakly held there; the collector holds it)."""
-
-    def __init__(self, col: Collector) -> None:
-        self._col = weakref.ref(col)
-        if col._watch_backward:
-            self.on_backward = self._backward
-
-    def on_loss(self, name: str, args: Any, kwargs: Any, out: Any) -> None:
-        col = self._col()
-        if col is not None:
-            col._observed_loss(name, args, kwargs, out)
-
-    def _backward(self, t: torch.Tensor) -> None:
-        col = self._col()
-        if col is not None:
-            col._observed_backward(t)
-
-    def on_clip(self, params: list[torch.Tensor], norm: Any) -> None:
-        col = self._col()
-        if col is not None:
-            col._observed_clip(params, norm)
-
-    def on_scale(self, scaler: Any, loss: torch.Tensor, scaled: torch.Tensor) -> None:
-        col = self._col()
-        if col is not None:
-            col._observed_scale(scaler, loss, scaled)
-
-
-def _flush_at_exit(ref: weakref.ref[Collector]) -> None:
-    # A collector never closed: write what is buffered, leave the status 'running'.
-    col = ref()
-    if col is not None and not col._closed:
-        col._closed = True
-        with contextlib.suppress(Exception):
-            col._shutdown(None, timeout=10.0)
 
 
 def _device_of(p: torch.Tensor) -> torch.device:

@@ -13,6 +13,7 @@ checkpoint superseded, and the analyzer drops them (the run reads as one).
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,3 +84,32 @@ def resume_record(
         "segments": dict(segments),
         "run_id": run_id,
     }
+
+
+def resume_point(
+    run_dir: Path, rank: int, prev: Previous | None, start_step: int | None, resume: bool | None
+) -> tuple[int | None, bool]:
+    """(the first step, or None to keep the one given; whether this run continues the one
+    the directory holds). Warns when a directory's run is continued by default, or when
+    ``resume=False`` records beside one."""
+    if start_step is not None:
+        return None, prev is not None or start_step > 0
+    if prev is None or prev.last_step is None:
+        if resume is False and any(run_dir.glob(f"*/rank={rank}/part-*")):
+            warnings.warn(
+                f"runlens_collect: {run_dir} already holds a run; resume=False: this run is "
+                "recorded from step 0 beside it (the analyzer will see both)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return None, False
+    first = prev.last_step + 1
+    if resume is None:
+        warnings.warn(
+            f"runlens_collect: {run_dir} already holds a run (last step {prev.last_step}); "
+            f"continuing it at step {first} (a resume). Pass start_step=N to continue from "
+            "a checkpoint's step, or record into a new directory",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return first, True
