@@ -96,8 +96,17 @@ def hist_table() -> str:
     return "\n".join(lines)
 
 
+def scalar_names_table() -> str:
+    lines = ["| name | when and what |", "|---|---|"]
+    for name, text in fmt.SCALAR_NAMES.items():
+        shown = ", ".join(f"`{n.strip()}`" for n in name.split(","))
+        lines.append(f"| {shown} | {text.replace('|', '&#124;')} |")
+    return "\n".join(lines)
+
+
 def sections() -> dict[str, str]:
     return {
+        "scalar-names": scalar_names_table(),
         "run-json": keys_table(fmt.RUN_JSON_KEYS),
         "model-summary": keys_table(fmt.MODEL_SUMMARY_KEYS),
         "task": keys_table(fmt.TASK_KEYS),

@@ -113,10 +113,16 @@ class Context:
             if s is None:
                 self._curves[name] = None
             else:
+                steps, values = s.steps, s.values
+                if name in fmt.SKIP_SENSITIVE and self.run.skipped_steps.size:
+                    # Gradients of a skipped step (inf under an AMP overflow) were never
+                    # applied: not part of the run's gradient history.
+                    keep = ~np.isin(steps, self.run.skipped_steps)
+                    steps, values = steps[keep], values[keep]
                 # A schedule is set, not measured: never smoothed (its "smooth" is the raw).
                 schedule = is_schedule(name, self.run.meta)
-                smooth = s.values.copy() if schedule else S.ema_debiased(s.values, self.smoothing)
-                self._curves[name] = Curve(name, s.steps, s.values, smooth)
+                smooth = values.copy() if schedule else S.ema_debiased(values, self.smoothing)
+                self._curves[name] = Curve(name, steps, values, smooth)
         return self._curves[name]
 
     def levels(self, name: str) -> Levels | None:
@@ -192,7 +198,16 @@ class Context:
 
     # -- layers -------------------------------------------------------------------------
     def layer(self, kind: str, stat: str) -> LayerMatrix | None:
-        return self.run.layer_matrix(kind, stat)
+        """A step × layer matrix; gradient and update rows of skipped steps (an AMP
+        overflow the optimizer never applied) are dropped."""
+        m = self.run.layer_matrix(kind, stat)
+        skipped = self.run.skipped_steps
+        if m is None or kind not in (fmt.KIND_GRAD, fmt.KIND_UPDATE) or not skipped.size:
+            return m
+        keep = ~np.isin(m.steps, skipped)
+        if keep.all():
+            return m
+        return LayerMatrix(m.kind, m.stat, m.steps[keep], m.layers, m.values[keep])
 
     def module_type(self, layer: str) -> str:
         """Class name of the module at path ``layer`` (or owning parameter ``layer``)."""

@@ -352,6 +352,8 @@ def summarize(ctx: Context, options: AnalyzeOptions | None = None) -> RunSummary
         best_task_metric_step=task_lv.best_step if task_lv else None,
         planned_length=plan[0] if plan else None,
         planned_unit=plan[1] if plan else None,
+        resumed_at=run.resumes,
+        skipped_steps=int(run.skipped_steps.size),
         **_sanity_summary(ctx, options or AnalyzeOptions()),
     )
 
@@ -430,6 +432,10 @@ def _end_state(run: Run) -> tuple[bool, str]:
         return False, "finished cleanly (close event; run.json missing or unreadable)"
     if status == fmt.STATUS_CRASHED:
         return True, "training raised an exception (status crashed)"
+    if status == fmt.STATUS_PREEMPTED:
+        last = run.meta.get("last_step")
+        where = f" after step {last}" if last is not None else ""
+        return True, f"stopped by a signal (SIGTERM/SIGINT: preempted){where}; flushed and closed"
     last = run.meta.get("last_step")
     where = f" after step {last}" if last is not None else ""
     return True, f"ended abnormally{where}: status {status!r} and no clean close (killed?)"

@@ -6,7 +6,8 @@ The data model (what signatures see) is:
 * ``Run.scalars``: LazyFrame ``step:i64, wall_time:f64, name:str, value:f64, rank:i64``.
 * ``Run.layers``: LazyFrame with the columns of ``format.LAYERS_SCHEMA`` plus ``rank``, or
   ``None`` when the run has no layer statistics.
-* ``Run.events``: the parsed lines of ``events.jsonl``.
+* ``Run.events``: the parsed lines of ``events.jsonl`` and of the other ranks' event
+  files (``events-rank<N>.jsonl``), in time order.
 * ``Run.warnings``: one line per problem tolerated while loading (a skipped segment...).
 
 Code that needs its own polars query on ``scalars``/``layers`` runs it through
@@ -16,6 +17,11 @@ instead of failing the analysis.
 Helpers return numpy arrays: :meth:`Run.scalar` one series (sorted by step, one value per
 step: the last one written wins), :meth:`Run.layer_matrix` a step × layer matrix of one
 statistic. Both are cached, so signatures can ask freely.
+
+A run resumed into the same directory reads as one run: rows that the continuation
+superseded (at or after its first step, in segments written before it: the attempt the
+checkpoint replaced) are dropped (``Run.resumes``, run.json ``resumed``). Steps whose
+optimizer update was skipped (AMP overflow) are listed in ``Run.skipped_steps``.
 """
 
 from __future__ import annotations
@@ -113,6 +119,23 @@ class Run:
     def clean_close(self) -> bool:
         return any(e.get("kind") == "close" for e in self.events)
 
+    @property
+    def resumes(self) -> tuple[int, ...]:
+        """Steps at which training continued into this run (resumed from a checkpoint)."""
+        steps = {int(r["step"]) for r in fmt.read_resumed(self.meta)}
+        steps |= {step for step, _ in _resume_cuts(self.events, self.rank, fmt.SCALARS_DIR)}
+        return tuple(sorted(steps))
+
+    @cached_property
+    def skipped_steps(self) -> np.ndarray:
+        """Steps whose optimizer update did not happen (``optim/skipped`` is 1: an AMP
+        GradScaler found inf/NaN gradients, or ``optimizer.step()`` was not called).
+        Their gradient statistics were never applied; readers ignore them."""
+        s = self.scalar(fmt.STEP_SKIPPED)
+        if s is None:
+            return np.zeros(0, np.int64)
+        return s.steps[np.nan_to_num(s.values, nan=0.0) > 0.5]
+
     # -- scalars ----------------------------------------------------------------------
     def query(self, table: str, build: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame:
         """Run ``build`` on the scalars (``table="scalars"``) or layers frame and collect it
@@ -147,7 +170,7 @@ class Run:
         if len(good) == len(files):
             return False
         self._files[table] = good
-        lf = _scan(good, self.rank, schema)
+        lf = _scan(good, self.rank, schema, _resume_cuts(self.events, self.rank, table))
         if table == fmt.SCALARS_DIR:
             self.scalars = lf
         else:
@@ -433,16 +456,34 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     rank = ranks[0] if ranks else None
     if len(ranks) > 1:
         warnings.append(f"run has ranks {ranks}; analyzing rank {rank}")
-    scalars = _scan(scalar_files, rank, fmt.SCALARS_SCHEMA)
-    layers = _scan(layer_files, rank, fmt.LAYERS_SCHEMA) if layer_files else None
+    events = _read_events(root, warnings)
+    for r in fmt.read_resumed(meta):  # rank 0's, in case its events file was lost
+        if not any(e.get("kind") == "resume" and e.get("step") == r["step"] for e in events):
+            events.append({"kind": "resume", "rank": 0, **r})
+    scalars = _scan(
+        scalar_files, rank, fmt.SCALARS_SCHEMA, _resume_cuts(events, rank, fmt.SCALARS_DIR)
+    )
+    layers = (
+        _scan(layer_files, rank, fmt.LAYERS_SCHEMA, _resume_cuts(events, rank, fmt.LAYERS_DIR))
+        if layer_files
+        else None
+    )
     if not scalar_files and not layer_files:
         warnings.append("run has no data segments yet")
     # A log converted by `runlens import` says so in run.json, with its import warnings.
     imported = meta.get("imported")
     if isinstance(imported, dict):
         warnings.extend(str(w) for w in imported.get("warnings") or [])
-    events = _read_events(root, warnings)
-    run_ids = list(dict.fromkeys(str(e.get("run_id")) for e in events if e.get("kind") == "start"))
+    # Every rank writes start events (with its own id before a resume adopted rank 0's):
+    # count the runs of one rank.
+    first_rank = min((_event_rank(e) for e in events if e.get("kind") == "start"), default=0)
+    run_ids = list(
+        dict.fromkeys(
+            str(e.get("run_id"))
+            for e in events
+            if e.get("kind") == "start" and _event_rank(e) == first_rank
+        )
+    )
     if len(run_ids) > 1:
         warnings.append(
             f"this directory holds {len(run_ids)} runs (run ids {', '.join(run_ids)}); their "
@@ -592,39 +633,91 @@ def _rank_of(f: Path) -> int:
         return 0
 
 
-def _scan(files: list[Path], rank: int | None, schema: Any) -> pl.LazyFrame:
+def _scan(
+    files: list[Path],
+    rank: int | None,
+    schema: Any,
+    cuts: list[tuple[int, int]] | None = None,
+) -> pl.LazyFrame:
+    """The segments of one rank as one LazyFrame. ``cuts`` are the resumes (step, first
+    segment number of the continuation): a segment written before a resume keeps only
+    its rows before that resume's step (the rest belong to the superseded attempt)."""
     files = [f for f in files if rank is None or _rank_of(f) == rank]
     if not files:
         empty = pl.from_arrow(schema.empty_table())
         assert isinstance(empty, pl.DataFrame)
         return empty.with_columns(pl.lit(0, pl.Int64).alias("rank")).lazy()
-    lf = pl.scan_parquet([str(f) for f in files], missing_columns="insert", extra_columns="ignore")
+    groups: list[tuple[int | None, list[str]]] = []  # consecutive files with one cap
+    for f in files:
+        seq = _seq_of(f)
+        caps = [step for step, first in cuts or () if seq is not None and seq < first]
+        cap = min(caps) if caps else None
+        if groups and groups[-1][0] == cap:
+            groups[-1][1].append(str(f))
+        else:
+            groups.append((cap, [str(f)]))
+    frames = []
+    for cap, paths in groups:
+        lf = pl.scan_parquet(paths, missing_columns="insert", extra_columns="ignore")
+        frames.append(lf if cap is None else lf.filter(pl.col("step") < cap))
+    lf = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")
     return lf.with_columns(pl.lit(rank, pl.Int64).alias("rank"))
 
 
-def _read_events(root: Path, warnings: list[str]) -> list[dict[str, Any]]:
-    p = root / fmt.EVENTS_JSONL
-    if not p.exists():
-        return []
-    events: list[dict[str, Any]] = []
-    bad = 0
+def _seq_of(f: Path) -> int | None:
     try:
-        with open(p, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    ev = json.loads(line)
-                except json.JSONDecodeError:
-                    bad += 1
-                    continue
-                if isinstance(ev, dict):
-                    events.append(ev)
-    except OSError as exc:
-        warnings.append(f"events.jsonl unreadable: {_short(exc)}")
-    if bad:
-        warnings.append(f"events.jsonl: skipped {bad} malformed line(s)")
+        return int(f.stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def _event_rank(e: dict[str, Any]) -> int:
+    r = e.get("rank", 0)
+    return r if isinstance(r, int) and not isinstance(r, bool) else 0
+
+
+def _resume_cuts(
+    events: list[dict[str, Any]], rank: int | None, table: str
+) -> list[tuple[int, int]]:
+    """(step, first segment of ``table``) of each resume event of ``rank``."""
+    cuts = []
+    for e in events:
+        if e.get("kind") != "resume" or _event_rank(e) != (rank or 0):
+            continue
+        step, segs = e.get("step"), e.get("segments")
+        first = segs.get(table) if isinstance(segs, dict) else None
+        if isinstance(step, int) and isinstance(first, int):
+            cuts.append((step, first))
+    return sorted(set(cuts))
+
+
+def _read_events(root: Path, warnings: list[str]) -> list[dict[str, Any]]:
+    """Every rank's events (``events.jsonl``, ``events-rank<N>.jsonl``), by time."""
+    paths = [root / fmt.EVENTS_JSONL, *sorted(root.glob(fmt.EVENTS_RANK_GLOB))]
+    events: list[dict[str, Any]] = []
+    for p in paths:
+        if not p.exists():
+            continue
+        bad = 0
+        try:
+            with open(p, encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        ev = json.loads(line)
+                    except json.JSONDecodeError:
+                        bad += 1
+                        continue
+                    if isinstance(ev, dict):
+                        events.append(ev)
+        except OSError as exc:
+            warnings.append(f"{p.name} unreadable: {_short(exc)}")
+        if bad:
+            warnings.append(f"{p.name}: skipped {bad} malformed line(s)")
+    if len(paths) > 1:
+        events.sort(key=lambda e: e.get("time") if isinstance(e.get("time"), int | float) else 0)
     return events
 
 

@@ -385,7 +385,7 @@ def test_sigint_to_runlens_is_forwarded(launched, work):
     assert returncode == 128 + signal.SIGINT
     assert "KeyboardInterrupt" in err  # raised in the child by the forwarded signal
     meta = json.loads((work / "runs" / "sigint" / "run.json").read_text())
-    assert meta["status"] == "crashed" and meta["last_step"] >= 3
+    assert meta["status"] == "preempted" and meta["last_step"] >= 3
     assert "run recorded in" in err
 
 

@@ -209,6 +209,43 @@ def test_no_host_sync_on_training_thread(tmp_path, monkeypatch):
     assert scalars["name"].count("val/loss") == len(data)
 
 
+def test_no_host_sync_with_amp_accumulation_and_clipping(tmp_path, monkeypatch):
+    """The step contract's paths (GradScaler outputs mapped back, accumulation undone,
+    the loss scale, a fused optimizer's grad_scale and found_inf, the pre-clip norm) read
+    no device value on the training thread either."""
+    main = threading.main_thread()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(8)]
+    col = Collector(model, opt, run_dir=tmp_path, activation_every=2, hist_every=2)
+    for name in ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__"):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, _orig=orig, _name=name, **k):
+            if threading.current_thread() is main:
+                raise AssertionError(f"Tensor.{_name} called on the training thread")
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    for step in range(4):
+        opt.zero_grad()
+        for x, y in data[2 * step : 2 * step + 2]:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss / 2).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)  # (scaled: a no-op clip)
+        scaler.step(opt)
+        scaler.update()
+        col.step()
+    monkeypatch.undo()
+    col.close()
+    assert col.warnings == []
+    scalars = read_table(tmp_path, fmt.SCALARS_DIR)
+    for name in (fmt.TRAIN_LOSS, fmt.LOSS_SCALE, fmt.STEP_SKIPPED, fmt.GRAD_NORM_PRECLIP):
+        assert scalars["name"].count(name) == 4, name
+
+
 def test_frozen_unoptimized_integer_and_none_grads(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 2))

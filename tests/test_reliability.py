@@ -397,7 +397,9 @@ def _duplicate_steps(run: Path) -> str:
 
 
 def _two_runs(run: Path) -> str:
-    record(run, steps=12, flush_steps=5)  # a second training into the same directory
+    # A second training into the same directory, from step 0 (not a resume).
+    with pytest.warns(RuntimeWarning, match="already holds a run"):
+        record(run, steps=12, flush_steps=5, resume=False)
     return "this directory holds 2 runs"
 
 

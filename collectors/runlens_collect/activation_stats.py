@@ -212,7 +212,7 @@ class ActivationStats:
                 sat = (xf <= lo + m) | (xf >= hi - m)
                 extras.append(sat.sum(dtype=torch.float32) / max(1, xf.numel()))
             if extras:
-                data.append(torch.stack(extras).double())
+                data.append(torch.stack(extras).to(raw.dtype))
             if flags.hist:
                 data.append(stats.tensor_hist(xf, self._scratch.int32_like(xf)))
             section = self._section(
@@ -221,6 +221,30 @@ class ActivationStats:
             parts.put(section, torch.cat(data))  # last call of the step wins
         except Exception as exc:
             self._guard(site, exc)
+
+
+def model_output(output: Any) -> torch.Tensor | None:
+    """The tensor that stands for a model's output: ``logits`` when the output has them (a
+    Hugging Face ``ModelOutput``, a dict), else the first tensor that is not a scalar (a
+    scalar is a loss: ``(loss, logits, ...)`` tuples put it first), else the first tensor."""
+    logits = output.get("logits") if isinstance(output, Mapping) else None
+    if logits is None and not isinstance(output, torch.Tensor | list | tuple | Mapping):
+        logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, torch.Tensor):
+        return output
+    first = None
+    values = output.values() if isinstance(output, Mapping) else output
+    if isinstance(values, list | tuple) or isinstance(output, Mapping):
+        for o in values:
+            t = model_output(o) if not isinstance(o, torch.Tensor) else o
+            if t is None:
+                continue
+            if t.dim() > 0:
+                return t
+            first = first if first is not None else t
+    return first
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:

@@ -4,7 +4,8 @@ A run is a directory::
 
     RUN_DIR/
       run.json                         metadata (see RUN_JSON_KEYS), rewritten atomically
-      events.jsonl                     one JSON object per line (see EVENT_KINDS)
+      events.jsonl                     one JSON object per line (see EVENT_KINDS), rank 0
+      events-rank1.jsonl ...           the events of the other ranks (events_path)
       scalars/rank=0/part-000000.parquet   long table, SCALARS_SCHEMA
       layers/rank=0/part-000000.parquet    one row per (step, tensor, kind), LAYERS_SCHEMA
 
@@ -45,7 +46,10 @@ SEGMENT_GLOB: Final = "rank=*/part-*.parquet"
 STATUS_RUNNING: Final = "running"
 STATUS_FINISHED: Final = "finished"
 STATUS_CRASHED: Final = "crashed"
-STATUSES: Final = (STATUS_RUNNING, STATUS_FINISHED, STATUS_CRASHED)
+STATUS_PREEMPTED: Final = "preempted"
+"""Ended by SIGTERM or SIGINT (a scheduler's preemption, Ctrl-C): flushed and closed, but
+not finished."""
+STATUSES: Final = (STATUS_RUNNING, STATUS_FINISHED, STATUS_CRASHED, STATUS_PREEMPTED)
 
 RUN_JSON_KEYS: Final = {
     "schema_version": "int, SCHEMA_VERSION of the writer",
@@ -54,14 +58,18 @@ RUN_JSON_KEYS: Final = {
     "kind": "str, 'train' for ordinary runs; sanity runs use e.g. 'lr_range_test'",
     "start_time": "float, UNIX seconds",
     "end_time": "float | null, UNIX seconds when closed",
-    "status": "'running' | 'finished' | 'crashed'",
+    "status": "'running' | 'finished' | 'crashed' | 'preempted' (SIGTERM/SIGINT: flushed and "
+    "closed, not finished)",
     "last_step": "int | null, last step flushed to disk",
     "host": "str, hostname",
     "world_size": "int, torch.distributed world size (1 when not distributed)",
     "versions": "dict, python / torch / numpy / pyarrow / runlens_collect versions",
     "device": "str, device of the model's first parameter, e.g. 'cpu', 'cuda:0'",
     "config": "dict, the user's config, as given (JSON-able values only)",
-    "collector": "dict, the collector settings in effect",
+    "collector": "dict, the collector settings in effect, and: kinds_in_effect, rank, "
+    "compiled (bool: activation hooks off), devices (device -> parameters recorded there), "
+    "data_time (how time/data was measured: 'host' | 'device-events' | 'unreliable', see "
+    "DATA_TIME_*), wire_dtype ('float64', or 'float32' on devices without float64)",
     "model": "dict, see MODEL_SUMMARY_KEYS",
     "repro": "dict, reproducibility record (command line, seeds, git, flags)",
     "source_format": "str, 'runlens' when the collector wrote the run; for a log converted "
@@ -77,6 +85,11 @@ RUN_JSON_KEYS: Final = {
     "task": "dict | null, what the model was trained to do, as the writer saw it (see "
     "TASK_KEYS); null when not known. Runs written before this key existed lack it: read "
     "as null",
+    "resumed": "list of {step, time, previous_last_step, previous_status, run_id, segments} "
+    "(as the `resume` event): each time training "
+    "continued into this run directory (a resume from a checkpoint); `step` is the first "
+    "step recorded by the continuation. Steps from `step` on recorded earlier are replaced "
+    "(the last write wins). Absent or empty: never resumed",
 }
 
 MODEL_SUMMARY_KEYS: Final = {
@@ -162,12 +175,59 @@ LR_PREFIX: Final = "lr/"  # one per optimizer param group: lr/0, lr/1, ...
 GRAD_NORM: Final = "grad_norm"
 """Total L2 norm of all gradients as the optimizer receives them: after accumulation,
 after AMP unscaling and after any clipping the user applied before ``optimizer.step()``."""
+GRAD_NORM_PRECLIP: Final = "grad_norm_preclip"
+"""Total gradient norm before clipping: what ``torch.nn.utils.clip_grad_norm_`` returned
+(the last call of the step)."""
+LOSS_SCALE: Final = "amp/loss_scale"
+"""The AMP ``GradScaler`` loss scale the step's backward used."""
+STEP_SKIPPED: Final = "optim/skipped"
+"""1 when the step did not update the parameters (the GradScaler found inf/NaN gradients,
+or ``optimizer.step()`` was not called), else 0."""
 TIME_STEP: Final = "time/step"
 """Seconds between the ends of two consecutive steps (host wall clock)."""
 TIME_DATA: Final = "time/data"
 """Seconds from the end of one step to the start of the next forward: waiting for data."""
 TIME_COMPUTE: Final = "time/compute"
 """time/step - time/data: forward, backward, optimizer step."""
+SKIP_SENSITIVE: Final = (GRAD_NORM, GRAD_NORM_PRECLIP)
+"""Scalars that describe gradients applied by the step: a skipped step's values (inf under
+a GradScaler overflow) were never applied, and readers ignore them."""
+
+SCALAR_NAMES: Final = {
+    TRAIN_LOSS: "every step: the training loss of the optimizer step, *unscaled* (never "
+    "multiplied by an AMP loss scale) and averaged over its micro-batches: the `loss` given "
+    "to `step()`, else the mean of the scalars backwarded since the last step (each one's "
+    "division by a constant undone when a step backwards several: gradient accumulation); "
+    "the Hugging Face integration records the Trainer's own definition (the sum of what "
+    "`training_step` backwarded)",
+    "train/<name>": "every step: extra keyword arguments of `step()`",
+    "lr/0, lr/1, ...": "every step: `lr` of each optimizer param group",
+    GRAD_NORM: "every step that applied gradients: total L2 norm of all gradients **as the "
+    "optimizer receives them**: after accumulation, unscaled (AMP), **after clipping**",
+    GRAD_NORM_PRECLIP: "steps that clipped: total L2 norm **before** clipping (what "
+    "`torch.nn.utils.clip_grad_norm_` returned, also through accelerate / Lightning)",
+    LOSS_SCALE: "every step under an AMP GradScaler: the loss scale of the step's backward",
+    STEP_SKIPPED: "1 on a step whose optimizer update did not happen (GradScaler overflow; "
+    "`optimizer.step()` not called), 0 on other steps once a GradScaler is in use. A skipped "
+    "step has no grad/update rows and no grad_norm unless the skip was only known on the "
+    "device (fused optimizers): readers ignore those (SKIP_SENSITIVE, grad and update rows)",
+    TIME_STEP: "from the second step: seconds between the ends of two consecutive steps",
+    TIME_DATA: "from the second step: seconds the device waited for the next batch; see "
+    "run.json `collector.data_time` for how it was measured",
+    TIME_COMPUTE: "from the second step: `time/step - time/data`",
+    "anything": "when logged: `Collector.log({...})` / `runlens_collect.log({...})` values "
+    "under their own names, at the last completed step",
+}
+"""The scalar names the collector writes, with when and what (docs/run-format.md)."""
+
+DATA_TIME_HOST: Final = "host"
+"""run.json ``collector.data_time``: time/data measured on the host clock, exact where the
+device runs synchronously with the host (CPU)."""
+DATA_TIME_DEVICE_EVENTS: Final = "device-events"
+"""... measured on the device's timeline (CUDA events at the end of a step and at the next
+forward's start): how long the device idled for the next batch."""
+DATA_TIME_UNRELIABLE: Final = "unreliable"
+"""... host time on an asynchronous device without timing events: not a data wait."""
 
 
 def lr_name(group: int) -> str:
@@ -258,6 +318,11 @@ EVENT_KINDS: Final = {
     "warning": "a collector failure that was swallowed: {message, site, step}",
     "skipped": "statistics dropped because the writer fell behind: {steps, total}",
     "close": "clean close: {last_step, status}",
+    "resume": "training continued into this run directory: {step, previous_last_step, "
+    "previous_status, run_id, segments: {scalars, layers}}; `segments` are the first segment "
+    "numbers this rank's continuation writes: rows of earlier segments at `step` or later "
+    "are superseded",
+    "signal": "SIGTERM/SIGINT received: the run is flushed and closed as preempted: {signal}",
 }
 """Every event line is a JSON object with ``kind`` (a key of EVENT_KINDS), ``time`` (UNIX
 seconds) and ``rank``, plus the fields listed. The layer kind of a ``nonfinite`` event is
@@ -274,37 +339,99 @@ def segment_path(run_dir: str | os.PathLike[str], table: str, rank: int, seq: in
     return Path(run_dir) / table / f"rank={rank}" / f"part-{seq:06d}.parquet"
 
 
+EVENTS_RANK_GLOB: Final = "events-rank*.jsonl"
+
+
+def events_path(run_dir: str | os.PathLike[str], rank: int = 0) -> Path:
+    """Where ``rank`` appends its events: ``events.jsonl`` for rank 0, else
+    ``events-rank<N>.jsonl`` (one file per process: concurrent appends to one file are
+    not atomic on network file systems). Readers read them all."""
+    name = EVENTS_JSONL if rank == 0 else f"events-rank{rank}.jsonl"
+    return Path(run_dir) / name
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename in directory ``path`` durable (best effort: not every OS or file
+    system can open a directory)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_segment(table: pa.Table, path: str | os.PathLike[str]) -> None:
-    """Write one complete Parquet segment atomically (temp file + rename)."""
+    """Write one complete Parquet segment atomically and durably: temp file, fsync,
+    rename, fsync of the directory (a node crash can otherwise leave an empty file under
+    the final name)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             pq.write_table(table, fh, compression="zstd")
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
         raise
+    fsync_dir(path.parent)
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
+    """Rewrite a JSON file atomically and durably (temp file, fsync, rename, fsync dir)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(sanitize_json(obj), fh, indent=2, default=_json_default, allow_nan=False)
             fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
         raise
+    fsync_dir(path.parent)
 
 
-def append_event(run_dir: str | os.PathLike[str], event: dict[str, Any]) -> None:
-    line = json.dumps(sanitize_json(event), default=_json_default, allow_nan=False)
-    with open(Path(run_dir) / EVENTS_JSONL, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
+def append_event(run_dir: str | os.PathLike[str], event: dict[str, Any], rank: int = 0) -> None:
+    append_events(run_dir, [event], rank)
+
+
+def append_events(
+    run_dir: str | os.PathLike[str], events: list[dict[str, Any]], rank: int = 0
+) -> None:
+    """Append events to ``rank``'s events file and fsync it."""
+    if not events:
+        return
+    text = "".join(
+        json.dumps(sanitize_json(e), default=_json_default, allow_nan=False) + "\n" for e in events
+    )
+    with open(events_path(run_dir, rank), "a", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_resumed(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """run.json's ``resumed`` entries that have an int ``step`` (a reader never fails)."""
+    out = []
+    for r in meta.get("resumed") or []:
+        if (
+            isinstance(r, dict)
+            and isinstance(r.get("step"), int)
+            and not isinstance(r.get("step"), bool)
+        ):
+            out.append(r)
+    return out
 
 
 def new_run_json(run_id: str, name: str, start_time: float) -> dict[str, Any]:
@@ -330,6 +457,7 @@ def new_run_json(run_id: str, name: str, start_time: float) -> dict[str, Any]:
         "imported": None,
         "summary_extras": {},
         "task": None,
+        "resumed": [],
     }
 
 

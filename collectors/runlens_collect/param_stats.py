@@ -61,6 +61,9 @@ class ParamStats:
         guard: called with (site, exception) when a read fails; the site is then listed in
             ``disabled`` and no longer read.
         disabled: the collector's set of switched-off sites (shared).
+        tag: appended to this instance's section names, failure sites and off-step
+            ``grad_norm`` (``grad@cuda:1``): one instance per device of a model split
+            across devices, each reading the parameters on its own device.
     """
 
     def __init__(
@@ -73,8 +76,12 @@ class ParamStats:
         scratch: Scratch,
         guard: Guard,
         disabled: set[str],
+        tag: str = "",
     ) -> None:
         self.device = device
+        # Section names and failure sites of this instance (see ``tag``).
+        self.names = {k: k + tag for k in (fmt.KIND_WEIGHT, fmt.KIND_GRAD, fmt.KIND_UPDATE)}
+        self.grad_norm_name = fmt.GRAD_NORM + tag
         self.kinds = kinds
         self._scratch = scratch
         self._guard = guard
@@ -122,7 +129,7 @@ class ParamStats:
         pads = layout.pads_array if layout is not None else None
 
         def section(kind: str, hist: bool, **kw) -> Section:
-            return Section(kind, kind, layers, numels, hist=hist, pads=pads, **kw)
+            return Section(self.names[kind], kind, layers, numels, hist=hist, pads=pads, **kw)
 
         write_weight = fmt.KIND_WEIGHT in kinds
         hists = (False, True)
@@ -136,7 +143,7 @@ class ParamStats:
                 h,
                 negate=True,
                 has_missing=True,
-                ratio_ref=fmt.KIND_WEIGHT if r else None,
+                ratio_ref=self.names[fmt.KIND_WEIGHT] if r else None,
             )
             for h in hists
             for r in (False, True)
@@ -155,10 +162,17 @@ class ParamStats:
     # -- reads (training thread) ---------------------------------------------------------
 
     @torch.no_grad()
-    def read_grads(self, flags: StepFlags, parts: StepParts) -> None:
-        """Statistics of the gradients as they are now (final: right before the update)."""
-        if fmt.KIND_GRAD not in self.kinds or "grad" in self._disabled or self._glayout is None:
+    def read_grads(
+        self, flags: StepFlags, parts: StepParts, scale: torch.Tensor | None = None
+    ) -> None:
+        """Statistics of the gradients as they are now (final: right before the update).
+        ``scale``: the AMP loss scale the gradients are still multiplied by (a fused
+        optimizer unscales inside its step): the statistics are of the unscaled values."""
+        site = self.names[fmt.KIND_GRAD]
+        if fmt.KIND_GRAD not in self.kinds or site in self._disabled or self._glayout is None:
             return
+        if scale is not None and scale.device != self.device:
+            scale = scale.to(self.device, non_blocking=True)
         try:
             if not flags.stat:
                 # Off-steps still get grad_norm: one batched norm, kept on device.
@@ -167,7 +181,9 @@ class ParamStats:
                 if grads:
                     norms = torch._foreach_norm(grads, 2)
                     norm = torch.linalg.vector_norm(torch.stack(norms).float())
-                    parts.put_latest(fmt.GRAD_NORM, norm)
+                    if scale is not None:
+                        norm = norm / scale
+                    parts.put_latest(self.grad_norm_name, norm)
                 return
             grads = [p.param.grad for p in self._params]
             if self._plain_grads and all(g is not None for g in grads):
@@ -175,7 +191,7 @@ class ParamStats:
                 # a sparse or odd gradient raises and takes the careful path below.
                 try:
                     torch._foreach_copy_(self._gviews, grads)
-                    self._grad_section(flags, parts, np.zeros(len(self._params), bool))
+                    self._grad_section(flags, parts, np.zeros(len(self._params), bool), scale)
                     return
                 except Exception:
                     pass
@@ -194,13 +210,21 @@ class ParamStats:
                 missing[i] = False
             if srcs:
                 torch._foreach_copy_(dsts, srcs)
-            self._grad_section(flags, parts, missing)
+            self._grad_section(flags, parts, missing, scale)
         except Exception as exc:
-            parts.sections.pop("grad", None)
-            self._guard("grad", exc)
+            parts.sections.pop(site, None)
+            self._guard(site, exc)
 
-    def _grad_section(self, flags: StepFlags, parts: StepParts, missing: np.ndarray) -> None:
+    def _grad_section(
+        self,
+        flags: StepFlags,
+        parts: StepParts,
+        missing: np.ndarray,
+        scale: torch.Tensor | None = None,
+    ) -> None:
         assert self._glayout is not None
+        if scale is not None:
+            self._glayout.buf.div_(scale)  # zero padding stays zero
         # The flat copy is scratch once read: its sign goes over it.
         data = self._flat_data(self._glayout, flags.hist, sign_out=self._glayout.matrix)
         parts.put(self._grad[flags.hist], data, missing)
@@ -208,7 +232,8 @@ class ParamStats:
     @torch.no_grad()
     def read_weights(self, flags: StepFlags, parts: StepParts) -> None:
         """Snapshot the weights (kept for the update) and take their statistics."""
-        if not flags.stat or self._wlayout is None or "weight" in self._disabled:
+        site = self.names[fmt.KIND_WEIGHT]
+        if not flags.stat or self._wlayout is None or site in self._disabled:
             return
         try:
             torch._foreach_copy_(self._wviews, self._wsrc)
@@ -219,15 +244,16 @@ class ParamStats:
             spare = self._glayout.matrix if self._glayout is not None else None
             parts.put(section, self._flat_data(self._wlayout, section.hist, sign_out=spare))
         except Exception as exc:
-            parts.sections.pop("weight", None)
-            self._guard("weight", exc)
+            parts.sections.pop(site, None)
+            self._guard(site, exc)
 
     @torch.no_grad()
     def read_update(self, flags: StepFlags, parts: StepParts) -> None:
         """The update just applied, from the snapshot ``read_weights`` took before it."""
         if not flags.stat or fmt.KIND_UPDATE not in self.kinds:
             return
-        if "update" in self._disabled or "weight" not in parts.sections:
+        site = self.names[fmt.KIND_UPDATE]
+        if site in self._disabled or self.names[fmt.KIND_WEIGHT] not in parts.sections:
             return
         assert self._wlayout is not None
         try:
@@ -237,20 +263,21 @@ class ParamStats:
             data = self._flat_data(self._wlayout, flags.hist, sign_out=self._wlayout.matrix)
             parts.put(self._update[flags.hist, True], data, self._not_in_opt.copy())
         except Exception as exc:
-            parts.sections.pop("update", None)
-            self._guard("update", exc)
+            parts.sections.pop(site, None)
+            self._guard(site, exc)
 
     def finish(self, parts: StepParts) -> None:
         """Before packing: the weight section goes when it only fed an update that is not
         there; an update whose weight section went (a failed later read) loses its ratio."""
         sections = parts.sections
-        weight = sections.get("weight")
-        update = sections.get("update")
+        wname, uname = self.names[fmt.KIND_WEIGHT], self.names[fmt.KIND_UPDATE]
+        weight = sections.get(wname)
+        update = sections.get(uname)
         if update is not None and weight is None and update[0].ratio_ref is not None:
             sec = update[0]
-            sections["update"] = (self._update[sec.hist, False], update[1], update[2])
+            sections[uname] = (self._update[sec.hist, False], update[1], update[2])
         elif update is None and weight is not None and not weight[0].write:
-            del sections["weight"]  # only there to give update_ratio its denominator
+            del sections[wname]  # only there to give update_ratio its denominator
 
     def _flat_data(
         self, layout: stats.FlatLayout, hist: bool, sign_out: torch.Tensor | None

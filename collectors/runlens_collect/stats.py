@@ -23,6 +23,17 @@ import torch
 
 from runlens_collect import format as fmt
 
+NO_FLOAT64_DEVICES: set[str] = {"mps"}
+"""Device types without float64: statistics travel as float32 from there (exact counts up
+to 2**24 per tensor and bin instead of 2**53)."""
+
+
+def wire_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a step's statistics are computed and shipped in from ``device``:
+    float64, or float32 where the device has no float64 (``NO_FLOAT64_DEVICES``)."""
+    return torch.float32 if device.type in NO_FLOAT64_DEVICES else torch.float64
+
+
 RAW: tuple[str, ...] = ("sum", "sumsq", "nonzero", "nonfinite", "absmax")
 """Raw per-tensor reductions, in this order (float64): sum of x, sum of x², count of
 x != 0 (NaN counts as non-zero), count of non-finite x, max |x| (NaN if any NaN)."""
@@ -54,14 +65,15 @@ def code_map() -> np.ndarray:
 
 
 _CODE_MAP = code_map()
-_code_maps: dict[torch.device, torch.Tensor] = {}
+_code_maps: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def code_map_on(device: torch.device) -> torch.Tensor:
-    """The (CODES, NBINS) float64 code-to-bin matrix on ``device`` (cached)."""
-    t = _code_maps.get(device)
+    """The (CODES, NBINS) code-to-bin matrix on ``device`` in its wire dtype (cached)."""
+    key = (device, wire_dtype(device))
+    t = _code_maps.get(key)
     if t is None:
-        t = _code_maps[device] = torch.from_numpy(_CODE_MAP).to(device)
+        t = _code_maps[key] = torch.from_numpy(_CODE_MAP).to(device=device, dtype=key[1])
     return t
 
 
@@ -159,7 +171,7 @@ def row_partials(
     width = float(m.shape[1])
     nonfinite = torch.where(beyond, width, nonfinite)
     nonzero = torch.where(beyond, width, nonzero)
-    part = torch.stack([s1, norm, nonzero, nonfinite], dim=1).double()
+    part = torch.stack([s1, norm, nonzero, nonfinite], dim=1).to(wire_dtype(m.device))
     part[:, 1].square_()
     return part, absmax
 
@@ -175,7 +187,7 @@ def flat_raw(layout: FlatLayout, sign_out: torch.Tensor | None = None) -> torch.
     # unsafe=True: skip the lengths validation, which would sync with the device.
     sums = torch.segment_reduce(part, "sum", lengths=layout.lengths, axis=0, unsafe=True)
     mx = torch.segment_reduce(amax, "max", lengths=layout.lengths, unsafe=True)
-    return torch.cat([sums, mx.double().unsqueeze(1)], dim=1)
+    return torch.cat([sums, mx.to(sums.dtype).unsqueeze(1)], dim=1)
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -217,13 +229,14 @@ def count_codes(codes: torch.Tensor, size: int, bincount: bool | None = None) ->
     ones into a fixed-size int64 vector does the same without one. ``bincount`` forces
     either path (default: by device).
     """
+    wd = wire_dtype(codes.device)
     if bincount is None:
         bincount = codes.device.type == "cpu"
     if bincount:
-        return torch.bincount(codes, minlength=size).double()
+        return torch.bincount(codes, minlength=size).to(wd)
     ones = torch.ones((), dtype=torch.int64, device=codes.device).expand(codes.numel())
     counts = torch.zeros(size, dtype=torch.int64, device=codes.device)
-    return counts.index_add_(0, codes, ones).double()
+    return counts.index_add_(0, codes, ones).to(wd)
 
 
 def flat_hist(layout: FlatLayout, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -273,7 +286,7 @@ def tensor_raw(
         rows = as_rows(x if x.is_floating_point() else x.float())
     if not rows.is_floating_point():
         rows = rows.float()
-    f32, f64 = torch.float32, torch.float64
+    f32, f64 = torch.float32, wire_dtype(rows.device)
     r, width = rows.shape
     if rows.numel() == 0:
         vals = [0.0, 0.0, 0.0, 0.0, 0.0, float(r), math.nan, math.nan]
