@@ -590,7 +590,9 @@ def test_short_hf_log_says_too_few_points_not_no_problems(hf_lm: Path) -> None:
         assert got["overfitting"][0] in ("not-recorded", "too-few-points")
         assert not report.coverage.complete
         line = _common.verdict(report)
-        assert _common.NO_PROBLEMS not in line and "loss-spike" in line, line
+        # Random tokens: the loss rightly stays flat over 14 steps (loss-flat, from 10
+        # points); whatever is found, the verdict never says the run is clean.
+        assert _common.NO_PROBLEMS not in line and "could not run" in line, line
         assert not chance_evidence(report)
     imported = runlens.analyze(hf_lm / "trainer_state.json")
     assert imported.coverage.task.type == "unknown"  # a trainer_state has no model class
