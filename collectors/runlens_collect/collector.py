@@ -36,6 +36,7 @@ from runlens_collect import format as fmt
 from runlens_collect.activation_stats import ActivationStats, first_tensor
 from runlens_collect.config import CollectorConfig
 from runlens_collect.param_stats import ParamStats
+from runlens_collect.probes import default_probes
 from runlens_collect.scratch import SCRATCH_MAX_BYTES, Scratch
 from runlens_collect.step import Probe, StepFlags, StepParts
 from runlens_collect.transfer import Transfer
@@ -57,8 +58,9 @@ class Collector:
     collector is caught, warned once and written to events.jsonl; training continues.
 
     Knobs are the fields of :class:`CollectorConfig`, given as keyword arguments or as
-    ``settings=CollectorConfig(...)``. ``probes`` add extra per-step statistics
-    (:class:`runlens_collect.step.Probe`).
+    ``settings=CollectorConfig(...)``. ``probes`` record extra per-step statistics
+    (:class:`runlens_collect.step.Probe`); by default the silent-bug probes of
+    :func:`runlens_collect.probes.default_probes` (``probes=()`` turns them off).
     """
 
     def __init__(
@@ -69,7 +71,7 @@ class Collector:
         config: Mapping[str, Any] | None = None,
         *,
         settings: CollectorConfig | None = None,
-        probes: Sequence[Probe] = (),
+        probes: Sequence[Probe] | None = None,
         **knobs: Any,
     ) -> None:
         self.settings = replace(settings or CollectorConfig(), **knobs)
@@ -80,7 +82,7 @@ class Collector:
         self.run_dir = Path(run_dir)
         self.model = model
         self.optimizer = optimizer
-        self.probes = list(probes)
+        self.probes = list(default_probes() if probes is None else probes)
         self.warnings: list[str] = []  # every message warned (also in events.jsonl)
         self._warned_sites: set[str] = set()
         self._warned_categories: set[str] = set()
@@ -168,6 +170,7 @@ class Collector:
                 "rank": self.rank,
                 "compiled": self._compiled,
                 "skipped_params": self._params.skipped,
+                "probes": [_probe_site(p).removeprefix("probe:") for p in self.probes],
             },
             model=runinfo.model_summary(inner),
             repro=repro.repro_record(self.device),
@@ -187,9 +190,12 @@ class Collector:
             self._handles.append(self.optimizer.register_step_post_hook(self._on_opt_post))
         for probe in self.probes:
             try:
-                self._handles.extend(probe.attach(inner, self.optimizer))
+                # The model the user calls (a compiled one's wrapper runs hooks eagerly);
+                # probes unwrap it for parameter names.
+                self._handles.extend(probe.attach(self.model, self.optimizer))
             except Exception as exc:
                 self._guard(_probe_site(probe), exc)
+        self._probe_meta()
 
         # per-step state
         self._t_prev_entry: float | None = None
@@ -458,9 +464,27 @@ class Collector:
                     probe.end_step(step, flags, parts)
                 except Exception as exc:
                     self._guard(site, exc)
+        self._probe_meta()
         for name, value in parts.latest.items():
             parts.device_scalar(step, name, value)
         self._emit(step, wall)
+
+    def _probe_meta(self) -> None:
+        """run.json ``probes``: rebuilt when a probe has news, and replaced whole (the writer
+        thread may be serializing the old one)."""
+        if not any(getattr(p, "changed", False) for p in self.probes):
+            return
+        out = {}
+        for probe in self.probes:
+            site = _probe_site(probe)
+            if site in self._disabled or not hasattr(probe, "run_json"):
+                continue
+            try:
+                out[site.removeprefix("probe:")] = probe.run_json()
+                probe.changed = False
+            except Exception as exc:
+                self._guard(site, exc)
+        self.meta["probes"] = out
 
     @torch.no_grad()
     def _emit(self, step: int, wall: float) -> None:

@@ -317,8 +317,11 @@ class Writer(threading.Thread):
                 with np.errstate(invalid="ignore"):
                     ok = ~missing
                     gn = np.sqrt(np.where(ok, raw[:, :, 1], 0.0).sum(1))
-                    gn = np.where(ok.any(1), gn, np.nan)
-                self._add_scalars(pkg_steps, walls, [fmt.GRAD_NORM] * k, gn)
+                # A step on which no parameter had a gradient has no grad_norm: it is
+                # missing, not NaN (a NaN would read as a numerical failure).
+                has = ok.any(1)
+                n = int(has.sum())
+                self._add_scalars(pkg_steps[has], walls[has], [fmt.GRAD_NORM] * n, gn[has])
             if b.write:
                 ref_i = layout.ratio_index[i]
                 ref = raws[ref_i] if ref_i is not None else None

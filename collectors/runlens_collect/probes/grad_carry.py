@@ -1,0 +1,133 @@
+"""Gradients carried over from one optimizer step to the next.
+
+A tensor hook on a few parameters (``MAX_PARAMS``, spread over the model) runs when a
+backward pass delivers a gradient for that parameter, *before* autograd adds it to
+``p.grad``. At the first such call after an optimizer step, ``p.grad`` should be ``None``
+or zero (``optimizer.zero_grad()`` ran); if it still holds the previous step's gradient,
+every update uses the sum of all past gradients. The hook records, on the device,
+``‖p.grad‖²`` (the carried gradient) and ``‖incoming‖²`` (the new one); later calls in
+the same optimizer step are counted only (legitimate gradient accumulation: several
+backward passes, then one ``optimizer.step()`` and one ``zero_grad()``).
+
+"After an optimizer step" means after the collector's optimizer's ``step()`` for the
+parameters it holds, and after ``Collector.step()`` for parameters it does not (another
+optimizer's) or when there is no optimizer.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from runlens_collect import format as fmt
+from runlens_collect.probes._base import ProbeBase, model_device, unwrap
+from runlens_collect.step import StepFlags, StepParts
+
+MAX_PARAMS = 8
+"""Parameters hooked: one hook call and two small reductions each per optimizer step."""
+
+
+class GradCarryProbe(ProbeBase):
+    """Carried-over gradient at the first backward pass of each optimizer step."""
+
+    name = "grad"
+
+    def __init__(self, max_params: int = MAX_PARAMS) -> None:
+        super().__init__()
+        self.max_params = max_params
+        self._names: list[str] = []
+        self._params: list[nn.Parameter] = []
+        self._by_optimizer: list[bool] = []
+        self._first: list[bool] = []
+        self._device = torch.device("cpu")
+        self._carry: torch.Tensor | None = None
+        self._new: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        self._calls: list[int] = []
+        self._bits: list[torch.Tensor] = []
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[Any]:
+        inner = unwrap(model)
+        self._device = model_device(inner)
+        trainable = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
+        if not trainable:
+            return []
+        k = min(self.max_params, len(trainable))
+        # Spread over the model (first, last and between): a wrong zero_grad usually misses
+        # a whole submodule (a GAN's generator, a second optimizer's head).
+        picks = sorted({round(i * (len(trainable) - 1) / max(k - 1, 1)) for i in range(k)})
+        held: set[int] = set()
+        if optimizer is not None:
+            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        handles: list[Any] = []
+        for i in picks:
+            name, p = trainable[i]
+            if p.device != self._device:
+                continue
+            slot = len(self._params)
+            self._names.append(name)
+            self._params.append(p)
+            self._by_optimizer.append(id(p) in held)
+            self._first.append(True)
+            self._calls.append(0)
+            self._bits.append(torch.tensor(float(2**slot), device=self._device))
+            handles.append(p.register_hook(functools.partial(self._on_grad, slot)))
+        if optimizer is not None and any(self._by_optimizer):
+            handles.append(optimizer.register_step_post_hook(self._on_optimizer_step))
+        return handles
+
+    # -- hooks (training thread, inside backward) -------------------------------------------
+
+    def _on_grad(self, slot: int, grad: torch.Tensor) -> None:
+        if self.off:
+            return None
+        try:
+            self._calls[slot] += 1
+            if not self._first[slot]:
+                return None  # a later backward pass of the same optimizer step
+            self._first[slot] = False
+            old = self._params[slot].grad
+            new_sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
+            if old is None:
+                carry_sq = torch.zeros((), device=self._device)
+            else:
+                carry_sq = torch.linalg.vector_norm(old.detach(), dtype=torch.float32).square()
+            bit = (carry_sq > 0) * self._bits[slot]
+            if self._carry is None:
+                self._carry, self._new, self._mask = carry_sq, new_sq, bit
+            else:
+                self._carry = self._carry + carry_sq
+                self._new = self._new + new_sq
+                self._mask = self._mask + bit
+        except Exception as exc:
+            self._fail(exc)
+        return None
+
+    def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        for i, by_opt in enumerate(self._by_optimizer):
+            if by_opt:
+                self._first[i] = True
+
+    # -- end of step ----------------------------------------------------------------------
+
+    def end_step(self, step: int, flags: StepFlags, parts: StepParts) -> None:
+        self._raise_pending()
+        if self._carry is not None:
+            parts.device_scalar(step, fmt.GRAD_CARRY_SQ, self._carry)
+            parts.device_scalar(step, fmt.GRAD_NEW_SQ, self._new)  # type: ignore[arg-type]
+            parts.device_scalar(step, fmt.GRAD_CARRY_MASK, self._mask)  # type: ignore[arg-type]
+        passes = max(self._calls, default=0)
+        if passes:
+            parts.host_scalar(step, fmt.GRAD_PASSES, passes)
+        self._carry = self._new = self._mask = None
+        for i, by_opt in enumerate(self._by_optimizer):
+            self._calls[i] = 0
+            if not by_opt:
+                self._first[i] = True
+
+    def run_json(self) -> dict[str, Any]:
+        reset = "optimizer" if all(self._by_optimizer) else "step"
+        return {"params": list(self._names), "reset": reset if self._names else None}
