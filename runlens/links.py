@@ -91,6 +91,8 @@ CAUSES: dict[str, tuple[str, ...]] = {
     ),
     "activation-explosion": ("gradient-not-reset", "bad-initialization"),
     "large-updates": ("gradient-not-reset",),
+    # Parameters outside every optimizer are never zeroed either.
+    "gradient-not-reset": ("optimizer-mismatch",),
 }
 
 BUG_CAUSES: frozenset[str] = frozenset(n for n, s in REGISTRY.items() if s.category == "bug")

@@ -84,11 +84,11 @@ RUN_JSON_KEYS: Final = {
 MODEL_SUMMARY_KEYS: Final = {
     "class": "str, class name of the root module",
     "num_params": "int, total number of parameter elements",
-    "modules": "list of {path, type, params: [{name, shape, numel, requires_grad}]}",
+    "modules": "list of {path, type, params: [{name, shape, numel, requires_grad, dtype}]}; "
+    "dtype is the parameter's storage type at setup (float32, bfloat16, ...), absent in runs "
+    "written before it was recorded",
     "output_shape": "list[int] | null, shape of the root module's output, once seen",
 }
-"""Each ``params`` entry may also hold ``dtype`` (str, e.g. ``float32``, ``bfloat16``: the
-parameter's storage type at setup; absent in runs written before it was recorded)."""
 
 # -- run.json "task" --------------------------------------------------------------------
 # Written by whoever saw the loss function or the model class (the collector from a

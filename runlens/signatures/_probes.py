@@ -84,3 +84,27 @@ def step_list(steps: list[int] | np.ndarray, limit: int = 8) -> str:
     """``3, 17, 40 …`` (the first ``limit``)."""
     steps = [int(s) for s in steps]
     return ", ".join(str(s) for s in steps[:limit]) + (" …" if len(steps) > limit else "")
+
+
+def weights_changed(ctx: Context) -> dict[str, bool]:
+    """Parameters whose recorded weight statistics (norm or mean) changed over the run:
+    some optimizer applies their gradients, whether or not the collector was given it."""
+    key = "_probes_weights_changed"
+    cache: dict[str, Any] = ctx.run._cache
+    if key in cache:
+        return cache[key]
+    from runlens_collect import format as fmt
+
+    out: dict[str, bool] = {}
+    for stat in ("norm", "mean"):
+        w = ctx.layer(fmt.KIND_WEIGHT, stat)
+        if w is None or len(w.steps) < 2:
+            continue
+        ok = np.isfinite(w.values)
+        hi = np.where(ok, w.values, -np.inf).max(axis=0)
+        lo = np.where(ok, w.values, np.inf).min(axis=0)
+        moved = ok.any(axis=0) & (hi != lo)
+        for j, name in enumerate(w.layers):
+            out[name] = out.get(name, False) or bool(moved[j])
+    cache[key] = out
+    return out

@@ -30,8 +30,9 @@ class BatchCollapse(Signature):
         against what was intended: the batch size in the run's config (divided by the
         world size, in case it is global), or the batch of the evaluation forwards
         (``probe/input/eval_batch``). Fires when the median examples per step is at most
-        1/``max_ratio`` of the configured batch, or at most 1/``eval_ratio`` of the
-        evaluation batch with a single example per step.
+        1/``max_ratio`` of the configured batch, or — when the config names no batch size —
+        a single example per step against an evaluation batch at least ``eval_ratio`` times
+        larger.
 
     Why it matters:
         An indexing slip between the loader and the model (``x[0]`` meant to drop an extra
@@ -91,7 +92,14 @@ class BatchCollapse(Signature):
         ev = ev[np.isfinite(ev) & (ev > 0)]
         eval_batch = float(np.median(ev)) if ev.size else None
         by_config = per_rank is not None and per_rank / train >= p.max_ratio
-        by_eval = eval_batch is not None and train <= 1 and eval_batch / train >= p.eval_ratio
+        # The evaluation batch stands in for the intention only when the config names none
+        # (a configured batch of 1 is deliberate).
+        by_eval = (
+            per_rank is None
+            and eval_batch is not None
+            and train <= 1
+            and eval_batch / train >= p.eval_ratio
+        )
         if not (by_config or by_eval):
             return []
         forwards = on_steps(ctx, fmt.INPUT_FORWARDS, steps[ok])

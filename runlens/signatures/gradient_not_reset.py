@@ -8,7 +8,7 @@ from runlens_collect import format as fmt
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
 from runlens.signatures import _layers as L
-from runlens.signatures._probes import on_steps, probe_json, series
+from runlens.signatures._probes import on_steps, probe_json, series, weights_changed
 from runlens.signatures.base import NotChecked, Param, Params, Signature
 
 
@@ -100,6 +100,11 @@ class GradientNotReset(Signature):
         passes = on_steps(ctx, fmt.GRAD_PASSES, st)
         passes_med = float(np.nanmedian(passes)) if np.isfinite(passes).any() else float("nan")
         names = _carrying_params(ctx, st[carried])
+        changed = weights_changed(ctx)
+        if names and changed and not any(changed.get(n, True) for n in names):
+            # No optimizer applies these gradients (optimizer-mismatch): their pile-up is
+            # harmless, and the mismatch is the bug to report.
+            return []
         med = float(np.median(ratio[carried]))
         where = f" ({L.name_list(names)})" if names else ""
         accum = (

@@ -193,10 +193,14 @@ class _Cause:
             )
         if self.grad_only:
             return (
-                f"; the inputs were normal at all {n}, the gradient norm blew up at "
-                f"{self.grad_only}: wrong targets in those batches or a numerical fault"
+                f"; the input batch{'es were' if n > 1 else ' was'} normal, the gradient norm "
+                f"blew up at {self.grad_only} of {n}: wrong targets in those batches or a "
+                "numerical fault"
             )
-        return f"; the inputs were normal at all {n}" + (
+        normal = (
+            "; the input batch was normal" if n == 1 else f"; the inputs were normal at all {n}"
+        )
+        return normal + (
             ": heavy-tailed noise rather than faulty batches (see noisy-loss)" if recurring else ""
         )
 

@@ -8,7 +8,7 @@ from runlens_collect import format as fmt
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, Severity
 from runlens.signatures import _layers as L
-from runlens.signatures._probes import probe_json
+from runlens.signatures._probes import probe_json, weights_changed
 from runlens.signatures.base import NotChecked, Param, Params, Signature
 
 
@@ -77,12 +77,17 @@ class OptimizerMismatch(Signature):
                 n, "recorded steps of gradient and update rows", int(p.min_steps)
             )
         g = grad.values
-        got_grad = {
-            name: bool((np.isfinite(g[:, j]) & (g[:, j] > 0)).any())
-            for j, name in enumerate(grad.layers)
-        }
+        info = L.param_info(ctx)
+        got_grad = {}
+        for j, name in enumerate(grad.layers):
+            col = g[:, j][np.isfinite(g[:, j])]
+            live = bool((col > 0).any())
+            if live and info.get(name) and info[name].requires_grad is False:
+                # A frozen parameter's .grad left over from before it was frozen: constant.
+                live = bool(col.max() != col.min())
+            got_grad[name] = live
         held = {name: not bool((upd.values[:, j] == 1).all()) for j, name in enumerate(upd.layers)}
-        changed = _changed(ctx)
+        changed = weights_changed(ctx)
         names = [n for n in upd.layers if n in got_grad]
         outside = [n for n in names if got_grad[n] and not held[n] and not changed.get(n, False)]
         training = [n for n in names if got_grad[n] and held[n]]
@@ -92,7 +97,6 @@ class OptimizerMismatch(Signature):
         foreign_numel = int(facts.get("foreign_numel") or 0)
         if not outside and not idle and not foreign:
             return []
-        info = L.param_info(ctx)
         idle_frozen = [n for n in idle if info.get(n) and info[n].requires_grad is False]
         numel = {n: _numel(info, n) for n in names}
         total = sum(numel.values()) or 1
@@ -158,23 +162,6 @@ class OptimizerMismatch(Signature):
                 ),
             )
         ]
-
-
-def _changed(ctx: Context) -> dict[str, bool]:
-    """Parameters whose recorded weight statistics changed over the run (another optimizer
-    may update tensors this one does not hold: those are not flagged)."""
-    out: dict[str, bool] = {}
-    for stat in ("norm", "mean"):
-        w = ctx.layer(fmt.KIND_WEIGHT, stat)
-        if w is None or len(w.steps) < 2:
-            continue
-        ok = np.isfinite(w.values)
-        hi = np.where(ok, w.values, -np.inf).max(axis=0)
-        lo = np.where(ok, w.values, np.inf).min(axis=0)
-        moved = ok.any(axis=0) & (hi != lo)
-        for j, name in enumerate(w.layers):
-            out[name] = out.get(name, False) or bool(moved[j])
-    return out
 
 
 def _numel(info: dict[str, L.ParamInfo], name: str) -> int:
