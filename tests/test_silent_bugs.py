@@ -361,9 +361,9 @@ def test_duplicate_batches_epoch_order_and_full_batch(tmp_path: Path) -> None:
     assert f.severity == "warning" and "set_epoch" in f.fix.lower() + f.summary.lower()
     assert _evidence(f, "most common distance to the previous occurrence (steps)") == 30
     assert _evidence(f, "share of steps repeating an earlier batch") == pytest.approx(60 / 90)
+    # Full-batch training: the same batch every step, on purpose as often as not.
     full = _record_inputs(tmp_path / "full", [epoch[0]] * 40)
-    f = _findings(full, "duplicate-batches")["duplicate-batches"]
-    assert f.severity == "info" and _evidence(f, "distinct batches") == 1
+    assert "duplicate-batches" not in _findings(full, "duplicate-batches")
     # Sampling with replacement from a small set repeats at scattered distances: clean.
     pool = epoch[:12]
     picks = torch.randint(0, 12, (60,), generator=g).tolist()

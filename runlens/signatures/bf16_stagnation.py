@@ -75,6 +75,7 @@ class Bf16Stagnation(Signature):
         fz = ctx.layer(fmt.KIND_UPDATE, "frac_zero")
         if fz is None:
             raise NotChecked("no update rows", "not-recorded")
+        L.require_rows(fz, int(p.min_steps))
         low = {n: param_dtype(ctx, n) for n in fz.layers}
         low = {n: d for n, d in low.items() if d in LOW_PRECISION}
         if not low:
@@ -84,7 +85,6 @@ class Bf16Stagnation(Signature):
                     "not-recorded",
                 )
             raise NotChecked("no bfloat16/float16 parameters", "not-applicable")
-        L.require_rows(fz, int(p.min_steps))
         post = L.after_transient(ctx, fz)
         lr = on_steps(ctx, fmt.lr_name(0), fz.steps)
         rows = post & ~(np.isfinite(lr) & (lr == 0))

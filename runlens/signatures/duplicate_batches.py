@@ -8,7 +8,7 @@ import numpy as np
 from runlens_collect import format as fmt
 
 from runlens.context import Context
-from runlens.findings import Evidence, Finding, Severity
+from runlens.findings import Evidence, Finding
 from runlens.signatures._probes import on_steps, series, step_list
 from runlens.signatures.base import NotChecked, Param, Params, Signature
 
@@ -36,8 +36,8 @@ class DuplicateBatches(Signature):
         * at one long fixed distance: the same batches in the same order every period
           (an epoch): no shuffling, or a ``DistributedSampler`` whose ``set_epoch`` is
           never called;
-        * every step the same batch: one batch trained on forever (``next(iter(loader))``
-          in the loop) — or deliberate full-batch training (reported as info).
+        Every step the same batch is not reported: deliberate full-batch training and one
+        batch fetched again and again (``next(iter(loader))`` in the loop) look alike.
 
     Why it matters:
         Duplicated batches shrink the effective data and the number of distinct gradient
@@ -116,7 +116,9 @@ class DuplicateBatches(Signature):
         n_dup = int(dup.sum())
         distinct = steps.size - n_dup
         share = n_dup / steps.size
-        if share < p.min_fraction:
+        if share < p.min_fraction or distinct == 1:
+            # Every step the same batch: full-batch training and one batch fetched again
+            # and again look the same.
             return []
         dist = steps[dup] - steps[prev[dup]]
         d, count = Counter(dist.tolist()).most_common(1)[0]
@@ -129,20 +131,9 @@ class DuplicateBatches(Signature):
         )
         rep = steps[dup]
         where = f"e.g. steps {step_list(rep, 6)}"
-        severity: Severity = "warning"
-        if distinct == 1:
-            severity, conf = "info", 0.5
-            summary = (
-                f"every one of the {steps.size} steps trained on the same batch: full-batch "
-                "training, or one batch fetched again and again (next(iter(loader)) in the loop)"
-            )
-            fix = (
-                "If this is not full-batch training on purpose, iterate over the DataLoader "
-                "(for x, y in loader) instead of calling next(iter(loader)) every step."
-            )
-        elif regular < p.min_regular:
+        if regular < p.min_regular:
             return []  # scattered repeats: sampling with replacement, small data
-        elif d <= p.max_short:
+        if d <= p.max_short:
             conf = min(1.0, 0.6 + share)
             summary = (
                 f"{n_dup} of {steps.size} training batches ({share:.0%}) repeat the batch "
@@ -170,7 +161,7 @@ class DuplicateBatches(Signature):
         return [
             Finding(
                 signature=self.name,
-                severity=severity,
+                severity="warning",
                 confidence=conf,
                 summary=summary,
                 fix=fix,

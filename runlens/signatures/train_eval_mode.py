@@ -113,6 +113,9 @@ class TrainEvalMode(Signature):
         counts = {k: np.nan_to_num(v) for k, v in counts.items()}
         modes = probe_json(ctx, "modes")
         sensitive = {str(k): int(v) for k, v in (modes.get("sensitive") or {}).items()}
+        if steps.size < p.min_steps:
+            nc = NotChecked.too_few(int(steps.size), "steps with mode counts", int(p.min_steps))
+            ctx.not_checked_part("training in eval mode", nc.reason, nc.kind)
         problems = [
             x
             for x in (
