@@ -8,9 +8,11 @@ the median step time and the median of the paired ratios to bare training.
     python benchmarks/collector_overhead.py                 # both models, defaults
     python benchmarks/collector_overhead.py --model transformer --repeats 7 --steps 30
     python benchmarks/collector_overhead.py --model mlp --configs "runlens;runlens:every=10"
+    python benchmarks/collector_overhead.py --configs "runlens:probes=0;runlens"  # probes' cost
 
 "runlens" is ``Collector(model, opt, run_dir)`` at its defaults: weight/grad/update
-statistics of every parameter every step, activations every 10 steps, histograms every 50.
+statistics of every parameter every step, activations every 10 steps, histograms every 50,
+and the silent-bug probes (``runlens:probes=0`` leaves the probes out).
 "tensorboard" is ``SummaryWriter.add_histogram`` for every parameter and gradient each step
 (what ``wandb.watch``-style logging does), plus the loss as a scalar.
 """
@@ -74,8 +76,14 @@ class Trainer:
         if config.startswith("runlens"):
             # "runlens" = defaults; "runlens:every=10" etc. override knobs
             knobs = dict(kv.split("=") for kv in config.partition(":")[2].split(",") if kv)
+            # probes=0: without the silent-bug probes (runlens_collect.probes); default on.
+            probes = () if knobs.pop("probes", "1") == "0" else None
             self.col = Collector(
-                self.model, self.opt, run_dir=tmp, **{k: int(v) for k, v in knobs.items()}
+                self.model,
+                self.opt,
+                run_dir=tmp,
+                probes=probes,
+                **{k: int(v) for k, v in knobs.items()},
             )
         elif config == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter

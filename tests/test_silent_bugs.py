@@ -423,3 +423,38 @@ def test_symptoms_of_a_bug_point_at_it_not_at_the_learning_rate() -> None:
     assert div.explained_by == "gradient-not-reset"
     assert div.fix.startswith("Probably a consequence of gradient-not-reset")
     assert "lower the lr" not in div.fix.lower()
+
+
+def test_spikes_with_normal_inputs_are_attributed_to_a_numerical_fault(tmp_path: Path) -> None:
+    """A faulty kernel in one layer: at a few steps its output is garbage (sign-flipped and
+    ×50). The input batches are normal; the gradient blows up, first in that layer."""
+    torch.manual_seed(5)
+    g = torch.Generator().manual_seed(5)
+    centres = torch.randn(4, 6, generator=g) * 1.2
+    model = nn.Sequential(
+        nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+    )
+    faulty = {120, 200, 260}
+    state = {"step": 0}
+
+    def fault(mod: nn.Module, args: object, out: torch.Tensor) -> torch.Tensor:
+        return out * -50 if state["step"] in faulty else out
+
+    model[2].register_forward_hook(fault)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    with Collector(model, opt, run_dir=tmp_path, config={"num_classes": 4}) as col:
+        for step in range(300):
+            state["step"] = step
+            y = torch.randint(0, 4, (32,), generator=g)
+            x = centres[y] + torch.randn(32, 6, generator=g)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()  # no clipping: grad_norm is recorded after it (format.py)
+            opt.step()
+            col.step(loss=loss)
+    f = _findings(tmp_path, "loss-spike")["loss-spike"]
+    spikes = {int(e.value) for e in f.evidence if e.name == "spike at step"}
+    assert faulty <= spikes
+    assert _evidence(f, "spikes with an outlier input batch") == 0
+    assert _evidence(f, "spikes with normal inputs and a gradient-norm blow-up") >= len(faulty)
+    assert "most in `2." in f.summary and "numerical fault" in f.summary

@@ -22,8 +22,9 @@ class BadInitialLoss(Signature):
         ``task``/``num_classes``, or run.json's ``task`` (the loss function the collector
         saw), never from the output's shape; when the task is unknown, or is regression or
         language modeling, the check does not run and the report's coverage says so. The
-        first evaluation is checked the same way when it ran before training went anywhere
-        (its ``val/loss`` point is at or before the first training step): a first
+        first evaluation is checked the same way when it ran before any training (its
+        ``val/loss`` point comes before the first training loss, or the collector's mode
+        probe saw its forwards before the first training forward): a first
         validation loss far above ln(C) while the first training loss is normal points at
         eval-mode behaviour (an evaluation before any training forward: see
         train-eval-mode), not at the initialization.
@@ -166,13 +167,19 @@ class BadInitialLoss(Signature):
 
 
 def _first_evaluation(ctx: Context, first_train_step: int) -> tuple[int, float] | None:
-    """The first validation loss when it was measured before training had gone anywhere:
-    at or before the first training step (an evaluation before training is logged at
-    step 0)."""
+    """The first validation loss when it was measured before any training: logged before
+    the first training loss (imported logs), or at that step when the collector's mode
+    probe saw the evaluation forwards run before the first training forward. (An
+    evaluation right after step 0's update is logged at step 0 as well: without the probe
+    the two cannot be told apart, and a run that blows up at step 0 must not count.)"""
     c = ctx.val_loss
     if c is None or len(c) == 0:
         return None
     step, value = int(c.steps[0]), float(c.raw[0])
-    if step > first_train_step or not np.isfinite(value):
+    if not np.isfinite(value) or step > first_train_step:
         return None
+    if step == first_train_step:
+        before = ctx.curve(fmt.MODE_EVALS_BEFORE_TRAIN)
+        if before is None or not (len(before) and before.raw[0] > 0):
+            return None
     return step, value

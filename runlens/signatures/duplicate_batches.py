@@ -68,7 +68,7 @@ class DuplicateBatches(Signature):
     summary = "the same training batch repeated (DataLoader workers sharing an RNG, no shuffle)"
     category = "bug"
     severity = "warning"
-    requires = (fmt.INPUT_SUMSQ,)
+    requires = (fmt.INPUT_SUM, fmt.INPUT_SUMSQ, fmt.INPUT_PROJ)
     params = (
         Param(
             "min_fraction",

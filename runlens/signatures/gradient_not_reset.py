@@ -59,7 +59,7 @@ class GradientNotReset(Signature):
     summary = "gradients carried over between optimizer steps (missing or misplaced zero_grad)"
     category = "bug"
     severity = "error"
-    requires = (fmt.GRAD_CARRY_SQ,)
+    requires = (fmt.GRAD_CARRY_SQ, fmt.GRAD_NEW_SQ)
     params = (
         Param(
             "min_ratio",

@@ -178,6 +178,9 @@ class _Cause:
     grad_only: int
     ratio: float
     """Largest |input RMS / its rolling median - 1| + 1 at a spike with an outlier input."""
+    layer: str | None = None
+    """At spikes with normal inputs and a gradient blow-up: the parameter whose gradient
+    norm jumped most against its own median (where the blow-up started, usually)."""
 
     def text(self, n: int, recurring: bool) -> str:
         if not self.checked:
@@ -192,10 +195,11 @@ class _Cause:
                 f"up to {fmt_num(self.ratio)}× its usual level): bad batches"
             )
         if self.grad_only:
+            where = f", most in `{self.layer}`" if self.layer else ""
             return (
                 f"; the input batch{'es were' if n > 1 else ' was'} normal, the gradient norm "
-                f"blew up at {self.grad_only} of {n}: wrong targets in those batches or a "
-                "numerical fault"
+                f"blew up at {self.grad_only} of {n}{where}: wrong targets in those batches or "
+                "a numerical fault"
             )
         normal = (
             "; the input batch was normal" if n == 1 else f"; the inputs were normal at all {n}"
@@ -279,6 +283,7 @@ def _attribute(ctx: Context, steps: list[int], p: Params) -> _Cause:
         }
     at = dict(zip(sq.steps.tolist(), range(len(sq)), strict=True))
     bad, grad_only, worst = 0, 0, float("nan")
+    grad_steps = []
     for s in steps:
         i = at.get(s)
         if i is not None and outlier[i]:
@@ -287,7 +292,31 @@ def _attribute(ctx: Context, steps: list[int], p: Params) -> _Cause:
             worst = r if not np.isfinite(worst) else max(worst, r)
         elif s in grad_spike:
             grad_only += 1
-    return _Cause(True, bad, grad_only, worst)
+            grad_steps.append(s)
+    return _Cause(True, bad, grad_only, worst, _jumped_layer(ctx, grad_steps))
+
+
+def _jumped_layer(ctx: Context, steps: list[int]) -> str | None:
+    """The parameter whose gradient norm at ``steps`` is furthest above its own median."""
+    g = ctx.layer(fmt.KIND_GRAD, "norm")
+    if g is None or not steps:
+        return None
+    rows = np.isin(g.steps, steps)
+    if not rows.any():
+        return None
+    v = np.where(np.isfinite(g.values) & (g.values > 0), g.values, np.nan)
+    ok = np.isfinite(v).sum(axis=0) >= 5
+    if not ok.any():
+        return None
+    med = np.full(v.shape[1], np.nan)
+    med[ok] = np.nanmedian(v[:, ok], axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        jump = np.where(ok, v[rows] / med, np.nan)
+    if not np.isfinite(jump).any():
+        return None
+    return g.layers[
+        int(np.nanargmax(np.nanmax(np.where(np.isfinite(jump), jump, -np.inf), axis=0)))
+    ]
 
 
 def _on(ctx: Context, name: str, steps: np.ndarray) -> np.ndarray:

@@ -65,8 +65,8 @@ class GradCarryProbe(ProbeBase):
         handles: list[Any] = []
         for i in picks:
             name, p = trainable[i]
-            if p.device != self._device:
-                continue
+            if p.device != self._device or hasattr(p, "_local_tensor"):
+                continue  # another device, or a sharded DTensor (FSDP2): not probed
             slot = len(self._params)
             self._names.append(name)
             self._params.append(p)
