@@ -458,3 +458,29 @@ def test_spikes_with_normal_inputs_are_attributed_to_a_numerical_fault(tmp_path:
     assert _evidence(f, "spikes with an outlier input batch") == 0
     assert _evidence(f, "spikes with normal inputs and a gradient-norm blow-up") >= len(faulty)
     assert "most in `2." in f.summary and "numerical fault" in f.summary
+
+
+@pytest.mark.parametrize("validated", [False, True])
+def test_no_grad_train_mode_forwards_are_an_evaluation_only_with_validation(
+    tmp_path: Path, validated: bool
+) -> None:
+    """No-grad forwards in training mode inside training (pseudo-labels from the model
+    itself) are not an evaluation; the same forwards with validation metrics logged and no
+    eval-mode forward anywhere are one."""
+    torch.manual_seed(6)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Collector(model, opt, run_dir=tmp_path) as col:
+        for _ in range(12):
+            x = torch.randn(8, 6)
+            with torch.no_grad():
+                target = model(x).argmax(1)  # pseudo-labels, training mode
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+            col.step(loss=loss)
+            if validated:
+                col.log({"val/loss": 1.0})
+    found = _findings(tmp_path, "train-eval-mode")
+    assert ("train-eval-mode" in found) == validated

@@ -36,8 +36,8 @@ class TrainEvalMode(Signature):
         running statistics, ``spectral_norm``) whose own flag differs from the root's:
 
         * **evaluation in training mode**: no-grad forwards run in training mode and none
-          in eval mode in the whole run, in a model with mode-dependent modules
-          (``model.eval()`` missing before validation);
+          in eval mode in the whole run, in a model with mode-dependent modules, in a run
+          that logs validation metrics (``model.eval()`` missing before validation);
         * **training in eval mode**: for at least ``min_steps`` steps and ``min_fraction``
           of the run, the only grad-enabled forwards of a step ran in eval mode
           (``model.train()`` not called again after an evaluation);
@@ -119,7 +119,7 @@ class TrainEvalMode(Signature):
         problems = [
             x
             for x in (
-                _eval_in_train_mode(steps, counts, sensitive),
+                _eval_in_train_mode(steps, counts, sensitive, _has_validation(ctx)),
                 _train_in_eval_mode(steps, counts, sensitive, p),
                 _out_of_step(ctx, steps, modes),
                 _eval_before_training(ctx, modes, p),
@@ -155,12 +155,18 @@ def _kinds(sensitive: dict[str, int]) -> str:
     return ", ".join(f"{k} ×{v}" for k, v in sorted(sensitive.items())) or "none"
 
 
+def _has_validation(ctx: Context) -> bool:
+    return any(n.startswith(("val/", "eval/", "valid/")) for n in ctx.run.scalar_names)
+
+
 def _eval_in_train_mode(
-    steps: np.ndarray, c: dict[str, np.ndarray], sensitive: dict[str, int]
+    steps: np.ndarray, c: dict[str, np.ndarray], sensitive: dict[str, int], validated: bool
 ) -> _Problem | None:
     tn, en = c["train_nograd"], c["eval_nograd"]
-    if tn.sum() == 0 or en.sum() > 0 or not sensitive:
-        return None  # proper evaluations exist, or the mode changes nothing in this model
+    if tn.sum() == 0 or en.sum() > 0 or not sensitive or not validated:
+        # Proper evaluations exist, the mode changes nothing in this model, or nothing was
+        # validated (no-grad forwards inside training: pseudo-labels, a teacher pass).
+        return None
     at = steps[tn > 0]
     return _Problem(
         severity="warning",
