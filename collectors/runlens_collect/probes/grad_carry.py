@@ -4,10 +4,11 @@ A tensor hook on a few parameters (``MAX_PARAMS``, spread over the model) runs w
 backward pass delivers a gradient for that parameter, *before* autograd adds it to
 ``p.grad``. At the first such call after an optimizer step, ``p.grad`` should be ``None``
 or zero (``optimizer.zero_grad()`` ran); if it still holds the previous step's gradient,
-every update uses the sum of all past gradients. The hook records, on the device,
-``‖p.grad‖²`` (the carried gradient) and ``‖incoming‖²`` (the new one); later calls in
-the same optimizer step are counted only (legitimate gradient accumulation: several
-backward passes, then one ``optimizer.step()`` and one ``zero_grad()``).
+every update uses the sum of all past gradients. The hook takes, on the device, the norms
+of ``p.grad`` (the carried gradient) and of the incoming one (two reductions); the end of
+the step sums their squares over the probed parameters. Later calls in the same optimizer
+step are counted only (legitimate gradient accumulation: several backward passes, then one
+``optimizer.step()`` and one ``zero_grad()``).
 
 "After an optimizer step" means after the collector's optimizer's ``step()`` for the
 parameters it holds, and after ``Collector.step()`` for parameters it does not (another
@@ -43,11 +44,14 @@ class GradCarryProbe(ProbeBase):
         self._by_optimizer: list[bool] = []
         self._first: list[bool] = []
         self._device = torch.device("cpu")
-        self._carry: torch.Tensor | None = None
-        self._new: torch.Tensor | None = None
-        self._mask: torch.Tensor | None = None
+        # This step's first-pass measurements: 0-d device norms and the slots' bit values,
+        # combined at the end of the step (two reductions per parameter in the hook).
+        self._old_norms: list[torch.Tensor] = []
+        self._new_norms: list[torch.Tensor] = []
+        self._hit_bits: list[torch.Tensor] = []
         self._calls: list[int] = []
         self._bits: list[torch.Tensor] = []
+        self._zero: torch.Tensor | None = None
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[Any]:
         inner = unwrap(model)
@@ -89,19 +93,16 @@ class GradCarryProbe(ProbeBase):
             if not self._first[slot]:
                 return None  # a later backward pass of the same optimizer step
             self._first[slot] = False
+            # Before autograd adds ``grad`` into it, .grad is what the step starts from.
             old = self._params[slot].grad
-            new_sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
             if old is None:
-                carry_sq = torch.zeros((), device=self._device)
+                if self._zero is None:
+                    self._zero = torch.zeros((), device=self._device)
+                self._old_norms.append(self._zero)
             else:
-                carry_sq = torch.linalg.vector_norm(old.detach(), dtype=torch.float32).square()
-            bit = (carry_sq > 0) * self._bits[slot]
-            if self._carry is None:
-                self._carry, self._new, self._mask = carry_sq, new_sq, bit
-            else:
-                self._carry = self._carry + carry_sq
-                self._new = self._new + new_sq
-                self._mask = self._mask + bit
+                self._old_norms.append(torch.linalg.vector_norm(old.detach(), dtype=torch.float32))
+            self._new_norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
+            self._hit_bits.append(self._bits[slot])
         except Exception as exc:
             self._fail(exc)
         return None
@@ -115,14 +116,17 @@ class GradCarryProbe(ProbeBase):
 
     def end_step(self, step: int, flags: StepFlags, parts: StepParts) -> None:
         self._raise_pending()
-        if self._carry is not None:
-            parts.device_scalar(step, fmt.GRAD_CARRY_SQ, self._carry)
-            parts.device_scalar(step, fmt.GRAD_NEW_SQ, self._new)  # type: ignore[arg-type]
-            parts.device_scalar(step, fmt.GRAD_CARRY_MASK, self._mask)  # type: ignore[arg-type]
+        if self._new_norms:
+            old = torch.stack(self._old_norms)
+            new = torch.stack(self._new_norms)
+            parts.device_scalar(step, fmt.GRAD_CARRY_SQ, old.square().sum())
+            parts.device_scalar(step, fmt.GRAD_NEW_SQ, new.square().sum())
+            mask = ((old > 0) * torch.stack(self._hit_bits)).sum()
+            parts.device_scalar(step, fmt.GRAD_CARRY_MASK, mask)
+            self._old_norms, self._new_norms, self._hit_bits = [], [], []
         passes = max(self._calls, default=0)
         if passes:
             parts.host_scalar(step, fmt.GRAD_PASSES, passes)
-        self._carry = self._new = self._mask = None
         for i, by_opt in enumerate(self._by_optimizer):
             self._calls[i] = 0
             if not by_opt:

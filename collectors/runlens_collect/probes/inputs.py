@@ -94,10 +94,11 @@ class InputProbe(ProbeBase):
         if not x2.is_floating_point():
             x2 = x2.float()  # token ids, masks, uint8 images: one copy the size of the input
         cols = x2.sum(0, dtype=torch.float32)
-        sq = torch.linalg.vector_norm(x2, dtype=torch.float32).square()
-        # Elementwise product and sums, not mv/dot: autocast would run those in 16 bits.
-        proj = (cols * self._projection(cols.numel())).sum()
-        return torch.stack([cols.sum(), sq, proj])
+        sq = torch.linalg.vector_norm(x2, dtype=torch.float32).square().reshape(1)
+        # [sum, projection] from one product with [ones; cos] and a row sum, not mv/dot:
+        # autocast would run those in 16 bits.
+        sum_proj = (cols * self._projection(cols.numel())).sum(1)
+        return torch.cat([sum_proj[:1], sq, sum_proj[1:]])
 
     def _projection(self, width: int) -> torch.Tensor:
         w = self._weights.get(width)
@@ -105,7 +106,8 @@ class InputProbe(ProbeBase):
             if len(self._weights) >= MAX_WIDTHS:
                 self._weights.clear()
             j = torch.arange(width, device=self._device, dtype=torch.float32)
-            w = self._weights[width] = torch.cos(1.61803 * j + 0.5)
+            w = torch.stack([torch.ones_like(j), torch.cos(1.61803 * j + 0.5)])
+            self._weights[width] = w
         return w
 
     # -- end of step --------------------------------------------------------------------
