@@ -20,8 +20,9 @@ class GradientNotReset(Signature):
         gradient of the previous step: ``optimizer.zero_grad()`` is missing, or is called on
         another optimizer than the one holding these parameters (a GAN's discriminator
         optimizer zeroed twice, the generator's never). The collector's gradient probe
-        (``runlens_collect.probes.GradCarryProbe``) puts a tensor hook on up to 8
-        parameters spread over the model; the hook runs before autograd adds the incoming
+        (``runlens_collect.probes.GradCarryProbe``) puts a tensor hook on one parameter
+        (the smallest, usually a bias) of up to 8 modules spread over the model; the hook
+        runs before autograd adds the incoming
         gradient to ``p.grad`` and records, at the first pass after each
         ``optimizer.step()``, ``‖p.grad‖²`` (carried) and ``‖incoming‖²`` (new) on the
         device (``probe/grad/carry_sq``, ``probe/grad/new_sq``, which parameters carried
@@ -119,7 +120,7 @@ class GradientNotReset(Signature):
                 confidence=0.95 if share >= 0.9 else 0.8,
                 summary=(
                     f"gradients are never reset between optimizer steps: at the first backward "
-                    f"pass of {int(carried.sum())} of {carried.size} steps the parameters"
+                    f"pass of {int(carried.sum())} of {carried.size} steps the probed parameters"
                     f"{where} still held the previous gradient (median ‖carried‖/‖new‖ = "
                     f"{fmt_num(med)}, growing {fmt_num(growth)}× over the run){accum}: each "
                     "update applies the sum of all past gradients"

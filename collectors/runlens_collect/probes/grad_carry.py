@@ -1,13 +1,14 @@
 """Gradients carried over from one optimizer step to the next.
 
-A tensor hook on a few parameters (``MAX_PARAMS``, spread over the model) runs when a
-backward pass delivers a gradient for that parameter, *before* autograd adds it to
-``p.grad``. At the first such call after an optimizer step, ``p.grad`` should be ``None``
-or zero (``optimizer.zero_grad()`` ran); if it still holds the previous step's gradient,
-every update uses the sum of all past gradients. The hook takes, on the device, the norms
-of ``p.grad`` (the carried gradient) and of the incoming one (two reductions); the end of
-the step sums their squares over the probed parameters. Later calls in the same optimizer
-step are counted only (legitimate gradient accumulation: several backward passes, then one
+A tensor hook on a few parameters (in up to ``MAX_PARAMS`` modules spread over the model,
+the smallest tensor of each, usually its bias) runs when a backward pass delivers a
+gradient for that parameter, *before* autograd adds it to ``p.grad``. At the first such
+call after an optimizer step, ``p.grad`` should be ``None`` or zero
+(``optimizer.zero_grad()`` ran); if it still holds the previous step's gradient, every
+update uses the sum of all past gradients. The hook takes, on the device, the norms of
+``p.grad`` (the carried gradient) and of the incoming one (two reductions); the end of the
+step sums their squares over the probed parameters. Later calls in the same optimizer step
+are counted only (legitimate gradient accumulation: several backward passes, then one
 ``optimizer.step()`` and one ``zero_grad()``).
 
 "After an optimizer step" means after the collector's optimizer's ``step()`` for the
@@ -28,7 +29,8 @@ from runlens_collect.probes._base import ProbeBase, model_device, unwrap
 from runlens_collect.step import StepFlags, StepParts
 
 MAX_PARAMS = 8
-"""Parameters hooked: one hook call and two small reductions each per optimizer step."""
+"""Parameters hooked: one hook call and two reductions (over that tensor) each per
+optimizer step."""
 
 
 class GradCarryProbe(ProbeBase):
@@ -56,21 +58,30 @@ class GradCarryProbe(ProbeBase):
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[Any]:
         inner = unwrap(model)
         self._device = model_device(inner)
-        trainable = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
-        if not trainable:
+        usable = [
+            (n, p)
+            for n, p in inner.named_parameters()
+            # Not another device's, not a sharded DTensor (FSDP2).
+            if p.requires_grad and p.device == self._device and not hasattr(p, "_local_tensor")
+        ]
+        # One parameter per module, modules spread over the model (first, last and
+        # between): a wrong zero_grad misses a whole submodule (a GAN's generator, a second
+        # optimizer's head). In each module the smallest tensor (a bias): the two norms a
+        # hook takes read the whole tensor, and every tensor carries the same way.
+        modules: dict[str, list[tuple[str, nn.Parameter]]] = {}
+        for n, p in usable:
+            modules.setdefault(n.rpartition(".")[0], []).append((n, p))
+        groups = list(modules.values())
+        if not groups:
             return []
-        k = min(self.max_params, len(trainable))
-        # Spread over the model (first, last and between): a wrong zero_grad usually misses
-        # a whole submodule (a GAN's generator, a second optimizer's head).
-        picks = sorted({round(i * (len(trainable) - 1) / max(k - 1, 1)) for i in range(k)})
+        k = min(self.max_params, len(groups))
+        picks = sorted({round(i * (len(groups) - 1) / max(k - 1, 1)) for i in range(k)})
         held: set[int] = set()
         if optimizer is not None:
             held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         handles: list[Any] = []
         for i in picks:
-            name, p = trainable[i]
-            if p.device != self._device or hasattr(p, "_local_tensor"):
-                continue  # another device, or a sharded DTensor (FSDP2): not probed
+            name, p = min(groups[i], key=lambda np_: np_[1].numel())
             slot = len(self._params)
             self._names.append(name)
             self._params.append(p)
