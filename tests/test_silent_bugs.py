@@ -484,3 +484,22 @@ def test_no_grad_train_mode_forwards_are_an_evaluation_only_with_validation(
                 col.log({"val/loss": 1.0})
     found = _findings(tmp_path, "train-eval-mode")
     assert ("train-eval-mode" in found) == validated
+
+
+def test_a_learning_rate_too_high_is_not_a_gradient_bug(tmp_path: Path) -> None:
+    """The loss-divergence sample (SGD with an LR far too high, zero_grad every step)
+    recorded afresh with the probes: it diverges, carries no gradient, and its symptoms
+    keep their own advice."""
+    import sys
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from sample_runs.scenarios import by_name
+
+    by_name("loss-divergence").record(tmp_path / "run")
+    report = runlens.analyze(tmp_path / "run")
+    by = {f.signature: f for f in report.findings}
+    assert "loss-divergence" in by and "gradient-not-reset" not in by
+    assert by["loss-divergence"].explained_by is None
+    assert set(_scalar(tmp_path / "run", fmt.GRAD_CARRY_SQ)[1]) == {0.0}
+    assert "gradient-not-reset" in report.coverage.clean
