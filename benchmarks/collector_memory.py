@@ -75,6 +75,9 @@ def main() -> None:
         action="store_true",
         help="the Collector's default cadence and max_queue instead of the stress cadence",
     )
+    ap.add_argument(
+        "--no-probes", action="store_true", help="without the silent-bug probes (probes=())"
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = ap.parse_args()
 
@@ -93,7 +96,8 @@ def main() -> None:
             if args.defaults
             else {"every": 1, "activation_every": 1, "hist_every": 1, "max_queue": args.max_queue}
         )
-        with Collector(model, opt, run_dir=run_dir, **knobs) as col:
+        probes = () if args.no_probes else None
+        with Collector(model, opt, run_dir=run_dir, probes=probes, **knobs) as col:
             s = col.settings
             cadence = f"every={s.every} activation_every={s.activation_every} "
             cadence += f"hist_every={s.hist_every} max_queue={s.max_queue}"
@@ -131,6 +135,7 @@ def main() -> None:
         "param_tensors": n_tensors,
         "steps": args.steps,
         "cadence": cadence,
+        "probes": [type(p).__name__ for p in col.probes],
         "rss_before_mb": round(rss0, 1),
         "rss_first_sample_mb": rss[0] if rss else None,
         "rss_last_sample_mb": rss[-1] if rss else None,

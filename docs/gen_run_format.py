@@ -114,6 +114,8 @@ def sections() -> dict[str, str]:
         "layers-schema": schema_table(fmt.LAYERS_SCHEMA, LAYER_COLUMNS),
         "hist-bins": hist_table(),
         "events": keys_table(fmt.EVENT_KINDS),
+        "probe-scalars": keys_table(fmt.PROBE_SCALARS),
+        "probe-json": keys_table(fmt.PROBE_JSON_KEYS),
         "version": f"Current `SCHEMA_VERSION`: **{fmt.SCHEMA_VERSION}**.",
     }
 

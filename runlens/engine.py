@@ -270,6 +270,12 @@ def _missing_reason(run: Run, missing: Sequence[str]) -> str:
         why = " (not recorded: the model was compiled, activation hooks are off)"
     elif kinds and isinstance(in_effect, list) and not set(kinds) & set(in_effect):
         why = f" (not recorded: the collector ran without {' or '.join(kinds)} statistics)"
+    elif any(m.startswith(fmt.PROBE_PREFIX) for m in missing):
+        why = (
+            f" (an imported {run.source_format} log has no probe statistics)"
+            if run.source_format != "runlens"
+            else " (recorded without runlens_collect's probes: an older collector or probes=())"
+        )
     return "needs " + ", ".join(missing) + why
 
 

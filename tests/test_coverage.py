@@ -113,6 +113,8 @@ JUDGE_ONE_POINT = {
     "nan-inf": "a single point is finite or not",
     "bad-initial-loss": "judges the loss of the first steps, which a 2-step run has",
     "bad-initialization": "judges the weights and activations at step 0",
+    "train-eval-mode": "a forward's mode is known at one step (its part about training in "
+    "eval mode needs more steps and is noted as not checked)",
 }
 """Signatures whose job needs no history: on a 2-step run they look, and may say nothing."""
 

@@ -733,9 +733,11 @@ def test_property_runs_cover_every_signature() -> None:
             report = runlens.analyze(run)
         skipped = {s.signature for s in report.skipped}
         called |= set(runlens.REGISTRY) - skipped
+    # Sanity signatures need sanity runs; bf16-stagnation needs parameter dtypes in
+    # run.json's model summary, which the random runs do not write.
     applicable = {
-        n for n, s in runlens.REGISTRY.items() if s.category != "sanity"
-    }  # sanity signatures need sanity runs
+        n for n, s in runlens.REGISTRY.items() if s.category != "sanity" and n != "bf16-stagnation"
+    }
     assert applicable <= called, applicable - called
 
 

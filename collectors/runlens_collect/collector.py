@@ -50,6 +50,7 @@ from runlens_collect.contract import MEAN, StepContract
 from runlens_collect.hooks import Hooks, Observer
 from runlens_collect.lifecycle import Shutdown, flush_at_exit
 from runlens_collect.param_stats import ParamStats
+from runlens_collect.probes import default_probes
 from runlens_collect.scratch import SCRATCH_MAX_BYTES, Scratch
 from runlens_collect.step import Probe, StepFlags, StepParts
 from runlens_collect.taskinfer import TaskTracker
@@ -78,8 +79,9 @@ class Collector(Hooks, Shutdown):
     collector is caught, warned once and written to events.jsonl; training continues.
 
     Knobs are the fields of :class:`CollectorConfig`, given as keyword arguments or as
-    ``settings=CollectorConfig(...)``. ``probes`` add extra per-step statistics
-    (:class:`runlens_collect.step.Probe`).
+    ``settings=CollectorConfig(...)``. ``probes`` record extra per-step statistics
+    (:class:`runlens_collect.step.Probe`); by default the silent-bug probes of
+    :func:`runlens_collect.probes.default_probes` (``probes=()`` turns them off).
 
     Resuming: ``start_step=N`` numbers the first step N (a framework's global step after
     loading a checkpoint); ``resume=True`` continues after the last step the run directory
@@ -98,7 +100,7 @@ class Collector(Hooks, Shutdown):
         config: Mapping[str, Any] | None = None,
         *,
         settings: CollectorConfig | None = None,
-        probes: Sequence[Probe] = (),
+        probes: Sequence[Probe] | None = None,
         start_step: int | None = None,
         resume: bool | None = None,
         _loss_reduction: str = MEAN,
@@ -115,7 +117,7 @@ class Collector(Hooks, Shutdown):
         self.run_dir = Path(run_dir)
         self.model = model
         self.optimizer = optimizer
-        self.probes = list(probes)
+        self.probes = list(default_probes() if probes is None else probes)
         self.warnings: list[str] = []  # every message warned (also in events.jsonl)
         self._warned_sites: set[str] = set()
         self._warned_categories: set[str] = set()
@@ -228,6 +230,7 @@ class Collector(Hooks, Shutdown):
                 "devices": {str(d): len(g) for d, g in by_device.items() if g},
                 "data_time": self._timer.mode,
                 "wire_dtype": str(self._transfer.dtype).replace("torch.", ""),
+                "probes": [_probe_site(p).removeprefix("probe:") for p in self.probes],
             },
             model=runinfo.model_summary(inner),
             repro=repro.repro_record(self.device),
@@ -243,11 +246,14 @@ class Collector(Hooks, Shutdown):
         self._hook_optimizer(eagerly=dynamo_loaded())
         for probe in self.probes:
             try:
-                self._handles.extend(probe.attach(inner, self.optimizer))
+                # The model the user calls (a compiled one's wrapper runs hooks eagerly);
+                # probes unwrap it for parameter names.
+                self._handles.extend(probe.attach(self.model, self.optimizer))
             except Exception as exc:
                 self._guard(_probe_site(probe), exc)
         self._observer = Observer(self)
         observe.add_listener(self._observer)
+        self._probe_meta()
 
         # per-step state
         self._parts = StepParts()
@@ -527,6 +533,7 @@ class Collector(Hooks, Shutdown):
                     probe.end_step(step, flags, parts)
                 except Exception as exc:
                     self._guard(site, exc)
+        self._probe_meta()
         self._ship_latest(step)
         if self._task.changed:
             self._task.changed = False
@@ -545,6 +552,23 @@ class Collector(Hooks, Shutdown):
             latest[fmt.GRAD_NORM] = latest.pop(norms[0]).to(self.device, non_blocking=True)
         for name, value in latest.items():
             self._parts.device_scalar(step, name, value)
+
+    def _probe_meta(self) -> None:
+        """run.json ``probes``: rebuilt when a probe has news, and replaced whole (the writer
+        thread may be serializing the old one)."""
+        if not any(getattr(p, "changed", False) for p in self.probes):
+            return
+        out = {}
+        for probe in self.probes:
+            site = _probe_site(probe)
+            if site in self._disabled or not hasattr(probe, "run_json"):
+                continue
+            try:
+                out[site.removeprefix("probe:")] = probe.run_json()
+                probe.changed = False
+            except Exception as exc:
+                self._guard(site, exc)
+        self.meta["probes"] = out
 
     @torch.no_grad()
     def _emit(self, step: int, wall: float, timing: Any = None) -> None:

@@ -90,12 +90,16 @@ RUN_JSON_KEYS: Final = {
     "continued into this run directory (a resume from a checkpoint); `step` is the first "
     "step recorded by the continuation. Steps from `step` on recorded earlier are replaced "
     "(the last write wins). Absent or empty: never resumed",
+    "probes": "dict, probe name -> what that probe saw at setup and over the run (see "
+    "PROBE_JSON_KEYS); absent or {} when no probe ran (older runs, ``probes=()``)",
 }
 
 MODEL_SUMMARY_KEYS: Final = {
     "class": "str, class name of the root module",
     "num_params": "int, total number of parameter elements",
-    "modules": "list of {path, type, params: [{name, shape, numel, requires_grad}]}",
+    "modules": "list of {path, type, params: [{name, shape, numel, requires_grad, dtype}]}; "
+    "dtype is the parameter's storage type at setup (float32, bfloat16, ...), absent in runs "
+    "written before it was recorded",
     "output_shape": "list[int] | null, shape of the root module's output, once seen",
 }
 
@@ -174,7 +178,9 @@ VAL_ACCURACY: Final = "val/accuracy"
 LR_PREFIX: Final = "lr/"  # one per optimizer param group: lr/0, lr/1, ...
 GRAD_NORM: Final = "grad_norm"
 """Total L2 norm of all gradients as the optimizer receives them: after accumulation,
-after AMP unscaling and after any clipping the user applied before ``optimizer.step()``."""
+after AMP unscaling and after any clipping the user applied before ``optimizer.step()``.
+Absent on a step where no parameter had a gradient (runs written before this rule have a
+NaN there)."""
 GRAD_NORM_PRECLIP: Final = "grad_norm_preclip"
 """Total gradient norm before clipping: what ``torch.nn.utils.clip_grad_norm_`` returned
 (the last call of the step)."""
@@ -203,7 +209,8 @@ SCALAR_NAMES: Final = {
     "train/<name>": "every step: extra keyword arguments of `step()`",
     "lr/0, lr/1, ...": "every step: `lr` of each optimizer param group",
     GRAD_NORM: "every step that applied gradients: total L2 norm of all gradients **as the "
-    "optimizer receives them**: after accumulation, unscaled (AMP), **after clipping**",
+    "optimizer receives them**: after accumulation, unscaled (AMP), **after clipping**. "
+    "Absent (not NaN) on a step where no parameter had a gradient",
     GRAD_NORM_PRECLIP: "steps that clipped: total L2 norm **before** clipping (what "
     "`torch.nn.utils.clip_grad_norm_` returned, also through accelerate / Lightning)",
     LOSS_SCALE: "every step under an AMP GradScaler: the loss scale of the step's backward",
@@ -211,6 +218,7 @@ SCALAR_NAMES: Final = {
     "`optimizer.step()` not called), 0 on other steps once a GradScaler is in use. A skipped "
     "step has no grad/update rows and no grad_norm unless the skip was only known on the "
     "device (fused optimizers): readers ignore those (SKIP_SENSITIVE, grad and update rows)",
+    "probe/...": "see *probe scalars* below: the silent-bug probes' statistics",
     TIME_STEP: "from the second step: seconds between the ends of two consecutive steps",
     TIME_DATA: "from the second step: seconds the device waited for the next batch; see "
     "run.json `collector.data_time` for how it was measured",
@@ -232,6 +240,90 @@ DATA_TIME_UNRELIABLE: Final = "unreliable"
 
 def lr_name(group: int) -> str:
     return f"{LR_PREFIX}{group}"
+
+
+# -- probe scalars (runlens_collect.probes) -----------------------------------------------
+# Extra per-step statistics of the collector's probes, the evidence of the silent-bug
+# checks (docs/silent-bugs.md). All live under PROBE_PREFIX; a run recorded without a
+# probe has none of its names. Counts are host values; the rest are device reductions
+# shipped in the step's buffer (no host sync).
+
+PROBE_PREFIX: Final = "probe/"
+INPUT_SUM: Final = "probe/input/sum"
+INPUT_SUMSQ: Final = "probe/input/sumsq"
+INPUT_PROJ: Final = "probe/input/proj"
+INPUT_EXAMPLES: Final = "probe/input/examples"
+INPUT_NUMEL: Final = "probe/input/numel"
+INPUT_FORWARDS: Final = "probe/input/forwards"
+INPUT_EVAL_BATCH: Final = "probe/input/eval_batch"
+MODE_TRAIN_GRAD: Final = "probe/mode/train_grad"
+MODE_TRAIN_NOGRAD: Final = "probe/mode/train_nograd"
+MODE_EVAL_GRAD: Final = "probe/mode/eval_grad"
+MODE_EVAL_NOGRAD: Final = "probe/mode/eval_nograd"
+MODE_DISAGREE_TRAIN: Final = "probe/mode/disagree_train"
+MODE_DISAGREE_EVAL: Final = "probe/mode/disagree_eval"
+MODE_EVALS_BEFORE_TRAIN: Final = "probe/mode/evals_before_train"
+GRAD_CARRY_SQ: Final = "probe/grad/carry_sq"
+GRAD_NEW_SQ: Final = "probe/grad/new_sq"
+GRAD_CARRY_MASK: Final = "probe/grad/carry_mask"
+GRAD_PASSES: Final = "probe/grad/passes"
+
+PROBE_SCALARS: Final = {
+    INPUT_SUM: "sum of the elements of the model's first input tensor (the first tensor "
+    "argument of the root module's forward, else of its keyword arguments), summed over "
+    "the step's training forwards (grad enabled; train-mode ones, or eval-mode ones when "
+    "the step had no train-mode forward); device, float32",
+    INPUT_SUMSQ: "sum of the squared elements of that input, over the same forwards; device",
+    INPUT_PROJ: "Σ_j v_j Σ_i x_ij: the input viewed as (batch, rest), summed over the batch "
+    "and projected on fixed weights v_j = cos(1.61803·j + 0.5): with sum and sumsq a "
+    "fingerprint of the batch's examples that no reordering changes; device",
+    INPUT_EXAMPLES: "examples of the step: the input's first dimension summed over the "
+    "step's training forwards (host)",
+    INPUT_NUMEL: "elements per example of the input (its numel / first dimension) at the "
+    "step's last training forward (host)",
+    INPUT_FORWARDS: "training forwards of the step (several with gradient accumulation)",
+    INPUT_EVAL_BATCH: "largest first dimension of the inputs of no-grad forwards since the "
+    "previous step (evaluation batches); absent when there was none",
+    MODE_TRAIN_GRAD: "root-module forwards this step with grad enabled and model.training "
+    "True (ordinary training forwards)",
+    MODE_TRAIN_NOGRAD: "forwards with grad disabled in training mode (evaluation without "
+    "model.eval(), or no-grad forwards inside training)",
+    MODE_EVAL_GRAD: "forwards with grad enabled in eval mode (training without "
+    "model.train(), or evaluation without torch.no_grad())",
+    MODE_EVAL_NOGRAD: "forwards with grad disabled in eval mode (ordinary evaluation)",
+    MODE_DISAGREE_TRAIN: "at the step's first train-mode forward: mode-dependent modules "
+    "(dropout with p > 0, BatchNorm/InstanceNorm with running statistics, spectral norm) "
+    "whose own training flag is False",
+    MODE_DISAGREE_EVAL: "at the step's first eval-mode forward: mode-dependent modules "
+    "whose own training flag is True",
+    MODE_EVALS_BEFORE_TRAIN: "recorded once, at step 0: forwards in eval mode before the "
+    "first train-mode forward of the run",
+    GRAD_CARRY_SQ: "Σ over the probed parameters of ‖p.grad‖² as it was when the first "
+    "gradient of an optimizer step arrived (a tensor hook, before accumulation): 0 when "
+    "gradients were reset (zero_grad) since the previous optimizer step; device",
+    GRAD_NEW_SQ: "Σ over the same parameters of ‖incoming gradient‖² of that first "
+    "backward pass; device",
+    GRAD_CARRY_MASK: "bit i set when probed parameter i (run.json probes.grad.params) "
+    "carried a non-zero gradient into this step; device",
+    GRAD_PASSES: "backward passes that reached the probed parameters during this step (> 1 "
+    "with gradient accumulation)",
+}
+
+PROBE_JSON_KEYS: Final = {
+    "inputs": "{} (the input probe keeps no setup facts)",
+    "modes": "{sensitive: mode-dependent modules by class (Dropout, BatchNorm2d, ...), "
+    "spectral_norm: paths of modules with torch.nn.utils.spectral_norm (power iteration "
+    "only in training mode), disagree_train / disagree_eval: paths (at most 20) of modules "
+    "seen with a training flag different from the root's}",
+    "grad": "{params: names of the probed parameters, in bit order of "
+    "probe/grad/carry_mask; reset: 'optimizer' (after optimizer.step()) or 'step'}",
+    "optimizer": "{present: bool, tensors: parameter tensors the optimizer holds, "
+    "foreign: of those, tensors that are not parameters of the model, foreign_numel, "
+    "frozen_held: model parameters the optimizer holds with requires_grad False (names, at "
+    "most 20), n_frozen_held, trainable_outside: model parameters with requires_grad True "
+    "in no param group (names, at most 20), n_trainable_outside, checked_at: steps of the "
+    "checks (setup is -1)}",
+}
 
 
 # -- layers -----------------------------------------------------------------------------
@@ -458,6 +550,7 @@ def new_run_json(run_id: str, name: str, start_time: float) -> dict[str, Any]:
         "summary_extras": {},
         "task": None,
         "resumed": [],
+        "probes": {},
     }
 
 

@@ -112,6 +112,10 @@ class Probe(Protocol):
     warning). Record through ``parts``: ``device_scalar``/``put_latest`` (kept on the
     device, read by the writer), ``host_scalar``, or ``put`` for a small section of an
     existing kind (``layout.Section``, built once).
+
+    Optionally a probe has ``run_json() -> dict`` (its entry of run.json ``probes``) and a
+    ``changed`` flag it sets when that entry has news; the collector then copies it at the
+    end of the step. The built-in probes are in ``runlens_collect.probes``.
     """
 
     name: str

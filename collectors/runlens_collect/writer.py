@@ -334,9 +334,12 @@ class Writer(threading.Thread):
                 ref = raws[ref_i] if ref_i is not None else None
                 self._add_block(pkg_steps, b, raw, hist, ref, missing)
         if gn_sq is not None and gn_any is not None:
+            # A step on which no parameter had a gradient has no grad_norm: it is missing,
+            # not NaN (a NaN would read as a numerical failure).
             with np.errstate(invalid="ignore"):
-                gn = np.where(gn_any, np.sqrt(gn_sq), np.nan)
-            self._add_scalars(pkg_steps, walls, [fmt.GRAD_NORM] * k, gn)
+                gn = np.sqrt(gn_sq)
+            n = int(gn_any.sum())
+            self._add_scalars(pkg_steps[gn_any], walls[gn_any], [fmt.GRAD_NORM] * n, gn[gn_any])
 
     def _add_block(self, steps, b: Section, raw, hist, ref, missing) -> None:
         """Rows of one block for k steps: raw (k, n, width), hist (k*n, NBINS) or None,

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from runlens.context import Context
     from runlens.findings import Finding, Severity, SkipKind
 
-Category = Literal["curve", "layer", "system", "sanity"]
+Category = Literal["curve", "layer", "system", "sanity", "bug"]
+"""``bug``: a mistake in the training code itself (docs/silent-bugs.md), not a symptom."""
 
 
 class NotChecked(Exception):

@@ -101,13 +101,17 @@ class NanInf(Signature):
         first: tuple[int, str] | None = None
         bad_counts: dict[str, int] = {}
         for name in ctx.run.scalar_names:
-            if name.startswith(fmt.LR_PREFIX) or name.startswith("time/"):
-                continue
+            if name.startswith((fmt.LR_PREFIX, "time/", fmt.PROBE_PREFIX)):
+                continue  # probe scalars are evidence, not metrics (the input: below)
             c = ctx.curve(name)
             if c is None:
                 continue
             # Values of a step the optimizer skipped (AMP overflow) were never applied.
             bad = ~np.isfinite(c.raw) & ~np.isin(c.steps, skipped)
+            if name == fmt.GRAD_NORM:
+                # Runs written before the collector left grad_norm out on steps where no
+                # parameter had a gradient have NaN there: missing, not a numerical failure.
+                bad &= ~_no_gradient_steps(ctx, c.steps)
             if bad.any():
                 bad_counts[name] = int(bad.sum())
                 step = int(c.steps[np.argmax(bad)])
@@ -130,6 +134,11 @@ class NanInf(Signature):
         else:
             step = layer_hit[0]  # type: ignore[index]
             summary = f"non-finite values appeared in layer statistics at step {step}"
+        bad_input = _first_nonfinite_input(ctx)
+        if bad_input is not None:
+            evidence.append(Evidence("first non-finite training input at step", bad_input))
+            summary += f"; the training input itself was non-finite at step {bad_input}"
+            step = min(step, bad_input)
         if layer_hit is not None:
             lstep, layer, kind = layer_hit
             layers = (layer,)
@@ -148,7 +157,10 @@ class NanInf(Signature):
                 steps=(step, last),
                 layers=layers,
                 evidence=tuple(evidence),
-                causes=_CAUSES,
+                causes=(
+                    *(("non-finite values in the input batch",) if bad_input is not None else ()),
+                    *_CAUSES,
+                ),
                 fix=_FIX,
             )
         ]
@@ -255,3 +267,23 @@ def _first_nonfinite_layer(
     rows = bad.filter(pl.col("step") == s0).with_row_index("_i").to_dicts()
     rows.sort(key=lambda r: (_KIND_ORDER.get(r["kind"], 9), r["_i"]))
     return int(s0), str(rows[0]["layer"]), str(rows[0]["kind"])
+
+
+def _no_gradient_steps(ctx: Context, steps: np.ndarray) -> np.ndarray:
+    """Mask of ``steps`` at which every gradient row is missing (no parameter had one)."""
+    g = ctx.layer(fmt.KIND_GRAD, "missing")
+    out = np.zeros(len(steps), bool)
+    if g is None or not len(g.steps):
+        return out
+    none = (g.values == 1).all(axis=1)
+    idx = np.clip(np.searchsorted(g.steps, steps), 0, len(g.steps) - 1)
+    return (g.steps[idx] == steps) & none[idx]
+
+
+def _first_nonfinite_input(ctx: Context) -> int | None:
+    """First step whose training-input fingerprint (the input probe) is not finite."""
+    c = ctx.curve(fmt.INPUT_SUMSQ)
+    if c is None:
+        return None
+    bad = ~np.isfinite(c.raw)
+    return int(c.steps[np.argmax(bad)]) if bad.any() else None
