@@ -6,6 +6,8 @@ training step is, the end of a step, failure reporting and shutdown. The work is
 * ``config.CollectorConfig`` — the knobs;
 * ``param_stats.ParamStats`` — weight, gradient and update statistics;
 * ``activation_stats.ActivationStats`` — activation and model-output statistics;
+* ``budget.Workspace`` — the device buffers, within ``memory_budget``;
+* ``overhead.OverheadController`` — each step's flags, within the ``overhead`` budget;
 * ``step`` — the step's flags and parts, and the ``Probe`` seam for extra statistics;
 * ``layout`` — the typed layout of a step's packed buffer (shared with the writer);
 * ``transfer.Transfer`` — host ring buffers and the non_blocking copy;
@@ -23,7 +25,7 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,14 +36,15 @@ from torch import nn
 from runlens_collect import _active, repro, runinfo, stats
 from runlens_collect import format as fmt
 from runlens_collect.activation_stats import ActivationStats, first_tensor
+from runlens_collect.budget import Workspace, default_budget
 from runlens_collect.config import CollectorConfig
+from runlens_collect.overhead import OverheadController
 from runlens_collect.param_stats import ParamStats
-from runlens_collect.scratch import SCRATCH_MAX_BYTES, Scratch
-from runlens_collect.step import Probe, StepFlags, StepParts
+from runlens_collect.step import Probe, StepParts
 from runlens_collect.transfer import Transfer
 from runlens_collect.writer import Package, Writer
 
-__all__ = ["SCRATCH_MAX_BYTES", "Collector", "CollectorConfig"]
+__all__ = ["Collector", "CollectorConfig"]
 
 
 class Collector:
@@ -58,7 +61,8 @@ class Collector:
 
     Knobs are the fields of :class:`CollectorConfig`, given as keyword arguments or as
     ``settings=CollectorConfig(...)``. ``probes`` add extra per-step statistics
-    (:class:`runlens_collect.step.Probe`).
+    (:class:`runlens_collect.step.Probe`). ``clock`` (default ``time.perf_counter``) times
+    the collector against the step for the ``overhead`` budget (tests inject a fake one).
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class Collector:
         *,
         settings: CollectorConfig | None = None,
         probes: Sequence[Probe] = (),
+        clock: Callable[[], float] | None = None,
         **knobs: Any,
     ) -> None:
         self.settings = replace(settings or CollectorConfig(), **knobs)
@@ -81,6 +86,7 @@ class Collector:
         self.model = model
         self.optimizer = optimizer
         self.probes = list(probes)
+        self._clock = clock or time.perf_counter
         self.warnings: list[str] = []  # every message warned (also in events.jsonl)
         self._warned_sites: set[str] = set()
         self._warned_categories: set[str] = set()
@@ -127,17 +133,22 @@ class Collector:
         # Layer ids: parameters first, then activations, then the output (writer's order).
         self.layer_names: list[str] = []
         self._layer_ids: dict[str, int] = {}
-        self._scratch = Scratch(self.device)
+        budget = s.memory_budget
+        if budget is None:
+            trainable = sum(p.numel() * p.element_size() for _, p in params if p.requires_grad)
+            budget = default_budget(trainable)
+        self._workspace = Workspace(self.device, budget)
         self._params = ParamStats(
             params,
             self.device,
             kinds,
             self.optimizer,
             self._layer_id,
-            self._scratch,
+            self._workspace,
             self._guard,
             self._disabled,
         )
+        self._control = OverheadController(s, kinds, self._clock)
         self._transfer = Transfer(self.device, s.max_queue, s.max_queue_bytes)
 
         # run.json
@@ -168,6 +179,8 @@ class Collector:
                 "rank": self.rank,
                 "compiled": self._compiled,
                 "skipped_params": self._params.skipped,
+                "memory": self._params.memory_info(),
+                "sampling": self._control.summary(),
             },
             model=runinfo.model_summary(inner),
             repro=repro.repro_record(self.device),
@@ -178,7 +191,7 @@ class Collector:
         self._handles.append(root.register_forward_pre_hook(self._on_forward_pre))
         self._handles.append(root.register_forward_hook(self._on_forward))
         self._acts = ActivationStats(
-            s, inner, kinds, self._layer_id, self._scratch, self._guard, self._disabled
+            s, inner, kinds, self._layer_id, self._workspace, self._guard, self._disabled
         )
         for mod in self._acts.specs:
             self._handles.append(mod.register_forward_hook(self._on_activation))
@@ -193,12 +206,13 @@ class Collector:
 
         # per-step state
         self._t_prev_entry: float | None = None
-        self._t_prev_exit = time.perf_counter()
+        self._t_prev_exit = self._clock()
         self._t_fwd: float | None = None
         self._parts = StepParts()
         self._opt_fired = False
         self._grads_read = False  # read_gradients() called this step
-        self._flags = StepFlags.for_step(0, s, kinds)
+        self._param_in_step = 0.0  # parameter reads made by step() itself (no optimizer hook)
+        self._flags = self._control.flags_for(0)
         # Moved to the device now: a host-to-device copy at the first histogram step would
         # wait for the device.
         stats.code_map_on(self.device)
@@ -273,7 +287,7 @@ class Collector:
 
     def _on_forward_pre(self, module: nn.Module, args: Any) -> None:
         if self._t_fwd is None and self._enabled and self._training_forward():
-            self._t_fwd = time.perf_counter()
+            self._t_fwd = self._clock()
 
     def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self._enabled or not self._training_forward():
@@ -287,7 +301,9 @@ class Collector:
                 model["output_shape"] = list(out.shape)
             flags = self._flags
             if flags.out and fmt.KIND_OUTPUT in self.kinds and "output" not in self._disabled:
+                t0 = self._clock()
                 self._acts.record_output(out, flags, self._parts)
+                self._control.charge("act", self._clock() - t0)
         except Exception as exc:
             self._guard("output", exc)
 
@@ -295,21 +311,27 @@ class Collector:
         # Off-steps, evaluation and no_grad forwards return here, before any work.
         if not self._flags.act or not self._enabled or not self._training_forward():
             return
+        t0 = self._clock()
         self._acts.record(module, output, self._flags, self._parts)
+        self._control.charge("act", self._clock() - t0)
 
     def _on_opt_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._enabled:
             return
+        t0 = self._clock()
         self._opt_fired = True
         if len(optimizer.param_groups) != self._params.n_groups:
             self._params.refresh_membership(self.optimizer)
         if not self._grads_read:
             self._params.read_grads(self._flags, self._parts)
         self._params.read_weights(self._flags, self._parts)
+        self._control.charge("param", self._clock() - t0)
 
     def _on_opt_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._enabled:
+            t0 = self._clock()
             self._params.read_update(self._flags, self._parts)
+            self._control.charge("param", self._clock() - t0)
 
     # -- public API ---------------------------------------------------------------------
 
@@ -331,8 +353,10 @@ class Collector:
         """
         if not self._enabled or self._closed:
             return
+        t0 = self._clock()
         self._grads_read = True
         self._params.read_grads(self._flags, self._parts)
+        self._control.charge("param", self._clock() - t0)
 
     def step(self, loss: Any = None, **metrics: Any) -> None:
         """End the current training step and record it.
@@ -340,12 +364,14 @@ class Collector:
         ``loss`` (float or tensor) becomes ``train/loss``; each extra keyword becomes
         ``train/<name>``. Call it after ``optimizer.step()``. Never blocks on the device.
         """
-        t_entry = time.perf_counter()
+        t_entry = self._clock()
         if not self._enabled or self._closed:
             self._step += 1
             return
         wall = time.time()
         step = self._step
+        flags = self._flags
+        t_prev = self._t_prev_entry
         try:
             self._end_step(step, t_entry, wall, loss, metrics)
         except Exception as exc:
@@ -357,8 +383,8 @@ class Collector:
             self._t_fwd = None
             self._t_prev_entry = t_entry
             self._step = step + 1
-            self._flags = StepFlags.for_step(self._step, self.settings, self.kinds)
-            self._t_prev_exit = time.perf_counter()
+            self._next_flags(step, flags, t_entry, t_prev)
+            self._t_prev_exit = self._clock()
 
     def log(self, values: Mapping[str, Any]) -> None:
         """Record scalars under their given names at the last completed step.
@@ -447,9 +473,11 @@ class Collector:
                     self._add_scalar(step, fmt.lr_name(i), g["lr"])
         if not self._opt_fired:
             # No optimizer, or the optimizer step was skipped (e.g. AMP found infs).
+            t0 = self._clock()
             if not self._grads_read:
                 self._params.read_grads(flags, parts)
             self._params.read_weights(flags, parts)
+            self._param_in_step = self._clock() - t0
         self._params.finish(parts)
         for probe in self.probes:
             site = _probe_site(probe)
@@ -480,6 +508,26 @@ class Collector:
                 self._transfer.release(pkg.slot)
             if not skipped:  # a step is counted once, however it was dropped
                 self._skip(step)
+
+    def _next_flags(self, step: int, flags: Any, t_entry: float, t_prev: float | None) -> None:
+        """Charge this ``step()`` to the overhead budget; decide the next step's flags (a
+        cadence change is a ``cadence`` event and updates run.json's sampling record)."""
+        control = self._control
+        try:
+            param, self._param_in_step = self._param_in_step, 0.0
+            control.charge("param", param)
+            control.charge("base", self._clock() - t_entry - param)
+            step_s = t_entry - t_prev if t_prev is not None else None
+            changed = control.end_step(step, flags, step_s)
+            if changed is not None:
+                self.meta["collector"]["sampling"] = control.summary()
+                if self._writer is not None:
+                    self._writer.event("cadence", step=step + 1, **changed.as_json())
+            self._flags = control.flags_for(self._step)
+        except Exception as exc:
+            control.target = None  # fixed cadences from now on
+            self._flags = control.flags_for(self._step)
+            self._report("overhead", "adapting the cadence failed; the knobs' cadences hold", exc)
 
     def _skip(self, step: int) -> None:
         writer = self._writer
@@ -524,6 +572,7 @@ class Collector:
         if writer.is_alive():
             self._report("writer", "writer did not finish in time; the last rows may be lost", None)
         if status is not None and self._is_meta_writer:
+            self.meta["collector"]["sampling"] = self._control.summary()
             self.meta["status"] = status
             self.meta["end_time"] = time.time()
             if writer.last_step is not None:
