@@ -155,7 +155,9 @@ def _frozen_reasons(ctx: Context, names: list[str], min_steps: int) -> dict[str,
     # gradients, a tiny LR): those findings explain it, so it is not called frozen here.
     upd = ctx.layer(fmt.KIND_UPDATE, "missing")
     if upd is not None and len(upd.steps) >= min_steps:
-        outside = (upd.values == 1).all(axis=0)
+        # Missing on every step that recorded the parameter (NaN: not sampled there).
+        v = upd.values
+        outside = ((v == 1) | np.isnan(v)).all(axis=0) & (v == 1).any(axis=0)
         for j, n in enumerate(upd.layers):
             if n not in reasons and outside[j]:
                 reasons[n] = "not in the optimizer"
