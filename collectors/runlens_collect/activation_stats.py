@@ -167,8 +167,8 @@ class ActivationStats:
         xf = x if x.is_floating_point() else x.float()
         # Rows along the last dimension, so the row sums give row_sum_mean.
         row_len = xf.shape[-1] if xf.dim() and xf.shape[-1] else None
-        spare = self._ws.spare(xf.numel())
-        raw, shape, h = single_stats(xf, spare, row_len, flags.hist)
+        spare = self._ws.spare(2 * xf.numel())
+        raw, shape, h = single_stats(xf, spare, row_len, flags.hist, self._ws.max_chunk)
         data = [raw] if h is None else [raw, h]
         section = self._section(
             OUTPUT_SECTION,
@@ -206,8 +206,8 @@ class ActivationStats:
             if x.is_complex():
                 x = torch.view_as_real(x)
             xf = x if x.is_floating_point() else x.float()
-            spare = self._ws.spare(xf.numel())
-            raw, shape, h = single_stats(xf, spare, hist=flags.hist)
+            spare = self._ws.spare(2 * xf.numel())
+            raw, shape, h = single_stats(xf, spare, hist=flags.hist, max_width=self._ws.max_chunk)
             data = [raw]
             extras = []
             if spec.dead:

@@ -15,7 +15,10 @@ The budget is split into shares (see ``Workspace``):
 * the streaming buffer the statistics of gradients and weights go through
   (``stream.StreamPlan``): at most a quarter;
 * the spare buffer (signs, histogram codes, the activations' temporaries): at most a
-  quarter, grown on demand.
+  quarter, grown on demand;
+
+of what remains after a reserve of 1/16 (``RESERVE_SHARE``) for the small tensors of a
+step.
 
 Each buffer is sized to what the model needs, so a small model holds about what the old
 whole-model copies held. ``Workspace.alloc`` refuses an allocation that would exceed the
@@ -28,6 +31,8 @@ from __future__ import annotations
 
 import torch
 
+from runlens_collect import stats
+
 MIN_BUDGET = 64 << 20
 """Smallest default memory budget (bytes)."""
 TRAINABLE_FRACTION = 64
@@ -36,6 +41,12 @@ SNAPSHOT_SHARE = 2
 """The update snapshot gets at most budget // SNAPSHOT_SHARE bytes."""
 BUFFER_SHARE = 4
 """The streaming buffer and the spare get at most budget // BUFFER_SHARE bytes each."""
+RESERVE_SHARE = 16
+"""budget // RESERVE_SHARE (at least min(MIN_RESERVE, budget // 4)) is kept for the small
+tensors of a step (per-row and per-tensor partial sums, histogram counts, the gathered
+rows of the non-finite count, the packed step) and small fixed buffers; the shares above
+divide the rest."""
+MIN_RESERVE = 128 << 10
 
 
 def default_budget(trainable_bytes: int) -> int:
@@ -61,9 +72,16 @@ class Workspace:
         self.peak_bytes = 0
         self.owners: dict[int, int] = {}
         self._bufs: dict[str, torch.Tensor] = {}
-        self.spare_cap = self.budget // BUFFER_SHARE // 4  # float32 elements
-        self.stream_cap = self.budget // BUFFER_SHARE // 4
-        self.snapshot_cap = self.budget // SNAPSHOT_SHARE // 4
+        # Shares of what the reserve leaves (float32 elements each).
+        self.reserve = max(self.budget // RESERVE_SHARE, min(MIN_RESERVE, self.budget // 4))
+        shared = self.budget - self.reserve
+        self.spare_cap = shared // BUFFER_SHARE // 4
+        self.stream_cap = shared // BUFFER_SHARE // 4
+        self.snapshot_cap = shared // SNAPSHOT_SHARE // 4
+        # Row width of the chunked reductions: the non-finite count gathers NONFINITE_CHUNKS
+        # rows and makes two temporaries of them: at most a quarter of the reserve.
+        per_row = stats.NONFINITE_CHUNKS * 4 * 8  # their bytes per column, x4: a quarter
+        self.max_chunk = 1 << max(4, min(10, (self.reserve // per_row).bit_length() - 1))
         self._spare: torch.Tensor | None = None
 
     @property

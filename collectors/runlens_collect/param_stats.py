@@ -45,7 +45,6 @@ import torch
 from torch import nn
 
 from runlens_collect import format as fmt
-from runlens_collect import stats
 from runlens_collect.budget import Workspace
 from runlens_collect.layout import Section
 from runlens_collect.stats import NRAW
@@ -156,15 +155,19 @@ class ParamStats:
         self._gplan: dict[bool, StreamPlan | None] = {False: None, True: None}
         self._wplan: dict[bool, StreamPlan | None] = {False: None, True: None}
         if ps and fmt.KIND_GRAD in kinds:
-            self._gplan[True] = StreamPlan(shapes(every), cap, self.device)
+            self._gplan[True] = StreamPlan(shapes(every), cap, self.device, max_chunk=ws.max_chunk)
             self._gplan[False] = self._gplan[True]
             if trainable != every:
-                self._gplan[False] = StreamPlan(shapes(trainable), cap, self.device)
+                self._gplan[False] = StreamPlan(
+                    shapes(trainable), cap, self.device, max_chunk=ws.max_chunk
+                )
         if ps and fmt.KIND_WEIGHT in kinds:
-            self._wplan[True] = StreamPlan(shapes(every), cap, self.device)
+            self._wplan[True] = StreamPlan(shapes(every), cap, self.device, max_chunk=ws.max_chunk)
             self._wplan[False] = self._wplan[True]
             if trainable != every:
-                self._wplan[False] = StreamPlan(shapes(trainable), cap, self.device)
+                self._wplan[False] = StreamPlan(
+                    shapes(trainable), cap, self.device, max_chunk=ws.max_chunk
+                )
         plans = [p for p in (*self._gplan.values(), *self._wplan.values()) if p is not None]
         stream_numel = max((p.numel for p in plans), default=0)
         if stream_numel:
@@ -177,7 +180,9 @@ class ParamStats:
         self._snap_items = snap_items
         snap_numel = 0
         if snap_items:
-            self._splan = StreamPlan(shapes(snap_items), ws.snapshot_cap, self.device)
+            self._splan = StreamPlan(
+                shapes(snap_items), ws.snapshot_cap, self.device, max_chunk=ws.max_chunk
+            )
             snap_numel = self._splan.numel
             self._splan.bind(ws.alloc("snapshot", snap_numel))
         self.subsets = len(self._splan.regions) if self._splan is not None else 0
@@ -361,9 +366,8 @@ class ParamStats:
         as_weight = self._snap_is_weight and not flags.full and "weight" not in self._disabled
         hist = flags.hist and as_weight
         # The snapshot must survive until the update: its sign goes to the spare.
-        raw, counts = region_raw(region, hist, self._spare(), sign_inplace=False)
+        raw, h = region_raw(region, hist, self._spare(), consumable=False)
         if as_weight:
-            h = counts @ stats.code_map_on(counts.device) if counts is not None else None
             parts.put(self._wsnap[hist], _data(raw, h))
             self._snap = (k, "weight")
         else:
@@ -388,8 +392,7 @@ class ParamStats:
             region = self._splan.regions[k]
             # before - after, in place: the update negated (the writer flips it back).
             torch._foreach_sub_(region.views, self._region_srcs(region))
-            raw, counts = region_raw(region, flags.hist, self._spare(), sign_inplace=True)
-            h = counts @ stats.code_map_on(counts.device) if counts is not None else None
+            raw, h = region_raw(region, flags.hist, self._spare(), consumable=True)
             parts.put(self._update[k, flags.hist, ratio], _data(raw, h))
             self._round += 1
             if flags.full and self._outside is not None:

@@ -56,6 +56,34 @@ def code_map() -> np.ndarray:
 _CODE_MAP = code_map()
 _code_maps: dict[torch.device, torch.Tensor] = {}
 
+BIN_STRIDE = NBINS + 1
+"""Bins per tensor when codes are turned into bins before counting: the format's bins,
+then one for non-finite values (dropped)."""
+
+
+def bin_lut() -> np.ndarray:
+    """(CODES,) int32: the format bin of each sign+exponent code (NBINS: non-finite)."""
+    lut = np.full(CODES, NBINS, np.int32)
+    hit = _CODE_MAP.any(1)
+    lut[hit] = _CODE_MAP[hit].argmax(1)
+    return lut
+
+
+_BIN_LUT = bin_lut()
+_bin_luts: dict[torch.device, torch.Tensor] = {}
+
+
+def bins_into(codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The format bin (int32, flat) of each code, into ``out`` (int32, flat) when given:
+    counting bins instead of codes takes BIN_STRIDE counters per tensor instead of CODES
+    (68 against 512: the counts of many small tensors stay small)."""
+    lut = _bin_luts.get(codes.device)
+    if lut is None:
+        lut = _bin_luts[codes.device] = torch.from_numpy(_BIN_LUT).to(codes.device)
+    if out is None:
+        return torch.index_select(lut, 0, codes.reshape(-1))
+    return torch.index_select(lut, 0, codes.reshape(-1), out=out)
+
 
 def code_map_on(device: torch.device) -> torch.Tensor:
     """The (CODES, NBINS) float64 code-to-bin matrix on ``device`` (cached)."""

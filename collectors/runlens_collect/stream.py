@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from runlens_collect import stats
-from runlens_collect.stats import CODES, NRAW
+from runlens_collect.stats import BIN_STRIDE, NBINS, NRAW
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class Region:
         base = torch.repeat_interleave(
             torch.arange(len(chunks), dtype=torch.int32), torch.tensor(chunks, dtype=torch.int64)
         )
-        self.code_base = (base * CODES).view(-1, 1).to(device)
+        self.bin_base = (base * BIN_STRIDE).view(-1, 1).to(device)
         self.views: list[torch.Tensor] = []
         self.pad_views: list[torch.Tensor] = []
         self.matrix: torch.Tensor | None = None
@@ -141,41 +141,73 @@ def region_raw(
     region: Region,
     hist: bool,
     spare: torch.Tensor | None,
-    sign_inplace: bool,
+    consumable: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RAW rows (len(region), NRAW) float64 of the pieces now in the region, and their
-    histogram code counts (len(region), CODES) when ``hist``.
+    histograms (len(region), NBINS) float64 when ``hist`` (padding in the zero bin).
 
-    ``spare``: a float32 scratch buffer (flat) for histogram codes and, unless
-    ``sign_inplace`` (the region's content is no longer needed), the sign; when it is
-    smaller than the region the rows go through it in blocks.
+    ``spare``: a float32 scratch buffer (flat) for the sign and the histogram's codes and
+    bins (rows go through it in blocks when it is smaller than the region);
+    ``consumable``: the region's content is not needed afterwards (the sign or the codes
+    may go over it).
     """
     m = region.matrix
     assert m is not None
-    n = len(region)
-    counts = None
-    if hist:  # first: the sign may go over the data
-        for r0, r1 in _blocks(m, spare):
-            out = _spare_as(spare, m[r0:r1], torch.int32)
-            codes = stats._codes(m[r0:r1], out).add_(region.code_base[r0:r1])
-            c = stats.count_codes(codes.view(-1), n * CODES)
-            counts = c if counts is None else counts.add_(c)
-        assert counts is not None
-        counts = counts.view(n, CODES)
-    if sign_inplace:
+    if consumable and not hist:
         part, amax = stats.row_partials(m, m)
     else:
-        parts = []
-        for r0, r1 in _blocks(m, spare):
-            parts.append(stats.row_partials(m[r0:r1], _spare_as(spare, m[r0:r1], m.dtype)))
+        parts = [
+            stats.row_partials(m[r0:r1], _spare_as(spare, m[r0:r1], m.dtype))
+            for r0, r1 in _blocks(m, spare)
+        ]
         if len(parts) == 1:
             part, amax = parts[0]
         else:
             part = torch.cat([p for p, _ in parts])
             amax = torch.cat([a for _, a in parts])
+    counts = hist_counts(m, region.bin_base, len(region), spare, consumable) if hist else None
     sums = torch.segment_reduce(part, "sum", lengths=region.lengths, axis=0, unsafe=True)
     mx = torch.segment_reduce(amax, "max", lengths=region.lengths, unsafe=True)
     return torch.cat([sums, mx.double().unsqueeze(1)], dim=1), counts
+
+
+def hist_counts(
+    m: torch.Tensor,
+    bases: torch.Tensor | None,
+    n: int,
+    spare: torch.Tensor | None,
+    consumable: bool,
+) -> torch.Tensor:
+    """Format-bin counts (n, NBINS) float64 of the rows of ``m`` (2-D), row r counted for
+    piece ``bases[r] // BIN_STRIDE`` (all rows one piece without ``bases``).
+
+    The sign+exponent codes are turned into bins (``stats.bins_into``) and counted with
+    BIN_STRIDE counters per piece. Codes go over ``m`` itself when ``consumable`` (else
+    into the spare's first half) and bins into the spare, in blocks of rows that fit.
+    """
+    if consumable and m.dtype == torch.float32:
+        codes = stats._codes(m, m.view(torch.int32))
+        blocks = _blocks(m, spare)
+        half = 0
+    else:
+        codes = None
+        half_spare = spare[: spare.numel() // 2] if spare is not None else None
+        blocks = _blocks(m, half_spare)
+        half = (spare.numel() // 2) * 4 if spare is not None else 0
+    counts = None
+    for r0, r1 in blocks:
+        if codes is None:
+            block = stats._codes(m[r0:r1], _spare_as(spare, m[r0:r1], torch.int32))
+        else:
+            block = codes[r0:r1]
+        out = _spare_as(spare, block.reshape(-1), torch.int32, offset=half)
+        bins = stats.bins_into(block, out)
+        if bases is not None:
+            bins.view(block.shape).add_(bases[r0:r1])
+        c = stats.count_codes(bins, n * BIN_STRIDE)
+        counts = c if counts is None else counts.add_(c)
+    assert counts is not None
+    return counts.view(n, BIN_STRIDE)[:, :NBINS]
 
 
 def _blocks(m: torch.Tensor, spare: torch.Tensor | None) -> list[tuple[int, int]]:
@@ -210,7 +242,8 @@ class StreamPlan:
         shapes: the tensors' shapes (complex tensors: their ``view_as_real`` shape).
         cap: elements of the buffer the regions go through.
         device: where the statistics are computed.
-        chunk: row width of the chunked layout (default: from the sizes).
+        chunk: row width of the chunked layout (default: from the sizes, at most
+            ``max_chunk``).
     """
 
     def __init__(
@@ -219,10 +252,14 @@ class StreamPlan:
         cap: int,
         device: torch.device,
         chunk: int | None = None,
+        max_chunk: int = 1024,
     ) -> None:
         numels = [math.prod(s) for s in shapes]
         # A chunk never wider than the buffer (tiny budgets in tests).
-        self.chunk = min(chunk or stats.chunk_size_for(numels), 1 << max(0, cap.bit_length() - 1))
+        chunk = chunk or stats.chunk_size_for(
+            numels, max_chunk=max_chunk, min_chunk=min(64, max_chunk)
+        )
+        self.chunk = min(chunk, 1 << max(0, cap.bit_length() - 1))
         self.cap = max(self.chunk, cap // self.chunk * self.chunk)
         self.shapes = [tuple(s) for s in shapes]
         self.pieces: list[Piece] = []
@@ -278,7 +315,7 @@ class StreamPlan:
                     src.append(piece_of(t, p))
             if dst:
                 torch._foreach_copy_(dst, src)
-            raw, c = region_raw(region, hist, spare, sign_inplace=True)
+            raw, c = region_raw(region, hist, spare, consumable=True)
             raws.append(raw)
             counts.append(c)
         raw = torch.cat(raws) if len(raws) > 1 else raws[0]
@@ -287,8 +324,7 @@ class StreamPlan:
             cnt = torch.cat(counts) if len(counts) > 1 else counts[0]
         if self.split:
             raw, cnt = combine_pieces(raw, cnt, self.item_lengths)
-        h = cnt @ stats.code_map_on(cnt.device) if cnt is not None else None
-        return raw, h
+        return raw, cnt
 
 
 def combine_pieces(
@@ -323,6 +359,7 @@ def single_stats(
     spare: torch.Tensor | None,
     row_len: int | None = None,
     hist: bool = False,
+    max_width: int = 1024,
 ) -> tuple[torch.Tensor, tuple[int, int, int], torch.Tensor | None]:
     """``stats.SINGLE`` values (float64) of one tensor, its shape facts for
     ``stats.single_to_raw`` and its histogram (NBINS,) when ``hist``: the statistics of
@@ -330,9 +367,11 @@ def single_stats(
     buffer (rows go through it in blocks; a tensor that fits is one block).
 
     ``row_len``: the rows the shape facts count (the model output's last dimension, for
-    ``row_sum_mean``); default the row view's. Non-finite counts are completed on the
-    device (rows beyond the gathered ones count whole), so the shape facts say
-    ``(rows, 0, width)`` and ``finite_rows`` is shipped as ``rows``.
+    ``row_sum_mean``); default the row view's. The reductions themselves run over rows of
+    at most ``max_width`` elements whatever the tensor's shape (the non-finite count
+    gathers whole rows). Non-finite counts are completed on the device (rows beyond the
+    gathered ones count whole), so the shape facts say ``(rows, 0, width)`` and
+    ``finite_rows`` is shipped as ``rows``.
     """
     x = x.detach()
     if not x.is_floating_point():
@@ -343,23 +382,16 @@ def single_stats(
         h = torch.zeros(stats.NBINS, dtype=torch.float64, device=x.device) if hist else None
         return vals, shape, h
     base = dense_view(x)
-    canonical = bool(row_len) and base is x and n % row_len == 0
-    width = row_len if canonical else stats.as_rows(base).shape[1]
+    width = row_width(n, max_width)
     rows = base.reshape(-1, width)
     nrows = n // row_len if row_len else rows.shape[0]
     per = rows.shape[0]
     if spare is not None:
         per = max(1, min(per, spare.numel() * 4 // max(1, width * x.element_size())))
-    vecs, counts = [], None
-    for r0 in range(0, rows.shape[0], per):
-        b = rows[r0 : r0 + per]
-        if hist:  # first: the sign goes into the same spare
-            codes = stats._codes(
-                b, _spare_as(spare, b, torch.int32) if b.dtype == torch.float32 else None
-            )
-            c = stats.count_codes(codes.reshape(-1), CODES)
-            counts = c if counts is None else counts.add_(c)
-        vecs.append(_block_single(b, _spare_as(spare, b, b.dtype)))
+    vecs = [
+        _block_single(b, _spare_as(spare, b, b.dtype))
+        for b in (rows[r0 : r0 + per] for r0 in range(0, rows.shape[0], per))
+    ]
     f64 = torch.float64
     if len(vecs) == 1:
         v = vecs[0]
@@ -379,8 +411,32 @@ def single_stats(
                 m[:, 7].max(),
             ]
         )
-    h = counts @ stats.code_map_on(counts.device) if counts is not None else None
+    h = hist_counts(rows, None, 1, spare, consumable=False).reshape(-1) if hist else None
     return out, (nrows, 0, width), h
+
+
+_WIDTHS: dict[tuple[int, int], int] = {}
+
+
+def row_width(n: int, max_width: int = 1024) -> int:
+    """Row width for the reductions of ``n`` elements: the largest power of two up to
+    ``max_width`` that divides n, else its largest divisor up to ``max_width``."""
+    key = (n, max_width)
+    w = _WIDTHS.get(key)
+    if w is None:
+        w = 1
+        p = 1 << (max_width.bit_length() - 1)
+        while p >= 16:
+            if n % p == 0:
+                w = p
+                break
+            p //= 2
+        else:
+            w = next(d for d in range(min(n, max_width), 0, -1) if n % d == 0)
+        if len(_WIDTHS) > 4096:
+            _WIDTHS.clear()
+        _WIDTHS[key] = w
+    return w
 
 
 def _block_single(b: torch.Tensor, sign_out: torch.Tensor | None) -> torch.Tensor:
