@@ -212,9 +212,9 @@ def test_device_memory_never_exceeds_the_budget(
 ) -> None:
     """Every op the statistics run is watched: the bytes of tensors they allocate and that
     are still alive never exceed the budget (buffers included), on a model whose trainable
-    parameters take 2-4x the budget (K > 1 subsets) and an activation (32 x 40000, transposed) larger than
-    the spare buffer. (Below ~0.5 MiB a step's small tensors, ~1 KB per tensor and kind,
-    outgrow the reserve kept for them: see runlens_collect.budget.)"""
+    parameters take 2-4x the budget (K > 1 subsets) and an activation (32 x 40000,
+    transposed) larger than the spare buffer. (Below ~0.5 MiB a step's small tensors, ~1 KB
+    per tensor and kind, outgrow the reserve kept for them: see runlens_collect.budget.)"""
 
     class Net(nn.Module):
         def __init__(self) -> None:
