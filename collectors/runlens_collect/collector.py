@@ -92,6 +92,7 @@ class Collector:
         self._warned_categories: set[str] = set()
         self._disabled: set[str] = set()
         self._handles: list[Any] = []
+        self._act_handles: list[Any] = []
         self._closed = False
         self._writer: Writer | None = None
         self._step = 0
@@ -193,8 +194,6 @@ class Collector:
         self._acts = ActivationStats(
             s, inner, kinds, self._layer_id, self._workspace, self._guard, self._disabled
         )
-        for mod in self._acts.specs:
-            self._handles.append(mod.register_forward_hook(self._on_activation))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_opt_pre))
             self._handles.append(self.optimizer.register_step_post_hook(self._on_opt_post))
@@ -213,6 +212,7 @@ class Collector:
         self._grads_read = False  # read_gradients() called this step
         self._param_in_step = 0.0  # parameter reads made by step() itself (no optimizer hook)
         self._flags = self._control.flags_for(0)
+        self._arm_activations(self._flags.act)
         # Moved to the device now: a host-to-device copy at the first histogram step would
         # wait for the device.
         stats.code_map_on(self.device)
@@ -524,9 +524,13 @@ class Collector:
                 if self._writer is not None:
                     self._writer.event("cadence", step=step + 1, **changed.as_json())
             self._flags = control.flags_for(self._step)
+            t0 = self._clock()
+            self._arm_activations(self._flags.act)
+            control.charge("act", self._clock() - t0)
         except Exception as exc:
             control.target = None  # fixed cadences from now on
             self._flags = control.flags_for(self._step)
+            self._arm_activations(self._flags.act)
             self._report("overhead", "adapting the cadence failed; the knobs' cadences hold", exc)
 
     def _skip(self, step: int) -> None:
@@ -547,10 +551,28 @@ class Collector:
             fmt.write_json_atomic(self.meta, self.run_dir / fmt.RUN_JSON)
 
     def _remove_hooks(self) -> None:
+        self._arm_activations(False)
         for h in self._handles:
             with contextlib.suppress(Exception):
                 h.remove()
         self._handles = []
+
+    def _arm_activations(self, on: bool) -> None:
+        """Activation hooks only on steps that record activations: a module with a forward
+        hook takes nn.Module's slow call path (~5 us a call on CPU: 2% of a 6 ms step for
+        a 25-module MLP), while arming and disarming them costs that once per activation
+        step."""
+        if on == bool(self._act_handles):
+            return
+        if on:
+            self._act_handles = [
+                mod.register_forward_hook(self._on_activation) for mod in self._acts.specs
+            ]
+            return
+        for h in self._act_handles:
+            with contextlib.suppress(Exception):
+                h.remove()
+        self._act_handles = []
 
     def _shutdown(self, status: str | None, timeout: float = 60.0) -> None:
         self._remove_hooks()

@@ -62,6 +62,8 @@ CATEGORIES = ("hist", "full", "act", "param")
 """Optional work, in the order it is thinned first when savings are equal."""
 _WEIGHT = {"hist": 4.0, "full": 2.0, "act": 2.0, "param": 1.0}
 """How much a saving counts when choosing what to thin: histograms cheapest to lose."""
+PRIOR = {"hist": 2.0, "full": 1.0}
+"""Costs not measured yet, relative to the statistics they come with (see _costs)."""
 
 
 @dataclass(frozen=True)
@@ -116,8 +118,7 @@ class OverheadController:
         self._acc = dict.fromkeys(("param", "act", "base"), 0.0)
         self._cost = {k: _Avg() for k in ("param", "act", "hist_param", "hist_act", "full")}
         self._base = _Avg()
-        self._own = _Avg()
-        self._step_time = _Avg()
+        self._bare = _Avg()  # step time without the collector
         self._steps = 0
         self.own_total = 0.0  # seconds on the training thread, all steps
         self.step_total = 0.0  # seconds of the timed steps (between step() calls)
@@ -142,61 +143,87 @@ class OverheadController:
         if step_seconds is not None and step_seconds > 0:
             self.step_total += step_seconds
             self.own_timed += own
-            self._step_time.add(step_seconds)
-            self._own.add(own)
+            if step > 0:
+                self._bare.add(max(0.0, step_seconds - own))
         if step == 0:
             return None  # first-time allocations: not what a step costs
         if not flags.stat:
             base += param  # the off-step grad_norm
+        if not (flags.out or flags.act):
+            base += act  # disarming the activation hooks after an activation step
         self._base.add(base)
-        c = self._cost
-        if flags.stat:
-            if flags.full:
-                if not flags.hist and c["param"].value is not None:
-                    c["full"].add(max(0.0, param - c["param"].get()))
-            elif flags.hist:
-                if c["param"].value is not None:
-                    c["hist_param"].add(max(0.0, param - c["param"].get()))
-            else:
-                c["param"].add(param)
-        if flags.out or flags.act:
-            if flags.hist:
-                if c["act"].value is not None:
-                    c["hist_act"].add(max(0.0, act - c["act"].get()))
-            else:
-                c["act"].add(act)
+        self._attribute(flags, param, act)
         if self.target is None or self._steps < WARMUP_STEPS or step % DECIDE_EVERY:
             return None
         return self._decide(step)
+
+    def _attribute(self, flags: StepFlags, param: float, act: float) -> None:
+        """Update the cost estimates: a stat step's extra over a plain one is its
+        histograms' and/or the frozen parameters' (one of them known: the other gets the
+        rest); an activation step's extra on a histogram step is its histograms'."""
+        c = self._cost
+        if flags.stat:
+            if not flags.hist and not flags.full:
+                c["param"].add(param)
+            elif c["param"].value is not None:
+                extra = max(0.0, param - c["param"].get())
+                if not flags.full:
+                    c["hist_param"].add(extra)
+                elif not flags.hist:
+                    c["full"].add(extra)
+                elif c["full"].value is not None:
+                    c["hist_param"].add(max(0.0, extra - c["full"].get()))
+                elif c["hist_param"].value is not None:
+                    c["full"].add(max(0.0, extra - c["hist_param"].get()))
+        if flags.out or flags.act:
+            if not flags.hist:
+                c["act"].add(act)
+            elif c["act"].value is not None:
+                c["hist_act"].add(max(0.0, act - c["act"].get()))
 
     # -- deciding ------------------------------------------------------------------------
 
     def room(self) -> float:
         """Seconds per step the optional statistics may take."""
         assert self.target is not None
-        bare = max(0.0, self._step_time.get() - self._own.get())
-        return HEADROOM * self.target * bare - self._base.get()
+        return HEADROOM * self.target * self._bare.get() - self._base.get()
 
     def estimate(self, scale: dict[str, int]) -> float:
         """Seconds per step of the optional statistics at these scales."""
         cad = self._cadence(scale)
-        c = self._cost
+        c = self._costs()
         kinds = self.kinds
         param_on = bool(kinds & {fmt.KIND_WEIGHT, fmt.KIND_GRAD, fmt.KIND_UPDATE})
         act_on = bool(kinds & {fmt.KIND_ACTIVATION, fmt.KIND_OUTPUT})
         est = 0.0
         if param_on:
-            est += c["param"].get() / cad.every
-            est += c["hist_param"].get() / math.lcm(cad.every, cad.hist_every)
-            est += c["full"].get() / cad.full_every
+            est += c["param"] / cad.every
+            est += c["hist_param"] / math.lcm(cad.every, cad.hist_every)
+            est += c["full"] / cad.full_every
         if act_on:
-            est += c["act"].get() / cad.activation_every
-            est += c["hist_act"].get() / math.lcm(cad.activation_every, cad.hist_every)
+            est += c["act"] / cad.activation_every
+            est += c["hist_act"] / math.lcm(cad.activation_every, cad.hist_every)
         return est
 
+    def _costs(self) -> dict[str, float]:
+        """The cost estimates; what was never measured is guessed from what was
+        (``PRIOR``: histograms of a kind cost about twice its statistics, frozen
+        parameters about as much as the trainable ones)."""
+        c = {k: v.value for k, v in self._cost.items()}
+        param, act = c["param"] or 0.0, c["act"] or 0.0
+        guess = {
+            "hist_param": PRIOR["hist"] * param,
+            "hist_act": PRIOR["hist"] * act,
+            "full": PRIOR["full"] * param,
+        }
+        return {k: (guess.get(k, 0.0) if v is None else v) for k, v in c.items()}
+
     def choose(self) -> dict[str, int]:
-        """The densest scales (greedy from the knobs) whose estimate fits the room."""
+        """The densest scales (greedy from the knobs) whose estimate fits the room; all
+        at MAX_SCALE when the always-recorded scalars alone fill it."""
         room = self.room()
+        if room <= 0:
+            return dict.fromkeys(CATEGORIES, MAX_SCALE)
         scale = dict.fromkeys(CATEGORIES, 1)
         est = self.estimate(scale)
         while est > room:
@@ -212,6 +239,13 @@ class OverheadController:
                 break  # nothing left to thin: the base cost alone is over the budget
             scale[best] *= 2
             est = self.estimate(scale)
+        # Then as dense as the room allows, most useful first (greedy steps can overshoot).
+        for cat in reversed(CATEGORIES):
+            while scale[cat] > 1:
+                trial = {**scale, cat: scale[cat] // 2}
+                if self.estimate(trial) > room:
+                    break
+                scale = trial
         return scale
 
     def _decide(self, step: int) -> Cadence | None:

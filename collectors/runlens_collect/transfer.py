@@ -46,7 +46,10 @@ class Transfer:
         host buffer within the budget). Raises LayoutError when the data disagree with
         their layout (a collector bug: the caller reports it and drops the step)."""
         data = [d for _, d, _ in sections]
-        data += [t.to(torch.float64) for _, _, t in dev]
+        # Floating scalars are promoted by the cat (or converted exactly by the copy into
+        # the float64 host buffer): one op less per scalar; integers (a token count past
+        # 2**24) must not become float32 on the way.
+        data += [t if t.is_floating_point() else t.to(torch.float64) for _, _, t in dev]
         if not data:
             return True  # host scalars only
         layout = self.layouts.get(
