@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import runlens
 import torch
 from runlens_collect import Collector
 from runlens_collect import format as fmt
@@ -18,6 +17,8 @@ from runlens_collect import overhead as oh
 from runlens_collect.config import CollectorConfig
 from runlens_collect.step import StepFlags
 from torch import nn
+
+import runlens
 
 KINDS = set(fmt.KINDS)
 
