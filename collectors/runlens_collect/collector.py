@@ -40,7 +40,7 @@ from runlens_collect.budget import Workspace, default_budget
 from runlens_collect.config import CollectorConfig
 from runlens_collect.overhead import OverheadController
 from runlens_collect.param_stats import ParamStats
-from runlens_collect.step import Probe, StepParts
+from runlens_collect.step import Probe, StepFlags, StepParts
 from runlens_collect.transfer import Transfer
 from runlens_collect.writer import Package, Writer
 
@@ -93,6 +93,7 @@ class Collector:
         self._disabled: set[str] = set()
         self._handles: list[Any] = []
         self._act_handles: list[Any] = []
+        self._out_handle: Any = None
         self._closed = False
         self._writer: Writer | None = None
         self._step = 0
@@ -190,7 +191,6 @@ class Collector:
         # hooks
         root = self.model
         self._handles.append(root.register_forward_pre_hook(self._on_forward_pre))
-        self._handles.append(root.register_forward_hook(self._on_forward))
         self._acts = ActivationStats(
             s, inner, kinds, self._layer_id, self._workspace, self._guard, self._disabled
         )
@@ -211,8 +211,9 @@ class Collector:
         self._opt_fired = False
         self._grads_read = False  # read_gradients() called this step
         self._param_in_step = 0.0  # parameter reads made by step() itself (no optimizer hook)
+        self._host_device = self.device.type == "cpu"
         self._flags = self._control.flags_for(0)
-        self._arm_activations(self._flags.act)
+        self._arm(self._flags)
         # Moved to the device now: a host-to-device copy at the first histogram step would
         # wait for the device.
         stats.code_map_on(self.device)
@@ -425,16 +426,20 @@ class Collector:
 
     # -- the end of a step --------------------------------------------------------------
 
-    def _add_scalar(self, step: int, name: str, v: Any) -> None:
+    def _add_scalar(self, step: int, name: str, v: Any, own: bool = False) -> None:
         """A scalar into the step's parts: tensors stay on the device (or, on another
-        device, are read by the writer thread); numbers are host values."""
+        device, are read by the writer thread); numbers are host values. ``own``: the
+        loss passed to step(), a fresh tensor nobody changes afterwards: on a CPU run the
+        writer thread reads it as is (no copy on the training thread)."""
         parts = self._parts
         if isinstance(v, torch.Tensor):
             if v.numel() != 1:
                 self._report("log", f"{name}: only scalar tensors can be logged", None)
                 return
             t = v.detach().reshape(1)
-            if t.device == self.device:
+            if own and self._host_device and t.device == self.device:
+                parts.extern.append((step, name, t))
+            elif t.device == self.device:
                 parts.dev.append((step, name, t))
             elif t.device.type == "cpu":
                 parts.dev.append((step, name, t.to(self.device, non_blocking=True)))
@@ -464,7 +469,7 @@ class Collector:
                 (step, fmt.TIME_COMPUTE, t_step - t_data),
             ]
         if loss is not None:
-            self._add_scalar(step, fmt.TRAIN_LOSS, loss)
+            self._add_scalar(step, fmt.TRAIN_LOSS, loss, own=True)
         for k, v in metrics.items():
             self._add_scalar(step, f"train/{k}", v)
         if self.optimizer is not None:
@@ -487,7 +492,10 @@ class Collector:
                 except Exception as exc:
                     self._guard(site, exc)
         for name, value in parts.latest.items():
-            parts.device_scalar(step, name, value)
+            if self._host_device:
+                parts.extern.append((step, name, value))  # see _add_scalar
+            else:
+                parts.device_scalar(step, name, value)
         self._emit(step, wall)
 
     @torch.no_grad()
@@ -525,12 +533,12 @@ class Collector:
                     self._writer.event("cadence", step=step + 1, **changed.as_json())
             self._flags = control.flags_for(self._step)
             t0 = self._clock()
-            self._arm_activations(self._flags.act)
+            self._arm(self._flags)
             control.charge("act", self._clock() - t0)
         except Exception as exc:
             control.target = None  # fixed cadences from now on
             self._flags = control.flags_for(self._step)
-            self._arm_activations(self._flags.act)
+            self._arm(self._flags)
             self._report("overhead", "adapting the cadence failed; the knobs' cadences hold", exc)
 
     def _skip(self, step: int) -> None:
@@ -551,28 +559,38 @@ class Collector:
             fmt.write_json_atomic(self.meta, self.run_dir / fmt.RUN_JSON)
 
     def _remove_hooks(self) -> None:
-        self._arm_activations(False)
+        self._arm(None)
         for h in self._handles:
             with contextlib.suppress(Exception):
                 h.remove()
         self._handles = []
 
-    def _arm_activations(self, on: bool) -> None:
-        """Activation hooks only on steps that record activations: a module with a forward
-        hook takes nn.Module's slow call path (~5 us a call on CPU: 2% of a 6 ms step for
-        a 25-module MLP), while arming and disarming them costs that once per activation
-        step."""
-        if on == bool(self._act_handles):
-            return
-        if on:
-            self._act_handles = [
-                mod.register_forward_hook(self._on_activation) for mod in self._acts.specs
-            ]
-            return
-        for h in self._act_handles:
-            with contextlib.suppress(Exception):
-                h.remove()
-        self._act_handles = []
+    def _arm(self, flags: StepFlags | None) -> None:
+        """Forward hooks only for steps that use them (None: none): the activation hooks on
+        activation steps, the model's forward hook on output steps (and until the output's
+        shape is known). A module with a forward hook takes nn.Module's slow call path
+        (~5 us a call on CPU: 2% of a 6 ms step for a 25-module MLP); arming and disarming
+        costs that once per activation step."""
+        act = flags is not None and flags.act
+        out = flags is not None and (flags.out or self.meta["model"].get("output_shape") is None)
+        if act != bool(self._act_handles):
+            if act:
+                self._act_handles = [
+                    mod.register_forward_hook(self._on_activation) for mod in self._acts.specs
+                ]
+            else:
+                for h in self._act_handles:
+                    with contextlib.suppress(Exception):
+                        h.remove()
+                self._act_handles = []
+        if out != (self._out_handle is not None):
+            if out:
+                self._out_handle = self.model.register_forward_hook(self._on_forward)
+            else:
+                assert self._out_handle is not None
+                with contextlib.suppress(Exception):
+                    self._out_handle.remove()
+                self._out_handle = None
 
     def _shutdown(self, status: str | None, timeout: float = 60.0) -> None:
         self._remove_hooks()
