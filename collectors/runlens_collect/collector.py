@@ -217,6 +217,7 @@ class Collector:
         # Moved to the device now: a host-to-device copy at the first histogram step would
         # wait for the device.
         stats.code_map_on(self.device)
+        stats.bin_lut_on(self.device)
 
         self._writer = Writer(
             self.run_dir,

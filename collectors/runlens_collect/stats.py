@@ -73,13 +73,20 @@ _BIN_LUT = bin_lut()
 _bin_luts: dict[torch.device, torch.Tensor] = {}
 
 
+def bin_lut_on(device: torch.device) -> torch.Tensor:
+    """The code-to-bin table on ``device`` (cached; moved at setup: a host-to-device copy
+    on a later step would wait for the device)."""
+    lut = _bin_luts.get(device)
+    if lut is None:
+        lut = _bin_luts[device] = torch.from_numpy(_BIN_LUT).to(device)
+    return lut
+
+
 def bins_into(codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The format bin (int32, flat) of each code, into ``out`` (int32, flat) when given:
     counting bins instead of codes takes BIN_STRIDE counters per tensor instead of CODES
     (68 against 512: the counts of many small tensors stay small)."""
-    lut = _bin_luts.get(codes.device)
-    if lut is None:
-        lut = _bin_luts[codes.device] = torch.from_numpy(_BIN_LUT).to(codes.device)
+    lut = bin_lut_on(codes.device)
     if out is None:
         return torch.index_select(lut, 0, codes.reshape(-1))
     return torch.index_select(lut, 0, codes.reshape(-1), out=out)

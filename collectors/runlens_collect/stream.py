@@ -87,6 +87,7 @@ def piece_of(t: torch.Tensor, p: Piece) -> torch.Tensor:
 class Region:
     """Pieces laid out chunk-aligned, zero padded, from offset 0 of a buffer.
 
+    ``lengths`` holds each piece's chunk count on the device (for ``segment_reduce``).
     ``bind(buf)`` makes the views into ``buf`` (a float32 buffer of at least ``numel``
     elements); several regions may share one buffer, one at a time (``owner`` tracks who
     wrote it last, so padding is re-zeroed only when another region used it).
@@ -102,11 +103,9 @@ class Region:
             [c * chunk - p.numel for c, p in zip(chunks, self.pieces, strict=True)], np.int64
         )
         self.offsets = np.concatenate([[0], np.cumsum(chunks)[:-1]]).astype(np.int64) * chunk
+        # Per piece, not per row: metadata must not grow with the model (rows are 1/1024
+        # of its elements; pieces are its tensors).
         self.lengths = torch.tensor(chunks, dtype=torch.int64, device=device)
-        base = torch.repeat_interleave(
-            torch.arange(len(chunks), dtype=torch.int32), torch.tensor(chunks, dtype=torch.int64)
-        )
-        self.bin_base = (base * BIN_STRIDE).view(-1, 1).to(device)
         self.views: list[torch.Tensor] = []
         self.pad_views: list[torch.Tensor] = []
         self.matrix: torch.Tensor | None = None
@@ -165,7 +164,13 @@ def region_raw(
         else:
             part = torch.cat([p for p, _ in parts])
             amax = torch.cat([a for _, a in parts])
-    counts = hist_counts(m, region.bin_base, len(region), spare, consumable) if hist else None
+    counts = None
+    if hist:
+        n = len(region)
+        bases = torch.arange(0, n * BIN_STRIDE, BIN_STRIDE, dtype=torch.int32, device=m.device)
+        # output_size: repeat_interleave would otherwise read the total back (a sync)
+        bases = torch.repeat_interleave(bases, region.lengths, output_size=region.rows)
+        counts = hist_counts(m, bases.view(-1, 1), n, spare, consumable)
     sums = torch.segment_reduce(part, "sum", lengths=region.lengths, axis=0, unsafe=True)
     mx = torch.segment_reduce(amax, "max", lengths=region.lengths, unsafe=True)
     return torch.cat([sums, mx.double().unsqueeze(1)], dim=1), counts
@@ -406,7 +411,7 @@ def single_stats(
                 sums[1],
                 sums[2],
                 sums[3],
-                torch.tensor(float(nrows), dtype=f64, device=m.device),
+                torch.full((), float(nrows), dtype=f64, device=m.device),  # no H2D copy
                 m[:, 6].min(),
                 m[:, 7].max(),
             ]
