@@ -19,7 +19,7 @@ DEFAULT_EXCLUDE: tuple[type[nn.Module], ...] = (
 """Modules never recorded by default: their output equals their input."""
 
 
-MIN_MEMORY_BUDGET = 16 << 10
+MIN_MEMORY_BUDGET = 4 << 10
 """Smallest memory_budget accepted (tests force the update rotation on tiny models)."""
 
 
