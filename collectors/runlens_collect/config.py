@@ -25,10 +25,11 @@ MIN_MEMORY_BUDGET = 4 << 10
 
 @dataclass(frozen=True)
 class CollectorConfig:
-    """What the Collector records and how often. Defaults were chosen by measurement
-    (``benchmarks/collector_overhead.py``): at these settings a small CPU transformer
-    trains at about 1.03x the bare step time (1.04x over a whole run, activation and
-    histogram steps included), 1.02-1.03x with ``every=10`` (docs/benchmarks.md).
+    """What the Collector records and how often. The cadences below are the densest it
+    records; the ``overhead`` budget (3% of the step time by default) thins them when the
+    collector's measured time does not fit, and ``memory_budget`` bounds its device memory
+    whatever the model's size. Measured whole-run costs and memory: docs/benchmarks.md
+    (``benchmarks/collector_overhead.py``, ``benchmarks/collector_memory.py --models``).
 
     Attributes:
         kinds: which layer statistics to record, a subset of format.KINDS. ``update`` needs

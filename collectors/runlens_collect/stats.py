@@ -1,13 +1,17 @@
 """Device-side statistics: every reduction stays on the tensor's device, nothing syncs.
 
 The per-parameter statistics of one kind (weight, grad or update) are computed on a
-*chunked flat buffer*: every tensor is copied (one ``torch._foreach_copy_``) into its own
-run of fixed-size chunks of a single float32 buffer, zero padded to a chunk boundary. A
-handful of row reductions over the ``(chunks, C)`` matrix then covers all tensors at once,
-and a ``segment_reduce`` over the (small) per-chunk partials gives per-tensor values. On
-CPU this is ~10x faster than one op per tensor (dispatch costs ~5 µs an op) and much faster
-than ``_foreach_norm(inf)`` or ``_foreach_powsum`` (which are per-tensor loops there); on
-CUDA each op is one kernel regardless of the number of tensors.
+*chunked flat buffer*: tensors are copied (one ``torch._foreach_copy_``) into their own
+runs of fixed-size chunks of a float32 buffer, zero padded to a chunk boundary. A handful
+of row reductions over the ``(chunks, C)`` matrix (``row_partials``) then covers all of
+them at once, and a ``segment_reduce`` over the (small) per-chunk partials gives
+per-tensor values. On CPU this is ~10x faster than one op per tensor (dispatch costs ~5 µs
+an op) and much faster than ``_foreach_norm(inf)`` or ``_foreach_powsum`` (which are
+per-tensor loops there); on CUDA each op is one kernel regardless of the number of
+tensors. The collector streams the tensors through a *bounded* buffer, group by group
+(``stream.py``, within the memory budget); ``FlatLayout``/``flat_raw``/``flat_hist``
+(the whole set in one buffer) and ``tensor_raw``/``tensor_hist`` remain the reference
+forms the tests compare with.
 
 Raw statistics are sums, from which the writer thread derives the published columns on
 the host (see ``RAW``): that keeps the training thread's work to a few kernels.
