@@ -136,7 +136,8 @@ class Shutdown:
             fmt.write_json_atomic(self.meta, self.run_dir / fmt.RUN_JSON)
 
     def _remove_hooks(self) -> None:
-        for h in [*self._handles, *getattr(self, "_opt_handles", ())]:
+        # Last registered first: stacked call wrappers (compiled.CompiledCallHook) unwind.
+        for h in reversed([*self._handles, *getattr(self, "_opt_handles", ())]):
             with contextlib.suppress(Exception):
                 h.remove()
         self._handles = []
