@@ -22,7 +22,14 @@ from torch import nn
 # fixed ones (overhead=None) keep the runs reproducible: on these tiny models the
 # collector's own time is a large share of a step, and the overhead budget would thin the
 # cadence by wall-clock time, differently on every machine.
-COLLECTOR_OPTIONS: dict[str, Any] = {"activation_every": 20, "hist_every": 100, "overhead": None}
+# Fixed cadences (overhead=None) and a deep queue: a recording is the same whatever the
+# machine's load (a writer that falls behind on a busy machine drops steps).
+COLLECTOR_OPTIONS: dict[str, Any] = {
+    "activation_every": 20,
+    "hist_every": 100,
+    "overhead": None,
+    "max_queue": 1024,
+}
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,14 @@ class MLP(nn.Module):
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, step: int, size: int = 32):
-    i = (step * size) % len(x)
-    return x[i : i + size], y[i : i + size]
+    """The step's batch of a shuffled epoch (a new seeded order every epoch, as
+    ``DataLoader(shuffle=True)``: the same batches in the same order every epoch would be
+    a duplicate-batches finding)."""
+    per = max(1, len(x) // size)
+    epoch, j = divmod(step, per)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+    idx = order[j * size : (j + 1) * size]
+    return x[idx], y[idx]
 
 
 def table(run_dir: Path, name: str) -> list[dict[str, Any]]:

@@ -361,6 +361,11 @@ def test_duplicate_batches_epoch_order_and_full_batch(tmp_path: Path) -> None:
     assert f.severity == "warning" and "set_epoch" in f.fix.lower() + f.summary.lower()
     assert _evidence(f, "most common distance to the previous occurrence (steps)") == 30
     assert _evidence(f, "share of steps repeating an earlier batch") == pytest.approx(60 / 90)
+    # A short epoch (8 batches, within max_short) is still an epoch, not parallel workers.
+    short = _record_inputs(tmp_path / "short", epoch[:8] * 5)
+    f = _findings(short, "duplicate-batches")["duplicate-batches"]
+    assert "every epoch repeats" in f.summary and "workers" not in f.summary
+    assert _evidence(f, "most common distance to the previous occurrence (steps)") == 8
     # Full-batch training: the same batch every step, on purpose as often as not.
     full = _record_inputs(tmp_path / "full", [epoch[0]] * 40)
     assert "duplicate-batches" not in _findings(full, "duplicate-batches")

@@ -47,7 +47,12 @@ from runlens_collect import format as fmt
 from runlens_collect import resume as resume_mod
 from runlens_collect.activation_stats import ActivationStats
 from runlens_collect.budget import Workspace, default_budget
-from runlens_collect.compiled import compiled_in_place, compiling, dynamo_loaded
+from runlens_collect.compiled import (
+    OutsideCompiled,
+    compiled_in_place,
+    compiling,
+    dynamo_loaded,
+)
 from runlens_collect.config import CollectorConfig
 from runlens_collect.contract import MEAN, StepContract
 from runlens_collect.hooks import Hooks, Observer
@@ -261,11 +266,14 @@ class Collector(Hooks, Shutdown):
         )
         self._hook_model()
         self._hook_optimizer(eagerly=dynamo_loaded())
+        probe_view: Any = self.model
+        if compiled_in_place(self.model):
+            probe_view = OutsideCompiled(self.model)
         for probe in self.probes:
             try:
                 # The model the user calls (a compiled one's wrapper runs hooks eagerly);
                 # probes unwrap it for parameter names.
-                self._handles.extend(probe.attach(self.model, self.optimizer))
+                self._handles.extend(probe.attach(probe_view, self.optimizer))
             except Exception as exc:
                 self._guard(_probe_site(probe), exc)
         self._observer = Observer(self)

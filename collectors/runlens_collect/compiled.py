@@ -49,27 +49,59 @@ def compiled_in_place(module: nn.Module) -> bool:
 
 
 class CompiledCallHook:
-    """``pre(module, args)`` and ``post(module, args, output)`` around the compiled call of
-    a module compiled in place, outside the compiled region. ``remove()`` restores it."""
+    """``pre(module, args, kwargs)`` and ``post(module, args, output)`` around the compiled
+    call of a module compiled in place, outside the compiled region. Several stack (each
+    wraps the call before it); ``remove()`` switches one off, and restores the call when
+    it is the outermost."""
 
     def __init__(
         self,
         module: nn.Module,
-        pre: Callable[[nn.Module, Any], None],
-        post: Callable[[nn.Module, Any, Any], None],
+        pre: Callable[..., None],
+        post: Callable[[nn.Module, Any, Any], None] | None,
+        pre_kwargs: bool = False,
     ) -> None:
         self.module = module
         self.original = module._compiled_call_impl
+        self.active = True
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            pre(module, args)
+            if self.active:
+                if pre_kwargs:
+                    pre(module, args, kwargs)
+                else:
+                    pre(module, args)
             out = self.original(*args, **kwargs)
-            post(module, args, out)
+            if self.active and post is not None:
+                post(module, args, out)
             return out
 
         self.call = call
         module._compiled_call_impl = call
 
     def remove(self) -> None:
+        self.active = False
         if getattr(self.module, "_compiled_call_impl", None) is self.call:
             self.module._compiled_call_impl = self.original
+
+
+class OutsideCompiled:
+    """A module compiled in place, as the probes see it: the forward pre-hooks they
+    register run around the compiled call (``CompiledCallHook``), never inside the
+    compiled region (where they would be traced, guarded on and recompiled); every other
+    attribute is the module's."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = module
+
+    @property
+    def _orig_mod(self) -> nn.Module:
+        return self._module  # the module the parameter names belong to (probes.unwrap)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    def register_forward_pre_hook(
+        self, hook: Callable[..., Any], *, with_kwargs: bool = False, **_: Any
+    ) -> CompiledCallHook:
+        return CompiledCallHook(self._module, hook, None, pre_kwargs=with_kwargs)

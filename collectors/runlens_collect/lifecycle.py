@@ -140,7 +140,8 @@ class Shutdown:
         if arm is not None:
             with contextlib.suppress(Exception):
                 arm(None)  # the forward hooks armed for this step
-        for h in [*self._handles, *getattr(self, "_opt_handles", ())]:
+        # Last registered first: stacked call wrappers (compiled.CompiledCallHook) unwind.
+        for h in reversed([*self._handles, *getattr(self, "_opt_handles", ())]):
             with contextlib.suppress(Exception):
                 h.remove()
         self._handles = []

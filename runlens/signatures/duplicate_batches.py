@@ -33,9 +33,9 @@ class DuplicateBatches(Signature):
           and PyTorch reseeds only the global ``random``, ``numpy`` and ``torch`` RNGs;
           the same for an ``IterableDataset`` that does not shard by
           ``get_worker_info()``;
-        * at one long fixed distance: the same batches in the same order every period
-          (an epoch): no shuffling, or a ``DistributedSampler`` whose ``set_epoch`` is
-          never called;
+        * the same batches in the same order every period (an epoch, at one fixed
+          distance, all batches new within the first period, however short): no
+          shuffling, or a ``DistributedSampler`` whose ``set_epoch`` is never called;
         Every step the same batch is not reported: deliberate full-batch training and one
         batch fetched again and again (``next(iter(loader))`` in the loop) look alike.
 
@@ -86,7 +86,8 @@ class DuplicateBatches(Signature):
         Param(
             "max_short",
             16,
-            "repeat distance up to which repeats come from parallel workers, not epochs",
+            "repeat distance up to which repeats that keep bringing new batches come from "
+            "parallel workers (a cycle of the same batches is an epoch at any distance)",
             "runlens default: DataLoader num_workers rarely exceeds 16",
         ),
         Param(
@@ -133,7 +134,11 @@ class DuplicateBatches(Signature):
         where = f"e.g. steps {step_list(rep, 6)}"
         if regular < p.min_regular:
             return []  # scattered repeats: sampling with replacement, small data
-        if d <= p.max_short:
+        # A cycle: every batch was new within the first period and then comes back in the
+        # same order (epochs without shuffling, however short). Parallel workers keep
+        # bringing new batches, each repeated at the short distance.
+        cycle = distinct <= d + max(1, 0.05 * d)
+        if d <= p.max_short and not cycle:
             conf = min(1.0, 0.6 + share)
             summary = (
                 f"{n_dup} of {steps.size} training batches ({share:.0%}) repeat the batch "

@@ -37,7 +37,8 @@ class LossDivergence(Signature):
     Evidence:
         ``rise`` = (late level − best level) / loss scale, where loss scale is the larger
         of |best level| and the improvement made from the start to the best level, compared
-        with ``min_rise``; the best and late levels and the step where the rise began.
+        with ``min_rise``; the best and late levels and the step where the rise began
+        (the level first up by half of ``min_rise`` × loss scale).
 
     How to fix:
         Lower the learning rate (often 3–10×), add or lengthen warm-up, clip gradients
@@ -100,8 +101,11 @@ class LossDivergence(Signature):
         rise = (late - best) / scale
         if not np.isfinite(rise) or rise < p.min_rise:
             return []
-        # Where it started: first point after the best where the level is half-way up.
-        half = best + 0.5 * (late - best)
+        # Where it started: the first point after the best where the level is up by half
+        # the least rise that counts. Not half-way to the late level: that moves later as
+        # an accelerating divergence goes on, so a live report and the final one of the
+        # same run would name different onsets.
+        half = best + 0.5 * p.min_rise * scale
         if from_start:
             # The rise may lie inside the transient (a blow-up at step 1): search the
             # whole curve, with a short window since a blow-up is abrupt.
