@@ -31,7 +31,8 @@ LAYER_COLUMNS = {
     "kind": "one of " + ", ".join(f"`{k}`" for k in fmt.KINDS),
     "numel": "number of elements of the tensor",
     "missing": "true when the tensor did not exist this step (no gradient; parameter not "
-    "in the optimizer for `update`); its statistics are NaN",
+    "in the optimizer for `update`); its statistics are NaN. A tensor the step did not "
+    "sample has no row at all (see `collector.memory` / `collector.sampling`)",
     "mean": "mean of the elements",
     "std": "standard deviation (unbiased, correction 1; NaN for one element)",
     "norm": "L2 norm",
@@ -110,6 +111,8 @@ def sections() -> dict[str, str]:
         "run-json": keys_table(fmt.RUN_JSON_KEYS),
         "model-summary": keys_table(fmt.MODEL_SUMMARY_KEYS),
         "task": keys_table(fmt.TASK_KEYS),
+        "collector-memory": keys_table(fmt.COLLECTOR_MEMORY_KEYS),
+        "collector-sampling": keys_table(fmt.COLLECTOR_SAMPLING_KEYS),
         "scalars-schema": schema_table(fmt.SCALARS_SCHEMA, SCALAR_COLUMNS),
         "layers-schema": schema_table(fmt.LAYERS_SCHEMA, LAYER_COLUMNS),
         "hist-bins": hist_table(),

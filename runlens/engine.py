@@ -30,6 +30,7 @@ from runlens.health import layer_health
 from runlens.links import link_findings, rank_findings
 from runlens.metrics import is_schedule
 from runlens.run import Run
+from runlens.sampling import SAMPLING_FACT, sampling_text
 from runlens.signatures import REGISTRY
 from runlens.signatures.base import NotChecked, Params, Signature
 from runlens.sources import open_run
@@ -350,7 +351,7 @@ def summarize(ctx: Context, options: AnalyzeOptions | None = None) -> RunSummary
         best_val_step=vl_lv.best_step if vl_lv else None,
         ended_abnormally=abnormal,
         end_reason=reason,
-        extras=dict(run.meta.get("summary_extras") or {}),
+        extras=_extras(run),
         task_metric=task if task_lv else None,
         task_metric_mode=task_lv.mode if task_lv else None,
         final_task_metric=task_lv.final if task_lv else None,
@@ -362,6 +363,15 @@ def summarize(ctx: Context, options: AnalyzeOptions | None = None) -> RunSummary
         skipped_steps=int(run.skipped_steps.size),
         **_sanity_summary(ctx, options or AnalyzeOptions()),
     )
+
+
+def _extras(run: Run) -> dict[str, Any]:
+    """run.json's summary_extras, plus what the collector sampled (runlens.sampling)."""
+    extras = dict(run.meta.get("summary_extras") or {})
+    text = sampling_text(run.meta)
+    if text is not None:
+        extras.setdefault(SAMPLING_FACT, text)
+    return extras
 
 
 def _sanity_summary(ctx: Context, options: AnalyzeOptions) -> dict[str, Any]:

@@ -58,7 +58,13 @@ class Series:
 
 @dataclass(frozen=True)
 class LayerMatrix:
-    """``values[i, j]`` is the statistic of ``layers[j]`` at ``steps[i]`` (NaN if absent)."""
+    """``values[i, j]`` is the statistic of ``layers[j]`` at ``steps[i]`` (NaN if absent).
+
+    Parameter kinds (weight, grad, update) of a run whose collector samples them (run.json
+    ``collector.memory``: frozen parameters between full steps, the update's rotating
+    subsets) hold each layer's last sampled value where a step did not sample it: not
+    sampled is not missing (a missing row, e.g. a parameter without a gradient, is
+    recorded as such and stays NaN)."""
 
     kind: str
     stat: str
@@ -258,7 +264,8 @@ class Run:
                 if column is None:  # not among the columns loaded with the kind
                     column = self._kind_column(kind, stat, index)
                 if column is not None:
-                    result = index.matrix(kind, stat, column)
+                    fill = kind in SAMPLED_KINDS and self.samples_params
+                    result = index.matrix(kind, stat, column, fill)
         self._cache[key] = result
         return result
 
@@ -287,6 +294,13 @@ class Run:
             index = self._kind_index(kind, stat)
             return None if index is None else index.pending.pop(stat, None)
         return df[stat]
+
+    @property
+    def samples_params(self) -> bool:
+        """The collector sampled parameter rows (run.json ``collector.memory``): steps it
+        did not sample hold the last sampled value in layer matrices."""
+        collector = self.meta.get("collector")
+        return isinstance(collector, dict) and isinstance(collector.get("memory"), dict)
 
     @cached_property
     def _layer_columns(self) -> tuple[str, ...]:
@@ -324,6 +338,9 @@ class Run:
         return None
 
 
+SAMPLED_KINDS = (fmt.KIND_WEIGHT, fmt.KIND_GRAD, fmt.KIND_UPDATE)
+"""Kinds whose rows the collector may sample (see LayerMatrix)."""
+
 PRELOAD_STATS: dict[str, tuple[str, ...]] = {
     fmt.KIND_WEIGHT: ("norm", "std"),
     fmt.KIND_GRAD: ("norm",),
@@ -351,6 +368,9 @@ class _KindIndex:
     """Rows of the scan the index was built from (later scans must line up)."""
     pending: dict[str, pl.Series] = field(default_factory=dict)
     """Columns loaded with the index and not yet turned into matrices."""
+    last: np.ndarray | None = None
+    """Row of the last written cell at or before each cell (-1: none yet), when some cell
+    was not written; empty when every cell was (built on the first filled matrix)."""
 
     @classmethod
     def build(cls, df: pl.DataFrame) -> _KindIndex:
@@ -395,7 +415,9 @@ class _KindIndex:
             cells = cells[keep]
         return cls(steps.astype(np.int64), names, cells, keep, df.height)
 
-    def matrix(self, kind: str, stat: str, column: pl.Series) -> LayerMatrix:
+    def matrix(self, kind: str, stat: str, column: pl.Series, fill: bool = False) -> LayerMatrix:
+        """The step × layer matrix of ``column``; ``fill``: cells no row wrote hold the
+        layer's last written value (NaN before its first)."""
         if column.dtype.is_float():
             vals = column.to_numpy()  # nulls come out as NaN
         else:
@@ -404,7 +426,25 @@ class _KindIndex:
             vals = vals[self.keep]
         values = np.full((len(self.steps), len(self.layers)), np.nan)
         values.ravel()[self.cells] = vals
+        if fill:
+            values = self._hold_last(values)
         return LayerMatrix(kind, stat, self.steps, self.layers, values)
+
+    def _hold_last(self, values: np.ndarray) -> np.ndarray:
+        if self.last is None:
+            written = np.zeros(values.size, bool)
+            written[self.cells] = True
+            written = written.reshape(values.shape)
+            if written.all():
+                self.last = np.empty(0, np.int64)
+            else:
+                last = np.where(written, np.arange(values.shape[0])[:, None], -1)
+                self.last = np.maximum.accumulate(last, axis=0)
+        if not self.last.size:
+            return values
+        out = values[np.maximum(self.last, 0), np.arange(values.shape[1])]
+        out[self.last < 0] = np.nan
+        return out
 
 
 # -- loading ------------------------------------------------------------------------------

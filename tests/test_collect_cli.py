@@ -218,7 +218,12 @@ def launched(work):
     """Every `runlens collect` of this module, started together: each one is a fresh
     interpreter importing torch, mostly single-threaded, so they overlap well."""
     jobs = {
-        "plain": ["--activation-every", "4", "--hist-every", "5", "--", PY, "train.py"],
+        # fixed cadences (--overhead none) like the explicit reference: the overhead budget
+        # would thin them by wall-clock time
+        "plain": [
+            *("--activation-every", "4", "--hist-every", "5", "--overhead", "none"),
+            *("--", PY, "train.py"),
+        ],
         "mode-exit1": ["--", PY, "train.py", "--mode", "exit1"],
         "mode-crash": ["--", PY, "train.py", "--mode", "crash"],
         "diverge": ["--analyze", "--", PY, "diverge.py"],

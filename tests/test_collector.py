@@ -246,7 +246,10 @@ def test_no_host_sync_with_amp_accumulation_and_clipping(tmp_path, monkeypatch):
         assert scalars["name"].count(name) == 4, name
 
 
-def test_frozen_unoptimized_integer_and_none_grads(tmp_path):
+@pytest.mark.parametrize("frozen_every", [1, 100])
+def test_frozen_unoptimized_integer_and_none_grads(tmp_path, frozen_every):
+    """Frozen parameters (requires_grad=False) are recorded on full steps only (step 0,
+    then every frozen_every stat steps): weights, and missing grad/update rows."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 2))
     model[0].requires_grad_(False)  # frozen
@@ -254,7 +257,8 @@ def test_frozen_unoptimized_integer_and_none_grads(tmp_path):
     model.register_buffer("ints", torch.arange(3))
     opt = torch.optim.SGD(list(model[2].parameters()) + list(model[3].parameters()), lr=0.1)
     # model[3] gets no gradient in odd steps (its output is unused there)
-    with Collector(model, opt, run_dir=tmp_path, activation_every=1) as col:
+    knobs = {"activation_every": 1, "frozen_every": frozen_every}
+    with Collector(model, opt, run_dir=tmp_path, **knobs) as col:
         for step in range(4):
             h = model[2](model[1](model[0](torch.randn(5, 4))))
             loss = (model[3](h) if step % 2 == 0 else h).pow(2).mean()
@@ -266,6 +270,9 @@ def test_frozen_unoptimized_integer_and_none_grads(tmp_path):
     layers = read_table(tmp_path, fmt.LAYERS_DIR)
     for step in range(4):
         for n in ("0.weight", "0.bias", "counter"):
+            if step % frozen_every:  # not sampled: no rows at all
+                assert rows(layers, step=step, layer=n) == []
+                continue
             (g,) = rows(layers, step=step, layer=n, kind="grad")
             assert g["missing"] is True and math.isnan(g["norm"])
             (u,) = rows(layers, step=step, layer=n, kind="update")
@@ -290,7 +297,7 @@ def test_exception_in_stats_is_swallowed_once(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(stats, "flat_raw", boom)
+    monkeypatch.setattr(stats, "row_partials", boom)
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with (

@@ -102,8 +102,11 @@ if mode == "chained":
 torch.manual_seed(0)
 model = nn.Linear(4, 2)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
-# flush_steps/seconds far away: only the signal handler can have written the steps
-col = Collector(model, opt, run_dir=run_dir, flush_steps=100000, flush_seconds=3600)
+# flush_steps/seconds far away: only the signal handler can have written the steps;
+# fixed cadences (overhead=None): layer rows on every step, whatever the machine's load
+col = Collector(
+    model, opt, run_dir=run_dir, flush_steps=100000, flush_seconds=3600, overhead=None
+)
 step = 0
 while True:
     loss = model(torch.randn(8, 4)).pow(2).mean()

@@ -460,11 +460,14 @@ def _start(opt: torch.optim.Optimizer, model: nn.Module) -> None:
         return
     k = len(s.order) + 1
     run_dir = s.run_dir if k == 1 else s.run_dir.with_name(f"{s.run_dir.name}-{k}")
-    knobs = {
+    knobs: dict[str, Any] = {
         key: (tuple(v) if key == "kinds" else int(v))
         for key, v in s.settings.items()
         if key in ("every", "activation_every", "hist_every", "kinds")
     }
+    if "overhead" in s.settings:  # a fraction, or None: fixed cadences
+        v = s.settings["overhead"]
+        knobs["overhead"] = None if v is None else float(v)
     config = {"optimizer": type(opt).__name__, **_hyperparams(opt), "collected_by": "zero-code"}
     # The loss comes from here (backward calls before *this* optimizer's step), not from
     # the collector's own view of backward, which would mix two optimizers' losses.

@@ -8,6 +8,8 @@ The work is done by
 * ``param_stats.ParamStats`` — weight, gradient and update statistics (one per device of
   a model split across devices);
 * ``activation_stats.ActivationStats`` — activation and model-output statistics;
+* ``budget.Workspace`` — the device buffers, within ``memory_budget`` (one per device);
+* ``overhead.OverheadController`` — each step's flags, within the ``overhead`` budget;
 * ``contract.StepContract`` — the step's loss, AMP scaler and clipping, as observed;
 * ``observe`` — the process-wide wrappers that report losses, backward, clipping, scaling;
 * ``taskinfer.TaskTracker`` — run.json ``task`` from the losses and the model class;
@@ -32,7 +34,7 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ from runlens_collect import _active, lifecycle, observe, repro, runinfo, stats
 from runlens_collect import format as fmt
 from runlens_collect import resume as resume_mod
 from runlens_collect.activation_stats import ActivationStats
+from runlens_collect.budget import Workspace, default_budget
 from runlens_collect.compiled import (
     OutsideCompiled,
     compiled_in_place,
@@ -54,16 +57,16 @@ from runlens_collect.config import CollectorConfig
 from runlens_collect.contract import MEAN, StepContract
 from runlens_collect.hooks import Hooks, Observer
 from runlens_collect.lifecycle import Shutdown, flush_at_exit
+from runlens_collect.overhead import OverheadController
 from runlens_collect.param_stats import ParamStats
 from runlens_collect.probes import default_probes
-from runlens_collect.scratch import SCRATCH_MAX_BYTES, Scratch
-from runlens_collect.step import Probe, StepFlags, StepParts
+from runlens_collect.step import Probe, StepParts
 from runlens_collect.taskinfer import TaskTracker
 from runlens_collect.timing import StepTimer
 from runlens_collect.transfer import Transfer
 from runlens_collect.writer import Package, Writer
 
-__all__ = ["SCRATCH_MAX_BYTES", "Collector", "CollectorConfig"]
+__all__ = ["Collector", "CollectorConfig"]
 
 # At import, not at the first Collector: a script that binds ``loss_fn = F.cross_entropy``
 # after ``from runlens_collect import Collector`` calls the observed function. Without a
@@ -87,6 +90,8 @@ class Collector(Hooks, Shutdown):
     ``settings=CollectorConfig(...)``. ``probes`` record extra per-step statistics
     (:class:`runlens_collect.step.Probe`); by default the silent-bug probes of
     :func:`runlens_collect.probes.default_probes` (``probes=()`` turns them off).
+    ``clock`` (default ``time.perf_counter``) times the collector against the step for the
+    ``overhead`` budget (tests inject a fake one).
 
     Resuming: ``start_step=N`` numbers the first step N (a framework's global step after
     loading a checkpoint); ``resume=True`` continues after the last step the run directory
@@ -108,6 +113,7 @@ class Collector(Hooks, Shutdown):
         probes: Sequence[Probe] | None = None,
         start_step: int | None = None,
         resume: bool | None = None,
+        clock: Callable[[], float] | None = None,
         _loss_reduction: str = MEAN,
         _watch_backward: bool = True,
         **knobs: Any,
@@ -123,11 +129,14 @@ class Collector(Hooks, Shutdown):
         self.model = model
         self.optimizer = optimizer
         self.probes = list(default_probes() if probes is None else probes)
+        self._clock = clock or time.perf_counter
         self.warnings: list[str] = []  # every message warned (also in events.jsonl)
         self._warned_sites: set[str] = set()
         self._warned_categories: set[str] = set()
         self._disabled: set[str] = set()
         self._handles: list[Any] = []
+        self._act_handles: list[Any] = []
+        self._out_handle: Any = None
         self._closed = False
         self._writer: Writer | None = None
         self._step = int(start_step or 0)
@@ -175,9 +184,14 @@ class Collector(Hooks, Shutdown):
         # Layer ids: parameters first, then activations, then the output (writer's order).
         self.layer_names: list[str] = []
         self._layer_ids: dict[str, int] = {}
-        self._scratch = Scratch(self.device)
+        budget = s.memory_budget
+        if budget is None:
+            trainable = sum(p.numel() * p.element_size() for _, p in params if p.requires_grad)
+            budget = default_budget(trainable)
         # One parameter strategy per device, each reading its own device's tensors (a
-        # model split across devices); the collector's device (the first parameter's) first.
+        # model split across devices) through its own budgeted workspace; the collector's
+        # device (the first parameter's) first.
+        self._workspace = Workspace(self.device, budget)
         by_device: dict[torch.device, list[tuple[str, nn.Parameter]]] = {self.device: []}
         for n, p in params:
             by_device.setdefault(_device_of(p), []).append((n, p))
@@ -185,7 +199,7 @@ class Collector(Hooks, Shutdown):
         for key, group in by_device.items():
             dev = group[0][1].device if group else key
             tag = "" if key == self.device else f"@{key}"
-            scratch = self._scratch if dev == self.device else Scratch(dev)
+            ws = self._workspace if dev == self.device else Workspace(dev, budget)
             self._groups.append(
                 ParamStats(
                     group,
@@ -193,14 +207,15 @@ class Collector(Hooks, Shutdown):
                     kinds,
                     self.optimizer,
                     self._layer_id,
-                    scratch,
+                    ws,
                     self._guard,
                     self._disabled,
                     tag=tag,
                 )
             )
+        self._control = OverheadController(s, kinds, self._clock)
         self._transfer = Transfer(self.device, s.max_queue, s.max_queue_bytes)
-        self._timer = StepTimer(self.device)
+        self._timer = StepTimer(self.device, self._clock)
         self._task = TaskTracker(inner)
 
         # run.json: a new run, or the continuation of the one the directory holds
@@ -232,6 +247,8 @@ class Collector(Hooks, Shutdown):
                 "rank": self.rank,
                 "compiled": self._compiled,
                 "skipped_params": [n for g in self._groups for n in g.skipped],
+                "memory": _memory_info(self._groups),
+                "sampling": self._control.summary(),
                 "devices": {str(d): len(g) for d, g in by_device.items() if g},
                 "data_time": self._timer.mode,
                 "wire_dtype": str(self._transfer.dtype).replace("torch.", ""),
@@ -245,7 +262,7 @@ class Collector(Hooks, Shutdown):
         self._task.changed = False
 
         self._acts = ActivationStats(
-            s, inner, kinds, self._layer_id, self._scratch, self._guard, self._disabled
+            s, inner, kinds, self._layer_id, self._workspace, self._guard, self._disabled
         )
         self._hook_model()
         self._hook_optimizer(eagerly=dynamo_loaded())
@@ -268,11 +285,15 @@ class Collector(Hooks, Shutdown):
         self._opt_fired = False
         self._opt_traced = False  # the optimizer step ran inside compiled code
         self._grads_read = False  # read_gradients() called this step
-        self._flags = StepFlags.for_step(self._step, s, kinds)
+        self._param_in_step = 0.0  # parameter reads made by step() itself (no optimizer hook)
+        self._host_device = self.device.type == "cpu"
+        self._flags = self._control.flags_for(self._step)
+        self._arm(self._flags)
         # Moved to the device now: a host-to-device copy at the first histogram step would
         # wait for the device.
         for g in self._groups:
             stats.code_map_on(g.device)
+            stats.bin_lut_on(g.device)
 
         self._writer = Writer(
             self.run_dir,
@@ -373,8 +394,10 @@ class Collector(Hooks, Shutdown):
         """
         if not self._enabled or self._closed:
             return
+        t0 = self._clock()
         self._grads_read = True
         self._read_grads()
+        self._control.charge("param", self._clock() - t0)
 
     def step(self, loss: Any = None, **metrics: Any) -> None:
         """End the current optimizer step and record it.
@@ -390,12 +413,14 @@ class Collector(Hooks, Shutdown):
             if step_eagerly is not None:
                 step_eagerly(loss, **metrics)
             return
-        t_entry = time.perf_counter()
+        t_entry = self._clock()
         if not self._enabled or self._closed:
             self._step += 1
             return
         wall = time.time()
         step = self._step
+        flags = self._flags
+        t_prev = self._timer.prev_entry
         try:
             self._end_step(step, t_entry, wall, loss, metrics)
         except Exception as exc:
@@ -407,7 +432,7 @@ class Collector(Hooks, Shutdown):
             self._opt_traced = False
             self._grads_read = False
             self._step = step + 1
-            self._flags = StepFlags.for_step(self._step, self.settings, self.kinds)
+            self._next_flags(step, flags, t_entry, t_prev)
             self._maintain()
             self._timer.next_step(t_entry)
 
@@ -460,16 +485,20 @@ class Collector(Hooks, Shutdown):
 
     # -- the end of a step --------------------------------------------------------------
 
-    def _add_scalar(self, step: int, name: str, v: Any) -> None:
+    def _add_scalar(self, step: int, name: str, v: Any, own: bool = False) -> None:
         """A scalar into the step's parts: tensors stay on the device (or, on another
-        device, are read by the writer thread); numbers are host values."""
+        device, are read by the writer thread); numbers are host values. ``own``: a fresh
+        tensor of the step's own (the loss) nobody changes afterwards: on a CPU run the
+        writer thread reads it as is (no copy on the training thread)."""
         parts = self._parts
         if isinstance(v, torch.Tensor):
             if v.numel() != 1:
                 self._report("log", f"{name}: only scalar tensors can be logged", None)
                 return
             t = v.detach().reshape(1)
-            if t.device == self.device:
+            if own and self._host_device and t.device == self.device:
+                parts.extern.append((step, name, t))
+            elif t.device == self.device:
                 parts.dev.append((step, name, t))
             elif t.device.type == "cpu":
                 parts.dev.append((step, name, t.to(self.device, non_blocking=True)))
@@ -497,7 +526,7 @@ class Collector(Hooks, Shutdown):
         elif loss is None:
             loss = contract.loss()
         if loss is not None:
-            self._add_scalar(step, fmt.TRAIN_LOSS, loss)
+            self._add_scalar(step, fmt.TRAIN_LOSS, loss, own=True)
             self.recorded.add(fmt.TRAIN_LOSS)
         for k, v in metrics.items():
             self._add_scalar(step, f"train/{k}", v)
@@ -508,6 +537,7 @@ class Collector(Hooks, Shutdown):
         # An optimizer whose step() was not called did not update the parameters (AMP's
         # GradScaler found inf/NaN gradients): its gradients were never applied.
         skipped = self.optimizer is not None and not self._opt_fired and not self._opt_traced
+        t0 = self._clock()
         if skipped:
             for g in self._groups:
                 parts.sections.pop(g.names[fmt.KIND_GRAD], None)
@@ -521,6 +551,7 @@ class Collector(Hooks, Shutdown):
                 g.read_weights(flags, parts)
         elif contract.reread:
             self._read_grads()  # clipped after the last read, without a post hook
+        self._param_in_step = self._clock() - t0
         for g in self._groups:
             g.finish(parts)
         if contract.preclip is not None and not skipped:
@@ -559,7 +590,10 @@ class Collector(Hooks, Shutdown):
         elif norms and norms[0] != fmt.GRAD_NORM:
             latest[fmt.GRAD_NORM] = latest.pop(norms[0]).to(self.device, non_blocking=True)
         for name, value in latest.items():
-            self._parts.device_scalar(step, name, value)
+            if self._host_device:
+                self._parts.extern.append((step, name, value))  # see _add_scalar
+            else:
+                self._parts.device_scalar(step, name, value)
 
     def _probe_meta(self) -> None:
         """run.json ``probes``: rebuilt when a probe has news, and replaced whole (the writer
@@ -597,6 +631,30 @@ class Collector(Hooks, Shutdown):
             if not skipped:  # a step is counted once, however it was dropped
                 self._skip(step)
 
+    def _next_flags(self, step: int, flags: Any, t_entry: float, t_prev: float | None) -> None:
+        """Charge this ``step()`` to the overhead budget; decide the next step's flags (a
+        cadence change is a ``cadence`` event and updates run.json's sampling record)."""
+        control = self._control
+        try:
+            param, self._param_in_step = self._param_in_step, 0.0
+            control.charge("param", param)
+            control.charge("base", self._clock() - t_entry - param)
+            step_s = t_entry - t_prev if t_prev is not None else None
+            changed = control.end_step(step, flags, step_s)
+            if changed is not None:
+                self.meta["collector"]["sampling"] = control.summary()
+                if self._writer is not None:
+                    self._writer.event("cadence", step=step + 1, **changed.as_json())
+            self._flags = control.flags_for(self._step)
+            t0 = self._clock()
+            self._arm(self._flags)
+            control.charge("act", self._clock() - t0)
+        except Exception as exc:
+            control.target = None  # fixed cadences from now on
+            self._flags = control.flags_for(self._step)
+            self._arm(self._flags)
+            self._report("overhead", "adapting the cadence failed; the knobs' cadences hold", exc)
+
     def _skip(self, step: int) -> None:
         writer = self._writer
         assert writer is not None
@@ -605,6 +663,20 @@ class Collector(Hooks, Shutdown):
         self._report(
             "writer", "writer fell behind; statistics of some steps dropped", None, event=False
         )
+
+
+def _memory_info(groups: Sequence[ParamStats]) -> dict[str, object]:
+    """run.json ``collector.memory``: one device's record, or the devices' records summed
+    (budget per device; the most update subsets of any device)."""
+    infos = [g.memory_info() for g in groups if g._params] or [groups[0].memory_info()]
+    if len(infos) == 1:
+        return infos[0]
+    out: dict[str, Any] = dict(infos[0])
+    for key in ("held_bytes", "trainable_bytes", "frozen_bytes"):
+        out[key] = sum(int(i[key]) for i in infos)  # type: ignore[call-overload]
+    out["update_subsets"] = max(int(i["update_subsets"]) for i in infos)  # type: ignore[call-overload]
+    out["update_cut_tensors"] = sorted({t for i in infos for t in i["update_cut_tensors"]})  # type: ignore[union-attr]
+    return out
 
 
 def _device_of(p: torch.Tensor) -> torch.device:

@@ -69,7 +69,8 @@ RUN_JSON_KEYS: Final = {
     "collector": "dict, the collector settings in effect, and: kinds_in_effect, rank, "
     "compiled (bool: activation hooks off), devices (device -> parameters recorded there), "
     "data_time (how time/data was measured: 'host' | 'device-events' | 'unreliable', see "
-    "DATA_TIME_*), wire_dtype ('float64', or 'float32' on devices without float64)",
+    "DATA_TIME_*), wire_dtype ('float64', or 'float32' on devices without float64), "
+    "memory and sampling (see COLLECTOR_MEMORY_KEYS, COLLECTOR_SAMPLING_KEYS)",
     "model": "dict, see MODEL_SUMMARY_KEYS",
     "repro": "dict, reproducibility record (command line, seeds, git, flags)",
     "source_format": "str, 'runlens' when the collector wrote the run; for a log converted "
@@ -101,6 +102,42 @@ MODEL_SUMMARY_KEYS: Final = {
     "dtype is the parameter's storage type at setup (float32, bfloat16, ...), absent in runs "
     "written before it was recorded",
     "output_shape": "list[int] | null, shape of the root module's output, once seen",
+}
+
+# -- run.json "collector": what the budgets left out (issue 17) -------------------------
+# Parameter rows are *sampled*: frozen parameters (requires_grad=False) only on full steps,
+# updates of a rotating subset per stat step when the snapshot of all trainable parameters
+# does not fit the memory budget, and all cadences thinned to the overhead budget. A row
+# a step did not sample is absent (not a row with missing=true): readers treat the gap as
+# "not sampled" (the analyzer's layer matrices hold the last sampled value).
+
+COLLECTOR_MEMORY_KEYS: Final = {
+    "budget_bytes": "int, the memory_budget in effect (bytes of device memory the collector "
+    "may hold: its buffers and temporaries)",
+    "held_bytes": "int, bytes of buffers held after setup",
+    "trainable_bytes": "int, bytes of the parameters with requires_grad",
+    "frozen_bytes": "int, bytes of the parameters without (recorded on full steps only)",
+    "update_subsets": "int, K: the trainable parameters the optimizer holds are cut into K "
+    "subsets whose snapshots fit half the budget, one per stat step in turn, so each has "
+    "an update row at least every K stat steps (1: all every stat step; 0: no updates)",
+    "update_cut_tensors": "list of str, tensors larger than the snapshot share: each stat "
+    "step that covers one records the update of a run of its rows (row `numel` says how "
+    "many elements; update_ratio over the same rows)",
+}
+
+COLLECTOR_SAMPLING_KEYS: Final = {
+    "overhead_target": "float | null, the overhead knob: share of the step time the collector "
+    "may spend on the training thread (null: fixed cadences)",
+    "adaptive": "bool, whether the cadences adapted to it",
+    "changes": "int, cadence changes (each a `cadence` event)",
+    "every": "[min, max] steps between weight/grad/update rows over the run",
+    "activation_every": "[min, max] steps between activation and output rows",
+    "hist_every": "[min, max] steps between histograms",
+    "frozen_every": "[min, max] steps between full steps (frozen parameters' rows)",
+    "last": "{step, every, activation_every, hist_every, frozen_every}: the cadence in effect "
+    "from that step to the end",
+    "measured_overhead": "float | null, the collector's time on the training thread over the "
+    "step time without it, whole run (written at close)",
 }
 
 # -- run.json "task" --------------------------------------------------------------------
@@ -409,6 +446,8 @@ EVENT_KINDS: Final = {
     "nonfinite": "first non-finite value: {step, where: 'scalar'|'layer', name, layer_kind?}",
     "warning": "a collector failure that was swallowed: {message, site, step}",
     "skipped": "statistics dropped because the writer fell behind: {steps, total}",
+    "cadence": "the overhead budget changed the cadences from `step` on: {step, every, "
+    "activation_every, hist_every, frozen_every}",
     "close": "clean close: {last_step, status}",
     "resume": "training continued into this run directory: {step, previous_last_step, "
     "previous_status, run_id, segments: {scalars, layers}}; `segments` are the first segment "

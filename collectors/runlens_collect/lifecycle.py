@@ -136,6 +136,10 @@ class Shutdown:
             fmt.write_json_atomic(self.meta, self.run_dir / fmt.RUN_JSON)
 
     def _remove_hooks(self) -> None:
+        arm = getattr(self, "_arm", None)
+        if arm is not None:
+            with contextlib.suppress(Exception):
+                arm(None)  # the forward hooks armed for this step
         # Last registered first: stacked call wrappers (compiled.CompiledCallHook) unwind.
         for h in reversed([*self._handles, *getattr(self, "_opt_handles", ())]):
             with contextlib.suppress(Exception):
@@ -167,6 +171,9 @@ class Shutdown:
         if writer.is_alive():
             self._report("writer", "writer did not finish in time; the last rows may be lost", None)
         if status is not None and self._is_meta_writer:
+            control = getattr(self, "_control", None)
+            if control is not None:
+                self.meta["collector"]["sampling"] = control.summary()
             self.meta["status"] = status
             self.meta["end_time"] = time.time()
             if writer.last_step is not None:

@@ -1,13 +1,17 @@
 """Device-side statistics: every reduction stays on the tensor's device, nothing syncs.
 
 The per-parameter statistics of one kind (weight, grad or update) are computed on a
-*chunked flat buffer*: every tensor is copied (one ``torch._foreach_copy_``) into its own
-run of fixed-size chunks of a single float32 buffer, zero padded to a chunk boundary. A
-handful of row reductions over the ``(chunks, C)`` matrix then covers all tensors at once,
-and a ``segment_reduce`` over the (small) per-chunk partials gives per-tensor values. On
-CPU this is ~10x faster than one op per tensor (dispatch costs ~5 µs an op) and much faster
-than ``_foreach_norm(inf)`` or ``_foreach_powsum`` (which are per-tensor loops there); on
-CUDA each op is one kernel regardless of the number of tensors.
+*chunked flat buffer*: tensors are copied (one ``torch._foreach_copy_``) into their own
+runs of fixed-size chunks of a float32 buffer, zero padded to a chunk boundary. A handful
+of row reductions over the ``(chunks, C)`` matrix (``row_partials``) then covers all of
+them at once, and a ``segment_reduce`` over the (small) per-chunk partials gives
+per-tensor values. On CPU this is ~10x faster than one op per tensor (dispatch costs ~5 µs
+an op) and much faster than ``_foreach_norm(inf)`` or ``_foreach_powsum`` (which are
+per-tensor loops there); on CUDA each op is one kernel regardless of the number of
+tensors. The collector streams the tensors through a *bounded* buffer, group by group
+(``stream.py``, within the memory budget); ``FlatLayout``/``flat_raw``/``flat_hist``
+(the whole set in one buffer) and ``tensor_raw``/``tensor_hist`` remain the reference
+forms the tests compare with.
 
 Raw statistics are sums, from which the writer thread derives the published columns on
 the host (see ``RAW``): that keeps the training thread's work to a few kernels.
@@ -66,6 +70,41 @@ def code_map() -> np.ndarray:
 
 _CODE_MAP = code_map()
 _code_maps: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+BIN_STRIDE = NBINS + 1
+"""Bins per tensor when codes are turned into bins before counting: the format's bins,
+then one for non-finite values (dropped)."""
+
+
+def bin_lut() -> np.ndarray:
+    """(CODES,) int32: the format bin of each sign+exponent code (NBINS: non-finite)."""
+    lut = np.full(CODES, NBINS, np.int32)
+    hit = _CODE_MAP.any(1)
+    lut[hit] = _CODE_MAP[hit].argmax(1)
+    return lut
+
+
+_BIN_LUT = bin_lut()
+_bin_luts: dict[torch.device, torch.Tensor] = {}
+
+
+def bin_lut_on(device: torch.device) -> torch.Tensor:
+    """The code-to-bin table on ``device`` (cached; moved at setup: a host-to-device copy
+    on a later step would wait for the device)."""
+    lut = _bin_luts.get(device)
+    if lut is None:
+        lut = _bin_luts[device] = torch.from_numpy(_BIN_LUT).to(device)
+    return lut
+
+
+def bins_into(codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The format bin (int32, flat) of each code, into ``out`` (int32, flat) when given:
+    counting bins instead of codes takes BIN_STRIDE counters per tensor instead of CODES
+    (68 against 512: the counts of many small tensors stay small)."""
+    lut = bin_lut_on(codes.device)
+    if out is None:
+        return torch.index_select(lut, 0, codes.reshape(-1))
+    return torch.index_select(lut, 0, codes.reshape(-1), out=out)
 
 
 def code_map_on(device: torch.device) -> torch.Tensor:

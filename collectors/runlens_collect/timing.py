@@ -39,11 +39,12 @@ def data_time_mode(device: torch.device) -> str:
 class StepTimer:
     """Timestamps of the current step (training thread)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, clock: Any = time.perf_counter) -> None:
+        self._clock = clock
         self.mode = data_time_mode(device)
         self._events = self.mode == fmt.DATA_TIME_DEVICE_EVENTS
         self.prev_entry: float | None = None  # host time the previous step() began
-        self.prev_exit = time.perf_counter()  # ... and ended
+        self.prev_exit = clock()  # ... and ended
         self.forward: float | None = None  # host time of this step's first training forward
         self._ev_end: Any = None  # device event at the previous step's end
         self._ev_forward: Any = None
@@ -52,7 +53,7 @@ class StepTimer:
         """The step's first training forward begins (later ones are ignored)."""
         if self.forward is not None:
             return
-        self.forward = time.perf_counter()
+        self.forward = self._clock()
         if self._events and self._ev_end is not None:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
@@ -87,4 +88,4 @@ class StepTimer:
                 self._ev_end = ev
             except Exception:
                 self._ev_end = None
-        self.prev_exit = time.perf_counter()
+        self.prev_exit = self._clock()

@@ -54,7 +54,14 @@ class Transfer:
         host buffer within the budget). Raises LayoutError when the data disagree with
         their layout (a collector bug: the caller reports it and drops the step)."""
         data = [self._here(d) for _, d, _ in sections]
-        data += [self._here(t) for _, _, t in dev]
+        # Floating scalars on this device are promoted exactly by the cat into a float64
+        # wire (one op less per scalar); integers (a token count past 2**24) and other
+        # devices go through _here.
+        wide = self.dtype == torch.float64
+        data += [
+            t if wide and t.device == self.device and t.is_floating_point() else self._here(t)
+            for _, _, t in dev
+        ]
         if not data:
             return True  # host scalars only
         layout = self.layouts.get(

@@ -86,7 +86,11 @@ class OptimizerMismatch(Signature):
                 # A frozen parameter's .grad left over from before it was frozen: constant.
                 live = bool(col.max() != col.min())
             got_grad[name] = live
-        held = {name: not bool((upd.values[:, j] == 1).all()) for j, name in enumerate(upd.layers)}
+        # Outside the optimizer: missing on every step that sampled the parameter (NaN: a
+        # step that did not sample it, the collector's memory budget).
+        v = upd.values
+        outside_all = ((v == 1) | np.isnan(v)).all(axis=0) & (v == 1).any(axis=0)
+        held = {name: not bool(outside_all[j]) for j, name in enumerate(upd.layers)}
         changed = weights_changed(ctx)
         names = [n for n in upd.layers if n in got_grad]
         outside = [n for n in names if got_grad[n] and not held[n] and not changed.get(n, False)]
