@@ -1,4 +1,17 @@
-"""Host memory of the collector under stress: many tensors, every statistic every step.
+"""Memory of the collector: extra peak memory by model size, and host memory under stress.
+
+``--models`` (issue 17): the peak memory a training process needs with the collector at
+its defaults minus the same process without it, for a LoRA-like model (a frozen
+100M-parameter base with rank-8 adapters trainable), a fully trainable 25M-parameter MLP
+and a fully trainable 350M-parameter MLP. Each (model, with/without) pair runs in fresh
+processes, interleaved, ``--repeats`` times; on CPU the device memory is the resident set,
+so the figure is peak RSS (``ru_maxrss``) with minus without: device buffers, host ring,
+writer, everything.
+
+    python benchmarks/collector_memory.py --models                   # all three, 3 repeats
+    python benchmarks/collector_memory.py --models lora mlp25m --repeats 5
+
+The rest of this docstring is the stress mode (the default):
 
 A model with ``--params`` parameter tensors (default 1,000, sizes 16..512 elements) trains
 for ``--steps`` steps (default 10,000) with the Collector at its smallest cadence
@@ -64,7 +77,151 @@ class ManyTensors(nn.Module):
             p.grad = g
 
 
+# -- extra peak memory by model size (issue 17) ---------------------------------------------
+
+
+class LoRA(nn.Module):
+    """``layers`` frozen d x d linears (the base), each with trainable rank-``r`` adapters."""
+
+    def __init__(self, d: int = 2048, layers: int = 24, r: int = 8) -> None:
+        super().__init__()
+        self.base = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(layers))
+        self.a = nn.ModuleList(nn.Linear(d, r, bias=False) for _ in range(layers))
+        self.b = nn.ModuleList(nn.Linear(r, d, bias=False) for _ in range(layers))
+        for lin in self.b:
+            nn.init.zeros_(lin.weight)
+        self.base.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for base, a, b in zip(self.base, self.a, self.b, strict=True):
+            x = torch.tanh(base(x) + b(a(x))) * 0.5
+        return x
+
+
+def _mlp(d: int, layers: int) -> nn.Module:
+    mods: list[nn.Module] = []
+    for _ in range(layers):
+        mods += [nn.Linear(d, d), nn.ReLU()]
+    return nn.Sequential(*mods[:-1])
+
+
+SCALE_MODELS = {
+    # name: (builder, batch, optimizer)
+    "lora": (lambda: LoRA(2048, 24, 8), 8, "adamw"),
+    "mlp25m": (lambda: _mlp(2048, 6), 64, "adamw"),
+    "mlp350m": (lambda: _mlp(4096, 21), 4, "sgd"),
+}
+
+
+def _one(model_name: str, with_collector: bool, steps: int, out: Path) -> None:
+    """One process: build, train ``steps`` steps, write peak RSS and facts to ``out``."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    build, batch, optim = SCALE_MODELS[model_name]
+    model = build()
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    if optim == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(trainable, lr=1e-4)
+    else:
+        opt = torch.optim.AdamW(trainable, lr=1e-4)
+    d = params[0].shape[1]
+    x = torch.randn(batch, d)
+    rss_model = rss_mb()
+    col = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if with_collector:
+            col = Collector(model, opt, run_dir=Path(tmp) / "run")
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if col is not None:
+                col.step(loss=loss)
+        if col is not None:
+            col.close()
+        train_s = time.perf_counter() - t0
+        info = {
+            "model": model_name,
+            "collector": with_collector,
+            "params": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in trainable),
+            "param_mb": round(sum(p.numel() * p.element_size() for p in params) / 2**20, 1),
+            "rss_after_model_mb": round(rss_model, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "train_s": round(train_s, 1),
+        }
+        if col is not None:
+            info["memory"] = col.meta["collector"]["memory"]
+            info["workspace_peak_mb"] = round(col._workspace.peak_bytes / 2**20, 2)
+            info["warnings"] = col.warnings
+    out.write_text(json.dumps(info))
+
+
+def scale_table(models: list[str], repeats: int, steps: int) -> dict:
+    """Extra peak RSS of the collector per model: fresh processes, interleaved."""
+    import statistics
+    import subprocess
+    import sys
+
+    runs: dict[tuple[str, bool], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            for m in models:
+                for use in (False, True) if r % 2 == 0 else (True, False):
+                    out = Path(tmp) / f"{m}-{use}-{r}.json"
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--one",
+                        m,
+                        str(int(use)),
+                        str(steps),
+                        str(out),
+                    ]
+                    subprocess.run(cmd, check=True)
+                    runs.setdefault((m, use), []).append(json.loads(out.read_text()))
+    rows = {}
+    print(
+        "| model | parameters (trainable) | parameter MB | peak RSS without | with | "
+        "collector adds (median, min-max) | budget | update subsets K |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for m in models:
+        bare, col = runs[(m, False)], runs[(m, True)]
+        extra = [c["peak_rss_mb"] - b["peak_rss_mb"] for b, c in zip(bare, col, strict=True)]
+        mem = col[0]["memory"]
+        rows[m] = {"bare": bare, "collector": col, "extra_mb": extra}
+        print(
+            f"| {m} | {col[0]['params'] / 1e6:.1f}M ({col[0]['trainable'] / 1e6:.2f}M) | "
+            f"{col[0]['param_mb']} | {statistics.median(b['peak_rss_mb'] for b in bare):.0f} | "
+            f"{statistics.median(c['peak_rss_mb'] for c in col):.0f} | "
+            f"**{statistics.median(extra):+.0f} MB** ({min(extra):+.0f} to {max(extra):+.0f}) | "
+            f"{mem['budget_bytes'] / 2**20:.0f} MiB | {mem['update_subsets']} |"
+        )
+    return rows
+
+
 def main() -> None:
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "--one":
+        _one(sys.argv[2], bool(int(sys.argv[3])), int(sys.argv[4]), Path(sys.argv[5]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--models":
+        ap = argparse.ArgumentParser(description="extra peak memory by model size")
+        ap.add_argument("--models", nargs="*", default=list(SCALE_MODELS))
+        ap.add_argument("--repeats", type=int, default=3)
+        ap.add_argument("--steps", type=int, default=4)
+        ap.add_argument("--json", type=Path, default=None)
+        args = ap.parse_args()
+        rows = scale_table(args.models or list(SCALE_MODELS), args.repeats, args.steps)
+        machine = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
+        if args.json:
+            args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=10_000)
@@ -74,6 +231,9 @@ def main() -> None:
         "--defaults",
         action="store_true",
         help="the Collector's default cadence and max_queue instead of the stress cadence",
+    )
+    ap.add_argument(
+        "--no-probes", action="store_true", help="without the silent-bug probes (probes=())"
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = ap.parse_args()
@@ -93,7 +253,8 @@ def main() -> None:
             if args.defaults
             else {"every": 1, "activation_every": 1, "hist_every": 1, "max_queue": args.max_queue}
         )
-        with Collector(model, opt, run_dir=run_dir, **knobs) as col:
+        probes = () if args.no_probes else None
+        with Collector(model, opt, run_dir=run_dir, probes=probes, **knobs) as col:
             s = col.settings
             cadence = f"every={s.every} activation_every={s.activation_every} "
             cadence += f"hist_every={s.hist_every} max_queue={s.max_queue}"
@@ -131,6 +292,7 @@ def main() -> None:
         "param_tensors": n_tensors,
         "steps": args.steps,
         "cadence": cadence,
+        "probes": [type(p).__name__ for p in col.probes],
         "rss_before_mb": round(rss0, 1),
         "rss_first_sample_mb": rss[0] if rss else None,
         "rss_last_sample_mb": rss[-1] if rss else None,

@@ -3,16 +3,26 @@
 One process, CPU. Each configuration is paired with bare training: both train their own
 identical model and their steps are interleaved one by one (bare, runlens, runlens, bare,
 ...), so load bursts on a shared machine hit both alike. Reports, over several repeats,
-the median step time and the median of the paired ratios to bare training.
+the median step time and the median of the paired ratios to bare training, the whole-run
+ratio (all steps, activation and histogram steps included, plus the final flush), and
+what the collector recorded per step (its adapted cadence, from run.json).
 
-    python benchmarks/collector_overhead.py                 # both models, defaults
+    python benchmarks/collector_overhead.py --model issue17 --threads 1   # issue 17's table
     python benchmarks/collector_overhead.py --model transformer --repeats 7 --steps 30
     python benchmarks/collector_overhead.py --model mlp --configs "runlens;runlens:every=10"
+    python benchmarks/collector_overhead.py --configs "runlens:probes=0;runlens"  # probes' cost
 
-"runlens" is ``Collector(model, opt, run_dir)`` at its defaults: weight/grad/update
-statistics of every parameter every step, activations every 10 steps, histograms every 50.
-"tensorboard" is ``SummaryWriter.add_histogram`` for every parameter and gradient each step
-(what ``wandb.watch``-style logging does), plus the loss as a scalar.
+Models: ``mlp`` (4 layers, width 512), ``mlp12`` (12 layers, width 128), ``tf2`` (2-layer
+transformer, d_model 64), ``transformer`` (8 layers, d_model 128); ``issue17`` runs
+mlp12, tf2 and transformer.
+
+"runlens" is ``Collector(model, opt, run_dir)`` at its defaults: an ``overhead`` budget of
+3% of the step time, within which it records weight/grad/update statistics (every step
+when they fit), activations (every 10 steps when they fit), histograms (every 50); loss,
+learning rate, grad_norm and timings every step; and the silent-bug probes
+(``runlens:probes=0`` leaves them out). "runlens:overhead=none" is the fixed
+cadence of the knobs. "tensorboard" is ``SummaryWriter.add_histogram`` for every
+parameter and gradient each step (what ``wandb.watch``-style logging does), plus the loss.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import platform
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from runlens_collect import Collector
@@ -43,6 +54,23 @@ class TinyTransformer(nn.Module):
 
 def make(model_name: str, batch: int | None):
     torch.manual_seed(0)
+    if model_name == "mlp12":
+        b = batch or 256
+        layers: list[nn.Module] = []
+        for _ in range(12):
+            layers += [nn.Linear(128, 128), nn.ReLU()]
+        model = nn.Sequential(*layers, nn.Linear(128, 10))
+        x, y = torch.randn(b, 128), torch.randint(0, 10, (b,))
+        return model, x, y, nn.functional.cross_entropy
+    if model_name == "tf2":
+        b = batch or 32
+        model = TinyTransformer(d=64, layers=2)
+        x, y = torch.randint(0, 1000, (b, 64)), torch.randint(0, 1000, (b, 64))
+
+        def tf_loss(out, y):
+            return nn.functional.cross_entropy(out.flatten(0, 1), y.flatten())
+
+        return model, x, y, tf_loss
     if model_name == "mlp":
         b = batch or 256
         model = nn.Sequential(
@@ -62,6 +90,21 @@ def make(model_name: str, batch: int | None):
     return model, x, y, loss_fn
 
 
+class OwnClock:
+    """``perf_counter`` minus the time spent in the other configurations' steps.
+
+    With steps interleaved, the time between two ``Collector.step()`` calls holds the
+    bare model's step as well: on the plain clock the overhead controller would see twice
+    the real step time and allow twice the budget (and record ``time/step`` twice too long).
+    """
+
+    def __init__(self) -> None:
+        self.excluded = 0.0
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.excluded
+
+
 class Trainer:
     """One configuration's model, optimizer and per-step hook."""
 
@@ -69,13 +112,21 @@ class Trainer:
         self.model, self.x, self.y, self.loss_fn = make(model_name, batch)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.times: list[float] = []
+        self.clock = OwnClock()
         self.col = None
         self.tb = None
         if config.startswith("runlens"):
             # "runlens" = defaults; "runlens:every=10" etc. override knobs
             knobs = dict(kv.split("=") for kv in config.partition(":")[2].split(",") if kv)
+            # probes=0: without the silent-bug probes (runlens_collect.probes); default on.
+            probes = () if knobs.pop("probes", "1") == "0" else None
             self.col = Collector(
-                self.model, self.opt, run_dir=tmp, **{k: int(v) for k, v in knobs.items()}
+                self.model,
+                self.opt,
+                run_dir=tmp,
+                clock=self.clock,
+                probes=probes,
+                **{k: _knob(v) for k, v in knobs.items()},
             )
         elif config == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -83,7 +134,8 @@ class Trainer:
             self.tb = SummaryWriter(tmp)
             self.named = list(self.model.named_parameters())
 
-    def step(self, i: int, timed: bool) -> None:
+    def step(self, i: int, timed: bool) -> float:
+        """One training step; its wall time in seconds."""
         t0 = time.perf_counter()
         loss = self.loss_fn(self.model(self.x), self.y)
         self.opt.zero_grad()
@@ -97,8 +149,10 @@ class Trainer:
                 self.tb.add_histogram(n, p, i)
                 if p.grad is not None:
                     self.tb.add_histogram(n + "/grad", p.grad, i)
+        dt = time.perf_counter() - t0
         if timed:
-            self.times.append(time.perf_counter() - t0)
+            self.times.append(dt)
+        return dt
 
     def close(self) -> float:
         t0 = time.perf_counter()
@@ -107,6 +161,37 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
         return time.perf_counter() - t0
+
+
+def _knob(v: str) -> int | float | None:
+    if v.lower() == "none":
+        return None
+    return float(v) if "." in v else int(v)
+
+
+def recorded(run_dir: str, steps: int) -> dict:
+    """What the collector recorded: its final cadence and the share of steps with each
+    kind of layer rows (from run.json and the layers table)."""
+    import pyarrow.parquet as pq
+    from runlens_collect import format as fmt
+
+    meta = json.loads((Path(run_dir) / fmt.RUN_JSON).read_text())
+    kinds: dict[str, set[int]] = {}
+    hist_steps: set[int] = set()
+    for f in sorted((Path(run_dir) / fmt.LAYERS_DIR).glob(fmt.SEGMENT_GLOB)):
+        t = pq.read_table(f, columns=["step", "kind", "hist"]).to_pydict()
+        for s, k, h in zip(t["step"], t["kind"], t["hist"], strict=True):
+            kinds.setdefault(str(k), set()).add(int(s))
+            if h is not None:
+                hist_steps.add(int(s))
+    total = steps + 1  # steps 0..warmup+steps-1 all recorded; rate over the timed ones
+    return {
+        "sampling": meta["collector"].get("sampling"),
+        "memory": meta["collector"].get("memory"),
+        "steps_with": {k: len(v) for k, v in sorted(kinds.items())},
+        "hist_steps": len(hist_steps),
+        "steps_total": total,
+    }
 
 
 def run(configs: list[str], model_name: str, steps: int, warmup: int, batch: int | None):
@@ -121,19 +206,55 @@ def run(configs: list[str], model_name: str, steps: int, warmup: int, batch: int
         for i in range(warmup + steps):
             order = configs if i % 2 == 0 else configs[::-1]
             for c in order:
-                trainers[c].step(i, timed=i >= warmup)
+                dt = trainers[c].step(i, timed=i >= warmup)
+                for other, t in trainers.items():
+                    if other != c:
+                        t.clock.excluded += dt  # not part of the other models' steps
         out = {}
         for c, t in trainers.items():
             close = t.close()
             # median: the typical step; mean: all of them, incl. activation/histogram
             # steps and the final flush (what a whole training run pays)
-            out[c] = (statistics.median(t.times) + close / steps, (sum(t.times) + close) / steps)
+            rec = recorded(f"{tmp}/{c}", warmup + steps) if t.col is not None else None
+            out[c] = (
+                statistics.median(t.times) + close / steps,
+                (sum(t.times) + close) / steps,
+                rec,
+            )
         return out
+
+
+def _describe(recs: list) -> str:
+    """Per repeat: steps with weight/grad/update rows, activation rows, histograms, and the
+    final cadence."""
+    out = []
+    for r in recs:
+        if not r:
+            continue
+        w = r["steps_with"]
+        s = r["sampling"] or {}
+        last = s.get("last", {})
+        m = r["memory"] or {}
+        out.append(
+            f"{w.get('grad', 0)}/{w.get('activation', 0)}/{r['hist_steps']} of "
+            f"{r['steps_total']} steps (grad/act/hist), final every={last.get('every')} "
+            f"act={last.get('activation_every')} hist={last.get('hist_every')}, "
+            f"K={m.get('update_subsets')}, own {_pct(s.get('measured_overhead'))}"
+        )
+    return "; ".join(out) if out else "-"
+
+
+def _pct(x: float | None) -> str:
+    return "?" if x is None else f"{x:.1%}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=["mlp", "transformer", "both"], default="both")
+    ap.add_argument(
+        "--model",
+        choices=["mlp", "mlp12", "tf2", "transformer", "both", "issue17"],
+        default="both",
+    )
     ap.add_argument(
         "--configs",
         default="runlens;tensorboard",
@@ -148,13 +269,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     configs = ["bare", *[c for c in args.configs.split(";") if c != "bare"]]
-    models = ["mlp", "transformer"] if args.model == "both" else [args.model]
+    models = {"both": ["mlp", "transformer"], "issue17": ["mlp12", "tf2", "transformer"]}.get(
+        args.model, [args.model]
+    )
     results = {}
     for m in models:
         samples: dict[str, list[float]] = {c: [] for c in configs}
         means: dict[str, list[float]] = {c: [] for c in configs}
         ratios: dict[str, list[float]] = {c: [] for c in configs}
         mean_ratios: dict[str, list[float]] = {c: [] for c in configs}
+        records: dict[str, list] = {c: [] for c in configs}
         for _ in range(args.repeats):
             # Each configuration is interleaved with bare training only: two background
             # writers (runlens's, TensorBoard's) in one loop would slow each other's steps.
@@ -167,6 +291,7 @@ def main() -> None:
                     means[name].append(got[name][1])
                 ratios[c].append(got[c][0] / got["bare"][0])
                 mean_ratios[c].append(got[c][1] / got["bare"][1])
+                records[c].append(got[c][2])
         med = {c: statistics.median(v) for c, v in samples.items() if v}
         avg = {c: statistics.median(v) for c, v in means.items() if v}
         results[m] = {
@@ -176,16 +301,26 @@ def main() -> None:
             "means": means,
             "ratios": ratios,
             "mean_ratios": mean_ratios,
+            "recorded": records,
         }
         print(
             f"\n{m}: {args.steps} steps, {args.repeats} interleaved repeats (median over repeats)"
         )
-        print("| config | median ms/step | ratio | mean ms/step (all steps + close) | ratio |")
-        print("|---|---|---|---|---|")
+        print(
+            "| config | median ms/step | ratio | mean ms/step (all steps + close) | ratio "
+            "(median, min-max) | recorded |"
+        )
+        print("|---|---|---|---|---|---|")
         for c in configs:
             r = statistics.median(ratios[c]) if ratios[c] else 1.0
             rm = statistics.median(mean_ratios[c]) if mean_ratios[c] else 1.0
-            print(f"| {c} | {med[c] * 1e3:.1f} | {r:.3f} | {avg[c] * 1e3:.1f} | {rm:.3f} |")
+            spread = (
+                f" ({min(mean_ratios[c]):.3f}-{max(mean_ratios[c]):.3f})" if mean_ratios[c] else ""
+            )
+            print(
+                f"| {c} | {med[c] * 1e3:.1f} | {r:.3f} | {avg[c] * 1e3:.1f} | {rm:.3f}{spread} "
+                f"| {_describe(records[c])} |"
+            )
     info = {
         "torch": torch.__version__,
         "threads": args.threads,

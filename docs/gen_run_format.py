@@ -31,7 +31,8 @@ LAYER_COLUMNS = {
     "kind": "one of " + ", ".join(f"`{k}`" for k in fmt.KINDS),
     "numel": "number of elements of the tensor",
     "missing": "true when the tensor did not exist this step (no gradient; parameter not "
-    "in the optimizer for `update`); its statistics are NaN",
+    "in the optimizer for `update`); its statistics are NaN. A tensor the step did not "
+    "sample has no row at all (see `collector.memory` / `collector.sampling`)",
     "mean": "mean of the elements",
     "std": "standard deviation (unbiased, correction 1; NaN for one element)",
     "norm": "L2 norm",
@@ -96,6 +97,14 @@ def hist_table() -> str:
     return "\n".join(lines)
 
 
+def scalar_names_table() -> str:
+    lines = ["| name | when and what |", "|---|---|"]
+    for name, text in fmt.SCALAR_NAMES.items():
+        shown = ", ".join(f"`{n.strip()}`" for n in name.split(","))
+        lines.append(f"| {shown} | {text.replace('|', '&#124;')} |")
+    return "\n".join(lines)
+
+
 def compaction() -> str:
     steps = [f"{i}. {text}" for i, text in enumerate(fmt.COMPACTION_STEPS, 1)]
     return "\n".join([fmt.READER_RULE, "", *steps])
@@ -103,13 +112,18 @@ def compaction() -> str:
 
 def sections() -> dict[str, str]:
     return {
+        "scalar-names": scalar_names_table(),
         "run-json": keys_table(fmt.RUN_JSON_KEYS),
         "model-summary": keys_table(fmt.MODEL_SUMMARY_KEYS),
         "task": keys_table(fmt.TASK_KEYS),
+        "collector-memory": keys_table(fmt.COLLECTOR_MEMORY_KEYS),
+        "collector-sampling": keys_table(fmt.COLLECTOR_SAMPLING_KEYS),
         "scalars-schema": schema_table(fmt.SCALARS_SCHEMA, SCALAR_COLUMNS),
         "layers-schema": schema_table(fmt.LAYERS_SCHEMA, LAYER_COLUMNS),
         "hist-bins": hist_table(),
         "events": keys_table(fmt.EVENT_KINDS),
+        "probe-scalars": keys_table(fmt.PROBE_SCALARS),
+        "probe-json": keys_table(fmt.PROBE_JSON_KEYS),
         "version": f"Current `SCHEMA_VERSION`: **{fmt.SCHEMA_VERSION}**.",
         "compaction": compaction(),
     }

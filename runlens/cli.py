@@ -775,6 +775,13 @@ def _kinds_option(value: str | None) -> tuple[str, ...] | None:
     help="Layer kinds to record: weight,grad,update,activation,output (default all).",
 )
 @click.option(
+    "--overhead",
+    default=None,
+    metavar="FRACTION|none",
+    help="Share of the step time the collector may take; it thins its cadences to fit "
+    "(collector default: 0.03). 'none': the cadences above, fixed.",
+)
+@click.option(
     "--analyze",
     "then_analyze",
     is_flag=True,
@@ -789,6 +796,7 @@ def collect(
     activation_every: int | None,
     hist_every: int | None,
     kinds: str | None,
+    overhead: str | None,
     then_analyze: bool,
 ) -> None:
     """Run an unmodified training command and record it (no code change).
@@ -816,6 +824,8 @@ def collect(
         }.items()
         if v is not None
     }
+    if overhead is not None:
+        settings["overhead"] = _overhead_option(overhead)
     run_dir = os.path.join(out, name or default_run_name(command))
     result = run_collect(command, run_dir, settings)
     for line in describe(result):
@@ -824,6 +834,20 @@ def collect(
     if then_analyze and result.runs:
         code = _analyze_collected([r.run_dir for r in result.runs]) or code
     sys.exit(code if code else EXIT_OK)
+
+
+def _overhead_option(text: str) -> float | None:
+    from runlens.errors import OptionError
+
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise OptionError(f"--overhead must be a fraction in (0, 1) or 'none', got {text!r}")
+    return value
 
 
 def _analyze_collected(run_dirs: list[str]) -> int:

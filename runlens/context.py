@@ -30,6 +30,7 @@ from runlens.levels import Levels
 from runlens.metrics import Mode, direction, is_schedule, task_metric
 from runlens.needs import NONFINITE_ROWS, LayerStat, Need, NonFiniteRows, Reduce
 from runlens.run import (
+    SAMPLED_KINDS,
     LayerMatrix,
     Run,
     Series,
@@ -108,7 +109,15 @@ class Context:
         *,
         memory_mb: float = DEFAULT_MEMORY_MB,
         resolution: Resolution | None = None,
+        final: bool = True,
     ) -> None:
+        self.final = final
+        """True when the data is the whole run: its last step is the end of the run
+        (post-hoc analysis, a run that ended). False while more steps may come (the live
+        passes of ``runlens watch``): a signature that judges *the end of the run* (a late
+        level, a last quarter, a rise since the best) must not take the end of the data
+        for it; it asks for the confirmation its docstring states, or defers to the
+        final analysis."""
         self.smoothing = smoothing
         self._stated_task = task
         self.resolution = resolution or Resolution.for_memory(memory_mb)
@@ -133,6 +142,14 @@ class Context:
         self._all_series()
         run = sh.run
         stats = [n for n in dict.fromkeys(needs) if isinstance(n, LayerStat)]
+        if run.samples_params:
+            # Which cells a sampled kind wrote (see _finish), read in the same pass.
+            stats += [
+                LayerStat(s.kind, "missing", s.reduce)
+                for s in stats
+                if s.kind in SAMPLED_KINDS and s.stat != "missing"
+            ]
+            stats = list(dict.fromkeys(stats))
         stats = [s for s in stats if s not in sh.matrices]
         probes = [n for n in needs if isinstance(n, NonFiniteRows) and n not in sh.nonfinite]
         if run.layers is not None and (stats or probes or not sh.prepared):
@@ -180,8 +197,9 @@ class Context:
 
     def _keep(self, lp: LayerPass, stats: list[LayerStat], probes: list[NonFiniteRows]) -> None:
         sh = self._shared
-        for s in stats:
-            sh.matrices.setdefault(s, lp.matrices.get(s))
+        # "missing" first: _finish of the other statistics of a sampled kind reads it.
+        for s in sorted(stats, key=lambda s: s.stat != "missing"):
+            sh.matrices.setdefault(s, self._finish(s, lp.matrices.get(s)))
         for pr in probes:
             if lp.nonfinite is not None:
                 sh.nonfinite.setdefault(pr, lp.nonfinite)
@@ -206,7 +224,11 @@ class Context:
             run,
             facts=facts,
             warnings=[*run.warnings, *notes],
-            layers=scan_segments(kept, run.rank, fmt.LAYERS_SCHEMA) if kept else None,
+            layers=(
+                scan_segments(kept, run.rank, fmt.LAYERS_SCHEMA, run.cuts.get(fmt.LAYERS_DIR))
+                if kept
+                else None
+            ),
             _files={**run._files, fmt.LAYERS_DIR: kept},
         )
 
@@ -285,10 +307,16 @@ class Context:
             if s is None:
                 c = None
             else:
+                steps, values = s.steps, s.values
+                if name in fmt.SKIP_SENSITIVE and self.run.skipped_steps.size:
+                    # Gradients of a skipped step (inf under an AMP overflow) were never
+                    # applied: not part of the run's gradient history.
+                    keep = ~np.isin(steps, self.run.skipped_steps)
+                    steps, values = steps[keep], values[keep]
                 # A schedule is set, not measured: never smoothed (its "smooth" is the raw).
                 schedule = is_schedule(name, self.run.meta)
-                smooth = s.values.copy() if schedule else S.ema_debiased(s.values, self.smoothing)
-                c = Curve(name, s.steps, s.values, smooth)
+                smooth = values.copy() if schedule else S.ema_debiased(values, self.smoothing)
+                c = Curve(name, steps, values, smooth)
             curves.setdefault(name, c)
         return curves[name]
 
@@ -398,8 +426,33 @@ class Context:
                     raise RunLoadError(f"{run.path}: layers have no statistic {stat!r}")
                 lp, _, notes = self._read([need])
                 self._shared.notes.extend(notes)
-                mats.setdefault(need, lp.matrices.get(need))
+                mats.setdefault(need, self._finish(need, lp.matrices.get(need)))
         return mats[need]
+
+    def _finish(self, need: LayerStat, m: LayerMatrix | None) -> LayerMatrix | None:
+        """A matrix as signatures see it. Parameter kinds of a run whose collector samples
+        them (run.json ``collector.memory``: frozen parameters between full steps, the
+        update's rotating subsets) hold each layer's last sampled value where a row was
+        not written: not sampled is not missing (a recorded missing row stays NaN).
+        Gradient and update rows of skipped steps (an AMP overflow the optimizer never
+        applied) are dropped."""
+        if m is None:
+            return None
+        run = self.run
+        if need.kind in SAMPLED_KINDS and need.stat != "missing" and run.samples_params:
+            written = self.layer(need.kind, "missing", need.reduce)
+            if (
+                written is not None
+                and written.values.shape == m.values.shape
+                and np.array_equal(written.steps, m.steps)
+            ):
+                m = dataclasses.replace(m, values=_hold_last(m.values, np.isfinite(written.values)))
+        skipped = run.skipped_steps
+        if need.kind in (fmt.KIND_GRAD, fmt.KIND_UPDATE) and skipped.size:
+            keep = ~np.isin(m.steps, skipped)
+            if not keep.all():
+                m = dataclasses.replace(m, steps=m.steps[keep], values=m.values[keep])
+        return m
 
     def nonfinite_rows(self, need: NonFiniteRows = NONFINITE_ROWS) -> pl.DataFrame:
         """``step, layer, kind`` of the first layers rows with a non-finite statistic
@@ -447,3 +500,15 @@ class Context:
         """Classes of a single-label classification (None for other or unknown tasks)."""
         t = self.task
         return t.num_classes if t.type == "classification" else None
+
+
+def _hold_last(values: np.ndarray, written: np.ndarray) -> np.ndarray:
+    """``values`` with each cell not ``written`` holding its column's last written value
+    (NaN before the first)."""
+    if written.all():
+        return values
+    last = np.where(written, np.arange(values.shape[0])[:, None], -1)
+    last = np.maximum.accumulate(last, axis=0)
+    out = values[np.maximum(last, 0), np.arange(values.shape[1])]
+    out[last < 0] = np.nan
+    return out

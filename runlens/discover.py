@@ -16,8 +16,13 @@ a :class:`FoundRun` (where it is, its format, why it counts as a run). A path ma
   further (its sub-directories belong to it).
 
 Nothing is read beyond what deciding needs (directory listings, a CSV's lines). The CLI
-analyzes each found run; ``runlens compare`` compares them; a caller that wants exactly
-one run uses :func:`single`.
+analyzes each found run; ``runlens compare`` compares them; ``runlens triage`` analyzes
+and fingerprints them (``inputs=True``: the files each is read from); a caller that wants
+exactly one run uses :func:`single`.
+
+On object storage (``s3://bucket/runs/``) the same rules run on one recursive listing
+(:mod:`runlens.listing`), then only the files each run is read from are mirrored locally
+(never weights next to them, see :mod:`runlens.storage`).
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from runlens import importers, storage
 from runlens.errors import RunLoadError
+from runlens.listing import FileEntry, ListedPath, local_entry
 
 MAX_DEPTH: Final = 4
 """Directory levels searched below the given folder."""
@@ -71,6 +77,17 @@ class FoundRun:
     origin: str | None = None
     """The URL the run was read from when it lives on object storage (``path`` is then
     its local mirror, see :mod:`runlens.storage`)."""
+    inputs: tuple[FileEntry, ...] = ()
+    """The files the run is read from (paths relative to the searched folder or URL,
+    sizes, versions): always for runs on object storage, locally with ``inputs=True``.
+    Empty otherwise."""
+
+    @property
+    def location(self) -> str:
+        """Where the run is, for people and tables: its URL or path, ``#k`` for the k-th
+        run appended in one CSV file."""
+        where = self.origin if self.origin is not None else str(self.path)
+        return where if self.part is None else f"{where}#{self.part + 1}"
 
 
 @dataclass(frozen=True)
@@ -95,26 +112,42 @@ class Discovery:
         return ", ".join(labels[:limit]) + more
 
 
-def discover(path: str | os.PathLike[str], input_format: str | None = None) -> Discovery:
+def discover(
+    path: str | os.PathLike[str],
+    input_format: str | None = None,
+    inputs: bool = False,
+    fetch: bool = True,
+) -> Discovery:
     """Every run under ``path`` (see the module docstring). ``input_format`` (one of
     ``importers.FORMATS``; None detects) keeps only runs of that format, and forces it
     for a path that is a single file. Raises :class:`RunLoadError` (one line) when the
-    path does not exist or holds nothing readable, saying what was looked for. A URL
-    (``s3://bucket/runs/``) is listed remotely, each run mirrored locally and found there."""
+    path does not exist or holds nothing readable, saying what was looked for.
+    ``inputs``: fill each run's :attr:`FoundRun.inputs` (always done for a URL). A URL
+    (``s3://bucket/runs/``) is listed remotely and each run mirrored locally, unless
+    ``fetch`` is False (then ``path`` is where the mirror would be; open the run through
+    ``discover(run.origin)``)."""
     if storage.is_url(path):
-        return _discover_url(os.fspath(path), input_format)
+        return _discover_url(os.fspath(path), input_format, fetch)
     root = Path(path)
     forced = importers.check_format(input_format)
     if not root.exists():
         raise RunLoadError(f"no such run directory or log: {root}")
+    runs, notes = _find(root, forced)
+    if inputs:
+        runs = [replace(r, inputs=run_inputs(r, root)) for r in runs]
+    return Discovery(root, tuple(runs), tuple(notes))
+
+
+def _find(root: Path | ListedPath, forced: str | None) -> tuple[list[FoundRun], list[str]]:
+    """The runs at ``root``: a local path, or a path in an object-storage listing (the
+    same rules on both)."""
     notes: list[str] = []
     if root.is_file():
-        fmt_name = forced or importers.detect_format(root)
-        runs = list(_file_runs(root, fmt_name, root.name, notes, given=True))
-        return Discovery(root, tuple(runs), tuple(notes))
+        fmt_name = forced or _file_format(root)
+        return list(_file_runs(root, fmt_name, root.name, notes, given=True)), notes
     own = importers.dir_format(root)
     if own is not None and forced in (None, own):
-        return Discovery(root, tuple(_dir_runs(root, own, ".", notes)), tuple(notes))
+        return list(_dir_runs(root, own, ".", notes)), notes
     runs = list(_walk(root, forced, notes))
     if not runs and forced is not None and _could_be(root, forced):
         # A forced format on a folder whose files lie deeper than a run's (TensorBoard
@@ -124,7 +157,58 @@ def discover(path: str | os.PathLike[str], input_format: str | None = None) -> D
         what = f"{forced} logs" if forced else LOOKED_FOR
         raise RunLoadError(f"{root}: no runs found: looked for {what} up to {MAX_DEPTH} "
                            "levels down")  # fmt: skip
-    return Discovery(root, tuple(runs), tuple(notes))
+    return runs, notes
+
+
+def _file_format(f: Path | ListedPath) -> str:
+    """The format of a file given as the path to analyze (a one-line error if none)."""
+    if isinstance(f, Path):
+        return importers.detect_format(f)
+    found = importers.file_format(f)
+    if found is None and f.suffix.lower() == ".json":
+        return importers.HF_TRAINER  # as detect_format: the importer says if it is one
+    if found is None:
+        raise RunLoadError(f"cannot tell the format of {f} (use --input-format)")
+    return found
+
+
+def run_inputs(run: FoundRun, root: Path | None = None) -> tuple[FileEntry, ...]:
+    """The files ``run`` is read from, as :class:`FileEntry` values relative to ``root``
+    (the searched folder; the run's own path when None). A run found on object storage
+    carries them already."""
+    if run.inputs or run.origin is not None:
+        return run.inputs
+    base = root if root is not None else run.path
+    out = []
+    for f in _input_paths(run.path, run.format):
+        assert isinstance(f, Path)
+        try:
+            rel = f.relative_to(base).as_posix()
+        except ValueError:
+            rel = f.as_posix()
+        entry = local_entry(f, f.name if rel == "." else rel)
+        if entry is not None:
+            out.append(entry)
+    return tuple(out)
+
+
+def _input_paths(p: Path | ListedPath, fmt_name: str) -> list[Any]:
+    """The files a run of ``fmt_name`` at ``p`` is read from: run.json, events.jsonl and
+    the segments of a runlens run; what the importer reads otherwise (never weights)."""
+    if fmt_name == importers.RUNLENS:
+        from runlens_collect import format as fmt
+
+        own = [p / fmt.RUN_JSON, p / fmt.EVENTS_JSONL]
+        segments = [
+            f
+            for table in (fmt.SCALARS_DIR, fmt.LAYERS_DIR)
+            for f in p.glob(f"{table}/rank=*/part-*.parquet")
+        ]
+        return [f for f in own if f.is_file()] + sorted(segments, key=str)
+    try:
+        return list(importers.inputs(p, fmt_name))
+    except RunLoadError:  # nothing readable: the import will say so
+        return []
 
 
 def single(path: str | os.PathLike[str], input_format: str | None = None) -> FoundRun:
@@ -146,18 +230,47 @@ def several_message(d: Discovery) -> str:
 # -- internals -------------------------------------------------------------------------------
 
 
-def _discover_url(url: str, input_format: str | None) -> Discovery:
-    runs: list[FoundRun] = []
-    notes: list[str] = []
-    for run_url in storage.expand_url(url):
-        d = discover(storage.localize(run_url), input_format)
-        notes += d.notes
-        for fr in d.runs:
-            origin = run_url if fr.label == "." else storage.join(run_url, fr.label)
-            runs.append(replace(fr, label=origin, origin=origin))
-    if not runs:
-        raise RunLoadError(f"{url}: no runs found: looked for {LOOKED_FOR}")
+def _discover_url(url: str, input_format: str | None, fetch: bool) -> Discovery:
+    forced = importers.check_format(input_format)
+    if any(c in url.split("://", 1)[1] for c in "*?["):  # a glob: s3://b/sweep/lr_*
+        fs, _ = storage.filesystem(url)
+        scheme = url.split("://", 1)[0]
+        found = [discover(f"{scheme}://{m}", input_format, fetch=fetch) for m in fs.glob(url)]
+        if not found:
+            raise RunLoadError(f"{url}: no runs found: nothing matches")
+        runs = tuple(r for d in found for r in d.runs)
+        return Discovery(url, runs, tuple(n for d in found for n in d.notes))
+    tree = storage.listing(url)
+    listed, notes = _find(tree.root(), forced)
+    inputs = {r.path: _listed_inputs(r) for r in listed}
+    dest = storage.mirror_dir(url)
+    if fetch:  # one mirror of every run's inputs (pruning what is no longer listed)
+        wanted = {e.rel: e for files in inputs.values() for e in files}
+        dest = storage.mirror(url, list(wanted.values()))
+    runs = []
+    for fr in listed:
+        where = fr.path
+        assert isinstance(where, ListedPath)
+        local = dest / where.rel if where.rel else dest
+        origin = where.url
+        found = replace(fr, path=local, origin=origin, inputs=inputs[where])
+        runs.append(replace(found, label=found.location))  # the URL, #k for a CSV's k-th run
     return Discovery(url, tuple(runs), tuple(notes))
+
+
+def _listed_inputs(run: FoundRun) -> tuple[FileEntry, ...]:
+    files = _input_paths(run.path, run.format)
+    return tuple(f.entry for f in files if isinstance(f, ListedPath) and f.is_file())
+
+
+def _local(f: Path | ListedPath) -> Path:
+    """A local copy of ``f``: a listed object is fetched (into its mirror) first."""
+    if isinstance(f, Path):
+        return f
+    try:
+        return f.local()
+    except OSError as exc:
+        raise RunLoadError(f"cannot read {f}: {exc}") from None
 
 
 def _could_be(p: Path, fmt_name: str) -> bool:
@@ -193,7 +306,7 @@ def _csv_parts(
     from runlens.importers import csv as csv_importer
 
     try:
-        found = csv_importer.parts(f)
+        found = csv_importer.parts(_local(f))
     except RunLoadError:
         if given:  # the user named this log: let the import say what is wrong with it
             yield FoundRun(p, importers.CSV, reason, label)

@@ -116,6 +116,12 @@ def signatures_doc() -> str:
         "`runlens analyze --task classification:C`, the run's config (`task`, `num_classes`) "
         "or run.json's `task`, never from the model output's shape.",
         "",
+        "`runlens watch` analyzes a run while it is written, with `Context.final` False: the "
+        "end of the data is not the end of the run, so the signatures that judge the end "
+        "(`loss-divergence`, `loss-oscillation`, `noisy-loss`, `overfitting`, `underfitting`, "
+        "`val-below-train`) ask for the confirmation their *What it detects* states "
+        "([watch](watch.md#live-findings-and-post-hoc-findings)).",
+        "",
         signature_table().replace(f"({SIGNATURES_DOC.as_posix()}#", "(#"),
         "",
     ]

@@ -33,6 +33,7 @@ from runlens.links import link_findings, rank_findings
 from runlens.metrics import is_schedule
 from runlens.needs import REPORT_NEEDS, Need
 from runlens.run import Run
+from runlens.sampling import SAMPLING_FACT, sampling_text
 from runlens.signatures import REGISTRY
 from runlens.signatures.base import NotChecked, Params, Signature
 from runlens.sources import open_run
@@ -62,6 +63,10 @@ class AnalyzeOptions:
     workers: int = DEFAULT_WORKERS
     """Threads running signatures (they share one read of the run; results and report
     are the same for any number, tests/test_concurrency.py)."""
+    final: bool = True
+    """The data is the whole run (post-hoc analysis). False while the run is still being
+    written (``runlens watch``'s live passes): signatures that judge the end of the run
+    then defer or ask for confirmation (``Context.final``, docs/signatures.md)."""
 
     def __post_init__(self) -> None:
         validate_overrides(self.overrides)
@@ -147,7 +152,9 @@ def make_context(
     if not isinstance(run, Run):
         run = open_run(run)
     stated = parse_task(options.task) if options.task is not None else None
-    return Context(run, options.smoothing, task=stated, memory_mb=options.memory_mb)
+    return Context(
+        run, options.smoothing, task=stated, memory_mb=options.memory_mb, final=options.final
+    )
 
 
 def plan(signatures: Iterable[type[Signature]]) -> tuple[Need, ...]:
@@ -347,6 +354,12 @@ def _missing_reason(ctx: Context, missing: Sequence[str]) -> str:
         why = " (not recorded: the model was compiled, activation hooks are off)"
     elif kinds and isinstance(in_effect, list) and not set(kinds) & set(in_effect):
         why = f" (not recorded: the collector ran without {' or '.join(kinds)} statistics)"
+    elif any(m.startswith(fmt.PROBE_PREFIX) for m in missing):
+        why = (
+            f" (an imported {run.source_format} log has no probe statistics)"
+            if run.source_format != "runlens"
+            else " (recorded without runlens_collect's probes: an older collector or probes=())"
+        )
     return "needs " + ", ".join(missing) + why
 
 
@@ -421,7 +434,7 @@ def summarize(ctx: Context, options: AnalyzeOptions | None = None) -> RunSummary
         best_val_step=vl_lv.best_step if vl_lv else None,
         ended_abnormally=abnormal,
         end_reason=reason,
-        extras=dict(run.meta.get("summary_extras") or {}),
+        extras=_extras(run),
         task_metric=task if task_lv else None,
         task_metric_mode=task_lv.mode if task_lv else None,
         final_task_metric=task_lv.final if task_lv else None,
@@ -429,8 +442,19 @@ def summarize(ctx: Context, options: AnalyzeOptions | None = None) -> RunSummary
         best_task_metric_step=task_lv.best_step if task_lv else None,
         planned_length=plan[0] if plan else None,
         planned_unit=plan[1] if plan else None,
+        resumed_at=run.resumes,
+        skipped_steps=int(run.skipped_steps.size),
         **_sanity_summary(ctx, options or AnalyzeOptions()),
     )
+
+
+def _extras(run: Run) -> dict[str, Any]:
+    """run.json's summary_extras, plus what the collector sampled (runlens.sampling)."""
+    extras = dict(run.meta.get("summary_extras") or {})
+    text = sampling_text(run.meta)
+    if text is not None:
+        extras.setdefault(SAMPLING_FACT, text)
+    return extras
 
 
 def _sanity_summary(ctx: Context, options: AnalyzeOptions) -> dict[str, Any]:
@@ -507,6 +531,10 @@ def _end_state(run: Run) -> tuple[bool, str]:
         return False, "finished cleanly (close event; run.json missing or unreadable)"
     if status == fmt.STATUS_CRASHED:
         return True, "training raised an exception (status crashed)"
+    if status == fmt.STATUS_PREEMPTED:
+        last = run.meta.get("last_step")
+        where = f" after step {last}" if last is not None else ""
+        return True, f"stopped by a signal (SIGTERM/SIGINT: preempted){where}; flushed and closed"
     last = run.meta.get("last_step")
     where = f" after step {last}" if last is not None else ""
     return True, f"ended abnormally{where}: status {status!r} and no clean close (killed?)"

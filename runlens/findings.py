@@ -205,6 +205,10 @@ class RunSummary:
     """Length the run was set up for (an imported log's max_steps / max_epochs), if known."""
     planned_unit: str | None = None
     """``step`` or ``epoch``: what ``planned_length`` counts."""
+    resumed_at: tuple[int, ...] = ()
+    """Steps at which training continued into this run (resumed from a checkpoint)."""
+    skipped_steps: int = 0
+    """Optimizer steps that did not update the parameters (AMP GradScaler overflow)."""
 
 
 @dataclass(frozen=True)

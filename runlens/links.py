@@ -17,29 +17,47 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from runlens.findings import SEVERITY_ORDER, Finding
+from runlens.signatures import REGISTRY
 
 CAUSES: dict[str, tuple[str, ...]] = {
-    # symptom: candidate root causes, most likely first
-    "nan-inf": ("exploding-gradients", "activation-explosion", "large-updates", "loss-divergence"),
-    "loss-divergence": ("exploding-gradients", "large-updates"),
+    # symptom: candidate root causes, most likely first. Bugs in the training code
+    # (category "bug", docs/silent-bugs.md) come first: when one fires, the symptom is its
+    # consequence, and the symptom's own fix (often "lower the LR") is the wrong one.
+    "nan-inf": (
+        "gradient-not-reset",
+        "exploding-gradients",
+        "activation-explosion",
+        "large-updates",
+        "loss-divergence",
+    ),
+    "loss-divergence": ("gradient-not-reset", "exploding-gradients", "large-updates"),
     # A diverged loss swings, jumps and is noisy: those are its symptoms, not extra faults.
-    "loss-oscillation": ("large-updates", "loss-divergence"),
-    "loss-spike": ("exploding-gradients", "large-updates", "loss-divergence"),
-    "noisy-loss": ("loss-divergence",),
+    "loss-oscillation": ("gradient-not-reset", "large-updates", "loss-divergence"),
+    "loss-spike": ("gradient-not-reset", "exploding-gradients", "large-updates", "loss-divergence"),
+    # One example per step is as noisy as batch size 1.
+    "noisy-loss": ("batch-collapse", "gradient-not-reset", "loss-divergence"),
     # Growing activations make growing gradients; a too-high LR makes both.
-    "exploding-gradients": ("activation-explosion", "large-updates", "bad-initialization"),
+    "exploding-gradients": (
+        "gradient-not-reset",
+        "activation-explosion",
+        "large-updates",
+        "bad-initialization",
+    ),
     # Saturated sigmoids and dead ReLUs have ~0 derivative: the backward pass dies there.
     "vanishing-gradients": ("saturated-activations", "dead-relu", "bad-initialization"),
     # Too-large steps push pre-activations out to the flat parts (Lu et al. 2019 for ReLU).
-    "dead-relu": ("large-updates",),
-    "saturated-activations": ("activation-explosion", "large-updates"),
+    "dead-relu": ("gradient-not-reset", "large-updates"),
+    "saturated-activations": ("gradient-not-reset", "activation-explosion", "large-updates"),
     # Gradients of ~1e-9 make updates of ~1e-10: tiny (or below float precision, frozen).
-    "tiny-updates": ("vanishing-gradients",),
+    # Updates that round away in bf16, or an LR of 0, are tiny too.
+    "tiny-updates": ("stalled-optimizer", "bf16-stagnation", "vanishing-gradients"),
     # A layer behind a fully dead ReLU layer gets exactly zero gradient.
-    "frozen-layer": ("dead-relu", "vanishing-gradients"),
+    "frozen-layer": ("optimizer-mismatch", "dead-relu", "vanishing-gradients"),
     # A loss that never moves leaves the accuracy where it started.
     "not-learning": (
         "loss-flat",
+        "optimizer-mismatch",
+        "stalled-optimizer",
         "logits-as-probabilities",
         "frozen-layer",
         "vanishing-gradients",
@@ -47,6 +65,9 @@ CAUSES: dict[str, tuple[str, ...]] = {
         "tiny-updates",
     ),
     "loss-flat": (
+        "optimizer-mismatch",
+        "stalled-optimizer",
+        "bf16-stagnation",
         "logits-as-probabilities",
         "frozen-layer",
         "vanishing-gradients",
@@ -56,6 +77,10 @@ CAUSES: dict[str, tuple[str, ...]] = {
     ),
     # An optimizer past its stability edge also keeps the loss high.
     "underfitting": (
+        "optimizer-mismatch",
+        "stalled-optimizer",
+        "bf16-stagnation",
+        "gradient-not-reset",
         "logits-as-probabilities",
         "tiny-updates",
         "dead-relu",
@@ -63,13 +88,27 @@ CAUSES: dict[str, tuple[str, ...]] = {
         "loss-oscillation",
         "large-updates",
     ),
+    # Repeated batches are fewer distinct examples; dropout off in eval-mode training.
+    "overfitting": ("duplicate-batches", "train-eval-mode"),
     # Logits of ~1e4 from activations growing layer by layer give a huge first loss.
     # A badly scaled init gives logits far from 0 at step 0: bad-initialization's layer
-    # data explains bad-initial-loss's number.
-    "bad-initial-loss": ("bad-initialization", "activation-explosion", "logits-as-probabilities"),
-    "activation-explosion": ("bad-initialization",),
-    "large-updates": (),
+    # data explains bad-initial-loss's number. An evaluation before any training forward
+    # (spectral norm never iterated) gives an absurd first validation loss.
+    "bad-initial-loss": (
+        "train-eval-mode",
+        "bad-initialization",
+        "activation-explosion",
+        "logits-as-probabilities",
+    ),
+    "activation-explosion": ("gradient-not-reset", "bad-initialization"),
+    "large-updates": ("gradient-not-reset",),
+    # Parameters outside every optimizer are never zeroed either.
+    "gradient-not-reset": ("optimizer-mismatch",),
 }
+
+BUG_CAUSES: frozenset[str] = frozenset(n for n, s in REGISTRY.items() if s.category == "bug")
+"""Root causes that are bugs in the training code (the signatures of category ``bug``): a
+symptom they explain gets a fix that points at the bug (see :func:`link_findings`)."""
 
 
 def _compatible(cause: Finding, symptom: Finding) -> bool:
@@ -107,9 +146,17 @@ def link_findings(findings: Sequence[Finding]) -> list[Finding]:
     for f in findings:
         r = root(f.signature) if f.signature in explained_by else None
         by = r if r is not None and r != f.signature else None
+        fix = f.fix
+        if by in BUG_CAUSES:
+            # "Lower the LR" would hide a bug: point at it instead.
+            fix = (
+                f"Probably a consequence of {by}: fix that first ({by_sig[by].fix.rstrip('.')})"
+                ". Do not tune the learning rate or the model for this symptom until then."
+            )
         out.append(
             replace(
                 f,
+                fix=fix,
                 explained_by=by,
                 explains=tuple(sorted(explains.get(f.signature, ()))) if by is None else (),
             )

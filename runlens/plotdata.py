@@ -83,7 +83,8 @@ def build_plot_data(
         ["lr"] if "lr" in names else []
     )
     special = {*LOSS_CURVES, fmt.GRAD_NORM, *lr_names}
-    extra = [n for n in names if n not in special and not n.startswith("time/")]
+    # Probe scalars are the silent-bug checks' evidence (fingerprints, counts), not curves.
+    extra = [n for n in names if n not in special and not n.startswith(("time/", fmt.PROBE_PREFIX))]
     series: dict[str, Any] = {}
     for name in [*LOSS_CURVES, fmt.GRAD_NORM, *lr_names, *extra[:MAX_EXTRA_CURVES]]:
         s = ctx.scalar(name)

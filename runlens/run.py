@@ -8,7 +8,8 @@ The data model (what signatures see) is:
 * ``Run.layers``: LazyFrame with the columns of ``format.LAYERS_SCHEMA`` plus ``rank``, or
   ``None`` when the run has no layer statistics; a scan of the segment files, read by the
   analysis in one pass (runlens.layerscan via runlens.context).
-* ``Run.events``: the parsed lines of ``events.jsonl``.
+* ``Run.events``: the parsed lines of ``events.jsonl`` and of the other ranks' event
+  files (``events-rank<N>.jsonl``), in time order.
 * ``Run.warnings``: one line per problem tolerated while loading (a skipped segment...).
 
 A :class:`Run` is a read-only view: nothing in it changes after :func:`load_run` returns,
@@ -21,6 +22,11 @@ Helpers return numpy arrays: :meth:`Run.scalar` one series (sorted by step, one 
 step: the last one written wins), :meth:`Run.layer_matrix` a step × layer matrix of one
 statistic at every recorded step. Each call reads again: an analysis goes through
 :class:`~runlens.context.Context`, which reads once and keeps what it read.
+
+A run resumed into the same directory reads as one run: rows that the continuation
+superseded (at or after its first step, in segments written before it: the attempt the
+checkpoint replaced) are dropped (``Run.resumes``, run.json ``resumed``). Steps whose
+optimizer update was skipped (AMP overflow) are listed in ``Run.skipped_steps``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +50,7 @@ from runlens.layerscan import LayerMatrix
 from runlens.needs import LayerStat
 from runlens.segments import (  # noqa: F401 (re-exported: the readers' helpers)
     REQUIRED,
+    _event_rank,
     _footer_problem,
     _rank_of,
     _rel,
@@ -52,6 +60,7 @@ from runlens.segments import (  # noqa: F401 (re-exported: the readers' helpers)
     collect_tolerant,
     layer_columns,
     read_layers,
+    resume_cuts,
     scan_segments,
     segment_listing,
 )
@@ -105,6 +114,9 @@ class Run:
     facts: RunFacts = field(default_factory=RunFacts, repr=False)
     _files: dict[str, list[Path]] = field(default_factory=dict, repr=False)
     """Segments behind ``scalars`` / ``layers`` (empty for in-memory runs)."""
+    cuts: dict[str, list[tuple[int, int]]] = field(default_factory=dict, repr=False)
+    """Per table, the resumes (step, first segment number of the continuation): rows of
+    earlier segments at or after that step are superseded (segments.scan_segments)."""
 
     # -- identity ---------------------------------------------------------------------
     @property
@@ -141,6 +153,24 @@ class Run:
         return list(self._files.get(table, ()))
 
     # -- queries ------------------------------------------------------------------------
+
+    @property
+    def resumes(self) -> tuple[int, ...]:
+        """Steps at which training continued into this run (resumed from a checkpoint)."""
+        steps = {int(r["step"]) for r in fmt.read_resumed(self.meta)}
+        steps |= {step for step, _ in resume_cuts(self.events, self.rank, fmt.SCALARS_DIR)}
+        return tuple(sorted(steps))
+
+    @cached_property
+    def skipped_steps(self) -> np.ndarray:
+        """Steps whose optimizer update did not happen (``optim/skipped`` is 1: an AMP
+        GradScaler found inf/NaN gradients, or ``optimizer.step()`` was not called).
+        Their gradient statistics were never applied; readers ignore them."""
+        s = self.scalar(fmt.STEP_SKIPPED)
+        if s is None:
+            return np.zeros(0, np.int64)
+        return s.steps[np.nan_to_num(s.values, nan=0.0) > 0.5]
+
     def query(self, table: str, build: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame:
         """Run ``build`` on the scalars (``table="scalars"``) or layers frame and collect it
         (an empty frame when the run has no layers). A layers segment whose footer read but
@@ -204,6 +234,15 @@ class Run:
         return lp.matrices.get(need)
 
     @property
+    @property
+    def samples_params(self) -> bool:
+        """The collector sampled parameter rows (run.json ``collector.memory``): steps it
+        did not sample hold the last sampled value in the analysis' layer matrices
+        (Context.layer)."""
+        collector = self.meta.get("collector")
+        return isinstance(collector, dict) and isinstance(collector.get("memory"), dict)
+
+    @property
     def layer_names(self) -> tuple[str, ...]:
         """Parameter names in model order (from the weight rows, else run.json)."""
         if self.facts.layer_names is not None:
@@ -262,6 +301,11 @@ def series_of(name: str, df: pl.DataFrame) -> Series | None:
         values=df["value"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
         wall_time=df["wall_time"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
     )
+
+
+SAMPLED_KINDS = (fmt.KIND_WEIGHT, fmt.KIND_GRAD, fmt.KIND_UPDATE)
+"""Kinds whose rows the collector may sample (run.json ``collector.memory``): a step that
+did not sample a parameter holds its last sampled value (Context.layer)."""
 
 
 def all_series(scalars: pl.LazyFrame) -> dict[str, Series]:
@@ -336,17 +380,34 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     rank = ranks[0] if ranks else None
     if len(ranks) > 1:
         warnings.append(f"run has ranks {ranks}; analyzing rank {rank}")
+    events = _read_events(root, warnings)
+    for r in fmt.read_resumed(meta):  # rank 0's, in case its events file was lost
+        if not any(e.get("kind") == "resume" and e.get("step") == r["step"] for e in events):
+            events.append({"kind": "resume", "rank": 0, **r})
     scalar_files = [f for f in scalar_files if _rank_of(f) == rank]
     layer_files = [f for f in layer_files if _rank_of(f) == rank]
-    layers = scan_segments(layer_files, rank, fmt.LAYERS_SCHEMA) if layer_files else None
+    cuts = {t: resume_cuts(events, rank, t) for t in (fmt.SCALARS_DIR, fmt.LAYERS_DIR)}
+    layers = (
+        scan_segments(layer_files, rank, fmt.LAYERS_SCHEMA, cuts[fmt.LAYERS_DIR])
+        if layer_files
+        else None
+    )
     if not scalar_files and not layer_files:
         warnings.append("run has no data segments yet")
     # A log converted by `runlens import` says so in run.json, with its import warnings.
     imported = meta.get("imported")
     if isinstance(imported, dict):
         warnings.extend(str(w) for w in imported.get("warnings") or [])
-    events = _read_events(root, warnings)
-    run_ids = list(dict.fromkeys(str(e.get("run_id")) for e in events if e.get("kind") == "start"))
+    # Every rank writes start events (with its own id before a resume adopted rank 0's):
+    # count the runs of one rank.
+    first_rank = min((_event_rank(e) for e in events if e.get("kind") == "start"), default=0)
+    run_ids = list(
+        dict.fromkeys(
+            str(e.get("run_id"))
+            for e in events
+            if e.get("kind") == "start" and _event_rank(e) == first_rank
+        )
+    )
     if len(run_ids) > 1:
         warnings.append(
             f"this directory holds {len(run_ids)} runs (run ids {', '.join(run_ids)}); their "
@@ -354,7 +415,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         )
     # Scalars are small: read them whole now, so an unreadable segment is found (and left
     # out, with a warning) here, once, and the analysis reads them from memory.
-    scalars, scalar_files = _read_scalars(root, scalar_files, rank, warnings)
+    scalars, scalar_files = _read_scalars(root, scalar_files, rank, warnings, cuts[fmt.SCALARS_DIR])
     run = Run(
         path=root,
         meta=meta,
@@ -366,25 +427,30 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         rank=rank,
         facts=RunFacts(scalar_names=_scalar_names(scalars)),
         _files={fmt.SCALARS_DIR: scalar_files, fmt.LAYERS_DIR: layer_files},
+        cuts=cuts,
     )
     _check_steps(run)
     return run
 
 
 def _read_scalars(
-    root: Path, files: list[Path], rank: int | None, warnings: list[str]
+    root: Path,
+    files: list[Path],
+    rank: int | None,
+    warnings: list[str],
+    cuts: list[tuple[int, int]] | None = None,
 ) -> tuple[pl.LazyFrame, list[Path]]:
-    """The scalars of ``files`` in memory; a segment that cannot be read (footer, schema
-    or data) is left out with a warning."""
+    """The scalars of ``files`` in memory (rows superseded by a resume dropped); a segment
+    that cannot be read (footer, schema or data) is left out with a warning."""
     try:
-        df = scan_segments(files, rank, fmt.SCALARS_SCHEMA).collect()
+        df = scan_segments(files, rank, fmt.SCALARS_SCHEMA, cuts).collect()
         return df.lazy(), files
     except (pl.exceptions.PolarsError, OSError, pa.ArrowException):
         pass
     good, notes = _split_readable(root, files, lambda lf: lf, fmt.SCALARS_SCHEMA, rank)
     warnings.extend(notes)
     try:
-        df = scan_segments(good, rank, fmt.SCALARS_SCHEMA).collect()
+        df = scan_segments(good, rank, fmt.SCALARS_SCHEMA, cuts).collect()
     except (pl.exceptions.PolarsError, OSError, pa.ArrowException) as exc:
         raise RunLoadError(f"{root}: cannot read scalars: {_short(exc)}") from None
     return df.lazy(), good
@@ -465,28 +531,32 @@ def _read_meta(root: Path, warnings: list[str]) -> dict[str, Any] | None:
 
 
 def _read_events(root: Path, warnings: list[str]) -> list[dict[str, Any]]:
-    p = root / fmt.EVENTS_JSONL
-    if not p.exists():
-        return []
+    """Every rank's events (``events.jsonl``, ``events-rank<N>.jsonl``), by time."""
+    paths = [root / fmt.EVENTS_JSONL, *sorted(root.glob(fmt.EVENTS_RANK_GLOB))]
     events: list[dict[str, Any]] = []
-    bad = 0
-    try:
-        with open(p, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    ev = json.loads(line)
-                except json.JSONDecodeError:
-                    bad += 1
-                    continue
-                if isinstance(ev, dict):
-                    events.append(ev)
-    except OSError as exc:
-        warnings.append(f"events.jsonl unreadable: {_short(exc)}")
-    if bad:
-        warnings.append(f"events.jsonl: skipped {bad} malformed line(s)")
+    for p in paths:
+        if not p.exists():
+            continue
+        bad = 0
+        try:
+            with open(p, encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        ev = json.loads(line)
+                    except json.JSONDecodeError:
+                        bad += 1
+                        continue
+                    if isinstance(ev, dict):
+                        events.append(ev)
+        except OSError as exc:
+            warnings.append(f"{p.name} unreadable: {_short(exc)}")
+        if bad:
+            warnings.append(f"{p.name}: skipped {bad} malformed line(s)")
+    if len(paths) > 1:
+        events.sort(key=lambda e: e.get("time") if isinstance(e.get("time"), int | float) else 0)
     return events
 
 

@@ -54,7 +54,7 @@ def collect_tolerant(
         if lf is None:
             return pl.DataFrame(), files, notes
         if files != run.segment_files(table):
-            lf = scan_segments(files, run.rank, schema)
+            lf = scan_segments(files, run.rank, schema, run.cuts.get(table))
         try:
             return build(lf).collect(), files, notes
         except (pl.exceptions.PolarsError, OSError) as exc:
@@ -87,7 +87,7 @@ def read_layers(
             raise RunLoadError(f"{run.path}: run has no layers")
         if files != run.segment_files(fmt.LAYERS_DIR):
             # every segment unreadable: an empty table (the notes say why)
-            lf = scan_segments(files, run.rank, fmt.LAYERS_SCHEMA)
+            lf = scan_segments(files, run.rank, fmt.LAYERS_SCHEMA, run.cuts.get(fmt.LAYERS_DIR))
         try:
             return scan_layers(lf, stats, nonfinite=nonfinite, **kwargs), files, notes
         except (pl.exceptions.PolarsError, OSError) as exc:
@@ -220,15 +220,62 @@ def _rank_of(f: Path) -> int:
         return 0
 
 
-def scan_segments(files: list[Path], rank: int | None, schema: Any) -> pl.LazyFrame:
-    """A lazy scan of segment ``files`` (of ``rank``) with the format's columns."""
+def scan_segments(
+    files: list[Path],
+    rank: int | None,
+    schema: Any,
+    cuts: Sequence[tuple[int, int]] | None = None,
+) -> pl.LazyFrame:
+    """A lazy scan of segment ``files`` (of ``rank``) with the format's columns. ``cuts``
+    are the run's resumes (step, first segment number of the continuation): a segment
+    written before a resume keeps only its rows before that resume's step (the rest
+    belong to the attempt the checkpoint replaced)."""
     files = [f for f in files if rank is None or _rank_of(f) == rank]
     if not files:
         empty = pl.from_arrow(schema.empty_table())
         assert isinstance(empty, pl.DataFrame)
         return empty.with_columns(pl.lit(0, pl.Int64).alias("rank")).lazy()
-    lf = pl.scan_parquet([str(f) for f in files], missing_columns="insert", extra_columns="ignore")
+    groups: list[tuple[int | None, list[str]]] = []  # consecutive files with one cap
+    for f in files:
+        seq = _seq_of(f)
+        caps = [step for step, first in cuts or () if seq is not None and seq < first]
+        cap = min(caps) if caps else None
+        if groups and groups[-1][0] == cap:
+            groups[-1][1].append(str(f))
+        else:
+            groups.append((cap, [str(f)]))
+    frames = []
+    for cap, paths in groups:
+        lf = pl.scan_parquet(paths, missing_columns="insert", extra_columns="ignore")
+        frames.append(lf if cap is None else lf.filter(pl.col("step") < cap))
+    lf = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")
     return lf.with_columns(pl.lit(rank, pl.Int64).alias("rank"))
+
+
+def _seq_of(f: Path) -> int | None:
+    """The (first) segment number of a segment file, compacted ones included."""
+    r = fmt.segment_range(f)
+    return r[0] if r is not None else None
+
+
+def _event_rank(e: dict[str, Any]) -> int:
+    r = e.get("rank", 0)
+    return r if isinstance(r, int) and not isinstance(r, bool) else 0
+
+
+def resume_cuts(
+    events: Sequence[dict[str, Any]], rank: int | None, table: str
+) -> list[tuple[int, int]]:
+    """(step, first segment of ``table``) of each resume event of ``rank``."""
+    cuts = []
+    for e in events:
+        if e.get("kind") != "resume" or _event_rank(e) != (rank or 0):
+            continue
+        step, segs = e.get("step"), e.get("segments")
+        first = segs.get(table) if isinstance(segs, dict) else None
+        if isinstance(step, int) and isinstance(first, int):
+            cuts.append((step, first))
+    return sorted(set(cuts))
 
 
 def _short(exc: BaseException) -> str:

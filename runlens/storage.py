@@ -1,7 +1,8 @@
 """Object storage (``s3://``, ``gs://``, ... any fsspec URL): list runs, mirror them locally.
 
 A run on object storage is read by mirroring the files it is read from (never model
-weights or other files next to it: see :mod:`runlens.fleet.discover`) into a local cache
+weights or other files next to it: :func:`runlens.discover.discover` decides which, by the
+same rules as for a local folder, from one listing) into a local cache
 folder, then loading that folder with the ordinary local code. So the readers (run.py,
 the importers) keep their local fast path unchanged, every format works the same from a
 bucket, and re-reading a run downloads only what changed: the mirror keeps each file's
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from runlens.errors import RunLoadError
-from runlens.fleet.discover import FileEntry, FoundRun, find_runs
+from runlens.listing import FileEntry, Tree
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")
 _STATE = ".runlens-mirror.json"
@@ -122,21 +123,27 @@ def _mtime(info: dict[str, Any]) -> float | None:
     return None
 
 
-def remote_head(url: str) -> Any:
-    """``head(rel)`` for :func:`find_runs`: the first bytes of a file under ``url``."""
+def listing(url: str) -> Tree:
+    """The files under ``url`` as a :class:`runlens.listing.Tree` (one recursive listing;
+    ``open`` reads an object): what :mod:`runlens.discover` walks on object storage."""
     fs, root = filesystem(url)
-
-    def head(rel: str) -> bytes:
-        with fs.open(f"{root}/{rel}" if rel != root.rsplit("/", 1)[-1] else root, "rb") as fh:
-            return fh.read(_HEAD_BYTES)
-
-    return head
-
-
-def find_remote_runs(url: str) -> tuple[list[FoundRun], list[FileEntry]]:
-    """The runs under ``url`` and the listing they were found in."""
     files = list_files(url)
-    return find_runs(files, remote_head(url)), files
+    is_file = len(files) == 1 and _is_file(fs, root)
+
+    def opener(rel: str) -> Any:
+        return fs.open(root if is_file else f"{root}/{rel}", "rb")
+
+    def fetch(entry: FileEntry) -> Path:
+        return mirror(url, [entry], prune=False) / entry.rel
+
+    return Tree(url, files, opener, is_file, fetch)
+
+
+def _is_file(fs: Any, root: str) -> bool:
+    try:
+        return bool(fs.isfile(root))
+    except OSError:
+        return False
 
 
 def mirror_root() -> Path:
@@ -152,9 +159,10 @@ def mirror_dir(url: str) -> Path:
     return mirror_root() / key / name
 
 
-def mirror(url: str, files: list[FileEntry]) -> Path:
+def mirror(url: str, files: list[FileEntry], prune: bool = True) -> Path:
     """Bring ``files`` (relative to ``url``) into the local mirror of ``url``; download
-    only those whose size or version changed; delete mirrored files no longer listed.
+    only those whose size or version changed; delete mirrored files no longer listed
+    (unless not ``prune``: a file fetched on its own, such as a CSV read while deciding).
     Returns the mirror folder. Each file is written under a temporary name and renamed,
     so a reader of the mirror never sees half a file."""
     dest = mirror_dir(url)
@@ -165,9 +173,9 @@ def mirror(url: str, files: list[FileEntry]) -> Path:
     except (OSError, ValueError):
         state = {}
     fs, root = filesystem(url)
-    single = len(files) == 1 and files[0].rel == root.rsplit("/", 1)[-1]
+    single = len(files) == 1 and files[0].rel == root.rsplit("/", 1)[-1] and _is_file(fs, root)
     wanted = {f.rel for f in files}
-    for rel in list(state):
+    for rel in list(state) if prune else ():
         if rel not in wanted:
             with contextlib.suppress(OSError):
                 (dest / rel).unlink()
@@ -203,43 +211,3 @@ def mirror(url: str, files: list[FileEntry]) -> Path:
 def _unlink(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
-
-
-def localize(url: str) -> Path:
-    """Mirror the run (or importable log) at ``url`` and return the local path to read:
-    the mirror folder, or the mirrored file for a single-file log. Raises RunLoadError
-    when ``url`` is not a run (with the same hint as local folders of runs)."""
-    runs, files = find_remote_runs(url)
-    here = [r for r in runs if r.rel == ""]
-    if not here and len(files) == 1 and len(runs) == 1 and runs[0].rel == files[0].rel:
-        here = runs  # the URL names one log file (a CSV)
-    if here:
-        dest = mirror(url, list(here[0].inputs))
-        return dest / here[0].rel if here[0].rel else dest
-    if runs:
-        names = ", ".join(r.rel for r in runs[:3]) + (", ..." if len(runs) > 3 else "")
-        raise RunLoadError(
-            f"{url} looks like a directory of runs ({names}); use `runlens compare {url}`, "
-            "`runlens triage`, or pick one run"
-        )
-    raise RunLoadError(
-        f"{url} is not a runlens run and holds no TensorBoard event files, metrics.csv, "
-        "trainer_state.json or metrics CSV"
-    )
-
-
-def _leaf(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[-1]
-
-
-def expand_url(url: str) -> list[str]:
-    """URLs of the runs ``url`` names: itself when it is a run, its runs when it is a
-    folder of runs, the matches of a glob (``s3://b/sweep/lr_*``)."""
-    if any(c in url.split("://", 1)[1] for c in "*?["):
-        fs, _ = filesystem(url)
-        scheme = url.split("://", 1)[0]
-        return sorted(f"{scheme}://{p}" for p in fs.glob(url))
-    runs, _ = find_remote_runs(url)
-    if any(r.rel == "" for r in runs):
-        return [url]
-    return [join(url, r.rel) for r in runs] or [url]

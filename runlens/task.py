@@ -164,6 +164,8 @@ def resolve_task(
         candidates.append((stated.type, stated.num_classes, stated.source or "--task"))
     candidates += _from_config(meta, config, ignored)
     written = fmt.read_task(dict(meta))
+    if written is not None and written["type"] == fmt.TASK_UNKNOWN and written["source"]:
+        ignored.append(f"the collector saw {written['source']}: no single task")
     if written is not None:
         where = f"run.json task ({written['source']})" if written["source"] else "run.json task"
         candidates.append((written["type"], written["num_classes"], where))

@@ -18,8 +18,18 @@ from typing import Any
 import torch
 from torch import nn
 
-# Coarse cadences keep every recorded run small (the committed folder stays < 20 MB).
-COLLECTOR_OPTIONS: dict[str, Any] = {"activation_every": 20, "hist_every": 100}
+# Coarse cadences keep every recorded run small (the committed folder stays < 20 MB);
+# fixed ones (overhead=None) keep the runs reproducible: on these tiny models the
+# collector's own time is a large share of a step, and the overhead budget would thin the
+# cadence by wall-clock time, differently on every machine.
+# Fixed cadences (overhead=None) and a deep queue: a recording is the same whatever the
+# machine's load (a writer that falls behind on a busy machine drops steps).
+COLLECTOR_OPTIONS: dict[str, Any] = {
+    "activation_every": 20,
+    "hist_every": 100,
+    "overhead": None,
+    "max_queue": 1024,
+}
 
 
 @dataclass(frozen=True)

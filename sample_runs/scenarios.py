@@ -8,6 +8,8 @@ walks this table; ``make_samples.py`` re-records it.
 
 from __future__ import annotations
 
+from sample_runs.bug_data_scenarios import SCENARIOS as BUG_DATA_SCENARIOS
+from sample_runs.bug_scenarios import SCENARIOS as BUG_SCENARIOS
 from sample_runs.common import Scenario
 from sample_runs.curve_scenarios import SCENARIOS as CURVE_SCENARIOS
 from sample_runs.layer_scenarios import SCENARIOS as LAYER_SCENARIOS
@@ -15,7 +17,13 @@ from sample_runs.sanity_scenarios import SCENARIOS as SANITY_SCENARIOS
 
 __all__ = ["SCENARIOS", "Scenario", "by_name"]
 
-SCENARIOS: list[Scenario] = [*CURVE_SCENARIOS, *LAYER_SCENARIOS, *SANITY_SCENARIOS]
+SCENARIOS: list[Scenario] = [
+    *CURVE_SCENARIOS,
+    *LAYER_SCENARIOS,
+    *SANITY_SCENARIOS,
+    *BUG_SCENARIOS,
+    *BUG_DATA_SCENARIOS,
+]
 
 _names = [s.name for s in SCENARIOS]
 if len(set(_names)) != len(_names):

@@ -209,7 +209,47 @@ def test_no_host_sync_on_training_thread(tmp_path, monkeypatch):
     assert scalars["name"].count("val/loss") == len(data)
 
 
-def test_frozen_unoptimized_integer_and_none_grads(tmp_path):
+def test_no_host_sync_with_amp_accumulation_and_clipping(tmp_path, monkeypatch):
+    """The step contract's paths (GradScaler outputs mapped back, accumulation undone,
+    the loss scale, a fused optimizer's grad_scale and found_inf, the pre-clip norm) read
+    no device value on the training thread either."""
+    main = threading.main_thread()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(8)]
+    col = Collector(model, opt, run_dir=tmp_path, activation_every=2, hist_every=2)
+    for name in ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__"):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, _orig=orig, _name=name, **k):
+            if threading.current_thread() is main:
+                raise AssertionError(f"Tensor.{_name} called on the training thread")
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    for step in range(4):
+        opt.zero_grad()
+        for x, y in data[2 * step : 2 * step + 2]:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss / 2).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)  # (scaled: a no-op clip)
+        scaler.step(opt)
+        scaler.update()
+        col.step()
+    monkeypatch.undo()
+    col.close()
+    assert col.warnings == []
+    scalars = read_table(tmp_path, fmt.SCALARS_DIR)
+    for name in (fmt.TRAIN_LOSS, fmt.LOSS_SCALE, fmt.STEP_SKIPPED, fmt.GRAD_NORM_PRECLIP):
+        assert scalars["name"].count(name) == 4, name
+
+
+@pytest.mark.parametrize("frozen_every", [1, 100])
+def test_frozen_unoptimized_integer_and_none_grads(tmp_path, frozen_every):
+    """Frozen parameters (requires_grad=False) are recorded on full steps only (step 0,
+    then every frozen_every stat steps): weights, and missing grad/update rows."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 2))
     model[0].requires_grad_(False)  # frozen
@@ -217,7 +257,8 @@ def test_frozen_unoptimized_integer_and_none_grads(tmp_path):
     model.register_buffer("ints", torch.arange(3))
     opt = torch.optim.SGD(list(model[2].parameters()) + list(model[3].parameters()), lr=0.1)
     # model[3] gets no gradient in odd steps (its output is unused there)
-    with Collector(model, opt, run_dir=tmp_path, activation_every=1) as col:
+    knobs = {"activation_every": 1, "frozen_every": frozen_every}
+    with Collector(model, opt, run_dir=tmp_path, **knobs) as col:
         for step in range(4):
             h = model[2](model[1](model[0](torch.randn(5, 4))))
             loss = (model[3](h) if step % 2 == 0 else h).pow(2).mean()
@@ -229,6 +270,9 @@ def test_frozen_unoptimized_integer_and_none_grads(tmp_path):
     layers = read_table(tmp_path, fmt.LAYERS_DIR)
     for step in range(4):
         for n in ("0.weight", "0.bias", "counter"):
+            if step % frozen_every:  # not sampled: no rows at all
+                assert rows(layers, step=step, layer=n) == []
+                continue
             (g,) = rows(layers, step=step, layer=n, kind="grad")
             assert g["missing"] is True and math.isnan(g["norm"])
             (u,) = rows(layers, step=step, layer=n, kind="update")
@@ -253,7 +297,7 @@ def test_exception_in_stats_is_swallowed_once(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(stats, "flat_raw", boom)
+    monkeypatch.setattr(stats, "row_partials", boom)
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with (

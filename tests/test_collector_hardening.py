@@ -217,9 +217,11 @@ def test_read_gradients_with_lbfgs_closure(tmp_path: Path) -> None:
         assert gn[step] == pytest.approx(total, rel=1e-4)
 
 
-def test_two_collectors_on_one_run_dir_keep_both(tmp_path: Path) -> None:
+@pytest.mark.parametrize("resume", [None, False])
+def test_a_second_collector_on_a_run_dir_keeps_the_first_one(tmp_path: Path, resume) -> None:
     """A second collector on a used directory adds segments after the first one's (one
-    warning), so every row of both is still on disk."""
+    warning), so every row of both is still on disk. By default it continues the step
+    axis (a resume); with resume=False it records from step 0 beside it."""
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with Collector(model, opt, run_dir=tmp_path, flush_steps=4) as col:
@@ -229,7 +231,7 @@ def test_two_collectors_on_one_run_dir_keep_both(tmp_path: Path) -> None:
     }
     first_bytes = {f: f.read_bytes() for fs in first.values() for f in fs}
     with pytest.warns(RuntimeWarning, match="already holds a run") as rec:
-        col2 = Collector(model, opt, run_dir=tmp_path, flush_steps=4)
+        col2 = Collector(model, opt, run_dir=tmp_path, flush_steps=4, resume=resume)
         _train(col2, model, opt, 6)
         col2.close()
     assert len([w for w in rec if "runlens_collect" in str(w.message)]) == 1
@@ -238,10 +240,12 @@ def test_two_collectors_on_one_run_dir_keep_both(tmp_path: Path) -> None:
     layers = _table(tmp_path, fmt.LAYERS_DIR).to_pylist()
     weight_steps = [r["step"] for r in layers if r["kind"] == fmt.KIND_WEIGHT]
     n_params = len(list(model.parameters()))
-    # Steps 0..5 from both runs, 6..9 from the first only.
-    assert {s: weight_steps.count(s) for s in range(10)} == {
-        s: n_params * (2 if s < 6 else 1) for s in range(10)
-    }
+    if resume is None:  # continued: steps 10..15 follow 0..9
+        assert {s: weight_steps.count(s) for s in range(16)} == {s: n_params for s in range(16)}
+    else:  # steps 0..5 from both runs, 6..9 from the first only
+        assert {s: weight_steps.count(s) for s in range(10)} == {
+            s: n_params * (2 if s < 6 else 1) for s in range(10)
+        }
     scalars = _table(tmp_path, fmt.SCALARS_DIR).to_pylist()
     losses = [r for r in scalars if r["name"] == fmt.TRAIN_LOSS]
     assert len(losses) == 16

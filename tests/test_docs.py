@@ -29,7 +29,7 @@ def test_signature_is_documented(name: str) -> None:
     missing = [s for s in DOC_SECTIONS if not doc.sections.get(s)]
     assert not missing, f"{name}: docstring lacks section(s) {missing}"
     assert sig.summary and "\n" not in sig.summary
-    assert sig.category in ("curve", "layer", "system", "sanity")
+    assert sig.category in ("curve", "layer", "system", "sanity", "bug")
     assert sig.severity in ("error", "warning", "info")
     for p in sig.params:
         assert p.doc and p.source, f"{name}.{p.name} needs a meaning and a source"

@@ -188,3 +188,35 @@ def test_watch_polls_a_run_synced_to_s3(s3, tmp_path):
             break
     assert w.done and events[-1].kind == "finished"
     assert w.stats.segments_read == 12  # each uploaded segment downloaded and read once
+
+
+def test_discovery_on_s3_is_the_discovery_on_disk(s3, tmp_path):
+    """The same files locally and in the bucket: the same runs (one discovery, run on a
+    listing for the bucket), runs appended in one CSV file included; weights stay put."""
+    from runlens.discover import discover
+
+    fs, _ = s3
+    local = tmp_path / "mixed"
+    shutil.copytree(SAMPLES / "nan-inf", local / "runlens" / "nan-inf")
+    rows = "\n".join(f"{e},{2.0 - 0.1 * e},{2.1 - 0.1 * e}" for e in range(6))
+    log = local / "keras" / "training.log"
+    log.parent.mkdir(parents=True)
+    log.write_text(f"epoch,loss,val_loss\n{rows}\n{rows}\n")  # a second fit appended
+    version = local / "lightning_logs" / "version_0"
+    version.mkdir(parents=True)
+    (version / "metrics.csv").write_text(f"epoch,train_loss,val_loss\n{rows}\n")
+    (version / "checkpoint.ckpt").write_bytes(b"\0" * 1000)
+    fs.put(str(local) + "/", f"{BUCKET}/mixed/", recursive=True)
+    url = f"s3://{BUCKET}/mixed"
+    here, there = discover(local), discover(url)
+    assert [r.label for r in here.runs] == [
+        "keras/training.log#1",
+        "keras/training.log#2",
+        "lightning_logs/version_0",
+        "runlens/nan-inf",
+    ]
+    assert [r.label for r in there.runs] == [f"{url}/{r.label}" for r in here.runs]
+    assert [(r.format, r.part, r.lines) for r in there.runs] == [
+        (r.format, r.part, r.lines) for r in here.runs
+    ]
+    assert not list(Path(os.environ["RUNLENS_CACHE_DIR"]).rglob("checkpoint.ckpt"))

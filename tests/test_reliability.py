@@ -400,7 +400,9 @@ def _duplicate_steps(run: Path) -> str:
 
 
 def _two_runs(run: Path) -> str:
-    record(run, steps=12, flush_steps=5)  # a second training into the same directory
+    # A second training into the same directory, from step 0 (not a resume).
+    with pytest.warns(RuntimeWarning, match="already holds a run"):
+        record(run, steps=12, flush_steps=5, resume=False)
     return "this directory holds 2 runs"
 
 
@@ -734,9 +736,11 @@ def test_property_runs_cover_every_signature() -> None:
             report = runlens.analyze(run)
         skipped = {s.signature for s in report.skipped}
         called |= set(runlens.REGISTRY) - skipped
+    # Sanity signatures need sanity runs; bf16-stagnation needs parameter dtypes in
+    # run.json's model summary, which the random runs do not write.
     applicable = {
-        n for n, s in runlens.REGISTRY.items() if s.category != "sanity"
-    }  # sanity signatures need sanity runs
+        n for n, s in runlens.REGISTRY.items() if s.category != "sanity" and n != "bf16-stagnation"
+    }
     assert applicable <= called, applicable - called
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import runlens
-from runlens.signatures import CURVE_SIGNATURES, LAYER_SIGNATURES
+from runlens.signatures import BUG_SIGNATURES, CURVE_SIGNATURES, LAYER_SIGNATURES
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -46,7 +46,7 @@ def test_sample_run_diagnosis(scenario) -> None:
 
 def test_every_signature_has_a_triggering_sample() -> None:
     expected = {name for s in SCENARIOS for name in s.expect}
-    checked = [*CURVE_SIGNATURES, *LAYER_SIGNATURES]
+    checked = [*CURVE_SIGNATURES, *LAYER_SIGNATURES, *BUG_SIGNATURES]
     missing = sorted(sig.name for sig in checked if sig.name not in expected)
     assert not missing, f"signatures with no sample run that must trigger them: {missing}"
 

@@ -475,8 +475,10 @@ def test_nested_model_parameter_names_match_the_layer_rows(
 def test_frozen_layer_in_a_nested_model_reports_requires_grad_and_share(
     report_of: Callable[[str], runlens.Report],
 ) -> None:
-    f = serious(report_of("nested-frozen"))["frozen-layer"]
-    assert set(f.layers) == {"0.0.weight", "0.0.bias"}
+    # Freezing by requires_grad=False is deliberate far more often than not: info.
+    assert "frozen-layer" not in serious(report_of("nested-frozen"))
+    (f,) = [f for f in report_of("nested-frozen").findings if f.signature == "frozen-layer"]
+    assert f.severity == "info" and set(f.layers) == {"0.0.weight", "0.0.bias"}
     assert "requires_grad=False" in f.summary and f.confidence == pytest.approx(0.6)
     assert evidence(f, "share of parameter elements frozen") == pytest.approx(_nested_numel_share())
 

@@ -1,5 +1,9 @@
 """Activation statistics: which modules are recorded, and the statistics of their outputs
-and of the model's output, as sections (one tensor each, SINGLE values)."""
+and of the model's output, as sections (one tensor each, SINGLE values).
+
+Temporaries (signs, histogram codes, saturation masks) go through the workspace's spare
+buffer, in blocks of rows when a tensor is larger than it (``stream.single_stats``), so
+the memory they take is bounded by the collector's budget, not by the largest tensor."""
 
 from __future__ import annotations
 
@@ -13,11 +17,13 @@ import torch
 from torch import nn
 
 from runlens_collect import format as fmt
-from runlens_collect import stats
+from runlens_collect.budget import Workspace
 from runlens_collect.config import CollectorConfig
 from runlens_collect.layout import MAX_CACHED, Section
-from runlens_collect.scratch import Scratch
 from runlens_collect.step import StepFlags, StepParts
+from runlens_collect.stream import dead_fraction, saturated_fraction, single_stats
+
+__all__ = ["ActivationStats", "dead_fraction", "first_tensor"]
 
 # Activations whose output is zero for "dead" units, and bounded activations with bounds.
 _RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.Threshold)
@@ -63,7 +69,8 @@ class ActivationStats:
         model: the (uncompiled) model whose modules are selected.
         kinds: the kinds in effect (activation and/or output).
         layer_id: the collector's layer-id allocator (ids are assigned here, in order).
-        scratch: shared device scratch for signs and histogram codes.
+        workspace: the collector's budgeted device buffers (its spare buffer holds the
+            temporaries).
         guard: called with (site, exception) when a statistic fails (the site is then in
             ``disabled`` and no longer recorded).
         disabled: the collector's set of switched-off sites (shared).
@@ -75,12 +82,12 @@ class ActivationStats:
         model: nn.Module,
         kinds: set[str],
         layer_id: Callable[[str], int],
-        scratch: Scratch,
+        workspace: Workspace,
         guard: Callable[[str, BaseException], None],
         disabled: set[str],
     ) -> None:
         self.settings = settings
-        self._scratch = scratch
+        self._ws = workspace
         self._guard = guard
         self._disabled = disabled
         self.specs: dict[nn.Module, _ActSpec] = {}
@@ -159,11 +166,10 @@ class ActivationStats:
             x = torch.view_as_real(x)
         xf = x if x.is_floating_point() else x.float()
         # Rows along the last dimension, so the row sums give row_sum_mean.
-        rows = xf.reshape(-1, xf.shape[-1]) if xf.dim() and xf.shape[-1] else xf.reshape(1, -1)
-        raw, shape = stats.tensor_raw(xf, rows, self._scratch.like(rows))
-        data = [raw]
-        if flags.hist:
-            data.append(stats.tensor_hist(xf, self._scratch.int32_like(xf)))
+        row_len = xf.shape[-1] if xf.dim() and xf.shape[-1] else None
+        spare = self._ws.spare(2 * xf.numel())
+        raw, shape, h = single_stats(xf, spare, row_len, flags.hist, self._ws.max_chunk)
+        data = [raw] if h is None else [raw, h]
         section = self._section(
             OUTPUT_SECTION,
             fmt.KIND_OUTPUT,
@@ -200,8 +206,8 @@ class ActivationStats:
             if x.is_complex():
                 x = torch.view_as_real(x)
             xf = x if x.is_floating_point() else x.float()
-            rows = stats.as_rows(xf)
-            raw, shape = stats.tensor_raw(xf, rows, self._scratch.like(rows))
+            spare = self._ws.spare(2 * xf.numel())
+            raw, shape, h = single_stats(xf, spare, hist=flags.hist, max_width=self._ws.max_chunk)
             data = [raw]
             extras = []
             if spec.dead:
@@ -209,18 +215,41 @@ class ActivationStats:
             if spec.bounds is not None:
                 lo, hi = spec.bounds
                 m = (hi - lo) * _SATURATION_MARGIN
-                sat = (xf <= lo + m) | (xf >= hi - m)
-                extras.append(sat.sum(dtype=torch.float32) / max(1, xf.numel()))
+                extras.append(saturated_fraction(xf, lo + m, hi - m, spare))
             if extras:
-                data.append(torch.stack(extras).double())
-            if flags.hist:
-                data.append(stats.tensor_hist(xf, self._scratch.int32_like(xf)))
+                data.append(torch.stack(extras).to(raw.dtype))
+            if h is not None:
+                data.append(h)
             section = self._section(
                 site, fmt.KIND_ACTIVATION, spec.layer_id, x, flags.hist, shape, extra=spec.extra
             )
             parts.put(section, torch.cat(data))  # last call of the step wins
         except Exception as exc:
             self._guard(site, exc)
+
+
+def model_output(output: Any) -> torch.Tensor | None:
+    """The tensor that stands for a model's output: ``logits`` when the output has them (a
+    Hugging Face ``ModelOutput``, a dict), else the first tensor that is not a scalar (a
+    scalar is a loss: ``(loss, logits, ...)`` tuples put it first), else the first tensor."""
+    logits = output.get("logits") if isinstance(output, Mapping) else None
+    if logits is None and not isinstance(output, torch.Tensor | list | tuple | Mapping):
+        logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, torch.Tensor):
+        return output
+    first = None
+    values = output.values() if isinstance(output, Mapping) else output
+    if isinstance(values, list | tuple) or isinstance(output, Mapping):
+        for o in values:
+            t = model_output(o) if not isinstance(o, torch.Tensor) else o
+            if t is None:
+                continue
+            if t.dim() > 0:
+                return t
+            first = first if first is not None else t
+    return first
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:
@@ -235,14 +264,3 @@ def first_tensor(output: Any) -> torch.Tensor | None:
             if t is not None:
                 return t
     return None
-
-
-def dead_fraction(x: torch.Tensor, channel_first: bool) -> torch.Tensor:
-    """Fraction of units that are zero for every example (units: dim 1 after a conv,
-    else the last dim)."""
-    if x.dim() < 2:
-        return (x == 0).float().mean().reshape(())
-    if channel_first:
-        x = x.movedim(1, -1)
-    alive = x.reshape(-1, x.shape[-1]).abs().amax(0)
-    return (alive == 0).sum(dtype=torch.float32) / max(1, alive.numel())

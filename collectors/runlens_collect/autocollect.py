@@ -13,14 +13,20 @@ child's PYTHONPATH and sets ``RUNLENS_COLLECT_DIR``. Its ``sitecustomize`` calls
   root covers them, it starts at the optimizer's first ``step()`` instead;
 * ``register_optimizer_step_pre_hook`` / ``..._post_hook`` -> one training step ends at
   each ``optimizer.step()`` (the post hook calls ``Collector.step``);
-* ``torch.autograd.backward`` (which ``Tensor.backward`` calls) is wrapped: the scalar
-  tensors backward is called on since the last optimizer step are the step's training
-  loss (their mean, kept on device: no host sync);
+* ``torch.autograd.backward`` (which ``Tensor.backward`` calls) is observed
+  (``runlens_collect.observe``): the scalar tensors backward is called on since the last
+  optimizer step are the step's training loss: their mean, kept on device (no host sync),
+  each unscaled when it is a ``GradScaler`` output and, when the step backwarded several
+  each divided by a constant (gradient accumulation), with the division undone
+  (``contract.StepContract``);
 * the functional losses of ``torch.nn.functional`` (which the ``nn.*Loss`` modules call)
-  are wrapped, and ``_Loss`` modules get a forward hook: a scalar loss that does not
+  are observed, and ``_Loss`` modules get a forward hook: a scalar loss that does not
   require grad, computed under ``no_grad`` or while the last root module ran in eval mode,
   is an evaluation loss. The evaluation losses between two training steps are averaged and
   logged as ``val/loss`` at the last completed step when training resumes (or at exit).
+* ``nn.Module.compile`` is wrapped: a module compiled in place runs its forward hooks
+  inside the compiled code (where these hooks return at once), so it is remembered as a
+  root when compiled.
 
 One Collector per optimizer: the first optimizer's run is ``RUNLENS_COLLECT_DIR``, the
 k-th one's (k >= 2) ``RUNLENS_COLLECT_DIR-k`` (a GAN gives two runs: generator and
@@ -54,8 +60,10 @@ import torch.optim.optimizer as optimizer_mod  # torch.optim deletes this attrib
 import torch.utils.data
 from torch import nn
 
-from runlens_collect import _active
+from runlens_collect import _active, observe
 from runlens_collect import format as fmt
+from runlens_collect.compiled import compiling
+from runlens_collect.contract import MEAN, StepContract
 
 ENV_DIR = "RUNLENS_COLLECT_DIR"
 """Run directory of the first optimizer; setting it is what turns collection on."""
@@ -65,27 +73,6 @@ ENV_MANIFEST = "RUNLENS_COLLECT_MANIFEST"
 """File the child appends one JSON line to per run it starts (read by the CLI)."""
 ENV_OWNER = "RUNLENS_COLLECT_OWNER"
 """PID of the process that collects; inherited, so other processes stay inactive."""
-
-_FUNCTIONAL_LOSSES = (
-    "cross_entropy",
-    "nll_loss",
-    "mse_loss",
-    "l1_loss",
-    "smooth_l1_loss",
-    "huber_loss",
-    "binary_cross_entropy",
-    "binary_cross_entropy_with_logits",
-    "kl_div",
-    "poisson_nll_loss",
-    "gaussian_nll_loss",
-    "soft_margin_loss",
-    "multilabel_soft_margin_loss",
-    "margin_ranking_loss",
-    "hinge_embedding_loss",
-    "cosine_embedding_loss",
-    "triplet_margin_loss",
-    "ctc_loss",
-)
 
 
 class _State:
@@ -110,12 +97,14 @@ class _State:
         self.depth = 0  # nesting of module forwards in progress
         self.loss_depth = 0  # nesting of loss computations (module -> functional)
         self.last_root_training = True
-        self.losses: list[torch.Tensor] = []  # backwarded since the last step
+        # backwarded since the last step: unscaled, accumulation undone (contract)
+        self.losses = StepContract(MEAN)
         self.stepped = False  # an optimizer stepped since the last backward
         self.eval_sum: torch.Tensor | None = None
         self.eval_count = 0
         self.pending_val: list[torch.Tensor] = []  # passes ended before any collector
         self.crashed = False
+        self.preempted = False  # SIGTERM
         self.stood_down = False
         self.warned: set[str] = set()
         self.handles: list[Any] = []
@@ -204,21 +193,19 @@ def _install() -> None:
 
     torch.optim.Optimizer.__init__ = optimizer_init  # type: ignore[method-assign]
 
-    backward = torch.autograd.backward
+    compile_module = nn.Module.compile
 
-    @functools.wraps(backward)
-    def backward_wrapper(tensors: Any, *args: Any, **kwargs: Any) -> Any:
+    @functools.wraps(compile_module)
+    def module_compile(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        out = compile_module(self, *args, **kwargs)
         if s.enabled:
-            _on_backward(tensors)
-        return backward(tensors, *args, **kwargs)
+            _remember_root(self)
+        return out
 
-    torch.autograd.backward = backward_wrapper  # Tensor.backward calls it by this name
+    nn.Module.compile = module_compile  # type: ignore[method-assign]
 
-    functional = torch.nn.functional
-    for name in _FUNCTIONAL_LOSSES:
-        fn = getattr(functional, name, None)
-        if fn is not None:
-            setattr(functional, name, _wrap_loss(fn))
+    # Losses, backward and the GradScaler are observed (shared with explicit Collectors).
+    observe.add_listener(_LISTENER, weak=False)
 
     prev_hook = sys.excepthook
 
@@ -245,8 +232,8 @@ def _after_fork_in_child() -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    # Close the runs (crashed), then die of SIGTERM as the script would have.
-    _STATE.crashed = True
+    # Close the runs (preempted), then die of SIGTERM as the script would have.
+    _STATE.preempted = True
     _close_all()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
@@ -255,21 +242,24 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 # -- losses -----------------------------------------------------------------------------
 
 
-def _wrap_loss(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def loss_wrapper(*args: Any, **kwargs: Any) -> Any:
-        s = _STATE
-        if not s.enabled or s.loss_depth:
-            return fn(*args, **kwargs)
-        s.loss_depth += 1
-        try:
-            out = fn(*args, **kwargs)
-        finally:
-            s.loss_depth -= 1
-        _maybe_eval_loss(out)
-        return out
+class _Listener:
+    """Zero-code's ``observe`` listener (one per process)."""
 
-    return loss_wrapper
+    def on_loss(self, name: str, args: Any, kwargs: Any, out: Any) -> None:
+        s = _STATE
+        if s.enabled and not s.loss_depth:  # inside an nn.*Loss: its forward hook counts it
+            _maybe_eval_loss(out)
+
+    def on_backward(self, tensor: torch.Tensor) -> None:
+        if _STATE.enabled:
+            _on_backward(tensor)
+
+    def on_scale(self, scaler: Any, loss: torch.Tensor, scaled: torch.Tensor) -> None:
+        if _STATE.enabled:
+            _STATE.losses.on_scale(scaler, loss, scaled)
+
+
+_LISTENER = _Listener()
 
 
 @_guarded
@@ -306,15 +296,17 @@ def _on_backward(tensors: Any) -> None:
     s = _STATE
     _end_eval_pass()
     if s.stepped:
-        s.losses, s.stepped = [], False
+        s.losses.micro, s.stepped = [], False
     if isinstance(tensors, torch.Tensor) and tensors.numel() == 1:
-        s.losses.append(tensors.detach().reshape(()))
+        s.losses.on_backward(tensors)
 
 
 # -- modules ----------------------------------------------------------------------------
 
 
 def _on_forward_pre(module: nn.Module, args: Any) -> None:
+    if compiling():
+        return  # inside compiled code (a module compiled in place runs its hooks there)
     s = _STATE
     if not s.enabled:
         return
@@ -327,12 +319,17 @@ def _on_forward_pre(module: nn.Module, args: Any) -> None:
     _on_root(module)
 
 
-@_guarded
-def _on_root(module: nn.Module) -> None:
+def _remember_root(module: nn.Module) -> None:
     s = _STATE
     if id(module) not in s.root_ids:
         s.root_ids.add(id(module))
         s.roots.append(weakref.ref(module))
+
+
+@_guarded
+def _on_root(module: nn.Module) -> None:
+    s = _STATE
+    _remember_root(module)
     s.last_root_training = module.training
     if not (module.training and torch.is_grad_enabled()):
         return
@@ -353,6 +350,8 @@ def _on_root(module: nn.Module) -> None:
 
 
 def _on_forward(module: nn.Module, args: Any, output: Any) -> None:
+    if compiling():
+        return
     s = _STATE
     if not s.enabled:
         return
@@ -371,7 +370,11 @@ def _params_of(module: nn.Module) -> frozenset[int]:
 
 
 def _optimizer_params(opt: torch.optim.Optimizer) -> frozenset[int]:
-    return frozenset(id(p) for g in opt.param_groups for p in g["params"] if p.requires_grad)
+    """The optimizer's trainable parameters; all of them when none is trainable (an
+    optimizer of frozen parameters still names the model they belong to)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    trainable = frozenset(id(p) for p in params if p.requires_grad)
+    return trainable or frozenset(id(p) for p in params)
 
 
 def _model_for(wanted: frozenset[int]) -> tuple[nn.Module | None, frozenset[int]]:
@@ -434,9 +437,7 @@ def _on_step_pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
 def _on_step_post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     s = _STATE
     col = s.collectors.get(id(opt))
-    loss = None
-    if s.losses:
-        loss = s.losses[0] if len(s.losses) == 1 else torch.stack(s.losses).mean()
+    loss = s.losses.loss()
     s.stepped = True
     if col is not None:
         col.step(loss=loss)
@@ -459,13 +460,18 @@ def _start(opt: torch.optim.Optimizer, model: nn.Module) -> None:
         return
     k = len(s.order) + 1
     run_dir = s.run_dir if k == 1 else s.run_dir.with_name(f"{s.run_dir.name}-{k}")
-    knobs = {
+    knobs: dict[str, Any] = {
         key: (tuple(v) if key == "kinds" else int(v))
         for key, v in s.settings.items()
         if key in ("every", "activation_every", "hist_every", "kinds")
     }
+    if "overhead" in s.settings:  # a fraction, or None: fixed cadences
+        v = s.settings["overhead"]
+        knobs["overhead"] = None if v is None else float(v)
     config = {"optimizer": type(opt).__name__, **_hyperparams(opt), "collected_by": "zero-code"}
-    col = Collector(model, opt, run_dir=run_dir, config=config, **knobs)
+    # The loss comes from here (backward calls before *this* optimizer's step), not from
+    # the collector's own view of backward, which would mix two optimizers' losses.
+    col = Collector(model, opt, run_dir=run_dir, config=config, _watch_backward=False, **knobs)
     s.collectors[id(opt)] = col
     s.order.append(col)
     if k == 1:
@@ -526,7 +532,11 @@ def _close_all() -> None:
         return
     with contextlib.suppress(Exception):
         _end_eval_pass()
-    status = fmt.STATUS_CRASHED if s.crashed else fmt.STATUS_FINISHED
+    status = fmt.STATUS_FINISHED
+    if s.preempted:
+        status = fmt.STATUS_PREEMPTED
+    elif s.crashed:
+        status = fmt.STATUS_CRASHED
     for col in s.order:
         try:
             col.close(status)

@@ -27,6 +27,7 @@ Standard library and pyarrow only: the analyzer imports this module too.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import time
@@ -113,9 +114,50 @@ def compact_run(
             if not rank_dir.is_dir() or rank is None or (wanted is not None and rank not in wanted):
                 continue
             low = (first or {}).get(table, 0)
+            breaks = _resume_breaks(root, table, rank)
             _compact_folder(
-                root, table, rank, rank_dir, out, dry_run, row_group_rows, max_file_rows, low
+                root,
+                table,
+                rank,
+                rank_dir,
+                out,
+                dry_run,
+                row_group_rows,
+                max_file_rows,
+                low,
+                breaks,
             )
+    return out
+
+
+def _resume_breaks(root: Path, table: str, rank: int) -> set[int]:
+    """First segment numbers of the continuations of a resumed run (rank's ``resume``
+    events, run.json ``resumed`` for rank 0). A compacted segment never spans one: readers
+    drop the rows a continuation superseded by the segments' numbers."""
+    out: set[int] = set()
+    records: list[dict] = []
+    if rank == 0:
+        try:
+            meta = json.loads((root / fmt.RUN_JSON).read_text(encoding="utf-8"))
+            records += list(fmt.read_resumed(meta)) if isinstance(meta, dict) else []
+        except (OSError, ValueError):
+            pass
+    try:
+        with open(fmt.events_path(root, rank), encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(ev, dict) and ev.get("kind") == "resume":
+                    records.append(ev)
+    except OSError:
+        pass
+    for r in records:
+        segs = r.get("segments")
+        first = segs.get(table) if isinstance(segs, dict) else None
+        if isinstance(first, int) and not isinstance(first, bool):
+            out.add(first)
     return out
 
 
@@ -136,13 +178,14 @@ def _compact_folder(
     row_group_rows: int,
     max_file_rows: int,
     low: int = 0,
+    breaks: set[int] | None = None,
 ) -> None:
     files = list(folder.glob("part-*.parquet"))
     live = fmt.live_segments(files)
     _remove_covered(files, live, dry_run)
     mine = [p for p in live if (fmt.segment_range(p) or (-1, -1))[0] >= low]
     out.kept += len(live) - len(mine)
-    groups, kept = _plan(mine, out, row_group_rows, max_file_rows)
+    groups, kept = _plan(mine, out, row_group_rows, max_file_rows, breaks or set())
     out.kept += kept
     if not groups:
         return
@@ -170,9 +213,14 @@ class _Group:
 
 
 def _plan(
-    live: list[Path], out: Compaction, row_group_rows: int, max_file_rows: int
+    live: list[Path],
+    out: Compaction,
+    row_group_rows: int,
+    max_file_rows: int,
+    breaks: set[int] | None = None,
 ) -> tuple[list[_Group], int]:
-    """Groups of consecutive small segments with one schema; and how many stay alone."""
+    """Groups of consecutive small segments with one schema, never across a resume
+    (``breaks``: first segment numbers of continuations); and how many stay alone."""
     groups: list[_Group] = []
     cur = _Group()
     kept = 0
@@ -186,6 +234,9 @@ def _plan(
         cur = _Group()
 
     for p in live:
+        r = fmt.segment_range(p)
+        if r is not None and r[0] in (breaks or ()):
+            close()  # a continuation starts here
         try:
             md = pq.read_metadata(p)
             schema = md.schema.to_arrow_schema()

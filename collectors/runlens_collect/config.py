@@ -19,12 +19,17 @@ DEFAULT_EXCLUDE: tuple[type[nn.Module], ...] = (
 """Modules never recorded by default: their output equals their input."""
 
 
+MIN_MEMORY_BUDGET = 4 << 10
+"""Smallest memory_budget accepted (tests force the update rotation on tiny models)."""
+
+
 @dataclass(frozen=True)
 class CollectorConfig:
-    """What the Collector records and how often. Defaults were chosen by measurement
-    (``benchmarks/collector_overhead.py``): at these settings a small CPU transformer
-    trains at about 1.03x the bare step time (1.04x over a whole run, activation and
-    histogram steps included), 1.02-1.03x with ``every=10`` (docs/benchmarks.md).
+    """What the Collector records and how often. The cadences below are the densest it
+    records; the ``overhead`` budget (3% of the step time by default) thins them when the
+    collector's measured time does not fit, and ``memory_budget`` bounds its device memory
+    whatever the model's size. Measured whole-run costs and memory: docs/benchmarks.md
+    (``benchmarks/collector_overhead.py``, ``benchmarks/collector_memory.py --models``).
 
     Attributes:
         kinds: which layer statistics to record, a subset of format.KINDS. ``update`` needs
@@ -36,6 +41,22 @@ class CollectorConfig:
             module's), often the largest tensor of a step (logits), and the analyzer uses
             it for level checks only: every step would cost ~1% here for nothing.
         hist_every: fixed-bin histograms every N steps (on steps that record the kind).
+        frozen_every: frozen parameters (``requires_grad=False``) get their weight rows, and
+            missing gradient/update rows, every N stat steps (and at step 0): they do not
+            change, and a frozen base can be most of a model (LoRA).
+        memory_budget: bytes of device memory the collector may hold (buffers and
+            temporaries; the host ring is ``max_queue_bytes``). None: the larger of 64 MiB
+            and 1/64 of the trainable parameters' bytes (budget.default_budget). When the
+            update snapshot of all trainable parameters does not fit half of it, updates
+            are recorded for a rotating subset per stat step (run.json
+            ``collector.memory.update_subsets``).
+        overhead: the share of the step time the collector may spend on the training
+            thread (default 0.03): it measures its own time and thins what it records (the
+            stat, activation, histogram and frozen cadences, each at most
+            ``overhead.MAX_SCALE`` times its knob) to stay within it; loss, learning rates,
+            grad_norm and timings are recorded every step regardless. None: the cadences
+            above, fixed. Changes are ``cadence`` events; run.json ``collector.sampling``
+            sums them up.
         modules: which modules get activation rows: None = every leaf module; else a
             sequence of module types and/or regular expressions matched (re.search) against
             the module path; a module matching any entry is included, leaf or not.
@@ -62,6 +83,9 @@ class CollectorConfig:
     every: int = 1
     activation_every: int = 10
     hist_every: int = 50
+    frozen_every: int = 100
+    memory_budget: int | None = None
+    overhead: float | None = 0.03
     modules: Sequence[type[nn.Module] | str] | None = None
     exclude_modules: Sequence[type[nn.Module] | str] = DEFAULT_EXCLUDE
     flush_steps: int = 500
@@ -80,6 +104,7 @@ class CollectorConfig:
             "every",
             "activation_every",
             "hist_every",
+            "frozen_every",
             "flush_steps",
             "max_queue",
             "max_queue_bytes",
@@ -88,6 +113,10 @@ class CollectorConfig:
                 raise ValueError(f"{knob} must be >= 1")
         if self.flush_seconds <= 0:
             raise ValueError("flush_seconds must be > 0")
+        if self.memory_budget is not None and int(self.memory_budget) < MIN_MEMORY_BUDGET:
+            raise ValueError(f"memory_budget must be >= {MIN_MEMORY_BUDGET} bytes (or None)")
+        if self.overhead is not None and not 0 < float(self.overhead) < 1:
+            raise ValueError("overhead must be a fraction of the step time in (0, 1), or None")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -4,7 +4,8 @@ A run is a directory::
 
     RUN_DIR/
       run.json                         metadata (see RUN_JSON_KEYS), rewritten atomically
-      events.jsonl                     one JSON object per line (see EVENT_KINDS)
+      events.jsonl                     one JSON object per line (see EVENT_KINDS), rank 0
+      events-rank1.jsonl ...           the events of the other ranks (events_path)
       scalars/rank=0/part-000000.parquet   long table, SCALARS_SCHEMA
       layers/rank=0/part-000000.parquet    one row per (step, tensor, kind), LAYERS_SCHEMA
 
@@ -46,7 +47,10 @@ SEGMENT_GLOB: Final = "rank=*/part-*.parquet"
 STATUS_RUNNING: Final = "running"
 STATUS_FINISHED: Final = "finished"
 STATUS_CRASHED: Final = "crashed"
-STATUSES: Final = (STATUS_RUNNING, STATUS_FINISHED, STATUS_CRASHED)
+STATUS_PREEMPTED: Final = "preempted"
+"""Ended by SIGTERM or SIGINT (a scheduler's preemption, Ctrl-C): flushed and closed, but
+not finished."""
+STATUSES: Final = (STATUS_RUNNING, STATUS_FINISHED, STATUS_CRASHED, STATUS_PREEMPTED)
 
 RUN_JSON_KEYS: Final = {
     "schema_version": "int, SCHEMA_VERSION of the writer",
@@ -55,14 +59,19 @@ RUN_JSON_KEYS: Final = {
     "kind": "str, 'train' for ordinary runs; sanity runs use e.g. 'lr_range_test'",
     "start_time": "float, UNIX seconds",
     "end_time": "float | null, UNIX seconds when closed",
-    "status": "'running' | 'finished' | 'crashed'",
+    "status": "'running' | 'finished' | 'crashed' | 'preempted' (SIGTERM/SIGINT: flushed and "
+    "closed, not finished)",
     "last_step": "int | null, last step flushed to disk",
     "host": "str, hostname",
     "world_size": "int, torch.distributed world size (1 when not distributed)",
     "versions": "dict, python / torch / numpy / pyarrow / runlens_collect versions",
     "device": "str, device of the model's first parameter, e.g. 'cpu', 'cuda:0'",
     "config": "dict, the user's config, as given (JSON-able values only)",
-    "collector": "dict, the collector settings in effect",
+    "collector": "dict, the collector settings in effect, and: kinds_in_effect, rank, "
+    "compiled (bool: activation hooks off), devices (device -> parameters recorded there), "
+    "data_time (how time/data was measured: 'host' | 'device-events' | 'unreliable', see "
+    "DATA_TIME_*), wire_dtype ('float64', or 'float32' on devices without float64), "
+    "memory and sampling (see COLLECTOR_MEMORY_KEYS, COLLECTOR_SAMPLING_KEYS)",
     "model": "dict, see MODEL_SUMMARY_KEYS",
     "repro": "dict, reproducibility record (command line, seeds, git, flags)",
     "source_format": "str, 'runlens' when the collector wrote the run; for a log converted "
@@ -78,13 +87,58 @@ RUN_JSON_KEYS: Final = {
     "task": "dict | null, what the model was trained to do, as the writer saw it (see "
     "TASK_KEYS); null when not known. Runs written before this key existed lack it: read "
     "as null",
+    "resumed": "list of {step, time, previous_last_step, previous_status, run_id, segments} "
+    "(as the `resume` event): each time training "
+    "continued into this run directory (a resume from a checkpoint); `step` is the first "
+    "step recorded by the continuation. Steps from `step` on recorded earlier are replaced "
+    "(the last write wins). Absent or empty: never resumed",
+    "probes": "dict, probe name -> what that probe saw at setup and over the run (see "
+    "PROBE_JSON_KEYS); absent or {} when no probe ran (older runs, ``probes=()``)",
 }
 
 MODEL_SUMMARY_KEYS: Final = {
     "class": "str, class name of the root module",
     "num_params": "int, total number of parameter elements",
-    "modules": "list of {path, type, params: [{name, shape, numel, requires_grad}]}",
+    "modules": "list of {path, type, params: [{name, shape, numel, requires_grad, dtype}]}; "
+    "dtype is the parameter's storage type at setup (float32, bfloat16, ...), absent in runs "
+    "written before it was recorded",
     "output_shape": "list[int] | null, shape of the root module's output, once seen",
+}
+
+# -- run.json "collector": what the budgets left out (issue 17) -------------------------
+# Parameter rows are *sampled*: frozen parameters (requires_grad=False) only on full steps,
+# updates of a rotating subset per stat step when the snapshot of all trainable parameters
+# does not fit the memory budget, and all cadences thinned to the overhead budget. A row
+# a step did not sample is absent (not a row with missing=true): readers treat the gap as
+# "not sampled" (the analyzer's layer matrices hold the last sampled value).
+
+COLLECTOR_MEMORY_KEYS: Final = {
+    "budget_bytes": "int, the memory_budget in effect (bytes of device memory the collector "
+    "may hold: its buffers and temporaries)",
+    "held_bytes": "int, bytes of buffers held after setup",
+    "trainable_bytes": "int, bytes of the parameters with requires_grad",
+    "frozen_bytes": "int, bytes of the parameters without (recorded on full steps only)",
+    "update_subsets": "int, K: the trainable parameters the optimizer holds are cut into K "
+    "subsets whose snapshots fit half the budget, one per stat step in turn, so each has "
+    "an update row at least every K stat steps (1: all every stat step; 0: no updates)",
+    "update_cut_tensors": "list of str, tensors larger than the snapshot share: each stat "
+    "step that covers one records the update of a run of its rows (row `numel` says how "
+    "many elements; update_ratio over the same rows)",
+}
+
+COLLECTOR_SAMPLING_KEYS: Final = {
+    "overhead_target": "float | null, the overhead knob: share of the step time the collector "
+    "may spend on the training thread (null: fixed cadences)",
+    "adaptive": "bool, whether the cadences adapted to it",
+    "changes": "int, cadence changes (each a `cadence` event)",
+    "every": "[min, max] steps between weight/grad/update rows over the run",
+    "activation_every": "[min, max] steps between activation and output rows",
+    "hist_every": "[min, max] steps between histograms",
+    "frozen_every": "[min, max] steps between full steps (frozen parameters' rows)",
+    "last": "{step, every, activation_every, hist_every, frozen_every}: the cadence in effect "
+    "from that step to the end",
+    "measured_overhead": "float | null, the collector's time on the training thread over the "
+    "step time without it, whole run (written at close)",
 }
 
 # -- run.json "task" --------------------------------------------------------------------
@@ -162,17 +216,152 @@ VAL_ACCURACY: Final = "val/accuracy"
 LR_PREFIX: Final = "lr/"  # one per optimizer param group: lr/0, lr/1, ...
 GRAD_NORM: Final = "grad_norm"
 """Total L2 norm of all gradients as the optimizer receives them: after accumulation,
-after AMP unscaling and after any clipping the user applied before ``optimizer.step()``."""
+after AMP unscaling and after any clipping the user applied before ``optimizer.step()``.
+Absent on a step where no parameter had a gradient (runs written before this rule have a
+NaN there)."""
+GRAD_NORM_PRECLIP: Final = "grad_norm_preclip"
+"""Total gradient norm before clipping: what ``torch.nn.utils.clip_grad_norm_`` returned
+(the last call of the step)."""
+LOSS_SCALE: Final = "amp/loss_scale"
+"""The AMP ``GradScaler`` loss scale the step's backward used."""
+STEP_SKIPPED: Final = "optim/skipped"
+"""1 when the step did not update the parameters (the GradScaler found inf/NaN gradients,
+or ``optimizer.step()`` was not called), else 0."""
 TIME_STEP: Final = "time/step"
 """Seconds between the ends of two consecutive steps (host wall clock)."""
 TIME_DATA: Final = "time/data"
 """Seconds from the end of one step to the start of the next forward: waiting for data."""
 TIME_COMPUTE: Final = "time/compute"
 """time/step - time/data: forward, backward, optimizer step."""
+SKIP_SENSITIVE: Final = (GRAD_NORM, GRAD_NORM_PRECLIP)
+"""Scalars that describe gradients applied by the step: a skipped step's values (inf under
+a GradScaler overflow) were never applied, and readers ignore them."""
+
+SCALAR_NAMES: Final = {
+    TRAIN_LOSS: "every step: the training loss of the optimizer step, *unscaled* (never "
+    "multiplied by an AMP loss scale) and averaged over its micro-batches: the `loss` given "
+    "to `step()`, else the mean of the scalars backwarded since the last step (each one's "
+    "division by a constant undone when a step backwards several: gradient accumulation); "
+    "the Hugging Face integration records the Trainer's own definition (the sum of what "
+    "`training_step` backwarded)",
+    "train/<name>": "every step: extra keyword arguments of `step()`",
+    "lr/0, lr/1, ...": "every step: `lr` of each optimizer param group",
+    GRAD_NORM: "every step that applied gradients: total L2 norm of all gradients **as the "
+    "optimizer receives them**: after accumulation, unscaled (AMP), **after clipping**. "
+    "Absent (not NaN) on a step where no parameter had a gradient",
+    GRAD_NORM_PRECLIP: "steps that clipped: total L2 norm **before** clipping (what "
+    "`torch.nn.utils.clip_grad_norm_` returned, also through accelerate / Lightning)",
+    LOSS_SCALE: "every step under an AMP GradScaler: the loss scale of the step's backward",
+    STEP_SKIPPED: "1 on a step whose optimizer update did not happen (GradScaler overflow; "
+    "`optimizer.step()` not called), 0 on other steps once a GradScaler is in use. A skipped "
+    "step has no grad/update rows and no grad_norm unless the skip was only known on the "
+    "device (fused optimizers): readers ignore those (SKIP_SENSITIVE, grad and update rows)",
+    "probe/...": "see *probe scalars* below: the silent-bug probes' statistics",
+    TIME_STEP: "from the second step: seconds between the ends of two consecutive steps",
+    TIME_DATA: "from the second step: seconds the device waited for the next batch; see "
+    "run.json `collector.data_time` for how it was measured",
+    TIME_COMPUTE: "from the second step: `time/step - time/data`",
+    "anything": "when logged: `Collector.log({...})` / `runlens_collect.log({...})` values "
+    "under their own names, at the last completed step",
+}
+"""The scalar names the collector writes, with when and what (docs/run-format.md)."""
+
+DATA_TIME_HOST: Final = "host"
+"""run.json ``collector.data_time``: time/data measured on the host clock, exact where the
+device runs synchronously with the host (CPU)."""
+DATA_TIME_DEVICE_EVENTS: Final = "device-events"
+"""... measured on the device's timeline (CUDA events at the end of a step and at the next
+forward's start): how long the device idled for the next batch."""
+DATA_TIME_UNRELIABLE: Final = "unreliable"
+"""... host time on an asynchronous device without timing events: not a data wait."""
 
 
 def lr_name(group: int) -> str:
     return f"{LR_PREFIX}{group}"
+
+
+# -- probe scalars (runlens_collect.probes) -----------------------------------------------
+# Extra per-step statistics of the collector's probes, the evidence of the silent-bug
+# checks (docs/silent-bugs.md). All live under PROBE_PREFIX; a run recorded without a
+# probe has none of its names. Counts are host values; the rest are device reductions
+# shipped in the step's buffer (no host sync).
+
+PROBE_PREFIX: Final = "probe/"
+INPUT_SUM: Final = "probe/input/sum"
+INPUT_SUMSQ: Final = "probe/input/sumsq"
+INPUT_PROJ: Final = "probe/input/proj"
+INPUT_EXAMPLES: Final = "probe/input/examples"
+INPUT_NUMEL: Final = "probe/input/numel"
+INPUT_FORWARDS: Final = "probe/input/forwards"
+INPUT_EVAL_BATCH: Final = "probe/input/eval_batch"
+MODE_TRAIN_GRAD: Final = "probe/mode/train_grad"
+MODE_TRAIN_NOGRAD: Final = "probe/mode/train_nograd"
+MODE_EVAL_GRAD: Final = "probe/mode/eval_grad"
+MODE_EVAL_NOGRAD: Final = "probe/mode/eval_nograd"
+MODE_DISAGREE_TRAIN: Final = "probe/mode/disagree_train"
+MODE_DISAGREE_EVAL: Final = "probe/mode/disagree_eval"
+MODE_EVALS_BEFORE_TRAIN: Final = "probe/mode/evals_before_train"
+GRAD_CARRY_SQ: Final = "probe/grad/carry_sq"
+GRAD_NEW_SQ: Final = "probe/grad/new_sq"
+GRAD_CARRY_MASK: Final = "probe/grad/carry_mask"
+GRAD_PASSES: Final = "probe/grad/passes"
+
+PROBE_SCALARS: Final = {
+    INPUT_SUM: "sum of the elements of the model's first input tensor (the first tensor "
+    "argument of the root module's forward, else of its keyword arguments), summed over "
+    "the step's training forwards (grad enabled; train-mode ones, or eval-mode ones when "
+    "the step had no train-mode forward); device, float32",
+    INPUT_SUMSQ: "sum of the squared elements of that input, over the same forwards; device",
+    INPUT_PROJ: "Σ_j v_j Σ_i x_ij: the input viewed as (batch, rest), summed over the batch "
+    "and projected on fixed weights v_j = cos(1.61803·j + 0.5): with sum and sumsq a "
+    "fingerprint of the batch's examples that no reordering changes; device",
+    INPUT_EXAMPLES: "examples of the step: the input's first dimension summed over the "
+    "step's training forwards (host)",
+    INPUT_NUMEL: "elements per example of the input (its numel / first dimension) at the "
+    "step's last training forward (host)",
+    INPUT_FORWARDS: "training forwards of the step (several with gradient accumulation)",
+    INPUT_EVAL_BATCH: "largest first dimension of the inputs of no-grad forwards since the "
+    "previous step (evaluation batches); absent when there was none",
+    MODE_TRAIN_GRAD: "root-module forwards this step with grad enabled and model.training "
+    "True (ordinary training forwards)",
+    MODE_TRAIN_NOGRAD: "forwards with grad disabled in training mode (evaluation without "
+    "model.eval(), or no-grad forwards inside training)",
+    MODE_EVAL_GRAD: "forwards with grad enabled in eval mode (training without "
+    "model.train(), or evaluation without torch.no_grad())",
+    MODE_EVAL_NOGRAD: "forwards with grad disabled in eval mode (ordinary evaluation)",
+    MODE_DISAGREE_TRAIN: "at the step's first train-mode forward: mode-dependent modules "
+    "(dropout with p > 0, BatchNorm/InstanceNorm with running statistics, spectral norm) "
+    "whose own training flag is False",
+    MODE_DISAGREE_EVAL: "at the step's first eval-mode forward: mode-dependent modules "
+    "whose own training flag is True",
+    MODE_EVALS_BEFORE_TRAIN: "recorded once, at step 0: forwards in eval mode before the "
+    "first train-mode forward of the run",
+    GRAD_CARRY_SQ: "Σ over the probed parameters of ‖p.grad‖² as it was when the first "
+    "gradient of an optimizer step arrived (a tensor hook, before accumulation): 0 when "
+    "gradients were reset (zero_grad) since the previous optimizer step; device",
+    GRAD_NEW_SQ: "Σ over the same parameters of ‖incoming gradient‖² of that first "
+    "backward pass; device",
+    GRAD_CARRY_MASK: "bit i set when probed parameter i (run.json probes.grad.params) "
+    "carried a non-zero gradient into this step; device",
+    GRAD_PASSES: "backward passes that reached the probed parameters during this step (> 1 "
+    "with gradient accumulation)",
+}
+
+PROBE_JSON_KEYS: Final = {
+    "inputs": "{} (the input probe keeps no setup facts)",
+    "modes": "{sensitive: mode-dependent modules by class (Dropout, BatchNorm2d, ...), "
+    "spectral_norm: paths of modules with torch.nn.utils.spectral_norm (power iteration "
+    "only in training mode), disagree_train / disagree_eval: paths (at most 20) of modules "
+    "seen with a training flag different from the root's}",
+    "grad": "{params: names of the probed parameters, in bit order of "
+    "probe/grad/carry_mask; reset: 'optimizer' (after optimizer.step()) or 'step'}",
+    "optimizer": "{present: bool, tensors: parameter tensors the optimizer holds, "
+    "foreign: of those, tensors that are not parameters of the model, foreign_numel, "
+    "frozen_held: model parameters the optimizer holds with requires_grad False (names, at "
+    "most 20), n_frozen_held, trainable_outside: model parameters with requires_grad True "
+    "in no param group (names, at most 20), n_trainable_outside, checked_at: steps of the "
+    "checks (setup is -1)}",
+}
 
 
 # -- layers -----------------------------------------------------------------------------
@@ -258,7 +447,14 @@ EVENT_KINDS: Final = {
     "nonfinite": "first non-finite value: {step, where: 'scalar'|'layer', name, layer_kind?}",
     "warning": "a collector failure that was swallowed: {message, site, step}",
     "skipped": "statistics dropped because the writer fell behind: {steps, total}",
+    "cadence": "the overhead budget changed the cadences from `step` on: {step, every, "
+    "activation_every, hist_every, frozen_every}",
     "close": "clean close: {last_step, status}",
+    "resume": "training continued into this run directory: {step, previous_last_step, "
+    "previous_status, run_id, segments: {scalars, layers}}; `segments` are the first segment "
+    "numbers this rank's continuation writes: rows of earlier segments at `step` or later "
+    "are superseded",
+    "signal": "SIGTERM/SIGINT received: the run is flushed and closed as preempted: {signal}",
 }
 """Every event line is a JSON object with ``kind`` (a key of EVENT_KINDS), ``time`` (UNIX
 seconds) and ``rank``, plus the fields listed. The layer kind of a ``nonfinite`` event is
@@ -273,6 +469,33 @@ class SchemaVersionError(ValueError):
 
 def segment_path(run_dir: str | os.PathLike[str], table: str, rank: int, seq: int) -> Path:
     return Path(run_dir) / table / f"rank={rank}" / f"part-{seq:06d}.parquet"
+
+
+EVENTS_RANK_GLOB: Final = "events-rank*.jsonl"
+
+
+def events_path(run_dir: str | os.PathLike[str], rank: int = 0) -> Path:
+    """Where ``rank`` appends its events: ``events.jsonl`` for rank 0, else
+    ``events-rank<N>.jsonl`` (one file per process: concurrent appends to one file are
+    not atomic on network file systems). Readers read them all."""
+    name = EVENTS_JSONL if rank == 0 else f"events-rank{rank}.jsonl"
+    return Path(run_dir) / name
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename in directory ``path`` durable (best effort: not every OS or file
+    system can open a directory)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # -- compaction: segment names and which segments a reader reads -------------------------
@@ -365,36 +588,71 @@ def next_segment_number(paths: Iterable[str | os.PathLike[str]]) -> int:
 
 
 def write_segment(table: pa.Table, path: str | os.PathLike[str]) -> None:
-    """Write one complete Parquet segment atomically (temp file + rename)."""
+    """Write one complete Parquet segment atomically and durably: temp file, fsync,
+    rename, fsync of the directory (a node crash can otherwise leave an empty file under
+    the final name)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             pq.write_table(table, fh, compression="zstd")
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
         raise
+    fsync_dir(path.parent)
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
+    """Rewrite a JSON file atomically and durably (temp file, fsync, rename, fsync dir)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(sanitize_json(obj), fh, indent=2, default=_json_default, allow_nan=False)
             fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
         raise
+    fsync_dir(path.parent)
 
 
-def append_event(run_dir: str | os.PathLike[str], event: dict[str, Any]) -> None:
-    line = json.dumps(sanitize_json(event), default=_json_default, allow_nan=False)
-    with open(Path(run_dir) / EVENTS_JSONL, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
+def append_event(run_dir: str | os.PathLike[str], event: dict[str, Any], rank: int = 0) -> None:
+    append_events(run_dir, [event], rank)
+
+
+def append_events(
+    run_dir: str | os.PathLike[str], events: list[dict[str, Any]], rank: int = 0
+) -> None:
+    """Append events to ``rank``'s events file and fsync it."""
+    if not events:
+        return
+    text = "".join(
+        json.dumps(sanitize_json(e), default=_json_default, allow_nan=False) + "\n" for e in events
+    )
+    with open(events_path(run_dir, rank), "a", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_resumed(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """run.json's ``resumed`` entries that have an int ``step`` (a reader never fails)."""
+    out = []
+    for r in meta.get("resumed") or []:
+        if (
+            isinstance(r, dict)
+            and isinstance(r.get("step"), int)
+            and not isinstance(r.get("step"), bool)
+        ):
+            out.append(r)
+    return out
 
 
 def new_run_json(run_id: str, name: str, start_time: float) -> dict[str, Any]:
@@ -420,6 +678,8 @@ def new_run_json(run_id: str, name: str, start_time: float) -> dict[str, Any]:
         "imported": None,
         "summary_extras": {},
         "task": None,
+        "resumed": [],
+        "probes": {},
     }
 
 

@@ -24,6 +24,7 @@ def model_summary(model: nn.Module) -> dict[str, Any]:
                 "shape": list(p.shape),
                 "numel": int(p.numel()),
                 "requires_grad": bool(p.requires_grad),
+                "dtype": str(p.dtype).removeprefix("torch."),
             }
             for name, p in mod.named_parameters(recurse=False)
         ]

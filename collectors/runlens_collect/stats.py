@@ -1,13 +1,17 @@
 """Device-side statistics: every reduction stays on the tensor's device, nothing syncs.
 
 The per-parameter statistics of one kind (weight, grad or update) are computed on a
-*chunked flat buffer*: every tensor is copied (one ``torch._foreach_copy_``) into its own
-run of fixed-size chunks of a single float32 buffer, zero padded to a chunk boundary. A
-handful of row reductions over the ``(chunks, C)`` matrix then covers all tensors at once,
-and a ``segment_reduce`` over the (small) per-chunk partials gives per-tensor values. On
-CPU this is ~10x faster than one op per tensor (dispatch costs ~5 µs an op) and much faster
-than ``_foreach_norm(inf)`` or ``_foreach_powsum`` (which are per-tensor loops there); on
-CUDA each op is one kernel regardless of the number of tensors.
+*chunked flat buffer*: tensors are copied (one ``torch._foreach_copy_``) into their own
+runs of fixed-size chunks of a float32 buffer, zero padded to a chunk boundary. A handful
+of row reductions over the ``(chunks, C)`` matrix (``row_partials``) then covers all of
+them at once, and a ``segment_reduce`` over the (small) per-chunk partials gives
+per-tensor values. On CPU this is ~10x faster than one op per tensor (dispatch costs ~5 µs
+an op) and much faster than ``_foreach_norm(inf)`` or ``_foreach_powsum`` (which are
+per-tensor loops there); on CUDA each op is one kernel regardless of the number of
+tensors. The collector streams the tensors through a *bounded* buffer, group by group
+(``stream.py``, within the memory budget); ``FlatLayout``/``flat_raw``/``flat_hist``
+(the whole set in one buffer) and ``tensor_raw``/``tensor_hist`` remain the reference
+forms the tests compare with.
 
 Raw statistics are sums, from which the writer thread derives the published columns on
 the host (see ``RAW``): that keeps the training thread's work to a few kernels.
@@ -22,6 +26,17 @@ import numpy as np
 import torch
 
 from runlens_collect import format as fmt
+
+NO_FLOAT64_DEVICES: set[str] = {"mps"}
+"""Device types without float64: statistics travel as float32 from there (exact counts up
+to 2**24 per tensor and bin instead of 2**53)."""
+
+
+def wire_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a step's statistics are computed and shipped in from ``device``:
+    float64, or float32 where the device has no float64 (``NO_FLOAT64_DEVICES``)."""
+    return torch.float32 if device.type in NO_FLOAT64_DEVICES else torch.float64
+
 
 RAW: tuple[str, ...] = ("sum", "sumsq", "nonzero", "nonfinite", "absmax")
 """Raw per-tensor reductions, in this order (float64): sum of x, sum of x², count of
@@ -54,14 +69,50 @@ def code_map() -> np.ndarray:
 
 
 _CODE_MAP = code_map()
-_code_maps: dict[torch.device, torch.Tensor] = {}
+_code_maps: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+BIN_STRIDE = NBINS + 1
+"""Bins per tensor when codes are turned into bins before counting: the format's bins,
+then one for non-finite values (dropped)."""
+
+
+def bin_lut() -> np.ndarray:
+    """(CODES,) int32: the format bin of each sign+exponent code (NBINS: non-finite)."""
+    lut = np.full(CODES, NBINS, np.int32)
+    hit = _CODE_MAP.any(1)
+    lut[hit] = _CODE_MAP[hit].argmax(1)
+    return lut
+
+
+_BIN_LUT = bin_lut()
+_bin_luts: dict[torch.device, torch.Tensor] = {}
+
+
+def bin_lut_on(device: torch.device) -> torch.Tensor:
+    """The code-to-bin table on ``device`` (cached; moved at setup: a host-to-device copy
+    on a later step would wait for the device)."""
+    lut = _bin_luts.get(device)
+    if lut is None:
+        lut = _bin_luts[device] = torch.from_numpy(_BIN_LUT).to(device)
+    return lut
+
+
+def bins_into(codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The format bin (int32, flat) of each code, into ``out`` (int32, flat) when given:
+    counting bins instead of codes takes BIN_STRIDE counters per tensor instead of CODES
+    (68 against 512: the counts of many small tensors stay small)."""
+    lut = bin_lut_on(codes.device)
+    if out is None:
+        return torch.index_select(lut, 0, codes.reshape(-1))
+    return torch.index_select(lut, 0, codes.reshape(-1), out=out)
 
 
 def code_map_on(device: torch.device) -> torch.Tensor:
-    """The (CODES, NBINS) float64 code-to-bin matrix on ``device`` (cached)."""
-    t = _code_maps.get(device)
+    """The (CODES, NBINS) code-to-bin matrix on ``device`` in its wire dtype (cached)."""
+    key = (device, wire_dtype(device))
+    t = _code_maps.get(key)
     if t is None:
-        t = _code_maps[device] = torch.from_numpy(_CODE_MAP).to(device)
+        t = _code_maps[key] = torch.from_numpy(_CODE_MAP).to(device=device, dtype=key[1])
     return t
 
 
@@ -159,7 +210,7 @@ def row_partials(
     width = float(m.shape[1])
     nonfinite = torch.where(beyond, width, nonfinite)
     nonzero = torch.where(beyond, width, nonzero)
-    part = torch.stack([s1, norm, nonzero, nonfinite], dim=1).double()
+    part = torch.stack([s1, norm, nonzero, nonfinite], dim=1).to(wire_dtype(m.device))
     part[:, 1].square_()
     return part, absmax
 
@@ -175,7 +226,7 @@ def flat_raw(layout: FlatLayout, sign_out: torch.Tensor | None = None) -> torch.
     # unsafe=True: skip the lengths validation, which would sync with the device.
     sums = torch.segment_reduce(part, "sum", lengths=layout.lengths, axis=0, unsafe=True)
     mx = torch.segment_reduce(amax, "max", lengths=layout.lengths, unsafe=True)
-    return torch.cat([sums, mx.double().unsqueeze(1)], dim=1)
+    return torch.cat([sums, mx.to(sums.dtype).unsqueeze(1)], dim=1)
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -217,13 +268,14 @@ def count_codes(codes: torch.Tensor, size: int, bincount: bool | None = None) ->
     ones into a fixed-size int64 vector does the same without one. ``bincount`` forces
     either path (default: by device).
     """
+    wd = wire_dtype(codes.device)
     if bincount is None:
         bincount = codes.device.type == "cpu"
     if bincount:
-        return torch.bincount(codes, minlength=size).double()
+        return torch.bincount(codes, minlength=size).to(wd)
     ones = torch.ones((), dtype=torch.int64, device=codes.device).expand(codes.numel())
     counts = torch.zeros(size, dtype=torch.int64, device=codes.device)
-    return counts.index_add_(0, codes, ones).double()
+    return counts.index_add_(0, codes, ones).to(wd)
 
 
 def flat_hist(layout: FlatLayout, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -273,7 +325,7 @@ def tensor_raw(
         rows = as_rows(x if x.is_floating_point() else x.float())
     if not rows.is_floating_point():
         rows = rows.float()
-    f32, f64 = torch.float32, torch.float64
+    f32, f64 = torch.float32, wire_dtype(rows.device)
     r, width = rows.shape
     if rows.numel() == 0:
         vals = [0.0, 0.0, 0.0, 0.0, 0.0, float(r), math.nan, math.nan]

@@ -35,15 +35,24 @@ class StepFlags:
     out: bool  # model-output statistics (``activation_every``)
     act: bool  # activation statistics (``activation_every``, when the kind is on)
     hist: bool  # histograms on the kinds recorded (``hist_every``)
+    full: bool = False  # a stat step that also records frozen parameters (``frozen_every``)
 
     @classmethod
     def for_step(cls, step: int, s: CollectorConfig, kinds: set[str]) -> StepFlags:
+        """The flags of ``step`` at the config's fixed cadences."""
+        stat = step % s.every == 0
         out = step % s.activation_every == 0
-        key = (step % s.every == 0, out, out and fmt.KIND_ACTIVATION in kinds)
-        key += (step % s.hist_every == 0,)
+        full = stat and step % (s.every * s.frozen_every) == 0
+        return cls.make(
+            stat, out, out and fmt.KIND_ACTIVATION in kinds, step % s.hist_every == 0, full
+        )
+
+    @classmethod
+    def make(cls, stat: bool, out: bool, act: bool, hist: bool, full: bool) -> StepFlags:
+        key = (stat, out, act, hist, full)
         flags = _FLAGS.get(key)
         if flags is None:
-            flags = _FLAGS[key] = cls(*key)  # 16 at most: none built per step
+            flags = _FLAGS[key] = cls(*key)  # 32 at most: none built per step
         return flags
 
 
@@ -112,6 +121,10 @@ class Probe(Protocol):
     warning). Record through ``parts``: ``device_scalar``/``put_latest`` (kept on the
     device, read by the writer), ``host_scalar``, or ``put`` for a small section of an
     existing kind (``layout.Section``, built once).
+
+    Optionally a probe has ``run_json() -> dict`` (its entry of run.json ``probes``) and a
+    ``changed`` flag it sets when that entry has news; the collector then copies it at the
+    end of the step. The built-in probes are in ``runlens_collect.probes``.
     """
 
     name: str

@@ -71,10 +71,13 @@ class Package:
     scalar_steps: tuple[int, ...] = ()
     host_scalars: list[tuple[int, str, float]] = field(default_factory=list)
     extern: list[tuple[int, str, Any]] = field(default_factory=list)  # tensors read here
-    host: Any = None  # host buffer (torch tensor) holding `size` float64 values
+    host: Any = None  # host buffer (torch tensor) holding `size` values (wire dtype)
     size: int = 0
     event: Any = None
     slot: int | None = None
+    timing: tuple[Any, Any, float] | None = None
+    """(event at the previous step's end, event at this step's first forward, host step
+    time): time/data is the device's idle gap between them (timing.StepTimer)."""
 
 
 class FreeSlots:
@@ -197,6 +200,11 @@ class Writer(threading.Thread):
         self.flush_requested = threading.Event()
         self._last_flush = time.monotonic()
 
+    def first_segments(self) -> dict[str, int]:
+        """The number of the next segment of each table (before the first flush: the first
+        this writer writes)."""
+        return dict(self._seq)
+
     # -- pending rows -------------------------------------------------------------------
 
     def _reset_pending(self) -> None:
@@ -303,6 +311,9 @@ class Writer(threading.Thread):
         # (k, size of the sections): the same sections in every package of the group
         data = np.stack([arr[: layout.scalar_offset] for _, arr in group])
         raws: list[np.ndarray] = []
+        # grad_norm over every gradient section (one per device of a split model)
+        gn_sq: np.ndarray | None = None
+        gn_any: np.ndarray | None = None
         for i, (b, off) in enumerate(zip(layout.sections, layout.offsets, strict=True)):
             n = b.rows
             raw = data[:, off : off + n * b.width].reshape(k, n, b.width)
@@ -316,15 +327,21 @@ class Writer(threading.Thread):
             else:
                 missing = np.zeros((k, n), bool)
             if b.grad_norm:
-                with np.errstate(invalid="ignore"):
-                    ok = ~missing
-                    gn = np.sqrt(np.where(ok, raw[:, :, 1], 0.0).sum(1))
-                    gn = np.where(ok.any(1), gn, np.nan)
-                self._add_scalars(pkg_steps, walls, [fmt.GRAD_NORM] * k, gn)
+                ok = ~missing
+                sq = np.where(ok, raw[:, :, 1], 0.0).sum(1)
+                gn_sq = sq if gn_sq is None else gn_sq + sq
+                gn_any = ok.any(1) if gn_any is None else gn_any | ok.any(1)
             if b.write:
                 ref_i = layout.ratio_index[i]
                 ref = raws[ref_i] if ref_i is not None else None
                 self._add_block(pkg_steps, b, raw, hist, ref, missing)
+        if gn_sq is not None and gn_any is not None:
+            # A step on which no parameter had a gradient has no grad_norm: it is missing,
+            # not NaN (a NaN would read as a numerical failure).
+            with np.errstate(invalid="ignore"):
+                gn = np.sqrt(gn_sq)
+            n = int(gn_any.sum())
+            self._add_scalars(pkg_steps[gn_any], walls[gn_any], [fmt.GRAD_NORM] * n, gn[gn_any])
 
     def _add_block(self, steps, b: Section, raw, hist, ref, missing) -> None:
         """Rows of one block for k steps: raw (k, n, width), hist (k*n, NBINS) or None,
@@ -476,14 +493,16 @@ class Writer(threading.Thread):
             while self.skipped:
                 steps.append(self.skipped.popleft())
             self.event("skipped", steps=steps, total=self.skipped_total)
+        batch = []
         while self.events:
-            ev = self.events.popleft()
-            if not self.write_events:
-                continue
-            try:
-                fmt.append_event(self.run_dir, ev)
-            except Exception as exc:
-                self.report("writer", "appending to events.jsonl failed", exc, event=False)
+            batch.append(self.events.popleft())
+        if not batch or not self.write_events:
+            return
+        try:
+            # Each rank its own file (format.events_path), appended and fsynced per batch.
+            fmt.append_events(self.run_dir, batch, self.rank)
+        except Exception as exc:
+            self.report("writer", "appending to events.jsonl failed", exc, event=False)
 
     # -- the thread ---------------------------------------------------------------------
 
@@ -538,9 +557,12 @@ class Writer(threading.Thread):
             if pkg.host is not None:
                 try:
                     pkg.event.synchronize()
-                    arr = pkg.host[: pkg.size].numpy().copy()
+                    # float64 whatever the wire dtype (float32 from devices without float64)
+                    arr = np.array(pkg.host[: pkg.size].numpy(), dtype=np.float64)
                 finally:
                     self.free_slots.put(pkg.slot)
+            if pkg.timing is not None:
+                pkg.host_scalars.extend(_device_times(pkg.step, *pkg.timing))
             self._batch.append((pkg, arr))
         except Exception as exc:
             self.report("writer", f"decoding step {pkg.step} failed; it is dropped", exc)
@@ -555,6 +577,18 @@ class Writer(threading.Thread):
             self._decode_batch(chunk)
             if self._flush_due():
                 self.flush()
+
+
+def _device_times(step: int, end: Any, forward: Any, t_step: float) -> list[tuple[int, str, float]]:
+    """time/data and time/compute of a step from two device events: the device's idle gap
+    between the previous step's end and this step's first forward (a wait for data the
+    host could not hide), and the rest of the host-measured step."""
+    try:
+        forward.synchronize()
+        data = max(0.0, end.elapsed_time(forward) / 1e3)
+    except Exception:  # an event never recorded (e.g. another stream's): unknown
+        data = float("nan")
+    return [(step, fmt.TIME_DATA, data), (step, fmt.TIME_COMPUTE, t_step - data)]
 
 
 def _finish_single(raw: np.ndarray, b: Section) -> tuple[np.ndarray, Section]:

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from runlens.engine import AnalyzeOptions
-from runlens.errors import RunlensError
+from runlens.errors import RunlensError, RunLoadError
 
 EVIDENCE_TYPE = pa.list_(
     pa.struct(
@@ -75,12 +75,15 @@ class RunTask:
     """What a worker needs to analyze one run (picklable, small)."""
 
     location: str
-    """Local path or URL of the run (a folder, or a log file)."""
+    """Local path or URL of the run (a folder, or a log file; ``#k`` appended for the
+    k-th run of a CSV file holding several: ``part``)."""
     source_format: str
     fingerprint: str
     mtime: float | None
     options: AnalyzeOptions
     report_format: str = "md"
+    part: int | None = None
+    """Index of the run among those appended in one CSV file (runlens.discover)."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def analyze_one(task: RunTask) -> RunResult:
     """Analyze one run into table rows (never raises for a bad run)."""
     from runlens import __version__
     from runlens.engine import analyze
-    from runlens.sources import open_run
+    from runlens.sources import open_found
 
     base: dict[str, Any] = {
         "path": task.location,
@@ -104,7 +107,7 @@ def analyze_one(task: RunTask) -> RunResult:
         "runlens_version": __version__,
     }
     try:
-        run = open_run(task.location, task.source_format)
+        run = open_found(_found(task))
         report = analyze(run, task.options)
         text = _render(run, report, task)
     except RunlensError as exc:
@@ -163,6 +166,23 @@ def analyze_one(task: RunTask) -> RunResult:
             }
         )
     return RunResult(task.location, rows or [base], text)
+
+
+def _found(task: RunTask) -> Any:
+    """The run of ``task``, found again by the discovery that listed it (on object
+    storage this mirrors its inputs, in the worker that analyzes it)."""
+    from runlens.discover import discover, several_message
+
+    target = task.location.rsplit("#", 1)[0] if task.part is not None else task.location
+    d = discover(target, task.source_format)
+    if task.part is not None:
+        for r in d.runs:
+            if r.part == task.part:
+                return r
+        raise RunLoadError(f"{target}: run {task.part + 1} of the file is gone")
+    if d.single:
+        return d.runs[0]
+    raise RunLoadError(several_message(d))
 
 
 def _error(task: RunTask, base: dict[str, Any], message: str) -> RunResult:

@@ -1,7 +1,8 @@
 """``runlens triage ROOT --out DIR``: every run under ROOT analyzed into one table.
 
-Steps: find the runs (runlens.fleet.discover, from one listing of ROOT, local or object
-storage); skip those whose fingerprint (inputs' paths, sizes, mtimes or ETags) and
+Steps: find the runs (runlens.discover: the rules of `runlens analyze` and `compare`, on
+a local folder or on one listing of object storage); skip those whose fingerprint
+(:func:`fingerprint`: inputs' paths, sizes, mtimes or ETags) and
 analysis options are those of the manifest of the last triage into DIR; analyze the rest
 with :func:`runlens.fleet.task.analyze_one` in-process, in a process pool
 (``workers``) or as Ray tasks (``ray``); write under DIR
@@ -34,9 +35,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from runlens import storage
+from runlens.discover import FoundRun, discover
 from runlens.engine import AnalyzeOptions
 from runlens.errors import OptionError, RunLoadError
-from runlens.fleet.discover import FoundRun, find_runs, list_local, local_head
 from runlens.fleet.summary import TriageSummary, summarize
 from runlens.fleet.task import REPORT_FORMATS, ROWS_SCHEMA, RunResult, RunTask, analyze_one
 
@@ -98,7 +99,7 @@ def triage(
     opts = options or TriageOptions()
     out_dir = Path(out)
     root_s = os.fspath(root)
-    found, location = _discover(root_s, out_dir)
+    found = _discover(root_s, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     key = _options_key(opts)
     manifest = _read_manifest(out_dir)
@@ -107,13 +108,23 @@ def triage(
 
     tasks: list[RunTask] = []
     reused: list[str] = []
+    fps = {r.location: fingerprint(r) for r in found}
     for run in found:
-        loc = location(run)
-        fp = run.fingerprint()
-        if not opts.force and known.get(loc, {}).get("fingerprint") == fp:
+        loc = run.location
+        if not opts.force and known.get(loc, {}).get("fingerprint") == fps[loc]:
             reused.append(loc)
         else:
-            tasks.append(RunTask(loc, run.source_format, fp, run.mtime, opts.analyze, opts.reports))
+            tasks.append(
+                RunTask(
+                    loc,
+                    run.format,
+                    fps[loc],
+                    _mtime(run),
+                    opts.analyze,
+                    opts.reports,
+                    part=run.part,
+                )
+            )
     results = _execute(tasks, opts, on_progress)
 
     new_rows = []
@@ -136,14 +147,13 @@ def triage(
             ("summary", "ascending"),
         ]
     )
-    present = {location(r) for r in found}
+    present = {r.location for r in found}
     removed = [loc for loc in known if loc not in present]
     for loc in removed + [r.location for r in results if reports.get(r.location) is None]:
         _remove_report(out_dir, known.get(loc, {}).get("report"))
 
     _write_rows(out_dir, table)
     write_table(table, out_dir / TABLE_DIR, opts.partition_by)
-    fps = {location(r): r.fingerprint() for r in found}
     report_of = dict(zip(table["path"].to_pylist(), table["report"].to_pylist(), strict=True))
     entries = {
         loc: {"fingerprint": fps[loc], "report": report_of.get(loc)} for loc in sorted(present)
@@ -172,15 +182,36 @@ def triage(
 # -- finding runs -----------------------------------------------------------------------------
 
 
-def _discover(root: str, out_dir: Path) -> tuple[list[FoundRun], Callable[[FoundRun], str]]:
+def _discover(root: str, out_dir: Path) -> list[FoundRun]:
+    """The runs under ``root`` as `runlens analyze` and `compare` find them, with their
+    input files (nothing downloaded: each worker mirrors its own run); never the
+    triage's own output folder."""
     if storage.is_url(root):
-        runs, _ = storage.find_remote_runs(root)
-        return runs, lambda r: storage.join(root, r.rel)
+        return list(discover(root, fetch=False).runs)
     p = Path(root)
     if not p.is_dir():
         raise RunLoadError(f"no such folder: {root}")
-    runs = find_runs(list_local(p, exclude=[out_dir]), local_head(p))
-    return runs, lambda r: str(p / r.rel) if r.rel else str(p)
+    out = out_dir.resolve()
+    try:
+        runs = discover(p, inputs=True).runs
+    except RunLoadError:  # a folder without runs (any more): an empty table
+        return []
+    return [r for r in runs if out not in (r.path.resolve(), *r.path.resolve().parents)]
+
+
+def fingerprint(run: FoundRun) -> str:
+    """Hash of the run's format, part and inputs' relative paths, sizes and versions:
+    unchanged files, unchanged fingerprint (a new checkpoint's weights change nothing)."""
+    h = hashlib.sha256(f"{run.format}#{run.part}".encode())
+    for f in sorted(run.inputs, key=lambda e: e.rel):
+        h.update(f"\0{f.rel}\0{f.size}\0{f.version}".encode())
+    return h.hexdigest()[:24]
+
+
+def _mtime(run: FoundRun) -> float | None:
+    """Latest modification time of the inputs (UNIX seconds), if known."""
+    times = [f.mtime for f in run.inputs if f.mtime is not None]
+    return max(times) if times else None
 
 
 # -- running the analyses ---------------------------------------------------------------------

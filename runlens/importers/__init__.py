@@ -211,8 +211,11 @@ def is_csv_format(source_format: str) -> bool:
 
 
 def inputs(path: str | os.PathLike[str], source_format: str) -> list[Path]:
-    """The files an import of ``path`` reads, sorted (they key the import cache)."""
-    return list(_module(source_format).inputs(Path(path)))
+    """The files an import of ``path`` reads, sorted (they key the import cache). ``path``
+    may also be a :class:`runlens.listing.ListedPath` (a run on object storage, before
+    anything is downloaded): the same files are named from the listing."""
+    p = path if hasattr(path, "iterdir") else Path(path)
+    return list(_module(source_format).inputs(p))
 
 
 # -- metric-name mapping ----------------------------------------------------------------

@@ -91,7 +91,7 @@ def looks_like_csv(path: Path) -> bool:
     """True when a file's first line reads as a metrics CSV header (for files whose name
     does not say, such as Keras' ``training.log``)."""
     try:
-        with open(path, "rb") as fh:
+        with path.open("rb") as fh:  # a Path, or a ListedPath on object storage
             head = fh.read(4096)
     except OSError:
         return False

@@ -345,7 +345,9 @@ class Watcher:
         return out
 
     def _options(self, names: tuple[str, ...]) -> AnalyzeOptions:
-        return dataclasses.replace(self.options.analyze, only=names, preview_points=2)
+        # A live pass sees a prefix of the run: final=False tells the signatures that
+        # judge the end of the run (Context.final).
+        return dataclasses.replace(self.options.analyze, only=names, preview_points=2, final=False)
 
     def _new_findings(self, findings: Iterable[Finding], last: int | None) -> list[WatchEvent]:
         return [

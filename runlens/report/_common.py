@@ -116,6 +116,17 @@ def header_facts(report: Report) -> list[tuple[str, str]]:
         facts.append((f"{unit}s", f"{s.steps} recorded, {unit}s {s.first_step}–{s.last_step}"))
     else:
         facts.append((f"{unit}s", str(s.steps)))
+    if s.resumed_at:
+        at = ", ".join(f"{unit} {r}" for r in s.resumed_at)
+        facts.append(("resumed", f"at {at} (one run: the continuation replaces later {unit}s)"))
+    if s.skipped_steps:
+        facts.append(
+            (
+                "skipped steps",
+                f"{s.skipped_steps} optimizer {unit}s not applied (AMP loss-scale overflow): "
+                "their gradients are not judged",
+            )
+        )
     facts.append(("duration", fmt_duration(s.duration_s)))
     if s.steps_per_s is not None:
         facts.append(("throughput", f"{fmt_num(s.steps_per_s)} {unit}s/s"))

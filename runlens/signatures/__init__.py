@@ -10,10 +10,14 @@ from runlens.signatures.activation_explosion import ActivationExplosion
 from runlens.signatures.bad_initial_loss import BadInitialLoss
 from runlens.signatures.bad_initialization import BadInitialization
 from runlens.signatures.base import Signature
+from runlens.signatures.batch_collapse import BatchCollapse
+from runlens.signatures.bf16_stagnation import Bf16Stagnation
 from runlens.signatures.cannot_overfit_batch import CannotOverfitBatch
 from runlens.signatures.dead_relu import DeadRelu
+from runlens.signatures.duplicate_batches import DuplicateBatches
 from runlens.signatures.exploding_gradients import ExplodingGradients
 from runlens.signatures.frozen_layer import FrozenLayer
+from runlens.signatures.gradient_not_reset import GradientNotReset
 from runlens.signatures.input_bound import InputBound
 from runlens.signatures.large_updates import LargeUpdates
 from runlens.signatures.logits_as_probabilities import LogitsAsProbabilities
@@ -27,9 +31,12 @@ from runlens.signatures.lr_too_high_warmup import LrTooHighWarmup
 from runlens.signatures.nan_inf import NanInf
 from runlens.signatures.noisy_loss import NoisyLoss
 from runlens.signatures.not_learning import NotLearning
+from runlens.signatures.optimizer_mismatch import OptimizerMismatch
 from runlens.signatures.overfitting import Overfitting
 from runlens.signatures.saturated_activations import SaturatedActivations
+from runlens.signatures.stalled_optimizer import StalledOptimizer
 from runlens.signatures.tiny_updates import TinyUpdates
+from runlens.signatures.train_eval_mode import TrainEvalMode
 from runlens.signatures.underfitting import Underfitting
 from runlens.signatures.val_below_train import ValBelowTrain
 from runlens.signatures.val_spike import ValSpike
@@ -67,6 +74,18 @@ LAYER_SIGNATURES: tuple[type[Signature], ...] = (
     InputBound,
 )
 
+# Mistakes in the training code itself, seen through the collector's probes and layer
+# statistics (docs/silent-bugs.md): the root causes symptoms above are linked to.
+BUG_SIGNATURES: tuple[type[Signature], ...] = (
+    GradientNotReset,
+    OptimizerMismatch,
+    StalledOptimizer,
+    DuplicateBatches,
+    TrainEvalMode,
+    BatchCollapse,
+    Bf16Stagnation,
+)
+
 # Signatures of sanity runs and initialization.
 SANITY_SIGNATURES: tuple[type[Signature], ...] = (
     BadInitialization,
@@ -75,7 +94,7 @@ SANITY_SIGNATURES: tuple[type[Signature], ...] = (
 )
 
 REGISTRY: dict[str, type[Signature]] = {
-    s.name: s for s in (*CURVE_SIGNATURES, *LAYER_SIGNATURES, *SANITY_SIGNATURES)
+    s.name: s for s in (*CURVE_SIGNATURES, *LAYER_SIGNATURES, *BUG_SIGNATURES, *SANITY_SIGNATURES)
 }
 
 

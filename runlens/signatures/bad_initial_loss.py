@@ -21,7 +21,13 @@ class BadInitialLoss(Signature):
         network gives at step 0. C comes from ``--task classification:C``, the config's
         ``task``/``num_classes``, or run.json's ``task`` (the loss function the collector
         saw), never from the output's shape; when the task is unknown, or is regression or
-        language modeling, the check does not run and the report's coverage says so.
+        language modeling, the check does not run and the report's coverage says so. The
+        first evaluation is checked the same way when it ran before any training (its
+        ``val/loss`` point comes before the first training loss, or the collector's mode
+        probe saw its forwards before the first training forward): a first
+        validation loss far above ln(C) while the first training loss is normal points at
+        eval-mode behaviour (an evaluation before any training forward: see
+        train-eval-mode), not at the initialization.
 
     Why it matters:
         A much higher initial loss means confident wrong predictions before any training:
@@ -33,7 +39,8 @@ class BadInitialLoss(Signature):
     Evidence:
         ``initial loss / ln(C)`` against ``max_ratio``; the initial loss (median of the first
         ``first_points`` points, cut before a blow-up: a loss that jumps from ln(C) to
-        thousands at step 1 started at ln(C)), ln(C) and C.
+        thousands at step 1 started at ln(C)), ln(C) and C; ``first val loss / ln(C)`` and
+        the first val loss when the first evaluation is the problem.
 
     How to fix:
         Initialize the last layer small (scale its weights down, zero its bias, or set the
@@ -86,33 +93,93 @@ class BadInitialLoss(Signature):
         # divergence problem, not a bad initialization.
         initial = initial_level(raw, k)
         ratio = initial / chance if initial is not None else float("nan")
-        if initial is None or not (np.isfinite(ratio) and ratio > p.max_ratio):
+        train_bad = initial is not None and bool(np.isfinite(ratio) and ratio > p.max_ratio)
+        val0 = _first_evaluation(ctx, int(steps[0]))
+        val_ratio = val0[1] / chance if val0 is not None else float("nan")
+        val_bad = bool(np.isfinite(val_ratio) and val_ratio > p.max_ratio)
+        if not (train_bad or val_bad):
             return []
         classes = ctx.num_classes
+        parts, evidence = [], []
+        if train_bad:
+            parts.append(
+                f"initial training loss {fmt_num(initial)} is {ratio:.1f}× the chance "
+                f"level ln({classes}) = {fmt_num(chance)}: the untrained model makes "
+                "confident wrong predictions"
+            )
+            evidence += [
+                Evidence("initial loss / ln(C)", ratio, p.max_ratio, ">"),
+                Evidence("initial loss", initial),  # type: ignore[arg-type]
+            ]
+        if val_bad:
+            assert val0 is not None
+            what = (
+                f"while the first training loss was {fmt_num(initial)}"
+                if not train_bad and initial is not None
+                else "too"
+            )
+            parts.append(
+                f"the first evaluation (step {val0[0]}) gave {fmt.VAL_LOSS} {fmt_num(val0[1])}, "
+                f"{fmt_num(val_ratio)}× ln({classes}) = {fmt_num(chance)}, {what}"
+            )
+            evidence += [
+                Evidence("first val loss / ln(C)", val_ratio, p.max_ratio, ">"),
+                Evidence("first val loss", val0[1]),
+            ]
+        evidence += [
+            Evidence("chance level ln(C)", chance),
+            Evidence("classes C", float(classes or 0)),
+        ]
+        last = int(steps[min(k, raw.size) - 1])
+        span = (int(steps[0]), last) if train_bad else (val0[0], val0[0])  # type: ignore[index]
         return [
             Finding(
                 signature=self.name,
                 severity="warning",
-                confidence=confidence(ratio, p.max_ratio),
-                summary=(
-                    f"initial training loss {fmt_num(initial)} is {ratio:.1f}× the chance "
-                    f"level ln({classes}) = {fmt_num(chance)}: the untrained model makes "
-                    "confident wrong predictions"
+                confidence=confidence(
+                    max(np.nan_to_num(ratio), np.nan_to_num(val_ratio)), p.max_ratio
                 ),
-                steps=(int(steps[0]), int(steps[min(k, raw.size) - 1])),
-                evidence=(
-                    Evidence("initial loss / ln(C)", ratio, p.max_ratio, ">"),
-                    Evidence("initial loss", initial),
-                    Evidence("chance level ln(C)", chance),
-                    Evidence("classes C", float(classes or 0)),
-                ),
+                summary="; ".join(parts),
+                steps=span,
+                evidence=tuple(evidence),
                 causes=(
                     "last layer initialized too large (logits far from 0)",
                     "unnormalized inputs",
                     "softmax/sigmoid applied before a loss that expects logits",
                     "labels that do not match the outputs",
+                    *(
+                        (
+                            "an evaluation-mode forward that differs from training (eval before "
+                            "any training forward: spectral norm, BatchNorm statistics)",
+                        )
+                        if val_bad and not train_bad
+                        else ()
+                    ),
                 ),
                 fix="Scale the last layer's init down (zero bias or log-prior bias), "
-                "normalize inputs, and pass raw logits to cross_entropy.",
+                "normalize inputs, and pass raw logits to cross_entropy."
+                if train_bad
+                else "Compare the model in eval and train mode at step 0: a first evaluation "
+                "far above the first training loss comes from eval-mode behaviour "
+                "(see train-eval-mode), not from the initialization.",
             )
         ]
+
+
+def _first_evaluation(ctx: Context, first_train_step: int) -> tuple[int, float] | None:
+    """The first validation loss when it was measured before any training: logged before
+    the first training loss (imported logs), or at that step when the collector's mode
+    probe saw the evaluation forwards run before the first training forward. (An
+    evaluation right after step 0's update is logged at step 0 as well: without the probe
+    the two cannot be told apart, and a run that blows up at step 0 must not count.)"""
+    c = ctx.val_loss
+    if c is None or len(c) == 0:
+        return None
+    step, value = int(c.steps[0]), float(c.raw[0])
+    if not np.isfinite(value) or step > first_train_step:
+        return None
+    if step == first_train_step:
+        before = ctx.curve(fmt.MODE_EVALS_BEFORE_TRAIN)
+        if before is None or not (len(before) and before.raw[0] > 0):
+            return None
+    return step, value

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from runlens.findings import Finding, Severity, SkipKind
     from runlens.needs import Need
 
-Category = Literal["curve", "layer", "system", "sanity"]
+Category = Literal["curve", "layer", "system", "sanity", "bug"]
+"""``bug``: a mistake in the training code itself (docs/silent-bugs.md), not a symptom."""
 
 
 class NotChecked(Exception):

@@ -18,19 +18,22 @@ class FrozenLayer(Signature):
     What it detects:
         Parameters that, on every recorded step, either get no gradient (``requires_grad``
         is False, a stray ``.detach()``/``torch.no_grad()`` cuts them off the graph, or
-        they are unused in the forward pass), or get a gradient of exactly zero, or get a
-        gradient but never change (they are not in the optimizer) — while at least one
-        other parameter does change.
+        they are unused in the forward pass) or get a gradient of exactly zero — while at
+        least one other parameter does change. When *every* parameter is frozen while an
+        optimizer runs, the loss is cut off from the model: an error. Parameters that get
+        gradients but are in no optimizer param group are ``optimizer-mismatch``'s, and
+        updates of exactly 0 despite gradients are ``stalled-optimizer``'s.
 
     Why it matters:
         A frozen layer keeps its random initialization: the model is effectively smaller
         than intended, and the bug is silent — the loss still goes down, just not as far.
-        Freezing on purpose (fine-tuning a pretrained backbone) is fine; then ignore this.
+        Freezing on purpose (fine-tuning a pretrained backbone) is fine: parameters frozen
+        only by ``requires_grad=False`` are reported as info, not as a warning.
 
     Evidence:
         The frozen parameters by name, why each one is frozen (no gradient, zero gradient,
-        not in the optimizer, ``requires_grad=False``), and the fraction of the model's parameter
-        elements they hold.
+        ``requires_grad=False``), and the fraction of the model's parameter elements they
+        hold.
 
     How to fix:
         Look for ``.detach()``, ``.data``, ``torch.no_grad()`` or ``.numpy()`` round trips
@@ -88,7 +91,11 @@ class FrozenLayer(Signature):
                 max(rows, default=0), "recorded steps of layer statistics", int(p.min_steps)
             )
         reasons = _frozen_reasons(ctx, names, int(p.min_steps))
-        if not reasons or len(reasons) == len(names) or not _others_train(ctx, reasons):
+        if not reasons:
+            return []
+        if len(reasons) == len(names):
+            return _all_frozen(self.name, ctx, names, reasons)
+        if not _others_train(ctx, reasons):
             return []
         frozen = [n for n in names if n in reasons]
         info = L.param_info(ctx)
@@ -105,8 +112,9 @@ class FrozenLayer(Signature):
         return [
             Finding(
                 signature=self.name,
-                severity="warning",
-                # requires_grad=False is often deliberate (fine-tuning), a lost graph never is.
+                # requires_grad=False is written on purpose (fine-tuning a backbone) far more
+                # often than by mistake: said, not warned about. A lost graph never is.
+                severity="info" if intentional else "warning",
                 confidence=0.6 if intentional else 0.9,
                 summary=(
                     f"{len(frozen)} of {len(names)} parameter tensors never trained while the "
@@ -114,8 +122,8 @@ class FrozenLayer(Signature):
                     + (f", {share:.0%} of the parameters" if np.isfinite(share) else "")
                 ),
                 fix="Remove stray .detach()/.data/torch.no_grad() from forward, check "
-                "requires_grad, and build the optimizer from model.parameters() after all "
-                "submodules exist. Ignore if freezing is intended (fine-tuning).",
+                "requires_grad, and use every submodule in forward. Ignore if freezing is "
+                "intended (fine-tuning).",
                 steps=steps,
                 layers=tuple(frozen),
                 evidence=(
@@ -126,7 +134,6 @@ class FrozenLayer(Signature):
                 causes=(
                     "a .detach()/.data/no_grad() in the forward pass",
                     "requires_grad=False left on",
-                    "parameters missing from the optimizer",
                     "a submodule not used in forward",
                 ),
             )
@@ -159,16 +166,12 @@ def _frozen_reasons(ctx: Context, names: list[str], min_steps: int) -> dict[str,
         for n in names:
             if n not in reasons and n not in grad.layers:
                 reasons[n] = "no gradient"
-    # The collector marks update rows missing for parameters outside the optimizer. An
+    # Parameters outside the optimizer (update rows missing) are optimizer-mismatch's. An
     # update of exactly 0 with a gradient is float underflow of a tiny step (vanishing
-    # gradients, a tiny LR): those findings explain it, so it is not called frozen here.
+    # gradients, a tiny LR: those findings explain it) or a stalled optimizer
+    # (stalled-optimizer), so it is not called frozen here.
     upd = ctx.layer(fmt.KIND_UPDATE, "missing", "mean")
-    if upd is not None and len(upd.steps) >= min_steps:
-        outside = (upd.values == 1).all(axis=0)
-        for j, n in enumerate(upd.layers):
-            if n not in reasons and outside[j]:
-                reasons[n] = "not in the optimizer"
-    elif upd is None:
+    if upd is None:
         w = ctx.layer(fmt.KIND_WEIGHT, "norm")
         if w is not None and len(w.steps) >= min_steps:
             v = np.where(np.isfinite(w.values), w.values, np.nan)
@@ -180,6 +183,48 @@ def _frozen_reasons(ctx: Context, names: list[str], min_steps: int) -> dict[str,
                 if n not in reasons and constant[j]:
                     reasons[n] = "never updated"
     return reasons
+
+
+def _all_frozen(
+    name: str, ctx: Context, names: list[str], reasons: dict[str, str]
+) -> list[Finding]:
+    """Every parameter frozen: an error when the run was training (an optimizer stepped),
+    nothing for a recording of inference or evaluation."""
+    collector = ctx.run.meta.get("collector") or {}
+    trains = ctx.lr is not None or fmt.KIND_UPDATE in (collector.get("kinds_in_effect") or ())
+    if not trains:
+        return []
+    by_reason: dict[str, list[str]] = {}
+    for n in names:
+        by_reason.setdefault(reasons[n], []).append(n)
+    detail = "; ".join(f"{r}: {L.name_list(ns)}" for r, ns in by_reason.items())
+    return [
+        Finding(
+            signature=name,
+            severity="error",
+            confidence=0.9,
+            summary=(
+                f"no parameter trained: all {len(names)} parameter tensors got no gradient or "
+                f"a zero one on every recorded step ({detail}) while the optimizer ran — the "
+                "loss is cut off from the model"
+            ),
+            fix="Find where the loss loses the graph: a .detach()/.item()/.numpy() or "
+            "torch.no_grad() between the model output and the loss, or requires_grad switched "
+            "off everywhere.",
+            steps=ctx.steps,
+            layers=tuple(names),
+            evidence=(
+                Evidence("frozen parameter tensors", len(names)),
+                Evidence("share of parameter elements frozen", 1.0),
+                *(Evidence(f"{r} (tensors)", len(ns)) for r, ns in by_reason.items()),
+            ),
+            causes=(
+                "the loss computed from a detached output",
+                "the forward pass run under torch.no_grad()",
+                "requires_grad switched off on every parameter",
+            ),
+        )
+    ]
 
 
 def _others_train(ctx: Context, reasons: dict[str, str]) -> bool:

@@ -20,6 +20,10 @@ class InputBound(Signature):
         at least ``data_fraction``, and the median wait is at least ``min_data_ms`` (a
         tiny model whose whole step takes a millisecond is not worth optimizing).
         Medians ignore the occasional slow step (evaluation, checkpointing, logging).
+        Only where ``time/data`` measures the device's wait: the collector's host clock on
+        CPU, or CUDA events (run.json ``collector.data_time``); host time on an
+        asynchronous device also counts queued device work (an ``.item()`` after the step)
+        as waiting for data, so such runs are not judged.
 
     Why it matters:
         The accelerator idles while the loader works: the run takes longer and costs more
@@ -68,6 +72,9 @@ class InputBound(Signature):
         d, c = ctx.curve(fmt.TIME_DATA), ctx.curve(fmt.TIME_COMPUTE)
         if d is None or c is None:
             raise NotChecked(f"needs {fmt.TIME_DATA} and {fmt.TIME_COMPUTE}", "not-recorded")
+        why = unreliable_data_time(ctx.run.meta, ctx.run.source_format)
+        if why is not None:
+            raise NotChecked(why, "not-recorded")
         cv = S.align(c.steps, c.raw, d.steps)
         ok = np.isfinite(d.raw) & np.isfinite(cv) & (d.raw >= 0) & (cv >= 0)
         late = ok & (d.steps > ctx.transient_end)
@@ -117,3 +124,21 @@ class InputBound(Signature):
                 ),
             )
         ]
+
+
+def unreliable_data_time(meta: dict, source_format: str) -> str | None:
+    """Why ``time/data`` does not measure the device's wait for data (None: it does)."""
+    if source_format != "runlens":
+        return None  # an imported log's own timing: taken as its tool defines it
+    collector = meta.get("collector") if isinstance(meta.get("collector"), dict) else {}
+    mode = collector.get("data_time")
+    device = str(meta.get("device") or "cpu")
+    if mode is None:  # recorded before the collector said how: host clock
+        mode = fmt.DATA_TIME_HOST if device.startswith("cpu") else fmt.DATA_TIME_UNRELIABLE
+    if mode == fmt.DATA_TIME_UNRELIABLE:
+        return (
+            f"{fmt.TIME_DATA} was measured on the host clock while the model ran on {device}, "
+            "which works asynchronously: host time then includes queued device work, not "
+            "only the wait for data"
+        )
+    return None

@@ -24,6 +24,10 @@ class LossDivergence(Signature):
         steps and stays up counts too: the initial loss is taken before the blow-up. Needs
         ``min_points`` points after the warm-up (on 10–19 points the late level is the
         median of the last third, at most 5).
+        While the run is still being written (``ctx.final`` False: ``runlens watch``), the
+        late level is the lower quartile of the late points instead of their median, so the
+        rise must hold for three quarters of them: a noisy run's short excursion at the end
+        of the data so far is not a divergence.
 
     Why it matters:
         Training is supposed to lower the loss. A persistent rise means every further step
@@ -33,7 +37,8 @@ class LossDivergence(Signature):
     Evidence:
         ``rise`` = (late level − best level) / loss scale, where loss scale is the larger
         of |best level| and the improvement made from the start to the best level, compared
-        with ``min_rise``; the best and late levels and the step where the rise began.
+        with ``min_rise``; the best and late levels and the step where the rise began
+        (the level first up by half of ``min_rise`` × loss scale).
 
     How to fix:
         Lower the learning rate (often 3–10×), add or lengthen warm-up, clip gradients
@@ -77,7 +82,11 @@ class LossDivergence(Signature):
         v = loss_view(ctx, min_points=int(p.min_points))
         n = len(v)
         k = max(min(5, n // 3), int(p.late_fraction * n))
-        late = float(np.median(v.raw[-k:]))
+        tail = v.raw[-k:]
+        # While the run goes on, the end of the data is not the end of the run: a noisy
+        # loss wanders up for a few dozen steps and comes back, a divergence stays up. Live,
+        # the late level is the lower quartile of the late points (3/4 of them high).
+        late = float(np.median(tail) if ctx.final else np.percentile(tail, 25))
         before = v.level[: n - k]
         if before.size == 0 or not np.isfinite(before).any():
             # late_fraction near 1 leaves no "before" to rise from
@@ -92,8 +101,11 @@ class LossDivergence(Signature):
         rise = (late - best) / scale
         if not np.isfinite(rise) or rise < p.min_rise:
             return []
-        # Where it started: first point after the best where the level is half-way up.
-        half = best + 0.5 * (late - best)
+        # Where it started: the first point after the best where the level is up by half
+        # the least rise that counts. Not half-way to the late level: that moves later as
+        # an accelerating divergence goes on, so a live report and the final one of the
+        # same run would name different onsets.
+        half = best + 0.5 * p.min_rise * scale
         if from_start:
             # The rise may lie inside the transient (a blow-up at step 1): search the
             # whole curve, with a short window since a blow-up is abrupt.

@@ -23,6 +23,13 @@ class NoisyLoss(Signature):
         applicable to a loss logged per epoch (each point an epoch average: no batch noise
         left to measure).
 
+        While the run is still being written (``ctx.final`` False: ``runlens watch``), the
+        improvement since the start is not known yet: it keeps growing while the loss
+        falls, and the final analysis divides by it. Live, the scale is at least the initial
+        loss (the largest the final scale can be for a loss that stays between 0 and its
+        start), so the noisy phase of a loss that has not finished falling (right after an
+        LR warm-up) waits for the final analysis.
+
     Why it matters:
         The per-step loss is a mean over the batch; its noise falls as 1/√batch. Noise
         comparable to the loss itself means tiny batches (or per-example variance that is
@@ -31,7 +38,8 @@ class NoisyLoss(Signature):
 
     Evidence:
         ``noise / loss scale`` against ``max_noise``; the noise σ, the late level and the
-        improvement since the start; the configured batch size when the config names one.
+        improvement since the start (live: the initial loss, the floor of the scale); the
+        configured batch size when the config names one.
 
     How to fix:
         Increase the batch size (or accumulate gradients over several batches) and scale
@@ -71,6 +79,11 @@ class NoisyLoss(Signature):
         noise = S.robust_noise(v.raw)
         level = float(np.median(v.raw[len(v) // 2 :]))
         scale = loss_scale(v.start, level)
+        # The improvement since the start grows until the run ends (lr-too-high-warmup:
+        # 0.93 at step 199, 1.88 at the end): live, the scale is what it can become.
+        floor = not ctx.final and abs(v.start) > scale
+        if floor:
+            scale = abs(v.start)
         ratio = noise / scale
         if not (np.isfinite(ratio) and ratio >= p.max_noise):
             return []
@@ -81,10 +94,14 @@ class NoisyLoss(Signature):
             Evidence("late level", level),
             Evidence("improvement since start", v.start - level),
         ]
+        if floor:
+            evidence.append(Evidence("initial loss (live: floor of the scale)", v.start))
         summary = (
             f"step-to-step noise of the training loss (σ≈{fmt_num(noise)}) is {ratio:.0%} of "
             f"its scale (level {fmt_num(level)}, improvement {fmt_num(v.start - level)})"
         )
+        if floor:
+            summary += f"; live, against the initial loss {fmt_num(v.start)}"
         if batch is not None:
             evidence.append(Evidence("batch size (config)", batch))
             summary += f"; batch size {batch}"

@@ -33,6 +33,11 @@ class Overfitting(Signature):
         training-loss point (the end-of-epoch evaluation) pairs with that last point when
         it lies within one logging interval of it. Without a validation loss, the same on
         validation accuracy with an absolute drop of ``min_acc_drop``.
+        While the run is still being written (``ctx.final`` False: ``runlens watch``), the
+        evaluations after the best must also trend up (down for accuracy): a one-sided
+        Mann–Kendall test at the 5% level (z >= 1.645, so at least 4 evaluations after the
+        best). A validation loss that jumped and is coming back down, or wanders around a
+        plateau, is not yet overfitting; the final analysis judges the level it ends at.
 
     Why it matters:
         The model is memorizing the training set instead of learning what generalizes.
@@ -120,6 +125,9 @@ class Overfitting(Signature):
         rise = (final - best) / max(abs(best), TINY)
         if after < min_after or not np.isfinite(rise) or rise < p.min_rise:
             return []
+        trend = _live_trend(ctx, fmt.VAL_LOSS, b_step, +1)
+        if trend is not None and trend.value < trend.threshold:
+            return []
         unit = ctx.x_unit
         train_at = _train_fell(tv, b_step, e_step, p.min_rise)
         if train_at is None:
@@ -148,6 +156,7 @@ class Overfitting(Signature):
                     Evidence("final train loss", te),
                     Evidence(f"gap at best val {unit}", gap_b),
                     Evidence("final gap", gap_e),
+                    *((trend,) if trend is not None else ()),
                     *_task_evidence(ctx, fmt.VAL_LOSS),
                 ),
                 causes=_CAUSES,
@@ -165,6 +174,9 @@ class Overfitting(Signature):
         b_step, e_step, after, best, final = got
         drop = best - final
         if after < min_after or not np.isfinite(drop) or drop < p.min_acc_drop:
+            return []
+        trend = _live_trend(ctx, fmt.VAL_ACCURACY, b_step, -1)
+        if trend is not None and trend.value < trend.threshold:
             return []
         unit = ctx.x_unit
         train_at = _train_fell(tv, b_step, e_step, p.min_rise)
@@ -189,6 +201,7 @@ class Overfitting(Signature):
                     Evidence("final val accuracy", final),
                     Evidence(f"train loss at best val {unit}", tb),
                     Evidence("final train loss", te),
+                    *((trend,) if trend is not None else ()),
                     *_task_evidence(ctx, fmt.VAL_ACCURACY),
                 ),
                 causes=_CAUSES,
@@ -230,6 +243,41 @@ def _best_and_final(ctx: Context, name: str) -> tuple[int, int, int, float, floa
     steps, _ = finite_points(c)
     after = int(np.count_nonzero(steps > lv.best_step))
     return lv.best_step, lv.final_step, after, lv.best, lv.final
+
+
+MK_MAX_POINTS = 500
+LIVE_TREND_Z = 1.645
+"""One-sided 5% level of the Mann–Kendall trend test, asked of a live run's rise."""
+
+
+def _live_trend(ctx: Context, name: str, b_step: int, sign: int) -> Evidence | None:
+    """While the run is live (``ctx.final`` False): the Mann–Kendall z of the evaluations
+    after the best one, in the direction ``sign`` (+1 rising), as evidence against
+    LIVE_TREND_Z; None for a finished run (its final level is judged as it is)."""
+    if ctx.final:
+        return None
+    c = ctx.curve(name)
+    assert c is not None
+    steps, raw = finite_points(c)
+    return Evidence(
+        "trend after the best (Mann–Kendall z)",
+        mann_kendall_z(sign * raw[steps > b_step]),
+        LIVE_TREND_Z,
+        ">=",
+    )
+
+
+def mann_kendall_z(x: np.ndarray) -> float:
+    """Mann–Kendall trend statistic of ``x`` in order, as a normal z (continuity-corrected;
+    no tie correction): > 0 rising. 0 for fewer than 3 points."""
+    x = x[-MK_MAX_POINTS:]  # O(n²) pairs: the latest evaluations are the ones that matter
+    n = int(x.size)
+    if n < 3:
+        return 0.0
+    d = np.sign(x[None, :] - x[:, None])
+    s = float(np.triu(d, 1).sum())
+    sd = float(np.sqrt(n * (n - 1) * (2 * n + 5) / 18.0))
+    return (s - np.sign(s)) / sd
 
 
 def _task_evidence(ctx: Context, curve: str) -> tuple[Evidence, ...]:

@@ -34,6 +34,10 @@ class Underfitting(Signature):
         lightning-stellar-regression-v16/v25/v41, lightning-tcc-cnn1d-v4,
         tb-lightning-quantae-plateau) plateaued at 0.49–0.91 of their initial loss.
 
+        While the run is still being written (``ctx.final`` False: ``runlens watch``), the
+        median must also have changed less than ``max_late_change`` from the 2nd to the 4th
+        quarter of the data so far: a slow descent looks flat over a short last quarter.
+
     Why it matters:
         The model cannot fit even the training data: more steps will not help. The
         capacity, the features, or the optimization (an LR too low, a schedule that decayed
@@ -104,10 +108,22 @@ class Underfitting(Signature):
             and progress >= p.min_progress
         ):
             return []
+        live: list[Evidence] = []
+        if not ctx.final:
+            # Live, the last quarter of the data so far may be a slow descent seen over too
+            # short a window: the loss must not have moved over the last half either.
+            q2 = v.median(0.25, 0.5)
+            half = (q2 - level) / max(abs(q2), TINY)
+            if not abs(half) <= p.max_late_change:
+                return []
+            live.append(
+                Evidence("train change over the last half", half, p.max_late_change, "|·| <=")
+            )
         ref_name = "ln(C)"
         evidence = [
             Evidence(f"late train loss / {ref_name}", ratio, p.min_level_ratio, ">="),
             Evidence("late train change", change, p.max_late_change, "|·| <="),
+            *live,
             Evidence("late train loss", level),
             Evidence(ref_name, ref),
             Evidence("progress from start", progress, p.min_progress, ">="),

@@ -24,6 +24,11 @@ class ValBelowTrain(Signature):
         augmentation usually explains (they give gaps up to about 40%, which is not
         reported).
 
+        "Most of the run" needs the run: while it is still being written (``ctx.final``
+        False: ``runlens watch``), at least ``LIVE_MIN_EVALS`` evaluations after the
+        transient, since a young run's few evaluations all fall in its steep descent, where
+        a training loss averaged over the epoch lags the model that is evaluated.
+
     Why it matters:
         A model normally does no better on unseen data than on its training data. A large,
         persistent reverse gap means the two losses are not measured the same way: dropout
@@ -107,6 +112,8 @@ class ValBelowTrain(Signature):
                 int(ok.sum()), f"{fmt.VAL_LOSS} points", 3, "within the training loss's steps"
             )
         t_at, v_at, st = t_at[ok], v_raw[ok], v_steps[ok]
+        if not ctx.final and st.size < LIVE_MIN_EVALS:
+            return []  # not yet "most of the run": wait for more evaluations
         rel = (t_at - v_at) / np.abs(t_at)
         gap = float(np.median(rel))
         fraction = float(np.mean(v_at < t_at))
@@ -142,3 +149,7 @@ class ValBelowTrain(Signature):
                 series=(fmt.VAL_LOSS, fmt.TRAIN_LOSS),
             )
         ]
+
+
+LIVE_MIN_EVALS = 6
+"""Evaluations after the transient a live run needs (twice the post-hoc minimum of 3)."""

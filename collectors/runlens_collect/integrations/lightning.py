@@ -7,16 +7,23 @@ Usage::
     trainer = L.Trainer(callbacks=[RunlensCallback("runs/exp1")], ...)
     trainer.fit(model, train_loader, val_loader)
 
-The Collector is attached in ``on_train_start`` (the optimizers exist then) to the
+The Collector is attached in ``on_train_start`` (the optimizers exist then, and a
+checkpoint's ``global_step`` is restored: the step axis continues from it) to the
 LightningModule and its first optimizer. Lightning runs forward and backward *inside*
 ``optimizer.step(closure)``, so the gradients are read again in
 ``on_before_optimizer_step``: there they are accumulated over ``accumulate_grad_batches``
-and unscaled by mixed precision. A step ends at ``on_train_batch_end`` after a batch whose
-optimizer stepped; its loss is the mean of the batch losses since the previous step (from
-the ``training_step`` outputs). Logged validation metrics (``trainer.callback_metrics``
-after each validation run, not the sanity check) are mapped to runlens names:
-``val_loss``/``val/loss`` -> ``val/loss``, ``val_acc`` -> ``val/accuracy``, other
-``val_*`` -> ``val/*``.
+and unscaled by mixed precision, but not yet clipped; when Lightning then clips
+(``gradient_clip_val``), the collector records ``clip_grad_norm_``'s return value as
+``grad_norm_preclip`` and reads the clipped gradients again after ``optimizer.step``:
+``grad_norm`` is what the optimizer applied, as everywhere.
+
+A step ends at ``on_train_batch_end`` after a batch whose optimizer stepped; its loss is
+the mean of the module's own ``training_step`` losses since the previous step. Lightning
+divides each by ``accumulate_grad_batches`` before backward (and hands that to
+``on_train_batch_end``); the division is undone. Logged validation metrics
+(``trainer.callback_metrics`` after each validation run, not the sanity check) are mapped
+to runlens names: ``val_loss``/``val/loss`` -> ``val/loss``, ``val_acc`` ->
+``val/accuracy``, other ``val_*`` -> ``val/*``.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class RunlensCallback(_pl.Callback):
         self.collector: Collector | None = None
         self._stepped = False
         self._losses: list[torch.Tensor] = []
+        self._accumulate = 1
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if trainer.global_rank != 0 or self.collector is not None:
@@ -63,8 +71,15 @@ class RunlensCallback(_pl.Callback):
         config = {**_jsonable(getattr(pl_module, "hparams", {})), **self.config}
         run_dir = self.run_dir or os.path.join(trainer.default_root_dir, "runlens")
         self.collector = Collector(
-            pl_module, opts[0] if opts else None, run_dir=run_dir, config=config, **self.knobs
+            pl_module,
+            opts[0] if opts else None,
+            run_dir=run_dir,
+            config=config,
+            start_step=int(trainer.global_step or 0),
+            _watch_backward=False,  # the loss comes from training_step's outputs
+            **self.knobs,
         )
+        self._accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         col = self.collector
@@ -83,7 +98,8 @@ class RunlensCallback(_pl.Callback):
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            self._losses.append(loss.detach().reshape(()))
+            # Lightning hands over the loss divided by accumulate_grad_batches: undo it.
+            self._losses.append(loss.detach().reshape(()) * self._accumulate)
         if not self._stepped:
             return  # accumulating gradients: the optimizer has not stepped yet
         self._stepped = False
