@@ -300,6 +300,19 @@ class Context:
         return self._all_series().get(name)
 
     # -- curves -----------------------------------------------------------------------------
+    @property
+    def skipped_steps(self) -> np.ndarray:
+        """Steps whose optimizer update did not happen (as :attr:`Run.skipped_steps`),
+        read once per analysis."""
+
+        def read() -> np.ndarray:
+            s = self.scalar(fmt.STEP_SKIPPED)
+            if s is None:
+                return np.zeros(0, np.int64)
+            return s.steps[np.nan_to_num(s.values, nan=0.0) > 0.5]
+
+        return self.cached("skipped_steps", read)
+
     def curve(self, name: str) -> Curve | None:
         curves = self._shared.curves
         if name not in curves:
@@ -308,10 +321,10 @@ class Context:
                 c = None
             else:
                 steps, values = s.steps, s.values
-                if name in fmt.SKIP_SENSITIVE and self.run.skipped_steps.size:
+                if name in fmt.SKIP_SENSITIVE and self.skipped_steps.size:
                     # Gradients of a skipped step (inf under an AMP overflow) were never
                     # applied: not part of the run's gradient history.
-                    keep = ~np.isin(steps, self.run.skipped_steps)
+                    keep = ~np.isin(steps, self.skipped_steps)
                     steps, values = steps[keep], values[keep]
                 # A schedule is set, not measured: never smoothed (its "smooth" is the raw).
                 schedule = is_schedule(name, self.run.meta)
@@ -447,7 +460,7 @@ class Context:
                 and np.array_equal(written.steps, m.steps)
             ):
                 m = dataclasses.replace(m, values=_hold_last(m.values, np.isfinite(written.values)))
-        skipped = run.skipped_steps
+        skipped = self.skipped_steps
         if need.kind in (fmt.KIND_GRAD, fmt.KIND_UPDATE) and skipped.size:
             keep = ~np.isin(m.steps, skipped)
             if not keep.all():

@@ -35,7 +35,6 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +160,7 @@ class Run:
         steps |= {step for step, _ in resume_cuts(self.events, self.rank, fmt.SCALARS_DIR)}
         return tuple(sorted(steps))
 
-    @cached_property
+    @property
     def skipped_steps(self) -> np.ndarray:
         """Steps whose optimizer update did not happen (``optim/skipped`` is 1: an AMP
         GradScaler found inf/NaN gradients, or ``optimizer.step()`` was not called).
@@ -233,7 +232,6 @@ class Run:
         lp = read_layers(self, [need], files=self.segment_files(fmt.LAYERS_DIR))[0]
         return lp.matrices.get(need)
 
-    @property
     @property
     def samples_params(self) -> bool:
         """The collector sampled parameter rows (run.json ``collector.memory``): steps it

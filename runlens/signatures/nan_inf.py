@@ -96,7 +96,7 @@ class NanInf(Signature):
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
-        skipped = ctx.run.skipped_steps
+        skipped = ctx.skipped_steps
         persistent = _persistent_overflow(ctx, skipped, p)
         if persistent is not None:
             return [persistent]
