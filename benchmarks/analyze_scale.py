@@ -1,20 +1,25 @@
-"""End-to-end speed and memory of ``runlens analyze`` on a large synthetic run.
+"""End-to-end speed and memory of ``runlens analyze`` on large synthetic runs.
 
-Builds a run in the runlens format (pyarrow + ``format.write_segment``, one segment per
-1000 steps like the collector's flush) of STEPS steps × 50 tensors × 4 kinds
+Builds a run in the runlens format (pyarrow, row groups of 2^16 rows, one segment per
+1000 steps like the collector's flush) of STEPS steps × TENSORS tensors × 4 kinds
 (weight/grad/update/activation) of healthy-looking statistics with noise, histograms every
 50 steps, plus the scalars train/loss (every step), val/loss (every 500 steps), lr/0,
-grad_norm and time/*. Then, each in a fresh subprocess, repeated and reported as the
-median (peak RSS from ``getrusage(RUSAGE_CHILDREN)``):
+grad_norm and time/*. Then:
 
-* ``runlens.analyze(path)`` (the library call; imports not timed),
-* ``runlens analyze PATH --format json -o /dev/null`` (the whole CLI process),
-* a bare polars ``scan_parquet(...).collect()`` of the layer and scalar tables,
-* a projection-only polars scan of the columns the analyzer reads.
+* **ratio** (one process, imports done, page cache warm): the bare polars scan of the
+  columns the analysis reads (the layers columns of ``engine.plan`` over every signature,
+  and the scalars table), and ``runlens.analyze(path)``, interleaved REPEAT times;
+  the scan both collected into memory (``collect``, runs up to ``--collect-max`` rows)
+  and reduced by the streaming engine (one aggregate per column: reads and decodes every
+  value, holds none); the median of each and their ratio;
+* **memory** (each in a fresh process, peak RSS from ``getrusage(RUSAGE_CHILDREN)``):
+  ``runlens.analyze(path)`` and ``runlens analyze PATH --format json -o /dev/null``.
 
-    python benchmarks/analyze_scale.py                       # 1M and 10M rows, 3 repeats
-    python benchmarks/analyze_scale.py --steps 5000 --repeat 5
-    python benchmarks/analyze_scale.py --profile             # cProfile of analyze, top 30
+    python benchmarks/analyze_scale.py                         # 10M rows, 3 repeats
+    python benchmarks/analyze_scale.py --steps 500000 --repeat 1            # 100M rows
+    python benchmarks/analyze_scale.py --steps 500000 --tensors 500 --repeat 1   # 1B
+    python benchmarks/analyze_scale.py --segments 6000 300     # 300 segments vs compacted
+    python benchmarks/analyze_scale.py --profile               # cProfile of analyze
 
 Runs are cached under --dir (default: $TMPDIR/runlens-bench) and rebuilt only when the
 generator's parameters change.
@@ -23,6 +28,7 @@ generator's parameters change.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -39,40 +45,30 @@ import pyarrow as pa
 from runlens_collect import format as fmt
 
 TENSORS = 50  # per kind: 25 Linear layers (weight + bias) / 25 Linear + 25 ReLU outputs
-BLOCKS = TENSORS // 2
 KINDS = (fmt.KIND_WEIGHT, fmt.KIND_GRAD, fmt.KIND_UPDATE, fmt.KIND_ACTIVATION)
 SEGMENT_STEPS = 1000
 HIST_EVERY = 50
 VAL_EVERY = 500
-GENERATOR_VERSION = 1  # bump when the synthetic data changes, to invalidate caches
-
-# Columns the analyzer reads from the layers table (the projection-only baseline).
-ANALYZER_COLUMNS = (
-    "step",
-    "layer",
-    "kind",
-    "numel",
-    "missing",
-    "std",
-    "norm",
-    "frac_nonfinite",
-    "update_ratio",
-    "frac_dead_units",
-    "frac_saturated",
-)
+TEMPLATE_ROWS = 20_000_000
+GENERATOR_VERSION = 2  # bump when the synthetic data changes, to invalidate caches
+ROW_GROUP_ROWS = fmt.COMPACT_ROW_GROUP_ROWS
+"""Row groups as runlens writes them (collector segments hold at most 100,000 layer rows,
+compacted ones 2^16-row groups): polars decodes a whole row group at a time, so files
+with 1M-row groups would measure the reader's buffers, not the analysis."""
 
 
-def param_names() -> list[str]:
-    return [f"blocks.{i}.fc.{p}" for i in range(BLOCKS) for p in ("weight", "bias")]
+def param_names(tensors: int = TENSORS) -> list[str]:
+    return [f"blocks.{i}.fc.{p}" for i in range(tensors // 2) for p in ("weight", "bias")]
 
 
-def module_names() -> list[str]:
-    return [f"blocks.{i}.{m}" for i in range(BLOCKS) for m in ("fc", "act")]
+def module_names(tensors: int = TENSORS) -> list[str]:
+    return [f"blocks.{i}.{m}" for i in range(tensors // 2) for m in ("fc", "act")]
 
 
-def model_summary() -> dict:
+def model_summary(tensors: int = TENSORS) -> dict:
+    blocks = tensors // 2
     modules: list[dict] = [{"path": "", "type": "Net", "params": []}]
-    for i in range(BLOCKS):
+    for i in range(blocks):
         modules.append(
             {
                 "path": f"blocks.{i}.fc",
@@ -86,18 +82,19 @@ def model_summary() -> dict:
         modules.append({"path": f"blocks.{i}.act", "type": "ReLU", "params": []})
     return {
         "class": "Net",
-        "num_params": BLOCKS * (65536 + 256),
+        "num_params": blocks * (65536 + 256),
         "modules": modules,
         "output_shape": [128, 256],
     }
 
 
-def _layer_segment(rng: np.random.Generator, steps: np.ndarray) -> pa.Table:
+def _layer_segment(rng: np.random.Generator, steps: np.ndarray, tensors: int = TENSORS) -> pa.Table:
     """Rows of ``steps`` in collector order: step, then kind, then tensor."""
+    TENSORS = tensors
     n_steps = len(steps)
     per_step = len(KINDS) * TENSORS
     n = n_steps * per_step
-    params, modules = param_names(), module_names()
+    params, modules = param_names(tensors), module_names(tensors)
     names = params + [m for m in modules if m not in params]
     layer_ids = np.empty(per_step, np.int32)
     kind_ids = np.repeat(np.arange(len(KINDS), dtype=np.int32), TENSORS)
@@ -205,9 +202,13 @@ def _scalar_segment(rng: np.random.Generator, steps: np.ndarray, total: int) -> 
     )
 
 
-def build_run(path: Path, steps: int, seed: int = 0) -> Path:
-    """Write the synthetic run (reused when ``path`` already holds the same one)."""
-    stamp = {"steps": steps, "seed": seed, "tensors": TENSORS, "version": GENERATOR_VERSION}
+def build_run(path: Path, steps: int, seed: int = 0, tensors: int = TENSORS) -> Path:
+    """Write the synthetic run (reused when ``path`` already holds the same one).
+
+    Runs of more than ``TEMPLATE_ROWS`` layer rows repeat one generated segment with its
+    steps moved (the noise repeats every segment; each segment is still encoded and
+    compressed on its own), so a billion rows take minutes, not hours, to write."""
+    stamp = {"steps": steps, "seed": seed, "tensors": tensors, "version": GENERATOR_VERSION}
     marker = path / ".bench.json"
     if marker.exists() and json.loads(marker.read_text()) == stamp:
         return path
@@ -220,15 +221,23 @@ def build_run(path: Path, steps: int, seed: int = 0) -> Path:
         end_time=1.7e9 + 0.05 * steps,
         last_step=steps - 1,
         config={"lr": 1e-3, "num_classes": 256, "task": "classification"},
-        model=model_summary(),
+        model=model_summary(tensors),
     )
     fmt.write_json_atomic(meta, path / fmt.RUN_JSON)
+    template = None
+    if steps * tensors * len(KINDS) > TEMPLATE_ROWS:
+        template = _layer_segment(rng, np.arange(SEGMENT_STEPS, dtype=np.int64), tensors)
+        per_step = tensors * len(KINDS)
     for seq, start in enumerate(range(0, steps, SEGMENT_STEPS)):
         st = np.arange(start, min(start + SEGMENT_STEPS, steps), dtype=np.int64)
-        fmt.write_segment(_layer_segment(rng, st), fmt.segment_path(path, fmt.LAYERS_DIR, 0, seq))
-        fmt.write_segment(
-            _scalar_segment(rng, st, steps), fmt.segment_path(path, fmt.SCALARS_DIR, 0, seq)
-        )
+        if template is None:
+            layers = _layer_segment(rng, st, tensors)
+        else:
+            layers = template.slice(0, len(st) * per_step)
+            i = layers.schema.get_field_index("step")
+            layers = layers.set_column(i, "step", pa.array(np.repeat(st, per_step)))
+        _write(layers, fmt.segment_path(path, fmt.LAYERS_DIR, 0, seq))
+        _write(_scalar_segment(rng, st, steps), fmt.segment_path(path, fmt.SCALARS_DIR, 0, seq))
     fmt.append_event(path, {"kind": "start", "time": 1.7e9, "rank": 0, "run_id": meta["run_id"]})
     fmt.append_event(
         path,
@@ -238,22 +247,82 @@ def build_run(path: Path, steps: int, seed: int = 0) -> Path:
     return path
 
 
-# -- measuring (each measurement in a fresh process) ------------------------------------
+def _write(table: pa.Table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+
+
+def split_segments(src: Path, dest: Path, parts: int) -> Path:
+    """A copy of run ``src`` with each table cut into ``parts`` segments by step (the
+    same rows, as a collector flushing more often would have written them)."""
+    import pyarrow.parquet as pq
+
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for name in (fmt.RUN_JSON, fmt.EVENTS_JSONL):
+        shutil.copy(src / name, dest / name)
+    for table in (fmt.SCALARS_DIR, fmt.LAYERS_DIR):
+        files = sorted((src / table).glob(fmt.SEGMENT_GLOB))
+        t = pa.concat_tables(pq.read_table(f) for f in files)
+        steps = t.column("step").to_numpy()
+        cuts = np.linspace(steps.min(), steps.max() + 1, parts + 1).astype(np.int64)
+        for seq, (lo, hi) in enumerate(itertools.pairwise(cuts)):
+            part = t.filter(pa.array((steps >= lo) & (steps < hi)))
+            fmt.write_segment(part, fmt.segment_path(dest, table, 0, seq))
+    return dest
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+_RATIO = r"""
+import json, statistics, sys, time
+import polars as pl
+import runlens
+from pathlib import Path
+
+path, repeat, collect_max = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+cols = sys.argv[4].split(",")
+lay = pl.scan_parquet(sorted(str(f) for f in path.glob("layers/rank=*/part-*.parquet")))
+sca = pl.scan_parquet(sorted(str(f) for f in path.glob("scalars/rank=*/part-*.parquet")))
+rows = lay.select(pl.len()).collect().item()
+
+def agg(c, dtype):
+    e = pl.col(c)
+    if dtype == pl.Categorical:
+        return e.to_physical().max()
+    if dtype == pl.Boolean:
+        return e.sum()
+    return e.max()
+
+schema = lay.collect_schema()
+def bare_collect():
+    return lay.select(cols).collect().height + sca.collect().height
+def bare_stream():
+    a = lay.select([agg(c, schema[c]) for c in cols]).collect(engine="streaming")
+    b = sca.select(pl.col("value").max(), pl.col("step").max(), pl.col("wall_time").max(),
+                   pl.col("name").to_physical().max()).collect(engine="streaming")
+    return a.width + b.width
+
+def timed(fn):
+    t = time.perf_counter(); fn(); return time.perf_counter() - t
+
+out = {"rows": rows, "cols": cols, "collect": [], "stream": [], "analyze": []}
+if rows <= 200_000_000:  # larger than the page cache: every pass reads the disk alike
+    runlens.analyze(path)  # warm: imports, page cache
+for _ in range(repeat):  # interleaved: a burst of load hits each alike
+    if rows <= collect_max:
+        out["collect"].append(timed(bare_collect))
+    out["stream"].append(timed(bare_stream))
+    out["analyze"].append(timed(lambda: runlens.analyze(path)))
+print(json.dumps(out))
+"""
 
 _LIBRARY = """
 import sys, time, runlens
 t = time.perf_counter(); report = runlens.analyze(sys.argv[1]); dt = time.perf_counter() - t
 print(dt, len(report.findings))
-"""
-
-_SCAN = """
-import sys, time, polars as pl
-cols = sys.argv[2].split(",") if len(sys.argv) > 2 else None
-t = time.perf_counter()
-lay = pl.scan_parquet(sys.argv[1] + "/layers/rank=*/part-*.parquet", hive_partitioning=False)
-sca = pl.scan_parquet(sys.argv[1] + "/scalars/rank=*/part-*.parquet", hive_partitioning=False)
-n = (lay.select(cols) if cols else lay).collect().height + sca.collect().height
-print(time.perf_counter() - t, n)
 """
 
 
@@ -274,38 +343,132 @@ def _measure(argv: list[str], timed_inside: bool) -> tuple[float, float]:
     return (float(stdout.split()[0]) if timed_inside else wall), rss
 
 
-def measure(path: Path, repeat: int) -> dict[str, list[tuple[float, float]]]:
-    cli = shutil.which("runlens") or "runlens"
-    cases = {
-        "runlens.analyze (library call)": ([sys.executable, "-c", _LIBRARY, str(path)], True),
-        "runlens analyze --format json (CLI process)": (
-            [cli, "analyze", str(path), "--format", "json", "-o", os.devnull],
+def planned_columns() -> list[str]:
+    """The layers columns an analysis reads: those of ``engine.plan`` over every
+    signature (what ``runlens.analyze`` reads in its one pass)."""
+    from runlens import engine
+    from runlens.needs import LayerStat, NonFiniteRows
+    from runlens.signatures import REGISTRY
+
+    needs = engine.plan(REGISTRY.values())
+    cols = ["step", "layer", "kind"]
+    cols += dict.fromkeys(n.stat for n in needs if isinstance(n, LayerStat))
+    if any(isinstance(n, NonFiniteRows) for n in needs):
+        cols += [c for c in ("missing", "frac_nonfinite", "norm") if c not in cols]
+    return list(dict.fromkeys(cols))
+
+
+def ratio(path: Path, repeat: int, collect_max: int, code: Path | None = None) -> dict:
+    """The interleaved same-process measurement; ``code``: a checkout whose runlens is
+    timed instead of this one (the scan reads the same columns either way)."""
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code), str(code / "collectors")])
+    cols = ",".join(planned_columns())
+    out = subprocess.run(
+        [sys.executable, "-c", _RATIO, str(path), str(repeat), str(collect_max), cols],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=code,
+    )
+    return json.loads(out.stdout)
+
+
+def memory(path: Path, repeat: int, cli: bool = True) -> dict[str, list[tuple[float, float]]]:
+    runlens_cli = shutil.which("runlens") or "runlens"
+    cases = {"runlens.analyze (library call)": ([sys.executable, "-c", _LIBRARY, str(path)], True)}
+    if cli:
+        cases["runlens analyze --format json (CLI process)"] = (
+            [runlens_cli, "analyze", str(path), "--format", "json", "-o", os.devnull],
             False,
-        ),
-        "polars scan_parquet().collect(), all columns": (
-            [sys.executable, "-c", _SCAN, str(path)],
-            True,
-        ),
-        "polars scan, analyzer's columns only": (
-            [sys.executable, "-c", _SCAN, str(path), ",".join(ANALYZER_COLUMNS)],
-            True,
-        ),
-    }
+        )
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
-    for _ in range(repeat):  # interleaved, so a burst of load hits every case alike
+    for _ in range(repeat):
         for name, (argv, inside) in cases.items():
             results[name].append(_measure(argv, inside))
     return results
 
 
-def _median(res: dict[str, list[tuple[float, float]]], name: str) -> float:
-    return statistics.median(t for t, _ in res[name])
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
 
 
-def _cell(samples: list[tuple[float, float]]) -> str:
-    t = sorted(x for x, _ in samples)
-    rss = statistics.median(r for _, r in samples)
-    return f"{statistics.median(t):.2f} | {t[0]:.2f}–{t[-1]:.2f} | {rss:.0f}"
+def report(
+    path: Path, steps: int, tensors: int, repeat: int, collect_max: int, code: Path | None
+) -> None:
+    load = os.getloadavg()
+    size = sum(f.stat().st_size for f in path.rglob("*.parquet")) / 2**20
+    r = ratio(path, repeat, collect_max, code)
+    if code is not None:
+        print(f"\nanalysis timed with the runlens of {code}")
+    mem = memory(path, repeat, cli=r["rows"] <= 200_000_000) if code is None else {}
+    print(
+        f"\n{r['rows']:,} layer rows ({steps:,} steps × {tensors} tensors × 4 kinds), "
+        f"{size:,.0f} MiB of Parquet, load average {load[0]:.1f} / {load[1]:.1f} / "
+        f"{load[2]:.1f}, median of {repeat}"
+    )
+    print(f"columns: {', '.join(r['cols'])}")
+    print("| what (one process, interleaved) | seconds (median) | min–max |\n|---|---:|---:|")
+    rows = [("runlens.analyze(path)", r["analyze"]),
+            ("bare scan, streaming aggregate of the columns", r["stream"]),
+            ("bare scan, collect of the columns", r["collect"])]  # fmt: skip
+    for name, xs in rows:
+        if xs:
+            print(f"| {name} | {_med(xs):.2f} | {min(xs):.2f}–{max(xs):.2f} |")
+    a = _med(r["analyze"])
+    line = f"analyze / streaming scan = {a / _med(r['stream']):.2f}×"
+    if r["collect"]:
+        line += f", analyze / collect scan = {a / _med(r['collect']):.2f}×"
+    print(line)
+    if mem:
+        print("| fresh process | seconds (median) | peak RSS MiB (max) |\n|---|---:|---:|")
+    for name, samples in mem.items():
+        t = statistics.median(x for x, _ in samples)
+        print(f"| {name} | {t:.2f} | {max(m for _, m in samples):.0f} |")
+
+
+def segments(path: Path, parts: int, repeat: int, workdir: Path) -> None:
+    """The same run as ``parts`` segments and compacted: analyze time of each,
+    interleaved in one process."""
+    from runlens_collect.compact import compact_run
+
+    many = split_segments(path, workdir / f"{path.name}-{parts}-segments", parts)
+    one = split_segments(path, workdir / f"{path.name}-compacted", parts)
+    done = compact_run(one)
+    code = r"""
+import json, sys, time, runlens
+a, b, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3])
+runlens.analyze(a); runlens.analyze(b)
+ta, tb, ca, cb = [], [], [], []
+def timed(p, wall, cpu):
+    # CPU seconds of the process (all threads) too: less moved by other jobs than wall
+    t, c = time.perf_counter(), time.process_time(); runlens.analyze(p)
+    wall.append(time.perf_counter() - t); cpu.append(time.process_time() - c)
+for _ in range(repeat):
+    timed(a, ta, ca); timed(b, tb, cb)
+print(json.dumps([ta, tb, ca, cb]))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(many), str(one), str(repeat)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    ta, tb, ca, cb = json.loads(out.stdout)
+    load = os.getloadavg()
+    n = len(list((many / fmt.LAYERS_DIR).glob(fmt.SEGMENT_GLOB)))
+    print(f"\nsegments: {n} per table vs compacted ({done.describe()}); load {load[0]:.1f}")
+    print("| run | wall s (median) | min–max | CPU s (median) | min–max |")
+    print("|---|---:|---:|---:|---:|")
+    for name, w, c in ((f"{n} segments", ta, ca), ("compacted", tb, cb)):
+        print(f"| {name} | {_med(w):.3f} | {min(w):.3f}–{max(w):.3f} "
+              f"| {_med(c):.3f} | {min(c):.3f}–{max(c):.3f} |")  # fmt: skip
+    print(
+        f"{n} segments / compacted: wall {_med(ta) / _med(tb):.3f} (medians), "
+        f"{min(ta) / min(tb):.3f} (minima); CPU {_med(ca) / _med(cb):.3f} (medians)"
+    )
 
 
 def profile(path: Path, top: int = 30) -> None:
@@ -324,46 +487,38 @@ def profile(path: Path, top: int = 30) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, nargs="+", default=[5000, 50000])
+    ap.add_argument("--steps", type=int, nargs="+", default=[50000])
+    ap.add_argument("--tensors", type=int, default=TENSORS, help="tensors per kind")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--collect-max", type=int, default=20_000_000,
+                    help="largest run whose columns are also collected into memory")  # fmt: skip
+    ap.add_argument("--segments", type=int, nargs=2, metavar=("STEPS", "PARTS"), default=None,
+                    help="a run of STEPS steps in PARTS segments against it compacted")  # fmt: skip
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "runlens-bench")
     ap.add_argument("--profile", action="store_true", help="cProfile analyze on the largest")
+    ap.add_argument("--code", type=Path, default=None,
+                    help="time the runlens of this checkout (a `git archive` of main)")  # fmt: skip
     args = ap.parse_args()
-
-    runs = {}
-    for steps in args.steps:
-        t = time.perf_counter()
-        runs[steps] = build_run(args.dir / f"steps-{steps}", steps)
-        print(f"run of {steps} steps ready in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-    if args.profile:
-        profile(runs[max(runs)])
-        return
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"python {platform.python_version()}, {platform.platform()}"
     )
+    if args.segments:
+        steps, parts = args.segments
+        path = build_run(args.dir / f"steps-{steps}", steps)
+        segments(path, parts, args.repeat, args.dir)
+        return
+    runs = {}
+    for steps in args.steps:
+        t = time.perf_counter()
+        name = f"steps-{steps}" + ("" if args.tensors == TENSORS else f"-t{args.tensors}")
+        runs[steps] = build_run(args.dir / name, steps, tensors=args.tensors)
+        print(f"run of {steps} steps ready in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    if args.profile:
+        profile(runs[max(runs)])
+        return
     for steps, path in runs.items():
-        load = os.getloadavg()
-        res = measure(path, args.repeat)
-        rows = steps * TENSORS * len(KINDS)
-        size = sum(f.stat().st_size for f in path.rglob("*.parquet")) / 2**20
-        print(
-            f"\n{rows:,} layer rows ({steps:,} steps), {size:.0f} MiB of Parquet, "
-            f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}, "
-            f"median of {args.repeat}"
-        )
-        print("| what | seconds (median) | min–max | peak RSS MiB |\n|---|---:|---:|---:|")
-        for name, samples in res.items():
-            print(f"| {name} | {_cell(samples)} |")
-
-        lib = _median(res, "runlens.analyze (library call)")
-        cli = _median(res, "runlens analyze --format json (CLI process)")
-        bare = _median(res, "polars scan_parquet().collect(), all columns")
-        proj = _median(res, "polars scan, analyzer's columns only")
-        print(
-            f"analyze / full scan = {lib / bare:.1f}×, / projected scan = {lib / proj:.1f}×; "
-            f"CLI / full scan = {cli / bare:.1f}×"
-        )
+        report(path, steps, args.tensors, args.repeat, args.collect_max, args.code)
 
 
 if __name__ == "__main__":

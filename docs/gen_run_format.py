@@ -105,6 +105,11 @@ def scalar_names_table() -> str:
     return "\n".join(lines)
 
 
+def compaction() -> str:
+    steps = [f"{i}. {text}" for i, text in enumerate(fmt.COMPACTION_STEPS, 1)]
+    return "\n".join([fmt.READER_RULE, "", *steps])
+
+
 def sections() -> dict[str, str]:
     return {
         "scalar-names": scalar_names_table(),
@@ -120,6 +125,7 @@ def sections() -> dict[str, str]:
         "probe-scalars": keys_table(fmt.PROBE_SCALARS),
         "probe-json": keys_table(fmt.PROBE_JSON_KEYS),
         "version": f"Current `SCHEMA_VERSION`: **{fmt.SCHEMA_VERSION}**.",
+        "compaction": compaction(),
     }
 
 

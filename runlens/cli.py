@@ -179,12 +179,24 @@ def analysis_options(fn: F) -> F:
     return fn
 
 
+memory_option = click.option(
+    "--memory-mb",
+    "memory_mb",
+    type=float,
+    default=None,
+    metavar="MB",
+    help="Bound on the memory of reading a run's layer statistics (default 1024): a run "
+    "too long for it is read in chunks as window levels.",
+)
+
+
 def analyze_options(
     set_: tuple[str, ...],
     config: str | None,
     smoothing: float | None,
     only: tuple[str, ...],
     task: str | None = None,
+    memory_mb: float | None = None,
 ) -> Any:
     """AnalyzeOptions from the :func:`analysis_options` values (--set wins over --config)."""
     from runlens.engine import AnalyzeOptions, load_config, parse_set
@@ -196,6 +208,8 @@ def analyze_options(
     kwargs: dict[str, Any] = {"overrides": overrides, "only": names or None, "task": task}
     if smoothing is not None:
         kwargs["smoothing"] = smoothing
+    if memory_mb is not None:
+        kwargs["memory_mb"] = memory_mb
     return AnalyzeOptions(**kwargs)
 
 
@@ -295,6 +309,7 @@ def _write_plots(
     "(needs matplotlib).",
 )
 @analysis_options
+@memory_option
 @input_options
 @handle_errors
 def analyze(
@@ -308,6 +323,7 @@ def analyze(
     smoothing: float | None,
     only: tuple[str, ...],
     task: str | None,
+    memory_mb: float | None,
     input_format: str,
     map_: tuple[str, ...],
 ) -> None:
@@ -333,7 +349,7 @@ def analyze(
     from runlens.discover import discover
     from runlens.importers import parse_map
 
-    options = analyze_options(set_, config, smoothing, only, task)
+    options = analyze_options(set_, config, smoothing, only, task, memory_mb)
     if plots is not None and fmt != "markdown":
         fail("--plots works with --format markdown (the html format has its own plots)")
     found = discover(run_dir, None if input_format == "auto" else input_format)
@@ -361,9 +377,11 @@ def _analyze_one(
 ) -> int:
     """Analyze one run and write its report; the exit status (0 or EXIT_FAIL_ON)."""
     from runlens.engine import analyze as run_analysis
+    from runlens.engine import make_context
     from runlens.sources import open_found
 
-    run = open_found(found, mapping)
+    # One Context: the graphical reports reuse what the analysis read.
+    run = make_context(open_found(found, mapping), options)
     report = run_analysis(run, options)
     emit(_render(run, report, fmt, output, plots, options), output)
     return _fail_on_status(report, fail_on)
@@ -414,6 +432,7 @@ def _analyze_many(
     A run that cannot be read is reported (stderr and the output) and the others still
     are. Returns the worst exit status over the runs."""
     from runlens.engine import analyze as run_analysis
+    from runlens.engine import make_context
     from runlens.report import json_report
     from runlens.sources import open_found
 
@@ -440,7 +459,7 @@ def _analyze_many(
     names = _page_names([r.label for r in found.runs])
     for item, page in zip(found.runs, names, strict=True):
         try:
-            run = open_found(item, mapping)
+            run = make_context(open_found(item, mapping), options)
             report = run_analysis(run, options)
         except RunlensError as exc:
             click.echo(f"runlens: error: {item.label}: {exc}", err=True)
@@ -579,6 +598,7 @@ def explain(name: str) -> None:
     help="Align curves by step or by wall-clock seconds since each run started.",
 )
 @analysis_options
+@memory_option
 @input_options
 @handle_errors
 def compare(
@@ -592,6 +612,7 @@ def compare(
     smoothing: float | None,
     only: tuple[str, ...],
     task: str | None,
+    memory_mb: float | None,
     input_format: str,
     map_: tuple[str, ...],
 ) -> None:
@@ -620,7 +641,7 @@ def compare(
     options = CompareOptions(
         metric=metric,
         by=by,
-        analyze=analyze_options(set_, config, smoothing, only, task),  # type: ignore[arg-type]
+        analyze=analyze_options(set_, config, smoothing, only, task, memory_mb),  # type: ignore[arg-type]
         input_format=input_format,
         mapping=tuple(parse_map(map_).items()),
     )
@@ -686,6 +707,34 @@ def import_(path: str, out_dir: str, input_format: str, map_: tuple[str, ...]) -
     )
     for w in run.warnings:
         click.echo(f"runlens: warning: {w}", err=True)
+
+
+@cli.command("compact")
+@click.argument("run_dir", metavar="RUN_DIR")
+@click.option("--dry-run", is_flag=True, help="Say what would be merged; change nothing.")
+@handle_errors
+def compact_(run_dir: str, dry_run: bool) -> None:
+    """Merge a run's many small segments into few large ones, so it reads fast.
+
+    The collector does this on close(); run it for a run that ended abnormally (killed,
+    crashed before closing) or was recorded with compact=False. Crash-safe: the old
+    segments stay readable until the merged one is in place (docs/run-format.md).
+
+    \b
+    Examples:
+      runlens compact runs/exp1
+      runlens compact runs/exp1 --dry-run
+    """
+    from runlens_collect.compact import compact_run
+
+    from runlens.run import load_run
+
+    load_run(run_dir)  # a one-line error for anything that is not a run directory
+    done = compact_run(run_dir, dry_run=dry_run)
+    prefix = "would compact" if dry_run else "compacted"
+    click.echo(f"{prefix} {run_dir}: {done.describe()}")
+    for line in done.skipped:
+        click.echo(f"runlens: warning: {line}", err=True)
 
 
 # -- collect ------------------------------------------------------------------------------

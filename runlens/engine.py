@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,14 +28,19 @@ from runlens.findings import (
     TaskSummary,
 )
 from runlens.health import layer_health
+from runlens.layerscan import DEFAULT_MEMORY_MB
 from runlens.links import link_findings, rank_findings
 from runlens.metrics import is_schedule
+from runlens.needs import REPORT_NEEDS, Need
 from runlens.run import Run
 from runlens.sampling import SAMPLING_FACT, sampling_text
 from runlens.signatures import REGISTRY
 from runlens.signatures.base import NotChecked, Params, Signature
 from runlens.sources import open_run
 from runlens.task import TaskInfo, parse_task
+
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+"""Signatures run in this many threads by default: numpy and scipy release the GIL."""
 
 PREVIEW_CURVES = (fmt.TRAIN_LOSS, fmt.VAL_LOSS, "val/accuracy", "lr/0", fmt.GRAD_NORM)
 
@@ -51,6 +57,12 @@ class AnalyzeOptions:
     task: str | None = None
     """The task of the run(s) analyzed, overriding what the run says: ``classification:10``,
     ``regression``, ``multilabel:5``, ``language-modeling``, ``unknown`` (see runlens.task)."""
+    memory_mb: float = DEFAULT_MEMORY_MB
+    """Bound on the memory of reading the layers table (runlens.layerscan): a run whose
+    step × layer matrices would not fit is read as window levels, in chunks."""
+    workers: int = DEFAULT_WORKERS
+    """Threads running signatures (they share one read of the run; results and report
+    are the same for any number, tests/test_concurrency.py)."""
     final: bool = True
     """The data is the whole run (post-hoc analysis). False while the run is still being
     written (``runlens watch``'s live passes): signatures that judge the end of the run
@@ -66,6 +78,10 @@ class AnalyzeOptions:
                 raise OptionError(f"unknown signature(s): {', '.join(unknown)}")
         if not 0.0 <= self.smoothing < 1.0:
             raise OptionError(f"smoothing must be in [0, 1), got {self.smoothing}")
+        if not self.memory_mb >= 64:
+            raise OptionError(f"memory must be at least 64 MB, got {self.memory_mb}")
+        if self.workers < 1:
+            raise OptionError(f"workers must be >= 1, got {self.workers}")
 
 
 def validate_overrides(overrides: Mapping[str, Mapping[str, float]]) -> None:
@@ -126,49 +142,83 @@ def resolve_params(sig: type[Signature], overrides: Mapping[str, float]) -> Para
     return Params(values)
 
 
-def analyze(run: Run | str | os.PathLike[str], options: AnalyzeOptions | None = None) -> Report:
-    """Diagnose one run. ``run`` is a :class:`Run` or a path to a run directory or to a
-    log :func:`runlens.sources.open_run` imports (TensorBoard, CSV, HF trainer state)."""
+def make_context(
+    run: Run | str | os.PathLike[str], options: AnalyzeOptions | None = None
+) -> Context:
+    """The :class:`Context` :func:`analyze` reads ``run`` through (a path is opened with
+    :func:`runlens.sources.open_run`). Pass it to :func:`analyze` and then to the
+    graphical reports (runlens.plotdata) so that the run is read once."""
     options = options or AnalyzeOptions()
     if not isinstance(run, Run):
         run = open_run(run)
     stated = parse_task(options.task) if options.task is not None else None
-    ctx = Context(run, options.smoothing, task=stated, final=options.final)
-    findings: list[Finding] = []
-    skipped: list[Skipped] = []
-    partial: list[Skipped] = []
-    warnings: list[str] = []
+    return Context(
+        run, options.smoothing, task=stated, memory_mb=options.memory_mb, final=options.final
+    )
+
+
+def plan(signatures: Iterable[type[Signature]]) -> tuple[Need, ...]:
+    """What an analysis running ``signatures`` reads from the layers table: their declared
+    ``needs`` and what the reports read (runlens.needs.REPORT_NEEDS)."""
+    out: dict[Need, None] = dict.fromkeys(REPORT_NEEDS)
+    for sig in signatures:
+        out.update(dict.fromkeys(sig.needs))
+    return tuple(out)
+
+
+def analyze(
+    run: Run | Context | str | os.PathLike[str], options: AnalyzeOptions | None = None
+) -> Report:
+    """Diagnose one run. ``run`` is a :class:`Run`, a path to a run directory or to a
+    log :func:`runlens.sources.open_run` imports (TensorBoard, CSV, HF trainer state), or
+    a :class:`Context` from :func:`make_context` with the same options."""
+    options = options or AnalyzeOptions()
+    ctx = run if isinstance(run, Context) else make_context(run, options)
+    todo: list[tuple[str, type[Signature]]] = []
+    skipped_early: dict[str, Skipped] = {}
     considered: list[str] = []
-    no_layers = 0  # signatures skipped for want of layer statistics
     for name, sig in REGISTRY.items():
         if options.only is not None and name not in options.only:
             continue
         considered.append(name)
-        if not sanity.applies(name, sig.category, run.kind):
-            skipped.append(Skipped(name, f"does not apply to {run.kind} runs", "not-applicable"))
+        if not sanity.applies(name, sig.category, ctx.run.kind):
+            skipped_early[name] = Skipped(
+                name, f"does not apply to {ctx.run.kind} runs", "not-applicable"
+            )
             continue
-        missing = ctx.missing(sig.requires)
-        if missing:
-            skipped.append(Skipped(name, _missing_reason(run, missing), "not-recorded"))
-            no_layers += any("layers:" in m for m in missing)
+        todo.append((name, sig))
+    # Everything the signatures declared is read in one pass before any of them runs.
+    ctx.prepare(plan(sig for _, sig in todo))
+    run = ctx.run
+    jobs = [(name, sig, resolve_params(sig, options.overrides.get(name, {}))) for name, sig in todo]
+    if options.workers > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=options.workers) as pool:
+            results = list(pool.map(lambda j: _run_one(ctx, *j), jobs))
+        outcomes = {j[0]: r for j, r in zip(jobs, results, strict=True)}
+    else:
+        outcomes = {j[0]: _run_one(ctx, *j) for j in jobs}
+
+    findings: list[Finding] = []
+    skipped: list[Skipped] = []
+    partial: list[Skipped] = []
+    warnings: list[str] = []
+    no_layers = 0  # signatures skipped for want of layer statistics
+    for name in considered:
+        if name in skipped_early:
+            skipped.append(skipped_early[name])
             continue
-        params = resolve_params(sig, options.overrides.get(name, {}))
-        ctx.begin(name)
-        try:
-            found = sig().detect(ctx, params)
-        except NotChecked as nc:  # could not look: not checked, and the report says why
-            ctx.take_parts()
-            skipped.append(Skipped(name, nc.reason, nc.kind))
-            continue
-        except Exception as exc:  # one broken signature must not hide the others
-            ctx.take_parts()
-            text = f"{type(exc).__name__}: {exc}"
-            skipped.append(Skipped(name, f"internal error: {text}", "internal-error"))
-            warnings.append(f"signature {name} failed: {text}")
-            continue
-        partial += ctx.take_parts()
-        findings.extend(_clip_steps(f, ctx) for f in found)
-    if no_layers and not run.has_layers():
+        out = outcomes[name]
+        if out.missing:
+            skipped.append(Skipped(name, _missing_reason(ctx, out.missing), "not-recorded"))
+            no_layers += any("layers:" in m for m in out.missing)
+        elif out.skipped is not None:
+            skipped.append(out.skipped)
+            if out.warning:
+                warnings.append(out.warning)
+        else:
+            partial += out.parts
+            findings.extend(_clip_steps(f, ctx) for f in out.findings)
+    if no_layers and not ctx.has_layers:
         what = "log" if run.source_format != "runlens" else "run"
         warnings.append(
             f"layer statistics not available in this {what}: {no_layers} signatures skipped"
@@ -182,10 +232,42 @@ def analyze(run: Run | str | os.PathLike[str], options: AnalyzeOptions | None = 
         skipped=tuple(skipped),
         layers=tuple(layer_health(ctx, findings)),
         curves=tuple(_previews(ctx, options.preview_points)),
-        # run.warnings last: loading is lazy, a segment can turn out unreadable mid-analysis
-        warnings=tuple(dict.fromkeys([*run.warnings, *warnings])),
+        # the run's warnings (loading, and segments the layers pass found unreadable) first
+        warnings=tuple(dict.fromkeys([*run.warnings, *ctx.notes, *warnings])),
         coverage=coverage(ctx, considered, findings, skipped, partial),
     )
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What running one signature gave (exactly one of the three is set)."""
+
+    missing: tuple[str, ...] = ()
+    """Requirements the run does not have: not run."""
+    skipped: Skipped | None = None
+    """Not checked (NotChecked) or an internal error."""
+    warning: str | None = None
+    findings: tuple[Finding, ...] = ()
+    parts: tuple[Skipped, ...] = ()
+
+
+def _run_one(ctx: Context, name: str, sig: type[Signature], params: Params) -> _Outcome:
+    """Run one signature on its own fork of the context (safe in a thread)."""
+    own = ctx.fork(name)
+    missing = own.missing(sig.requires)
+    if missing:
+        return _Outcome(missing=tuple(missing))
+    try:
+        found = sig().detect(own, params)
+    except NotChecked as nc:  # could not look: not checked, and the report says why
+        return _Outcome(skipped=Skipped(name, nc.reason, nc.kind))
+    except Exception as exc:  # one broken signature must not hide the others
+        text = f"{type(exc).__name__}: {exc}"
+        return _Outcome(
+            skipped=Skipped(name, f"internal error: {text}", "internal-error"),
+            warning=f"signature {name} failed: {text}",
+        )
+    return _Outcome(findings=tuple(found), parts=tuple(own.take_parts()))
 
 
 # -- coverage -------------------------------------------------------------------------------
@@ -257,15 +339,16 @@ def _task_summary(t: TaskInfo) -> TaskSummary:
     return TaskSummary(t.type, t.num_classes, t.source, t.ignored, t.chance_level)
 
 
-def _missing_reason(run: Run, missing: Sequence[str]) -> str:
+def _missing_reason(ctx: Context, missing: Sequence[str]) -> str:
     """``needs layers:activation (...)`` with why it is missing, when that is known."""
+    run = ctx.run
     why = ""
     kinds = [a.split(":", 1)[1] for m in missing for a in m.split("|") if a.startswith("layers:")]
     collector = run.meta.get("collector") or {}
     in_effect = collector.get("kinds_in_effect")
     if kinds and run.source_format != "runlens":
         why = f" (an imported {run.source_format} log has no layer statistics)"
-    elif kinds and not run.has_layers():
+    elif kinds and not ctx.has_layers:
         pass  # "layer statistics not available" says it all
     elif kinds and fmt.KIND_ACTIVATION in kinds and collector.get("compiled"):
         why = " (not recorded: the model was compiled, activation hooks are off)"
@@ -324,7 +407,7 @@ def summarize(ctx: Context, options: AnalyzeOptions | None = None) -> RunSummary
     if ctx.steps is not None:
         first, last = ctx.steps
     duration = steps_per_s = None
-    wall = _wall_times(run)
+    wall = _wall_times(ctx)
     if wall is not None and wall.size >= 2:
         duration = float(wall[-1] - wall[0])
         if duration > 0 and n_steps > 1:
@@ -390,8 +473,8 @@ def _sanity_summary(ctx: Context, options: AnalyzeOptions) -> dict[str, Any]:
     return {}
 
 
-def _wall_times(run: Run) -> np.ndarray | None:
-    s = run.scalar(fmt.TRAIN_LOSS)
+def _wall_times(ctx: Context) -> np.ndarray | None:
+    s = ctx.scalar(fmt.TRAIN_LOSS)
     if s is None or not np.isfinite(s.wall_time).any():
         return None
     w = s.wall_time[np.isfinite(s.wall_time)]

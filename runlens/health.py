@@ -10,9 +10,11 @@ from runlens_collect import format as fmt
 
 from runlens.context import Context
 from runlens.findings import Finding, LayerHealth
+from runlens.levels import tail_levels
 
 TAIL_FRACTION = 0.1
-"""Rows summarize the last 10% of recorded steps (median), so one odd step does not show."""
+"""Rows summarize the last 10% of recorded steps (runlens.levels.tail_levels: the median,
+non-finite when most of them are), so one odd step does not show."""
 
 
 def module_of(param: str) -> str:
@@ -57,17 +59,7 @@ def layer_health(ctx: Context, findings: Sequence[Finding]) -> list[LayerHealth]
 
 
 def _tail(ctx: Context, kind: str, stat: str) -> dict[str, float]:
-    m = ctx.layer(kind, stat)
-    if m is None or m.values.size == 0:
-        return {}
-    n = max(1, round(TAIL_FRACTION * len(m.steps)))
-    tail = m.values[-n:]
-    out = {}
-    for j, name in enumerate(m.layers):
-        col = tail[:, j]
-        col = col[np.isfinite(col)]
-        out[name] = float(np.median(col)) if col.size else float("nan")
-    return out
+    return tail_levels(ctx.layer(kind, stat), TAIL_FRACTION)
 
 
 def _opt(v: float | None) -> float | None:

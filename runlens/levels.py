@@ -21,13 +21,17 @@ odd batch. Schedules (learning rate, momentum...) are set, not measured: their w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 from scipy import ndimage
 
 from runlens.metrics import Mode
+
+if TYPE_CHECKING:
+    from runlens.layerscan import LayerMatrix
 
 LEVEL_SPAN: Final = 10
 """Largest window before rounding to odd (11 points): the time constant of the EMA at the
@@ -106,3 +110,25 @@ def levels(
         window=w,
         mode=mode,
     )
+
+
+# -- layer tail levels ------------------------------------------------------------------------
+
+
+def tail_levels(m: LayerMatrix | None, fraction: float) -> dict[str, float]:
+    """Per layer of ``m``: the median of its finite values over the last ``fraction`` of
+    the recorded steps (at least one step), or NaN when fewer than half of them are finite
+    (a layer gone NaN/Inf is reported as non-finite, not by the few values it had left).
+
+    The one definition behind the layer health table of ``analyze`` (``fraction``
+    runlens.health.TAIL_FRACTION) and compare's per-layer differences
+    (``CompareOptions.layer_tail``)."""
+    if m is None or m.values.size == 0:
+        return {}
+    tail = m.values[-max(1, round(fraction * len(m.steps))) :]
+    out = {}
+    for j, name in enumerate(m.layers):
+        col = tail[:, j]
+        fin = col[np.isfinite(col)]
+        out[name] = float(np.median(fin)) if fin.size and fin.size * 2 >= col.size else math.nan
+    return out

@@ -14,7 +14,9 @@ The HTML renderer and the PNG figures read only this, so they stay pure function
   mean. Cells whose statistic was NaN/Inf are listed in ``nonfinite``.
 * Histograms over time keep at most ``hist_steps`` recorded histogram steps per tensor.
 
-Nothing here reads files beyond what :class:`Run` loads, and nothing renders.
+Nothing here reads files beyond what :class:`Run` loads, and nothing renders. Given the
+analysis' :class:`~runlens.context.Context` (runlens.engine.make_context), the series and
+matrices it already read are reused; given a :class:`Run`, a Context is made for it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import polars as pl
 from runlens_collect import format as fmt
 
 from runlens import series as S
+from runlens.context import Context
 from runlens.findings import Report
 from runlens.health import module_of
 from runlens.run import Run
@@ -61,7 +64,7 @@ MAX_EXTRA_CURVES = 12
 
 
 def build_plot_data(
-    run: Run,
+    source: Run | Context,
     report: Report,
     *,
     smoothing: float = S.DEFAULT_SMOOTHING,
@@ -73,6 +76,8 @@ def build_plot_data(
     hist_tensors: int = HIST_TENSORS,
 ) -> dict[str, Any]:
     """Everything a graphical report draws for one run, as plain JSON-able values."""
+    ctx = source if isinstance(source, Context) else Context(source, smoothing)
+    run = ctx.run
     names = run.scalar_names
     lr_names = [n for n in names if n.startswith(fmt.LR_PREFIX)] or (
         ["lr"] if "lr" in names else []
@@ -82,13 +87,13 @@ def build_plot_data(
     extra = [n for n in names if n not in special and not n.startswith(("time/", fmt.PROBE_PREFIX))]
     series: dict[str, Any] = {}
     for name in [*LOSS_CURVES, fmt.GRAD_NORM, *lr_names, *extra[:MAX_EXTRA_CURVES]]:
-        s = run.scalar(name)
+        s = ctx.scalar(name)
         if s is not None and len(s):
             with_ema = name in SMOOTHED
             series[name] = line_series(s.steps, s.values, line_points, ema_points, with_ema)
     heatmaps = {}
     for key, spec in HEATMAPS.items():
-        h = heatmap(run, *spec[:4], heat_bins, heat_layers)
+        h = heatmap(ctx, *spec[:4], heat_bins, heat_layers)
         if h is not None:
             h["label"] = spec[4]
             heatmaps[key] = h
@@ -101,9 +106,9 @@ def build_plot_data(
         "lr": [n for n in lr_names if n in series],
         "extra": [n for n in extra[:MAX_EXTRA_CURVES] if n in series],
         "extra_left_out": max(0, len(extra) - MAX_EXTRA_CURVES),
-        "time": step_time(run, line_points // 2),
+        "time": step_time(ctx, line_points // 2),
         "heatmaps": heatmaps,
-        "hist": histograms(run, hist_steps, hist_tensors),
+        "hist": histograms(ctx, hist_steps, hist_tensors),
         "findings": finding_targets(report, heatmaps),
     }
 
@@ -187,10 +192,10 @@ def ema_source(steps: np.ndarray, values: np.ndarray, cap: int = EMA_POINTS) -> 
     return {"bucket": int(k), "steps": _ints(bucket_steps), "values": _floats(means)}
 
 
-def step_time(run: Run, buckets: int) -> dict[str, Any] | None:
+def step_time(source: Run | Context, buckets: int) -> dict[str, Any] | None:
     """time/data and time/compute on a shared step grid (bucket means, so they stack)."""
-    data, comp = run.scalar(fmt.TIME_DATA), run.scalar(fmt.TIME_COMPUTE)
-    total = run.scalar(fmt.TIME_STEP)
+    data, comp = source.scalar(fmt.TIME_DATA), source.scalar(fmt.TIME_COMPUTE)
+    total = source.scalar(fmt.TIME_STEP)
     if data is None and comp is None and total is None:
         return None
     ref = comp or data or total
@@ -219,7 +224,7 @@ def step_time(run: Run, buckets: int) -> dict[str, Any] | None:
 
 
 def heatmap(
-    run: Run,
+    source: Run | Context,
     kind: str,
     stat: str,
     transform: str,
@@ -228,7 +233,7 @@ def heatmap(
     max_layers: int = HEAT_LAYERS,
 ) -> dict[str, Any] | None:
     """A layer × step-bin matrix of one statistic (rows in model order)."""
-    m = run.layer_matrix(kind, stat)
+    m = source.layer(kind, stat) if isinstance(source, Context) else source.layer_matrix(kind, stat)
     if m is None or m.values.size == 0 or not m.layers:
         return None
     v = m.values[:, :max_layers]
@@ -290,38 +295,72 @@ def hist_bin_labels() -> list[str]:
     return labels
 
 
-def histograms(run: Run, max_steps: int = HIST_STEPS, max_tensors: int = HIST_TENSORS) -> dict:
+def histograms(
+    source: Run | Context, max_steps: int = HIST_STEPS, max_tensors: int = HIST_TENSORS
+) -> dict:
     """Fixed-bin histograms over time: per (kind, layer), fractions per bin at up to
-    ``max_steps`` evenly spaced histogram steps; bins trimmed to the used range."""
+    ``max_steps`` evenly spaced histogram steps; bins trimmed to the used range.
+
+    Two queries: which (kind, layer, step) rows have a histogram (small columns), then
+    the histograms of the rows kept only (at most ``max_tensors`` × ``max_steps``), so
+    a long run's histograms are never all in memory."""
+    run = source.run if isinstance(source, Context) else source
+    query = source.query if isinstance(source, Context) else run.query
     empty: dict[str, Any] = {"labels": [], "tensors": []}
     if run.layers is None:
         return empty
-    df = run.query(
+    keys = ["step", "layer", "kind"]
+    where = query(
         fmt.LAYERS_DIR,
         lambda lf: lf.filter(pl.col("hist").is_not_null()).select(
-            "step", pl.col("layer").cast(pl.String), pl.col("kind").cast(pl.String), "hist"
+            "step", pl.col("layer").cast(pl.String), pl.col("kind").cast(pl.String)
         ),
     )
-    if df.height == 0:
+    if where.height == 0:
         return empty
-    df = df.unique(["step", "layer", "kind"], keep="last", maintain_order=True)
+    where = where.unique(keys, keep="last", maintain_order=True)
+    chosen: list[tuple[str, str, np.ndarray]] = []
+    for (kind, layer), g in where.group_by(["kind", "layer"], maintain_order=True):
+        if len(chosen) >= max_tensors:
+            break
+        st = np.sort(g["step"].to_numpy())
+        idx = np.unique(np.linspace(0, st.size - 1, min(max_steps, st.size)).astype(np.int64))
+        chosen.append((str(kind), str(layer), st[idx]))
+    picked = pl.DataFrame(
+        {
+            "kind": [k for k, _, s in chosen for _ in s],
+            "layer": [lay for _, lay, s in chosen for _ in s],
+            "step": np.concatenate([s for _, _, s in chosen]).astype(np.int64),
+        }
+    )
+    steps = picked["step"].unique().implode()
+    rows = query(
+        fmt.LAYERS_DIR,
+        lambda lf: (
+            lf.filter(pl.col("hist").is_not_null() & pl.col("step").is_in(steps))
+            .select("step", pl.col("layer").cast(pl.String), pl.col("kind").cast(pl.String), "hist")
+            .join(picked.lazy(), on=keys, how="semi", maintain_order="left")
+        ),
+    )
+    rows = rows.unique(keys, keep="last", maintain_order=True)
+    hist_of = {
+        (k, lay, int(st)): h
+        for k, lay, st, h in zip(
+            rows["kind"], rows["layer"], rows["step"], rows["hist"], strict=True
+        )
+    }
     tensors: list[dict[str, Any]] = []
     lo, hi = fmt.HIST_NUM_BINS, -1
-    for (kind, layer), g in df.group_by(["kind", "layer"], maintain_order=True):
-        if len(tensors) >= max_tensors:
-            break
-        g = g.sort("step")
-        idx = np.unique(np.linspace(0, g.height - 1, min(max_steps, g.height)).astype(np.int64))
-        counts = np.zeros((idx.size, fmt.HIST_NUM_BINS))
-        for r, i in enumerate(idx):
-            h = np.asarray(g["hist"][int(i)].to_list() or [], dtype=np.float64)
+    for kind, layer, st in chosen:
+        counts = np.zeros((st.size, fmt.HIST_NUM_BINS))
+        for r, step in enumerate(st):
+            h = hist_of.get((kind, layer, int(step)))
+            h = np.asarray(h.to_list() if h is not None else [], dtype=np.float64)
             counts[r, : min(h.size, fmt.HIST_NUM_BINS)] = h[: fmt.HIST_NUM_BINS]
         used = np.flatnonzero(counts.sum(axis=0) > 0)
         if used.size:
             lo, hi = min(lo, int(used[0])), max(hi, int(used[-1]))
-        tensors.append(
-            {"kind": kind, "layer": layer, "steps": _ints(g["step"].to_numpy()[idx]), "c": counts}
-        )
+        tensors.append({"kind": kind, "layer": layer, "steps": _ints(st), "c": counts})
     if hi < 0:
         return empty
     for t in tensors:

@@ -3,20 +3,25 @@
 The data model (what signatures see) is:
 
 * ``Run.meta``: the parsed ``run.json`` (an empty-ish dict when it was missing/corrupt).
-* ``Run.scalars``: LazyFrame ``step:i64, wall_time:f64, name:str, value:f64, rank:i64``.
+* ``Run.scalars``: LazyFrame ``step:i64, wall_time:f64, name:str, value:f64, rank:i64``,
+  read (and checked) in full when the run is loaded: scalars are small.
 * ``Run.layers``: LazyFrame with the columns of ``format.LAYERS_SCHEMA`` plus ``rank``, or
-  ``None`` when the run has no layer statistics.
+  ``None`` when the run has no layer statistics; a scan of the segment files, read by the
+  analysis in one pass (runlens.layerscan via runlens.context).
 * ``Run.events``: the parsed lines of ``events.jsonl`` and of the other ranks' event
   files (``events-rank<N>.jsonl``), in time order.
 * ``Run.warnings``: one line per problem tolerated while loading (a skipped segment...).
 
-Code that needs its own polars query on ``scalars``/``layers`` runs it through
-:meth:`Run.query`, which drops a segment whose data turns out unreadable (with a warning)
-instead of failing the analysis.
+A :class:`Run` is a read-only view: nothing in it changes after :func:`load_run` returns,
+and it caches nothing. Which segments are unreadable is decided once: at load for the
+footers and schemas of every segment and the data of the scalars, and for the data of the
+layers by the analysis' pass over them (runlens.context.Context, whose view of the run
+then lists them as skipped). Derived data and every cache live in the Context.
 
 Helpers return numpy arrays: :meth:`Run.scalar` one series (sorted by step, one value per
 step: the last one written wins), :meth:`Run.layer_matrix` a step × layer matrix of one
-statistic. Both are cached, so signatures can ask freely.
+statistic at every recorded step. Each call reads again: an analysis goes through
+:class:`~runlens.context.Context`, which reads once and keeps what it read.
 
 A run resumed into the same directory reads as one run: rows that the continuation
 superseded (at or after its first step, in segments written before it: the attempt the
@@ -30,7 +35,6 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,26 @@ import pyarrow.parquet as pq
 from runlens_collect import format as fmt
 
 from runlens.errors import RunLoadError
+from runlens.layerscan import LayerMatrix
+from runlens.needs import LayerStat
+from runlens.segments import (  # noqa: F401 (re-exported: the readers' helpers)
+    REQUIRED,
+    _event_rank,
+    _footer_problem,
+    _rank_of,
+    _rel,
+    _short,
+    _split_readable,
+    _type_mismatch,
+    collect_tolerant,
+    layer_columns,
+    read_layers,
+    resume_cuts,
+    scan_segments,
+    segment_listing,
+)
+
+__all__ = ["LayerMatrix", "Run", "RunFacts", "Series", "load_run"]
 
 
 @dataclass(frozen=True)
@@ -57,23 +81,18 @@ class Series:
 
 
 @dataclass(frozen=True)
-class LayerMatrix:
-    """``values[i, j]`` is the statistic of ``layers[j]`` at ``steps[i]`` (NaN if absent).
+class RunFacts:
+    """Facts about a run's data, known without reading it again (None: not known, the
+    Run reads it when asked). :func:`load_run` knows the scalar names and, from the
+    segments' footers, the size and step range of the layers table; an analysis'
+    Context knows the rest once it has read the layers."""
 
-    Parameter kinds (weight, grad, update) of a run whose collector samples them (run.json
-    ``collector.memory``: frozen parameters between full steps, the update's rotating
-    subsets) hold each layer's last sampled value where a step did not sample it: not
-    sampled is not missing (a missing row, e.g. a parameter without a gradient, is
-    recorded as such and stays NaN)."""
-
-    kind: str
-    stat: str
-    steps: np.ndarray
-    layers: tuple[str, ...]
-    values: np.ndarray
-
-    def column(self, layer: str) -> np.ndarray:
-        return self.values[:, self.layers.index(layer)]
+    scalar_names: tuple[str, ...] | None = None
+    layer_kinds: tuple[str, ...] | None = None
+    layer_names: tuple[str, ...] | None = None
+    layer_rows: int | None = None
+    layer_steps: tuple[int, int] | None = None
+    """First and last step in the layers table (from the segments' statistics)."""
 
 
 @dataclass
@@ -91,9 +110,12 @@ class Run:
     """Where the run was read from when that is not ``path``: the URL of a run on object
     storage (``path`` is then its local mirror, see runlens.storage)."""
 
-    _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+    facts: RunFacts = field(default_factory=RunFacts, repr=False)
     _files: dict[str, list[Path]] = field(default_factory=dict, repr=False)
     """Segments behind ``scalars`` / ``layers`` (empty for in-memory runs)."""
+    cuts: dict[str, list[tuple[int, int]]] = field(default_factory=dict, repr=False)
+    """Per table, the resumes (step, first segment number of the continuation): rows of
+    earlier segments at or after that step are superseded (segments.scan_segments)."""
 
     # -- identity ---------------------------------------------------------------------
     @property
@@ -125,14 +147,20 @@ class Run:
     def clean_close(self) -> bool:
         return any(e.get("kind") == "close" for e in self.events)
 
+    def segment_files(self, table: str) -> list[Path]:
+        """The segment files behind ``table`` (``scalars`` / ``layers``), in row order."""
+        return list(self._files.get(table, ()))
+
+    # -- queries ------------------------------------------------------------------------
+
     @property
     def resumes(self) -> tuple[int, ...]:
         """Steps at which training continued into this run (resumed from a checkpoint)."""
         steps = {int(r["step"]) for r in fmt.read_resumed(self.meta)}
-        steps |= {step for step, _ in _resume_cuts(self.events, self.rank, fmt.SCALARS_DIR)}
+        steps |= {step for step, _ in resume_cuts(self.events, self.rank, fmt.SCALARS_DIR)}
         return tuple(sorted(steps))
 
-    @cached_property
+    @property
     def skipped_steps(self) -> np.ndarray:
         """Steps whose optimizer update did not happen (``optim/skipped`` is 1: an AMP
         GradScaler found inf/NaN gradients, or ``optimizer.step()`` was not called).
@@ -142,90 +170,38 @@ class Run:
             return np.zeros(0, np.int64)
         return s.steps[np.nan_to_num(s.values, nan=0.0) > 0.5]
 
-    # -- scalars ----------------------------------------------------------------------
     def query(self, table: str, build: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame:
         """Run ``build`` on the scalars (``table="scalars"``) or layers frame and collect it
-        (an empty frame when the run has no layers). A segment whose footer read but whose
-        data does not (corrupt pages) is dropped with a warning and the query retried, so
-        one bad file never stops an analysis."""
-        for _ in range(len(self._files.get(table, ())) + 1):
-            lf = self.scalars if table == fmt.SCALARS_DIR else self.layers
-            if lf is None:
-                return pl.DataFrame()
-            try:
-                return build(lf).collect()
-            except (pl.exceptions.PolarsError, OSError) as exc:
-                if not self._drop_unreadable(table):
-                    raise RunLoadError(f"{self.path}: cannot read {table}: {_short(exc)}") from None
-        raise RunLoadError(f"{self.path}: cannot read {table}")
+        (an empty frame when the run has no layers). A layers segment whose footer read but
+        whose data does not (corrupt pages) is left out of this query, so one bad file
+        never stops an analysis (the Context's pass reports it as skipped)."""
+        return collect_tolerant(self, table, build)[0]
 
-    def _drop_unreadable(self, table: str) -> bool:
-        """Read each segment of ``table`` in full; drop the ones that fail. True if any."""
-        files = self._files.get(table, [])
-        schema = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
-        good = []
-        for f in files:
-            try:
-                pl.scan_parquet(f).collect()
-            except Exception as exc:
-                self.warnings.append(
-                    f"skipped unreadable segment {f.relative_to(self.path)}: {_short(exc)}"
-                )
-                continue
-            good.append(f)
-        if len(good) == len(files):
-            return False
-        self._files[table] = good
-        lf = _scan(good, self.rank, schema, _resume_cuts(self.events, self.rank, table))
-        if table == fmt.SCALARS_DIR:
-            self.scalars = lf
-        else:
-            self.layers = lf if good else None
-        self._cache.clear()
-        self.__dict__.pop("scalar_names", None)
-        self.__dict__.pop("layer_kinds", None)
-        return True
-
-    @cached_property
+    # -- scalars ----------------------------------------------------------------------
+    @property
     def scalar_names(self) -> tuple[str, ...]:
-        names = self.query(fmt.SCALARS_DIR, lambda lf: lf.select(pl.col("name").unique()))
-        return tuple(sorted(str(n) for n in names["name"].to_list() if n is not None))
+        if self.facts.scalar_names is not None:
+            return self.facts.scalar_names
+        return _scalar_names(self.scalars)
 
     def has_scalar(self, name: str) -> bool:
         return name in self.scalar_names
 
     def scalar(self, name: str) -> Series | None:
         """The series ``name`` sorted by step, one value per step (last write wins)."""
-        key = ("scalar", name)
-        if key not in self._cache:
-            self._cache[key] = self._load_scalar(name) if self.has_scalar(name) else None
-        return self._cache[key]
-
-    def _load_scalar(self, name: str) -> Series | None:
-        df = self.query(
-            fmt.SCALARS_DIR,
-            lambda lf: lf.filter(pl.col("name") == name).select("step", "wall_time", "value"),
-        )
-        if df.height == 0:
+        if not self.has_scalar(name):
             return None
-        # Sort stably on step only, so for duplicated steps the last written row wins.
-        df = df.with_row_index("_i").sort(["step", "_i"]).unique("step", keep="last")
-        df = df.sort("step")
-        return Series(
-            name=name,
-            steps=df["step"].to_numpy().astype(np.int64),
-            values=df["value"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
-            wall_time=df["wall_time"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
-        )
+        df = self.scalars.filter(pl.col("name") == name).select("step", "wall_time", "value")
+        return series_of(name, df.collect())
 
     # -- layers -----------------------------------------------------------------------
-    @cached_property
+    @property
     def layer_kinds(self) -> tuple[str, ...]:
+        if self.facts.layer_kinds is not None:
+            return self.facts.layer_kinds
         if self.layers is None:
             return ()
         kinds = self.query(fmt.LAYERS_DIR, lambda lf: lf.select(pl.col("kind").unique()))
-        if self.layers is None:  # every layers segment turned out unreadable
-            return ()
         return tuple(sorted(str(k) for k in kinds["kind"].to_list() if k is not None))
 
     def has_layers(self, kind: str | None = None) -> bool:
@@ -233,95 +209,54 @@ class Run:
 
     def layer_frame(self, kind: str, columns: tuple[str, ...]) -> pl.DataFrame:
         """Rows of one kind: ``step, layer`` plus ``columns``; duplicates resolved (last)."""
-        key = ("frame", kind, columns)
-        if key not in self._cache:
-            if self.layers is None:
-                df = pl.DataFrame()
-            else:
-                df = self.query(
-                    fmt.LAYERS_DIR,
-                    lambda lf: lf.filter(pl.col("kind") == kind).select(
-                        "step", pl.col("layer").cast(pl.String), *columns
-                    ),
-                )
-                if df.height:
-                    df = df.unique(["step", "layer"], keep="last", maintain_order=True)
-            self._cache[key] = df
-        return self._cache[key]
+        if self.layers is None:
+            return pl.DataFrame()
+        df = self.query(
+            fmt.LAYERS_DIR,
+            lambda lf: lf.filter(pl.col("kind") == kind).select(
+                "step", pl.col("layer").cast(pl.String), *columns
+            ),
+        )
+        return df.unique(["step", "layer"], keep="last", maintain_order=True) if df.height else df
 
     def layer_matrix(self, kind: str, stat: str) -> LayerMatrix | None:
-        """A step × layer matrix of one statistic, layers in first-seen (model) order."""
-        key = ("matrix", kind, stat)
-        if key in self._cache:
-            return self._cache[key]
-        result = None
-        if self.has_layers(kind):
-            if stat not in self._layer_columns:
+        """A step × layer matrix of one statistic at every recorded step, layers in
+        first-seen (model) order; None when the run has no rows of ``kind``."""
+        if self.layers is None:
+            return None
+        if stat not in layer_columns(self.layers):
+            if self.has_layers(kind):
                 raise RunLoadError(f"{self.path}: layers have no statistic {stat!r}")
-            index = self._kind_index(kind, stat)
-            if index is not None:
-                column = index.pending.pop(stat, None)
-                if column is None:  # not among the columns loaded with the kind
-                    column = self._kind_column(kind, stat, index)
-                if column is not None:
-                    fill = kind in SAMPLED_KINDS and self.samples_params
-                    result = index.matrix(kind, stat, column, fill)
-        self._cache[key] = result
-        return result
-
-    def _kind_index(self, kind: str, stat: str) -> _KindIndex | None:
-        """Row -> matrix cell mapping of one kind, built by a single scan that also
-        loads the statistics usually asked of that kind (``PRELOAD_STATS``)."""
-        key = ("index", kind)
-        if key not in self._cache:
-            names = self._layer_columns
-            stats = [c for c in dict.fromkeys((stat, *PRELOAD_STATS.get(kind, ()))) if c in names]
-            df = self.query(
-                fmt.LAYERS_DIR,
-                lambda lf: lf.filter(pl.col("kind") == kind).select("step", "layer", *stats),
-            )
-            index = _KindIndex.build(df) if df.height else None
-            if index is not None:
-                index.pending = {c: df[c] for c in stats}
-            self._cache[key] = index
-        return self._cache[key]
-
-    def _kind_column(self, kind: str, stat: str, index: _KindIndex) -> pl.Series | None:
-        """One more statistic of a kind, in the row order the index was built from."""
-        df = self.query(fmt.LAYERS_DIR, lambda lf: lf.filter(pl.col("kind") == kind).select(stat))
-        if df.height != index.n:  # a segment was dropped meanwhile: rebuild everything
-            self._cache.pop(("index", kind), None)
-            index = self._kind_index(kind, stat)
-            return None if index is None else index.pending.pop(stat, None)
-        return df[stat]
+            return None
+        need = LayerStat(kind, stat)
+        lp = read_layers(self, [need], files=self.segment_files(fmt.LAYERS_DIR))[0]
+        return lp.matrices.get(need)
 
     @property
     def samples_params(self) -> bool:
         """The collector sampled parameter rows (run.json ``collector.memory``): steps it
-        did not sample hold the last sampled value in layer matrices."""
+        did not sample hold the last sampled value in the analysis' layer matrices
+        (Context.layer)."""
         collector = self.meta.get("collector")
         return isinstance(collector, dict) and isinstance(collector.get("memory"), dict)
 
-    @cached_property
-    def _layer_columns(self) -> tuple[str, ...]:
-        return tuple(self.layers.collect_schema().names()) if self.layers is not None else ()
-
-    @cached_property
+    @property
     def layer_names(self) -> tuple[str, ...]:
         """Parameter names in model order (from the weight rows, else run.json)."""
-        m = self.layer_matrix(fmt.KIND_WEIGHT, "norm")
-        if m is not None:
-            return m.layers
-        names: list[str] = []
-        for mod in (self.meta.get("model") or {}).get("modules", []) or []:
-            if not isinstance(mod, dict):
-                continue
-            for p in mod.get("params", []) or []:
-                if isinstance(p, dict) and "name" in p:
-                    names.append(full_param_name(str(mod.get("path") or ""), str(p["name"])))
-        return tuple(names)
+        if self.facts.layer_names is not None:
+            return self.facts.layer_names
+        if self.layers is not None:
+            df = self.query(
+                fmt.LAYERS_DIR,
+                lambda lf: lf.filter(pl.col("kind") == fmt.KIND_WEIGHT).select(
+                    pl.col("layer").cast(pl.String).unique(maintain_order=True)
+                ),
+            )
+            if df.height:
+                return tuple(str(x) for x in df["layer"].to_list())
+        return model_param_names(self.meta)
 
-    @cached_property
+    @property
     def module_types(self) -> dict[str, str]:
         """Module path -> class name, from run.json's model summary."""
         out: dict[str, str] = {}
@@ -330,7 +265,7 @@ class Run:
                 out[str(mod["path"])] = str(mod.get("type", ""))
         return out
 
-    @cached_property
+    @property
     def output_width(self) -> int | None:
         shape = (self.meta.get("model") or {}).get("output_shape")
         if isinstance(shape, list) and shape and isinstance(shape[-1], int):
@@ -338,116 +273,58 @@ class Run:
         return None
 
 
+def model_param_names(meta: dict[str, Any]) -> tuple[str, ...]:
+    """Parameter names listed in run.json's model summary, in its order."""
+    names: list[str] = []
+    for mod in (meta.get("model") or {}).get("modules", []) or []:
+        if not isinstance(mod, dict):
+            continue
+        for p in mod.get("params", []) or []:
+            if isinstance(p, dict) and "name" in p:
+                names.append(full_param_name(str(mod.get("path") or ""), str(p["name"])))
+    return tuple(names)
+
+
+def series_of(name: str, df: pl.DataFrame) -> Series | None:
+    """``step, wall_time, value`` rows of one series (in the order written) as a
+    :class:`Series`: sorted by step, the last row written winning for a repeated step."""
+    if df.height == 0:
+        return None
+    # Sort stably on step only, so for duplicated steps the last written row wins.
+    df = df.with_row_index("_i").sort(["step", "_i"]).unique("step", keep="last")
+    df = df.sort("step")
+    return Series(
+        name=name,
+        steps=df["step"].to_numpy().astype(np.int64),
+        values=df["value"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
+        wall_time=df["wall_time"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
+    )
+
+
 SAMPLED_KINDS = (fmt.KIND_WEIGHT, fmt.KIND_GRAD, fmt.KIND_UPDATE)
-"""Kinds whose rows the collector may sample (see LayerMatrix)."""
-
-PRELOAD_STATS: dict[str, tuple[str, ...]] = {
-    fmt.KIND_WEIGHT: ("norm", "std"),
-    fmt.KIND_GRAD: ("norm",),
-    fmt.KIND_UPDATE: ("update_ratio", "missing"),
-    fmt.KIND_ACTIVATION: ("norm", "std", "numel", "frac_dead_units", "frac_saturated"),
-    fmt.KIND_OUTPUT: ("min", "max", "row_sum_mean", "numel"),
-}
-"""Statistics loaded together with the first matrix asked of a kind: what the signatures
-and the health table read, so each kind is scanned once. Any other statistic still works
-(one more scan of that column)."""
+"""Kinds whose rows the collector may sample (run.json ``collector.memory``): a step that
+did not sample a parameter holds its last sampled value (Context.layer)."""
 
 
-@dataclass
-class _KindIndex:
-    """Where each layers row of one kind goes in its step × layer matrix."""
-
-    steps: np.ndarray
-    layers: tuple[str, ...]
-    cells: np.ndarray
-    """Flat matrix index of each kept row."""
-    keep: np.ndarray | None
-    """Rows kept (the last write of each (step, layer)); None when there are no
-    duplicates, the usual case."""
-    n: int
-    """Rows of the scan the index was built from (later scans must line up)."""
-    pending: dict[str, pl.Series] = field(default_factory=dict)
-    """Columns loaded with the index and not yet turned into matrices."""
-    last: np.ndarray | None = None
-    """Row of the last written cell at or before each cell (-1: none yet), when some cell
-    was not written; empty when every cell was (built on the first filled matrix)."""
-
-    @classmethod
-    def build(cls, df: pl.DataFrame) -> _KindIndex:
-        # int32 indices where they fit: half the memory traffic on 10M-row runs
-        step = df["step"].to_numpy()
-        if step.size < 2 or bool(np.all(step[1:] >= step[:-1])):  # segments in order
-            change = np.empty(step.size, bool)
-            change[:1] = True
-            np.not_equal(step[1:], step[:-1], out=change[1:])
-            steps = step[change]
-            rows = np.cumsum(change, dtype=np.int64 if step.size >= 1 << 31 else np.int32)
-            rows -= 1
-        else:
-            steps, rows = np.unique(step, return_inverse=True)
-        layer = df["layer"]
-        if not isinstance(layer.dtype, pl.Categorical):
-            layer = layer.cast(pl.String).cast(pl.Categorical)
-        codes = layer.to_physical()
-        # Model order = order of first appearance (the collector writes in model order).
-        first = codes.arg_unique().to_numpy()
-        names = tuple(str(x) for x in layer.gather(first).cast(pl.String).to_list())
-        codes_np = codes.to_numpy()
-        uniq = codes_np[first].astype(np.int64)
-        if uniq.max(initial=0) < 1 << 22:
-            lookup = np.zeros(int(uniq.max(initial=0)) + 1, np.int32)
-            lookup[uniq] = np.arange(uniq.size, dtype=np.int32)
-            cols = lookup[codes_np]
-        else:  # sparse code space: sort-based lookup
-            order = np.argsort(uniq)
-            cols = order[np.searchsorted(uniq[order], codes_np)]
-        size = steps.size * len(names)
-        cells = rows.astype(np.int64 if size >= 1 << 31 else np.int32, copy=False)
-        cells *= len(names)
-        cells += cols
-        seen = np.zeros(size, bool)
-        seen[cells] = True
-        keep = None
-        if np.count_nonzero(seen) < cells.size:
-            # Duplicated (step, layer): the last row written wins, as for scalars.
-            _, last_rev = np.unique(cells[::-1], return_index=True)
-            keep = np.sort(cells.size - 1 - last_rev)
-            cells = cells[keep]
-        return cls(steps.astype(np.int64), names, cells, keep, df.height)
-
-    def matrix(self, kind: str, stat: str, column: pl.Series, fill: bool = False) -> LayerMatrix:
-        """The step × layer matrix of ``column``; ``fill``: cells no row wrote hold the
-        layer's last written value (NaN before its first)."""
-        if column.dtype.is_float():
-            vals = column.to_numpy()  # nulls come out as NaN
-        else:
-            vals = column.cast(pl.Float64).fill_null(float("nan")).to_numpy()
-        if self.keep is not None:
-            vals = vals[self.keep]
-        values = np.full((len(self.steps), len(self.layers)), np.nan)
-        values.ravel()[self.cells] = vals
-        if fill:
-            values = self._hold_last(values)
-        return LayerMatrix(kind, stat, self.steps, self.layers, values)
-
-    def _hold_last(self, values: np.ndarray) -> np.ndarray:
-        if self.last is None:
-            written = np.zeros(values.size, bool)
-            written[self.cells] = True
-            written = written.reshape(values.shape)
-            if written.all():
-                self.last = np.empty(0, np.int64)
-            else:
-                last = np.where(written, np.arange(values.shape[0])[:, None], -1)
-                self.last = np.maximum.accumulate(last, axis=0)
-        if not self.last.size:
-            return values
-        out = values[np.maximum(self.last, 0), np.arange(values.shape[1])]
-        out[self.last < 0] = np.nan
+def all_series(scalars: pl.LazyFrame) -> dict[str, Series]:
+    """Every series of a scalars table, read in one query (what :meth:`Run.scalar`
+    gives for each name)."""
+    df = scalars.select(pl.col("name").cast(pl.String), "step", "wall_time", "value").collect()
+    out: dict[str, Series] = {}
+    if df.height == 0:
         return out
+    for (name,), part in df.group_by("name", maintain_order=True):
+        if name is None:
+            continue
+        s = series_of(str(name), part.select("step", "wall_time", "value"))
+        if s is not None:
+            out[str(name)] = s
+    return out
 
 
-# -- loading ------------------------------------------------------------------------------
+def _scalar_names(scalars: pl.LazyFrame) -> tuple[str, ...]:
+    names = scalars.select(pl.col("name").unique()).collect()
+    return tuple(sorted(str(n) for n in names["name"].to_list() if n is not None))
 
 
 def full_param_name(module_path: str, name: str) -> str:
@@ -460,6 +337,9 @@ def full_param_name(module_path: str, name: str) -> str:
     if not module_path or name.startswith(module_path + "."):
         return name
     return f"{module_path}.{name}"
+
+
+# -- loading ------------------------------------------------------------------------------
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:
@@ -475,9 +355,11 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     meta = _read_meta(root, warnings)
     # A corrupt run.json gets defaults and a warning; the data segments are still analyzed.
     meta_unreadable = len(warnings) > n_warnings
-    scalar_files = _good_segments(root, fmt.SCALARS_DIR, fmt.SCALARS_SCHEMA.names, warnings)
-    layer_files = _good_segments(root, fmt.LAYERS_DIR, ("step", "layer", "kind"), warnings)
-    if (meta is None or meta_unreadable) and not scalar_files and not layer_files:
+    # Segments are listed, not opened: the scalars are read whole below and the layers by
+    # the analysis' pass, and a segment that turns out unreadable is left out then.
+    scalar_files = segment_listing(root, fmt.SCALARS_DIR)
+    layer_files = segment_listing(root, fmt.LAYERS_DIR)
+    if (meta is None or meta_unreadable) and not _any_segment(root, scalar_files, layer_files):
         children = child_runs(root)
         if children and meta is None:
             raise RunLoadError(directory_of_runs_message(root, children))
@@ -500,11 +382,11 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     for r in fmt.read_resumed(meta):  # rank 0's, in case its events file was lost
         if not any(e.get("kind") == "resume" and e.get("step") == r["step"] for e in events):
             events.append({"kind": "resume", "rank": 0, **r})
-    scalars = _scan(
-        scalar_files, rank, fmt.SCALARS_SCHEMA, _resume_cuts(events, rank, fmt.SCALARS_DIR)
-    )
+    scalar_files = [f for f in scalar_files if _rank_of(f) == rank]
+    layer_files = [f for f in layer_files if _rank_of(f) == rank]
+    cuts = {t: resume_cuts(events, rank, t) for t in (fmt.SCALARS_DIR, fmt.LAYERS_DIR)}
     layers = (
-        _scan(layer_files, rank, fmt.LAYERS_SCHEMA, _resume_cuts(events, rank, fmt.LAYERS_DIR))
+        scan_segments(layer_files, rank, fmt.LAYERS_SCHEMA, cuts[fmt.LAYERS_DIR])
         if layer_files
         else None
     )
@@ -529,6 +411,9 @@ def load_run(path: str | os.PathLike[str]) -> Run:
             f"this directory holds {len(run_ids)} runs (run ids {', '.join(run_ids)}); their "
             "segments may be mixed: record each run in its own directory"
         )
+    # Scalars are small: read them whole now, so an unreadable segment is found (and left
+    # out, with a warning) here, once, and the analysis reads them from memory.
+    scalars, scalar_files = _read_scalars(root, scalar_files, rank, warnings, cuts[fmt.SCALARS_DIR])
     run = Run(
         path=root,
         meta=meta,
@@ -538,13 +423,44 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         warnings=warnings,
         source_format=str(meta.get("source_format") or "runlens"),
         rank=rank,
-        _files={
-            fmt.SCALARS_DIR: [f for f in scalar_files if _rank_of(f) == rank],
-            fmt.LAYERS_DIR: [f for f in layer_files if _rank_of(f) == rank],
-        },
+        facts=RunFacts(scalar_names=_scalar_names(scalars)),
+        _files={fmt.SCALARS_DIR: scalar_files, fmt.LAYERS_DIR: layer_files},
+        cuts=cuts,
     )
     _check_steps(run)
     return run
+
+
+def _read_scalars(
+    root: Path,
+    files: list[Path],
+    rank: int | None,
+    warnings: list[str],
+    cuts: list[tuple[int, int]] | None = None,
+) -> tuple[pl.LazyFrame, list[Path]]:
+    """The scalars of ``files`` in memory (rows superseded by a resume dropped); a segment
+    that cannot be read (footer, schema or data) is left out with a warning."""
+    try:
+        df = scan_segments(files, rank, fmt.SCALARS_SCHEMA, cuts).collect()
+        return df.lazy(), files
+    except (pl.exceptions.PolarsError, OSError, pa.ArrowException):
+        pass
+    good, notes = _split_readable(root, files, lambda lf: lf, fmt.SCALARS_SCHEMA, rank)
+    warnings.extend(notes)
+    try:
+        df = scan_segments(good, rank, fmt.SCALARS_SCHEMA, cuts).collect()
+    except (pl.exceptions.PolarsError, OSError, pa.ArrowException) as exc:
+        raise RunLoadError(f"{root}: cannot read scalars: {_short(exc)}") from None
+    return df.lazy(), good
+
+
+def _any_segment(root: Path, *listings: list[Path]) -> bool:
+    """Whether any listed segment has a readable footer with the required columns."""
+    for table, files in zip((fmt.SCALARS_DIR, fmt.LAYERS_DIR), listings, strict=True):
+        schema = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
+        if any(_footer_problem(root, f, REQUIRED[table], schema) is None for f in files):
+            return True
+    return False
 
 
 def child_runs(root: Path, limit: int = 5) -> list[Path]:
@@ -612,125 +528,6 @@ def _read_meta(root: Path, warnings: list[str]) -> dict[str, Any] | None:
     return meta
 
 
-def _good_segments(
-    root: Path, table: str, required: tuple[str, ...] | list[str], warnings: list[str]
-) -> list[Path]:
-    """Segments whose Parquet footer reads and whose columns are the required ones, of
-    the format's types."""
-    expected = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
-    good = []
-    for f in sorted((root / table).glob(fmt.SEGMENT_GLOB)):
-        try:
-            schema = pq.read_schema(f)
-        except Exception as exc:  # truncated / not parquet: skip, say which
-            warnings.append(f"skipped unreadable segment {f.relative_to(root)}: {_short(exc)}")
-            continue
-        missing = [c for c in required if c not in schema.names]
-        if missing:
-            warnings.append(f"skipped segment {f.relative_to(root)}: missing columns {missing}")
-            continue
-        bad = _type_mismatch(schema, expected)
-        if bad:
-            warnings.append(f"skipped segment {f.relative_to(root)}: {bad}")
-            continue
-        good.append(f)
-    return good
-
-
-def _type_family(t: pa.DataType) -> str:
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    if pa.types.is_integer(t):
-        return "integer"
-    if pa.types.is_floating(t):
-        return "float"
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "string"
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        return "list"
-    return str(t)
-
-
-def _type_mismatch(schema: pa.Schema, expected: pa.Schema) -> str | None:
-    """Why a segment's columns cannot be read as ``expected`` (None when they can)."""
-    for field_ in expected:
-        i = schema.get_field_index(field_.name)
-        if i < 0:
-            continue
-        got = schema.field(i).type
-        want = _type_family(field_.type)
-        # integers read fine as floats; anything else must match its family
-        ok = _type_family(got) == want or (want == "float" and _type_family(got) == "integer")
-        if not ok:
-            return f"column {field_.name} has type {got}, expected {field_.type}"
-    return None
-
-
-def _rank_of(f: Path) -> int:
-    try:
-        return int(f.parent.name.split("=", 1)[1])
-    except (IndexError, ValueError):
-        return 0
-
-
-def _scan(
-    files: list[Path],
-    rank: int | None,
-    schema: Any,
-    cuts: list[tuple[int, int]] | None = None,
-) -> pl.LazyFrame:
-    """The segments of one rank as one LazyFrame. ``cuts`` are the resumes (step, first
-    segment number of the continuation): a segment written before a resume keeps only
-    its rows before that resume's step (the rest belong to the superseded attempt)."""
-    files = [f for f in files if rank is None or _rank_of(f) == rank]
-    if not files:
-        empty = pl.from_arrow(schema.empty_table())
-        assert isinstance(empty, pl.DataFrame)
-        return empty.with_columns(pl.lit(0, pl.Int64).alias("rank")).lazy()
-    groups: list[tuple[int | None, list[str]]] = []  # consecutive files with one cap
-    for f in files:
-        seq = _seq_of(f)
-        caps = [step for step, first in cuts or () if seq is not None and seq < first]
-        cap = min(caps) if caps else None
-        if groups and groups[-1][0] == cap:
-            groups[-1][1].append(str(f))
-        else:
-            groups.append((cap, [str(f)]))
-    frames = []
-    for cap, paths in groups:
-        lf = pl.scan_parquet(paths, missing_columns="insert", extra_columns="ignore")
-        frames.append(lf if cap is None else lf.filter(pl.col("step") < cap))
-    lf = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")
-    return lf.with_columns(pl.lit(rank, pl.Int64).alias("rank"))
-
-
-def _seq_of(f: Path) -> int | None:
-    try:
-        return int(f.stem.split("-", 1)[1])
-    except (IndexError, ValueError):
-        return None
-
-
-def _event_rank(e: dict[str, Any]) -> int:
-    r = e.get("rank", 0)
-    return r if isinstance(r, int) and not isinstance(r, bool) else 0
-
-
-def _resume_cuts(
-    events: list[dict[str, Any]], rank: int | None, table: str
-) -> list[tuple[int, int]]:
-    """(step, first segment of ``table``) of each resume event of ``rank``."""
-    cuts = []
-    for e in events:
-        if e.get("kind") != "resume" or _event_rank(e) != (rank or 0):
-            continue
-        step, segs = e.get("step"), e.get("segments")
-        first = segs.get(table) if isinstance(segs, dict) else None
-        if isinstance(step, int) and isinstance(first, int):
-            cuts.append((step, first))
-    return sorted(set(cuts))
-
-
 def _read_events(root: Path, warnings: list[str]) -> list[dict[str, Any]]:
     """Every rank's events (``events.jsonl``, ``events-rank<N>.jsonl``), by time."""
     paths = [root / fmt.EVENTS_JSONL, *sorted(root.glob(fmt.EVENTS_RANK_GLOB))]
@@ -759,10 +556,6 @@ def _read_events(root: Path, warnings: list[str]) -> list[dict[str, Any]]:
     if len(paths) > 1:
         events.sort(key=lambda e: e.get("time") if isinstance(e.get("time"), int | float) else 0)
     return events
-
-
-def _short(exc: BaseException) -> str:
-    return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
 
 
 # -- following a live run (runlens.live): one segment, one event line at a time -------------

@@ -212,7 +212,7 @@ def overfit_analysis(
 
 
 def _gradient_flow(ctx: Context, names: list[str]) -> tuple[bool | None, list[str]]:
-    g = ctx.layer(fmt.KIND_GRAD, "norm")
+    g = ctx.layer(fmt.KIND_GRAD, "norm", "max")  # any step with a gradient counts
     if g is None or not names:
         return None, []
     no_grad = []

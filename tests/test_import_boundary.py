@@ -21,6 +21,7 @@ STDLIB = set(sys.stdlib_module_names)
 # module to import in a fresh interpreter -> top-level packages it must not load
 MUST_NOT_LOAD = {
     "runlens_collect.format": {"torch", "polars", "scipy"},
+    "runlens_collect.compact": {"torch", "polars", "scipy"},  # runlens compact imports it
     "runlens_collect": {"torch", "polars", "scipy"},  # torch parts load lazily
 }
 

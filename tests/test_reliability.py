@@ -91,7 +91,8 @@ def record(
 @pytest.fixture(scope="session")
 def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # flush_steps=10: several segments per table, so one can be damaged and others survive
-    return record(tmp_path_factory.mktemp("rel") / "base", steps=40, flush_steps=10)
+    # (not compacted on close)
+    return record(tmp_path_factory.mktemp("rel") / "base", steps=40, flush_steps=10, compact=False)
 
 
 def invoke(*args: object, **kw: Any) -> Any:
@@ -276,7 +277,9 @@ def test_write_failure_mid_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with (
         pytest.warns(RuntimeWarning) as record_,
-        Collector(model, opt, run_dir=tmp_path, flush_steps=5, flush_seconds=60) as col,
+        Collector(
+            model, opt, run_dir=tmp_path, flush_steps=5, flush_seconds=60, compact=False
+        ) as col,
     ):
         done = _train_steps(col, model, opt, 30)
     assert done == 30

@@ -287,3 +287,37 @@ def test_device_event_data_time_is_the_idle_gap() -> None:
 
     got = dict((n, v) for _, n, v in _device_times(7, Broken(0.0), Event(1.0), 0.05))
     assert np.isnan(got[fmt.TIME_DATA])
+
+
+def test_compaction_of_a_resumed_run_keeps_the_superseded_rows_out(tmp_path: Path) -> None:
+    """`runlens compact` after a crash and a resume (both attempts left uncompacted): the
+    merged segments never span the resume, so the crashed attempt's steps 20..34 stay
+    superseded exactly as before compaction."""
+    from runlens_collect.compact import compact_run
+
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    col = Collector(model, opt, run_dir=tmp_path, flush_steps=7, compact=False)
+    first = _steps(col, model, opt, 0, 20)
+    ckpt = {k: v.clone() for k, v in model.state_dict().items()}
+    _steps(col, model, opt, 20, 35)
+    col.close(fmt.STATUS_CRASHED)
+    model.load_state_dict(ckpt)
+    with Collector(
+        model, opt, run_dir=tmp_path, flush_steps=7, start_step=20, compact=False
+    ) as col2:
+        second = _steps(col2, model, opt, 20, 60)
+    before = load_run(tmp_path).layer_matrix(fmt.KIND_WEIGHT, "norm")
+    done = compact_run(tmp_path)
+    assert done.merged  # small segments were merged
+    run = load_run(tmp_path)
+    segments = {p.name for p in run.segment_files(fmt.SCALARS_DIR)}
+    start = (rec := run.meta["resumed"][0])["segments"][fmt.SCALARS_DIR]
+    for name in segments:  # none spans the continuation's first segment
+        a, b = fmt.segment_range(name)
+        assert b < start or a >= start, (name, rec)
+    loss = run.scalar(fmt.TRAIN_LOSS)
+    assert loss.steps.tolist() == list(range(60))
+    np.testing.assert_allclose(loss.values, first + second, rtol=1e-6)
+    assert run.layer_matrix(fmt.KIND_WEIGHT, "norm").steps.tolist() == list(range(60))
+    np.testing.assert_array_equal(run.layer_matrix(fmt.KIND_WEIGHT, "norm").values, before.values)

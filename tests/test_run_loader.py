@@ -53,8 +53,11 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = Branchy()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    # flush every 7 steps: several segments, with a step range split across them
-    with Collector(model, opt, run_dir=run_dir, flush_steps=7, activation_every=3) as col:
+    # flush every 7 steps: several segments (kept: no compaction on close), with a step
+    # range split across them
+    with Collector(
+        model, opt, run_dir=run_dir, flush_steps=7, activation_every=3, compact=False
+    ) as col:
         for step in range(STEPS):
             model.use_aux = step % 2 == 0
             loss = torch.nn.functional.cross_entropy(model(x), y)

@@ -74,6 +74,9 @@ class CollectorConfig:
             ``skipped`` event.
         name: run name (default: the run directory's name).
         rank: override the rank (default: torch.distributed rank, else 0).
+        compact: on ``close()``, merge this rank's small segments into few large ones
+            (runlens_collect.compact: crash-safe, the old segments stay readable until the
+            merged one is in place), so the run reads fast however often it flushed.
     """
 
     kinds: tuple[str, ...] = fmt.KINDS
@@ -91,6 +94,7 @@ class CollectorConfig:
     max_queue_bytes: int = 64 * 2**20
     name: str | None = None
     rank: int | None = None
+    compact: bool = True
 
     def validate(self) -> None:
         unknown = set(self.kinds) - set(fmt.KINDS)

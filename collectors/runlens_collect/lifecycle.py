@@ -25,7 +25,7 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runlens_collect import _active, observe
+from runlens_collect import _active, compact, observe
 from runlens_collect import format as fmt
 
 if TYPE_CHECKING:
@@ -100,6 +100,8 @@ class Shutdown:
 
     run_dir: Path
     meta: dict[str, Any]
+    settings: Any  # config.CollectorConfig
+    rank: int
     _closed: bool
     _enabled: bool
     _step: int
@@ -182,6 +184,11 @@ class Shutdown:
                 fmt.write_json_atomic(self.meta, self.run_dir / fmt.RUN_JSON)
             except Exception as exc:
                 self._report("close", "writing run.json failed", exc, event=False)
+        if status is not None and self.settings.compact and not writer.is_alive():
+            try:  # complete on disk: merging this writer's own segments is safe at any point
+                compact.compact_run(self.run_dir, ranks=[self.rank], first=writer.first_seq)
+            except Exception as exc:
+                self._report("close", "compacting segments failed", exc, event=False)
         self._enabled = False
 
 

@@ -188,6 +188,8 @@ class Writer(threading.Thread):
         # Continue after segments already there (another collector on the same run_dir):
         # never overwrite recorded data.
         self._seq = {t: _next_seq(run_dir, t, rank) for t in (fmt.SCALARS_DIR, fmt.LAYERS_DIR)}
+        self.first_seq = dict(self._seq)
+        """This writer's first segment number per table (it compacts from there on)."""
         self._batch: list[tuple[Package, np.ndarray | None]] = []
         self._scalar_ids: dict[str, int] = {}
         self._scalar_names: list[str] = []
@@ -604,12 +606,7 @@ def _finish_single(raw: np.ndarray, b: Section) -> tuple[np.ndarray, Section]:
 
 
 def _next_seq(run_dir: Path, table: str, rank: int) -> int:
-    """One past the highest segment number of this rank already in run_dir (0 if none)."""
+    """One past the highest segment number of this rank already in run_dir (0 if none),
+    compacted segments included (format.next_segment_number)."""
     d = Path(run_dir) / table / f"rank={rank}"
-    seqs = []
-    for f in d.glob("part-*.parquet") if d.is_dir() else ():
-        try:
-            seqs.append(int(f.stem.split("-", 1)[1]))
-        except ValueError:
-            continue
-    return max(seqs) + 1 if seqs else 0
+    return fmt.next_segment_number(d.glob("part-*.parquet") if d.is_dir() else ())

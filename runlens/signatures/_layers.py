@@ -41,12 +41,12 @@ class ParamInfo:
 
 def param_info(ctx: Context) -> dict[str, ParamInfo]:
     """Parameter name -> shape / requires_grad / owning module type, from run.json."""
-    key = "_layers_param_info"
-    cache: dict[str, Any] = ctx.run._cache
-    if key in cache:
-        return cache[key]
+    return ctx.cached("_layers_param_info", lambda: _param_info(ctx.run.meta))
+
+
+def _param_info(meta: dict[str, Any]) -> dict[str, ParamInfo]:
     out: dict[str, ParamInfo] = {}
-    for mod in (ctx.run.meta.get("model") or {}).get("modules", []) or []:
+    for mod in (meta.get("model") or {}).get("modules", []) or []:
         if not isinstance(mod, dict):
             continue
         path = str(mod.get("path") or "")
@@ -61,7 +61,6 @@ def param_info(ctx: Context) -> dict[str, ParamInfo]:
                 requires_grad=bool(rg) if isinstance(rg, bool) else None,
                 module_type=str(mod.get("type") or ""),
             )
-    cache[key] = out
     return out
 
 

@@ -55,22 +55,20 @@ def param_dtype(ctx: Context, name: str) -> str | None:
 
 
 def _dtypes(ctx: Context) -> dict[str, str]:
-    key = "_probes_param_dtypes"
-    cache: dict[str, Any] = ctx.run._cache
-    if key not in cache:
-        from runlens.run import full_param_name
+    return ctx.cached("_probes_param_dtypes", lambda: _read_dtypes(ctx))
 
-        out: dict[str, str] = {}
-        for mod in (ctx.run.meta.get("model") or {}).get("modules", []) or []:
-            if not isinstance(mod, dict):
-                continue
-            for prm in mod.get("params", []) or []:
-                if isinstance(prm, dict) and isinstance(prm.get("dtype"), str) and "name" in prm:
-                    out[full_param_name(str(mod.get("path") or ""), str(prm["name"]))] = prm[
-                        "dtype"
-                    ]
-        cache[key] = out
-    return cache[key]
+
+def _read_dtypes(ctx: Context) -> dict[str, str]:
+    from runlens.run import full_param_name
+
+    out: dict[str, str] = {}
+    for mod in (ctx.run.meta.get("model") or {}).get("modules", []) or []:
+        if not isinstance(mod, dict):
+            continue
+        for prm in mod.get("params", []) or []:
+            if isinstance(prm, dict) and isinstance(prm.get("dtype"), str) and "name" in prm:
+                out[full_param_name(str(mod.get("path") or ""), str(prm["name"]))] = prm["dtype"]
+    return out
 
 
 def numel(ctx: Context, name: str) -> int:
@@ -89,10 +87,10 @@ def step_list(steps: list[int] | np.ndarray, limit: int = 8) -> str:
 def weights_changed(ctx: Context) -> dict[str, bool]:
     """Parameters whose recorded weight statistics (norm or mean) changed over the run:
     some optimizer applies their gradients, whether or not the collector was given it."""
-    key = "_probes_weights_changed"
-    cache: dict[str, Any] = ctx.run._cache
-    if key in cache:
-        return cache[key]
+    return ctx.cached("_probes_weights_changed", lambda: _weights_changed(ctx))
+
+
+def _weights_changed(ctx: Context) -> dict[str, bool]:
     from runlens_collect import format as fmt
 
     out: dict[str, bool] = {}
@@ -106,5 +104,4 @@ def weights_changed(ctx: Context) -> dict[str, bool]:
         moved = ok.any(axis=0) & (hi != lo)
         for j, name in enumerate(w.layers):
             out[name] = out.get(name, False) or bool(moved[j])
-    cache[key] = out
     return out

@@ -8,6 +8,7 @@ from runlens_collect import format as fmt
 from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
+from runlens.needs import LayerStat
 from runlens.signatures import _layers as L
 from runlens.signatures.base import NotChecked, Param, Params, Signature, run_parts
 
@@ -52,6 +53,10 @@ class ActivationExplosion(Signature):
     category = "layer"
     severity = "warning"
     requires = ("layers:activation",)
+    needs = (
+        LayerStat(fmt.KIND_ACTIVATION, "norm"),
+        LayerStat(fmt.KIND_ACTIVATION, "numel"),
+    )
     params = (
         Param(
             "depth_growth",

@@ -11,6 +11,7 @@ from runlens_collect import format as fmt
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
+from runlens.needs import LayerStat
 from runlens.run import full_param_name
 from runlens.signatures._layers import name_list
 from runlens.signatures.base import NotChecked, Param, Params, Signature, run_parts
@@ -87,6 +88,10 @@ class BadInitialization(Signature):
     category = "sanity"
     severity = "warning"
     requires = ("layers:weight|layers:activation",)
+    needs = (
+        LayerStat(fmt.KIND_ACTIVATION, "std"),
+        LayerStat(fmt.KIND_WEIGHT, "std"),
+    )
     params = (
         Param(
             "act_factor",

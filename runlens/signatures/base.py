@@ -11,6 +11,9 @@ A signature module defines one subclass of :class:`Signature` with
   is absent the engine skips the signature with a note instead of calling it;
 * ``params`` — its thresholds, each with a default, a meaning and a source; users override
   them with ``--set NAME.PARAM=VALUE``;
+* ``needs`` — what it reads from the layers table (runlens.needs: ``LayerStat(kind, stat)``
+  matrices, ``NONFINITE_ROWS``), so the engine reads everything in one pass before any
+  signature runs. Reading something undeclared still works (one more pass);
 * ``detect(ctx, p)`` — returns findings (possibly none). It never prints and never opens
   files: it reads only through the :class:`~runlens.context.Context`.
 
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 if TYPE_CHECKING:
     from runlens.context import Context
     from runlens.findings import Finding, Severity, SkipKind
+    from runlens.needs import Need
 
 Category = Literal["curve", "layer", "system", "sanity", "bug"]
 """``bug``: a mistake in the training code itself (docs/silent-bugs.md), not a symptom."""
@@ -127,6 +131,7 @@ class Signature:
     """Default severity of its findings (a finding may lower or raise it)."""
     requires: ClassVar[tuple[str, ...]] = ()
     params: ClassVar[tuple[Param, ...]] = ()
+    needs: ClassVar[tuple[Need, ...]] = ()
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         raise NotImplementedError

@@ -10,6 +10,7 @@ from runlens_collect import format as fmt
 from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
+from runlens.needs import LayerStat
 from runlens.sanity import KIND_OVERFIT_ONE_BATCH, OverfitAnalysis, overfit_analysis
 from runlens.signatures._layers import name_list
 from runlens.signatures.base import NotChecked, Param, Params, Signature
@@ -64,6 +65,13 @@ class CannotOverfitBatch(Signature):
     category = "sanity"
     severity = "error"
     requires = ("train/loss",)
+    needs = (
+        LayerStat(fmt.KIND_OUTPUT, "min"),
+        LayerStat(fmt.KIND_OUTPUT, "max"),
+        LayerStat(fmt.KIND_OUTPUT, "row_sum_mean"),
+        LayerStat(fmt.KIND_UPDATE, "update_ratio"),
+        LayerStat(fmt.KIND_GRAD, "norm", "max"),
+    )
     params = (
         Param(
             "rel_target",

@@ -7,6 +7,7 @@ from runlens_collect import format as fmt
 
 from runlens.context import Context
 from runlens.findings import Finding
+from runlens.needs import LayerStat
 from runlens.run import LayerMatrix
 from runlens.signatures import _layers as L
 from runlens.signatures.base import NotChecked, Param, Params, Signature
@@ -52,6 +53,10 @@ class DeadRelu(Signature):
     category = "layer"
     severity = "warning"
     requires = ("layers:activation",)
+    needs = (
+        LayerStat(fmt.KIND_ACTIVATION, "frac_dead_units"),
+        LayerStat(fmt.KIND_OUTPUT, "numel"),
+    )
     params = (
         Param(
             "dead_fraction",

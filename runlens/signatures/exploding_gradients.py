@@ -10,6 +10,7 @@ from runlens_collect import format as fmt
 from runlens import series as S
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
+from runlens.needs import LayerStat
 from runlens.signatures import _layers as L
 from runlens.signatures.base import NotChecked, Param, Params, Signature, run_parts
 
@@ -58,6 +59,7 @@ class ExplodingGradients(Signature):
     category = "layer"
     severity = "warning"
     requires = ("grad_norm|layers:grad",)
+    needs = (LayerStat(fmt.KIND_GRAD, "norm"),)
     params = (
         Param(
             "growth",

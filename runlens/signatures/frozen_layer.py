@@ -7,6 +7,7 @@ from runlens_collect import format as fmt
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding
+from runlens.needs import LayerStat
 from runlens.signatures import _layers as L
 from runlens.signatures.base import NotChecked, Param, Params, Signature
 
@@ -52,6 +53,14 @@ class FrozenLayer(Signature):
     category = "layer"
     severity = "warning"
     requires = ("layers:weight|layers:grad",)
+    # "ever had a gradient / ever moved": over windows of a long run, the largest value;
+    # "never in the optimizer": the share of steps marked missing.
+    needs = (
+        LayerStat(fmt.KIND_GRAD, "norm", "max"),
+        LayerStat(fmt.KIND_UPDATE, "missing", "mean"),
+        LayerStat(fmt.KIND_UPDATE, "update_ratio", "max"),
+        LayerStat(fmt.KIND_WEIGHT, "norm"),
+    )
     params = (
         Param(
             "min_steps",
@@ -71,8 +80,8 @@ class FrozenLayer(Signature):
         rows = [
             len(m.steps)
             for m in (
-                ctx.layer(fmt.KIND_GRAD, "norm"),
-                ctx.layer(fmt.KIND_UPDATE, "missing"),
+                ctx.layer(fmt.KIND_GRAD, "norm", "max"),
+                ctx.layer(fmt.KIND_UPDATE, "missing", "mean"),
                 ctx.layer(fmt.KIND_WEIGHT, "norm"),
             )
             if m is not None
@@ -144,7 +153,7 @@ def _frozen_reasons(ctx: Context, names: list[str], min_steps: int) -> dict[str,
     for n in names:
         if info.get(n) is not None and info[n].requires_grad is False:
             reasons[n] = "requires_grad=False"
-    grad = ctx.layer(fmt.KIND_GRAD, "norm")
+    grad = ctx.layer(fmt.KIND_GRAD, "norm", "max")
     if grad is not None and len(grad.steps) >= min_steps:
         v = grad.values
         has = np.isfinite(v) & (v > 0)
@@ -161,7 +170,7 @@ def _frozen_reasons(ctx: Context, names: list[str], min_steps: int) -> dict[str,
     # update of exactly 0 with a gradient is float underflow of a tiny step (vanishing
     # gradients, a tiny LR: those findings explain it) or a stalled optimizer
     # (stalled-optimizer), so it is not called frozen here.
-    upd = ctx.layer(fmt.KIND_UPDATE, "missing")
+    upd = ctx.layer(fmt.KIND_UPDATE, "missing", "mean")
     if upd is None:
         w = ctx.layer(fmt.KIND_WEIGHT, "norm")
         if w is not None and len(w.steps) >= min_steps:
@@ -219,7 +228,7 @@ def _all_frozen(
 
 
 def _others_train(ctx: Context, reasons: dict[str, str]) -> bool:
-    upd = ctx.layer(fmt.KIND_UPDATE, "update_ratio")
+    upd = ctx.layer(fmt.KIND_UPDATE, "update_ratio", "max")
     if upd is not None:
         v = upd.values
         moved = (np.isfinite(v) & (v > 0)).any(axis=0)

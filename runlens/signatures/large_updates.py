@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from runlens_collect import format as fmt
+
 from runlens.context import Context
 from runlens.findings import Finding
+from runlens.needs import LayerStat
 from runlens.signatures._updates import update_findings
 from runlens.signatures.base import Param, Params, Signature
 
@@ -46,6 +49,7 @@ class LargeUpdates(Signature):
     category = "layer"
     severity = "warning"
     requires = ("layers:update",)
+    needs = (LayerStat(fmt.KIND_UPDATE, "update_ratio"),)
     params = (
         Param(
             "min_ratio",

@@ -9,6 +9,7 @@ from runlens_collect import format as fmt
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
+from runlens.needs import LayerStat
 from runlens.signatures import _layers as L
 from runlens.signatures._curves import require_chance
 from runlens.signatures.base import NotChecked, Param, Params, Signature
@@ -61,6 +62,11 @@ class LogitsAsProbabilities(Signature):
     category = "layer"
     severity = "error"
     requires = ("layers:output", "train/loss")
+    needs = (
+        LayerStat(fmt.KIND_OUTPUT, "min"),
+        LayerStat(fmt.KIND_OUTPUT, "max"),
+        LayerStat(fmt.KIND_OUTPUT, "row_sum_mean"),
+    )
     params = (
         Param(
             "sum_tol",

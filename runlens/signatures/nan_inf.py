@@ -8,6 +8,7 @@ from runlens_collect import format as fmt
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
+from runlens.needs import NONFINITE_ROWS
 from runlens.signatures.base import Param, Params, Signature
 
 # Within one step, tensors go bad in computation order: forward, output, backward, step.
@@ -76,6 +77,7 @@ class NanInf(Signature):
     category = "curve"
     severity = "error"
     requires = ("train/loss",)
+    needs = (NONFINITE_ROWS,)
     params = (
         Param(
             "max_loss_scale",
@@ -94,7 +96,7 @@ class NanInf(Signature):
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
-        skipped = ctx.run.skipped_steps
+        skipped = ctx.skipped_steps
         persistent = _persistent_overflow(ctx, skipped, p)
         if persistent is not None:
             return [persistent]
@@ -245,22 +247,12 @@ def _persistent_overflow(ctx: Context, skipped: np.ndarray, p: Params) -> Findin
 def _first_nonfinite_layer(
     ctx: Context, skipped: np.ndarray, since: int | None = None
 ) -> tuple[int, str, str] | None:
-    if ctx.run.layers is None:
-        return None
-    skip = [int(s) for s in skipped.tolist()]
-    bad = ctx.run.query(
-        fmt.LAYERS_DIR,
-        lambda lf: (
-            lf.filter(~pl.col("missing"))
-            .filter((pl.col("frac_nonfinite") > 0) | ~pl.col("norm").is_finite())
-            # a skipped step (AMP overflow) changed nothing: its tensors are not failures
-            .filter(~pl.col("step").is_in(skip) if skip else pl.lit(True))
-            .filter(pl.col("step") >= since if since is not None else pl.lit(True))
-            .select("step", pl.col("layer").cast(pl.String), pl.col("kind").cast(pl.String))
-            .sort("step")
-            .head(10_000)
-        ),
-    )
+    bad = ctx.nonfinite_rows(NONFINITE_ROWS)
+    if skipped.size and bad.height:
+        # a skipped step (AMP overflow) changed nothing: its tensors are not failures
+        bad = bad.filter(~pl.col("step").is_in([int(s) for s in skipped.tolist()]))
+    if since is not None and bad.height:
+        bad = bad.filter(pl.col("step") >= since)
     if bad.height == 0:
         return None
     s0 = bad["step"][0]

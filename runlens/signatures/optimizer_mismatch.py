@@ -7,6 +7,7 @@ from runlens_collect import format as fmt
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, Severity
+from runlens.needs import LayerStat
 from runlens.signatures import _layers as L
 from runlens.signatures._probes import probe_json, weights_changed
 from runlens.signatures.base import NotChecked, Param, Params, Signature
@@ -57,6 +58,12 @@ class OptimizerMismatch(Signature):
     category = "bug"
     severity = "warning"
     requires = (f"layers:{fmt.KIND_GRAD}", f"layers:{fmt.KIND_UPDATE}")
+    needs = (
+        LayerStat(fmt.KIND_GRAD, "norm", "max"),
+        LayerStat(fmt.KIND_UPDATE, "missing", "mean"),
+        LayerStat(fmt.KIND_WEIGHT, "norm"),
+        LayerStat(fmt.KIND_WEIGHT, "mean"),
+    )
     params = (
         Param(
             "min_steps",
@@ -67,8 +74,9 @@ class OptimizerMismatch(Signature):
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
-        grad = ctx.layer(fmt.KIND_GRAD, "norm")
-        upd = ctx.layer(fmt.KIND_UPDATE, "missing")
+        # "ever had a gradient" is a max; "missing on every sampled step" a mean of 1
+        grad = ctx.layer(fmt.KIND_GRAD, "norm", "max")
+        upd = ctx.layer(fmt.KIND_UPDATE, "missing", "mean")
         if grad is None or upd is None:
             raise NotChecked("no gradient or update rows", "not-recorded")
         n = min(len(grad.steps), len(upd.steps))

@@ -7,6 +7,7 @@ from runlens_collect import format as fmt
 
 from runlens.context import Context
 from runlens.findings import Finding
+from runlens.needs import LayerStat
 from runlens.signatures import _layers as L
 from runlens.signatures.base import NotChecked, Param, Params, Signature
 
@@ -47,6 +48,7 @@ class SaturatedActivations(Signature):
     category = "layer"
     severity = "warning"
     requires = ("layers:activation",)
+    needs = (LayerStat(fmt.KIND_ACTIVATION, "frac_saturated"),)
     params = (
         Param(
             "saturated_fraction",

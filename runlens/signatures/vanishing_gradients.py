@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+from runlens_collect import format as fmt
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
+from runlens.needs import LayerStat
 from runlens.signatures import _layers as L
 from runlens.signatures.base import NotChecked, Param, Params, Signature
 from runlens.signatures.exploding_gradients import depth_profile
@@ -46,6 +48,7 @@ class VanishingGradients(Signature):
     category = "layer"
     severity = "warning"
     requires = ("layers:grad",)
+    needs = (LayerStat(fmt.KIND_GRAD, "norm"),)
     params = (
         Param(
             "ratio",
