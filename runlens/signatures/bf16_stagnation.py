@@ -7,6 +7,7 @@ from runlens_collect import format as fmt
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
+from runlens.needs import LayerStat
 from runlens.signatures import _layers as L
 from runlens.signatures._probes import LOW_PRECISION, numel, on_steps, param_dtype
 from runlens.signatures.base import NotChecked, Param, Params, Signature
@@ -55,6 +56,11 @@ class Bf16Stagnation(Signature):
     category = "bug"
     severity = "warning"
     requires = (f"layers:{fmt.KIND_UPDATE}",)
+    needs = (
+        LayerStat(fmt.KIND_UPDATE, "frac_zero"),
+        LayerStat(fmt.KIND_GRAD, "frac_zero"),
+        LayerStat(fmt.KIND_UPDATE, "update_ratio"),
+    )
     params = (
         Param(
             "min_frozen",

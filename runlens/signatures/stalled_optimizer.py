@@ -7,6 +7,7 @@ from runlens_collect import format as fmt
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
+from runlens.needs import LayerStat
 from runlens.signatures._probes import LOW_PRECISION, on_steps, param_dtype
 from runlens.signatures.base import NotChecked, Param, Params, Signature
 
@@ -56,6 +57,7 @@ class StalledOptimizer(Signature):
     category = "bug"
     severity = "error"
     requires = (f"layers:{fmt.KIND_UPDATE}", f"layers:{fmt.KIND_GRAD}")
+    needs = (LayerStat(fmt.KIND_UPDATE, "norm"), LayerStat(fmt.KIND_GRAD, "norm"))
     params = (
         Param(
             "min_steps",
