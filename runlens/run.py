@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from runlens_collect import format as fmt
 
 from runlens.errors import RunLoadError
+from runlens.ranks import RankLayout, merge_layers, merge_scalars, read_layout
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,14 @@ class Run:
     warnings: list[str] = field(default_factory=list)
     source_format: str = "runlens"
     rank: int | None = None
-    """Rank whose layer/scalar data is analyzed (the lowest present); None if no data."""
+    """Rank whose layer/scalar data is analyzed (the lowest present, or the one asked);
+    in the merged view of several ranks, the lowest (see ``merged``); None if no data."""
+    ranks: tuple[int, ...] = ()
+    """Every rank that wrote segments."""
+    merged: bool = False
+    """``scalars``/``layers`` are the ranks merged (runlens.ranks), not one rank's."""
+    layout: Any = None
+    """runlens.ranks.RankLayout of a run with ranks (None before loading)."""
     origin: str | None = None
     """Where the run was read from when that is not ``path``: the URL of a run on object
     storage (``path`` is then its local mirror, see runlens.storage)."""
@@ -94,6 +102,8 @@ class Run:
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
     _files: dict[str, list[Path]] = field(default_factory=dict, repr=False)
     """Segments behind ``scalars`` / ``layers`` (empty for in-memory runs)."""
+    _files_all: dict[str, list[Path]] = field(default_factory=dict, repr=False)
+    """Every rank's segments (the rank signatures' frames)."""
 
     # -- identity ---------------------------------------------------------------------
     @property
@@ -142,6 +152,30 @@ class Run:
             return np.zeros(0, np.int64)
         return s.steps[np.nan_to_num(s.values, nan=0.0) > 0.5]
 
+    # -- ranks ------------------------------------------------------------------------
+    def rank_frame(self, table: str) -> pl.LazyFrame | None:
+        """Every rank's rows of ``table`` (``scalars`` / ``layers``) with their ``rank``
+        column, each rank's resumes applied: what the rank signatures compare. None when
+        the table has no segments."""
+        files = self._files_all.get(table, [])
+        if not files:
+            return None
+        schema = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
+        return _scan_ranks(files, schema, self.events, table)
+
+    def rank_query(
+        self, table: str, build: Callable[[pl.LazyFrame], pl.LazyFrame]
+    ) -> pl.DataFrame:
+        """:meth:`query` over every rank's rows (see :meth:`rank_frame`); cached."""
+        key = ("rank_query", table, build)
+        if key not in self._cache:
+            lf = self.rank_frame(table)
+            try:
+                self._cache[key] = pl.DataFrame() if lf is None else build(lf).collect()
+            except (pl.exceptions.PolarsError, OSError) as exc:
+                raise RunLoadError(f"{self.path}: cannot read {table}: {_short(exc)}") from None
+        return self._cache[key]
+
     # -- scalars ----------------------------------------------------------------------
     def query(self, table: str, build: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame:
         """Run ``build`` on the scalars (``table="scalars"``) or layers frame and collect it
@@ -176,7 +210,7 @@ class Run:
         if len(good) == len(files):
             return False
         self._files[table] = good
-        lf = _scan(good, self.rank, schema, _resume_cuts(self.events, self.rank, table))
+        lf = _view(good, table, self.events, self.rank, self.merged, self.layout)
         if table == fmt.SCALARS_DIR:
             self.scalars = lf
         else:
@@ -462,8 +496,11 @@ def full_param_name(module_path: str, name: str) -> str:
     return f"{module_path}.{name}"
 
 
-def load_run(path: str | os.PathLike[str]) -> Run:
-    """Open a run directory lazily. Raises :class:`RunLoadError` with a one-line message."""
+def load_run(path: str | os.PathLike[str], rank: int | None = None) -> Run:
+    """Open a run directory lazily. Raises :class:`RunLoadError` with a one-line message.
+
+    A run with several ranks (torch.distributed) is seen merged (runlens.ranks), or as
+    rank ``rank`` alone when given."""
     root = Path(path)
     if not root.exists():
         raise RunLoadError(f"no such run directory: {root}")
@@ -493,20 +530,20 @@ def load_run(path: str | os.PathLike[str]) -> Run:
             raise RunLoadError(f"{root}: {exc}") from None
 
     ranks = sorted({_rank_of(f) for f in scalar_files + layer_files})
-    rank = ranks[0] if ranks else None
-    if len(ranks) > 1:
-        warnings.append(f"run has ranks {ranks}; analyzing rank {rank}")
+    asked = rank
+    if asked is not None and asked not in ranks:
+        have = ", ".join(map(str, ranks)) or "none"
+        raise RunLoadError(f"{root}: no rank {asked} in this run (ranks: {have})")
+    rank = asked if asked is not None else (ranks[0] if ranks else None)
+    merged = asked is None and len(ranks) > 1
     events = _read_events(root, warnings)
     for r in fmt.read_resumed(meta):  # rank 0's, in case its events file was lost
         if not any(e.get("kind") == "resume" and e.get("step") == r["step"] for e in events):
             events.append({"kind": "resume", "rank": 0, **r})
-    scalars = _scan(
-        scalar_files, rank, fmt.SCALARS_SCHEMA, _resume_cuts(events, rank, fmt.SCALARS_DIR)
-    )
+    layout = read_layout(meta, events, ranks)
+    scalars = _view(scalar_files, fmt.SCALARS_DIR, events, rank, merged, layout)
     layers = (
-        _scan(layer_files, rank, fmt.LAYERS_SCHEMA, _resume_cuts(events, rank, fmt.LAYERS_DIR))
-        if layer_files
-        else None
+        _view(layer_files, fmt.LAYERS_DIR, events, rank, merged, layout) if layer_files else None
     )
     if not scalar_files and not layer_files:
         warnings.append("run has no data segments yet")
@@ -538,11 +575,15 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         warnings=warnings,
         source_format=str(meta.get("source_format") or "runlens"),
         rank=rank,
+        ranks=tuple(ranks),
+        merged=merged,
+        layout=layout,
         _files={
-            fmt.SCALARS_DIR: [f for f in scalar_files if _rank_of(f) == rank],
-            fmt.LAYERS_DIR: [f for f in layer_files if _rank_of(f) == rank],
+            fmt.SCALARS_DIR: [f for f in scalar_files if merged or _rank_of(f) == rank],
+            fmt.LAYERS_DIR: [f for f in layer_files if merged or _rank_of(f) == rank],
         },
     )
+    run._files_all = {fmt.SCALARS_DIR: scalar_files, fmt.LAYERS_DIR: layer_files}
     _check_steps(run)
     return run
 
@@ -702,6 +743,33 @@ def _scan(
         frames.append(lf if cap is None else lf.filter(pl.col("step") < cap))
     lf = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")
     return lf.with_columns(pl.lit(rank, pl.Int64).alias("rank"))
+
+
+def _scan_ranks(
+    files: list[Path], schema: Any, events: list[dict[str, Any]], table: str
+) -> pl.LazyFrame:
+    """Every rank's segments, each with its own resumes applied, one frame."""
+    ranks = sorted({_rank_of(f) for f in files})
+    frames = [_scan(files, r, schema, _resume_cuts(events, r, table)) for r in ranks]
+    if not frames:
+        return _scan([], None, schema)
+    return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")
+
+
+def _view(
+    files: list[Path],
+    table: str,
+    events: list[dict[str, Any]],
+    rank: int | None,
+    merged: bool,
+    layout: RankLayout | None,
+) -> pl.LazyFrame:
+    """The frame of ``table`` a Run shows: one rank's, or every rank's merged."""
+    schema = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
+    if not merged or layout is None:
+        return _scan(files, rank, schema, _resume_cuts(events, rank, table))
+    lf = _scan_ranks(files, schema, events, table)
+    return merge_scalars(lf, layout) if table == fmt.SCALARS_DIR else merge_layers(lf, layout)
 
 
 def _seq_of(f: Path) -> int | None:

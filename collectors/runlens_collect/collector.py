@@ -42,11 +42,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from runlens_collect import _active, lifecycle, observe, repro, runinfo, stats
+from runlens_collect import _active, dist, lifecycle, observe, repro, runinfo, stats
 from runlens_collect import format as fmt
 from runlens_collect import resume as resume_mod
 from runlens_collect.activation_stats import ActivationStats
 from runlens_collect.budget import Workspace, default_budget
+from runlens_collect.dist import local
 from runlens_collect.compiled import (
     OutsideCompiled,
     compiled_in_place,
@@ -186,7 +187,9 @@ class Collector(Hooks, Shutdown):
         self._layer_ids: dict[str, int] = {}
         budget = s.memory_budget
         if budget is None:
-            trainable = sum(p.numel() * p.element_size() for _, p in params if p.requires_grad)
+            trainable = sum(
+                local(p).numel() * p.element_size() for _, p in params if p.requires_grad
+            )
             budget = default_budget(trainable)
         # One parameter strategy per device, each reading its own device's tensors (a
         # model split across devices) through its own budgeted workspace; the collector's
@@ -259,6 +262,11 @@ class Collector(Hooks, Shutdown):
             task=self._task.record(),
             resumed=list(fmt.read_resumed(prev_meta)),
         )
+        # What this rank holds (sharded parameters with their offsets): run.json for rank
+        # 0, the start event for every rank. Local facts only, no collective.
+        self.layout = dist.layout(inner, params, self.rank, self.world_size)
+        if self.world_size > 1 or self.layout["n_sharded"]:
+            self.meta["distributed"] = self.layout
         self._task.changed = False
 
         self._acts = ActivationStats(
@@ -307,7 +315,10 @@ class Collector(Hooks, Shutdown):
             report=self._report,
             write_events=True,
         )
-        self._writer.event("start", run_id=self.run_id, world_size=self.world_size)
+        start: dict[str, Any] = {"run_id": self.run_id, "world_size": self.world_size}
+        if "distributed" in self.meta:
+            start["layout"] = self.layout
+        self._writer.event("start", **start)
         if continuing:
             record = resume_mod.resume_record(
                 self._step, prev, time.time(), self._writer.first_segments(), self.run_id

@@ -1,0 +1,115 @@
+"""A tiny data-parallel training job for the distributed tests (run under torchrun, gloo).
+
+    torchrun --nproc_per_node=2 tests/dist_trainer.py --out RUN --mode MODE [--zero-code]
+
+Modes (every one trains the same small regression MLP with SGD for ``--steps`` steps):
+
+* ``healthy``: DDP, each rank its own slice of the data (what DistributedSampler does);
+* ``nosync``: DDP with ``0.bias`` excluded from gradient sync (DDP's
+  ``_set_params_and_buffers_to_ignore_for_model``): the replicas' ``0.bias`` drift apart;
+* ``slow``: DDP, rank 1 waits ``--delay`` seconds for each batch (a slow input pipeline);
+* ``samedata``: DDP, every rank reads rank 0's slice (the sampler was forgotten);
+* ``fsdp2``: ``fully_shard`` on each Linear and the root (uneven shards: 15 rows over 2 ranks, and
+  the output layer's single row on rank 0 only).
+
+Each rank writes ``RUN.truth/rank<R>.json``: the losses it computed and, under FSDP2,
+rank 0 the statistics of the *unsharded* weights and gradients at each step (from
+``full_tensor()``, outside the collector), the ground truth the tests compare with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def stats(t: torch.Tensor) -> dict[str, float]:
+    t = t.detach().double().reshape(-1)
+    return {
+        "numel": t.numel(),
+        "norm": float(t.norm()),
+        "mean": float(t.mean()),
+        "std": float(t.std()) if t.numel() > 1 else math.nan,
+        "absmax": float(t.abs().max()),
+        "frac_zero": float((t == 0).double().mean()),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--mode", default="healthy")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--delay", type=float, default=0.03)
+    ap.add_argument("--zero-code", action="store_true")
+    args = ap.parse_args()
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model: nn.Module = nn.Sequential(nn.Linear(6, 15), nn.Tanh(), nn.Linear(15, 1))
+    g = torch.Generator().manual_seed(1)
+    batch = 16
+    x_all = torch.randn(args.steps * world * batch, 6, generator=g)
+    w_true = 0.3 * torch.randn(6, 1, generator=g)
+    y_all = x_all @ w_true + 0.1 * torch.randn(len(x_all), 1, generator=g)
+
+    if args.mode == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for m in model:
+            if isinstance(m, nn.Linear):
+                fully_shard(m)
+        fully_shard(model)
+    else:
+        if args.mode == "nosync":
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, ["0.bias"]
+            )
+        model = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    col = None
+    if not args.zero_code:
+        from runlens_collect import Collector
+
+        col = Collector(model, opt, run_dir=args.out, overhead=None, activation_every=4)
+    losses, truth_w, truth_g = [], [], []
+    for step in range(args.steps):
+        if args.mode == "slow" and rank == 1:
+            time.sleep(args.delay)  # the input pipeline of rank 1 is slow
+        shard = 0 if args.mode == "samedata" else rank
+        lo = (step * world + shard) * batch
+        x, y = x_all[lo : lo + batch], y_all[lo : lo + batch]
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if args.mode == "fsdp2":
+            # Ground truth outside the collector: the unsharded tensors (all-gathered).
+            full_w = {n: p.full_tensor() for n, p in model.named_parameters()}
+            full_g = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+            truth_w.append({n: stats(t) for n, t in full_w.items()})
+            truth_g.append({n: stats(t) for n, t in full_g.items()})
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+        if col is not None:
+            col.step(loss=loss)
+    if col is not None:
+        col.close()
+    out = Path(args.out + ".truth")
+    out.mkdir(parents=True, exist_ok=True)
+    rec = {"losses": losses, "weights": truth_w, "grads": truth_g}
+    (out / f"rank{rank}.json").write_text(json.dumps(rec))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
