@@ -33,8 +33,11 @@ from runlens.signatures.noisy_loss import NoisyLoss
 from runlens.signatures.not_learning import NotLearning
 from runlens.signatures.optimizer_mismatch import OptimizerMismatch
 from runlens.signatures.overfitting import Overfitting
+from runlens.signatures.rank_imbalance import RankImbalance
+from runlens.signatures.replica_desync import ReplicaDesync
 from runlens.signatures.saturated_activations import SaturatedActivations
 from runlens.signatures.stalled_optimizer import StalledOptimizer
+from runlens.signatures.straggler_rank import StragglerRank
 from runlens.signatures.tiny_updates import TinyUpdates
 from runlens.signatures.train_eval_mode import TrainEvalMode
 from runlens.signatures.underfitting import Underfitting
@@ -72,6 +75,7 @@ LAYER_SIGNATURES: tuple[type[Signature], ...] = (
     LargeUpdates,
     LogitsAsProbabilities,
     InputBound,
+    StragglerRank,
 )
 
 # Mistakes in the training code itself, seen through the collector's probes and layer
@@ -84,6 +88,8 @@ BUG_SIGNATURES: tuple[type[Signature], ...] = (
     TrainEvalMode,
     BatchCollapse,
     Bf16Stagnation,
+    ReplicaDesync,
+    RankImbalance,
 )
 
 # Signatures of sanity runs and initialization.
