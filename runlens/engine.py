@@ -30,6 +30,7 @@ from runlens.health import layer_health
 from runlens.links import link_findings, rank_findings
 from runlens.metrics import is_schedule
 from runlens.run import Run
+from runlens.ranks import RANKS_FACT, ranks_text
 from runlens.sampling import SAMPLING_FACT, sampling_text
 from runlens.signatures import REGISTRY
 from runlens.signatures.base import NotChecked, Params, Signature
@@ -371,6 +372,9 @@ def _extras(run: Run) -> dict[str, Any]:
     text = sampling_text(run.meta)
     if text is not None:
         extras.setdefault(SAMPLING_FACT, text)
+    text = ranks_text(run)
+    if text is not None:
+        extras.setdefault(RANKS_FACT, text)
     return extras
 
 

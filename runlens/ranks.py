@@ -32,6 +32,9 @@ from typing import Any
 import polars as pl
 from runlens_collect import format as fmt
 
+RANKS_FACT = "ranks"
+"""The report header's line about the ranks (``ranks_text``)."""
+
 SHARDABLE_KINDS = (fmt.KIND_WEIGHT, fmt.KIND_GRAD, fmt.KIND_UPDATE)
 
 ROOT_SUM_SQUARES = (fmt.GRAD_NORM,)
@@ -254,3 +257,23 @@ def _sum_hists(lf: pl.LazyFrame, group: list[str]) -> pl.LazyFrame:
         .group_by(group)
         .agg(pl.col("hist"))
     )
+
+
+def ranks_text(run: Any) -> str | None:
+    """The header line of a run with several ranks: which view the report shows."""
+    ranks = tuple(getattr(run, "ranks", ()) or ())
+    if len(ranks) < 2:
+        return None
+    layout = getattr(run, "layout", None)
+    wrapper = f"{layout.wrapper}, " if layout is not None and layout.wrapper else ""
+    listed = ", ".join(map(str, ranks))
+    if getattr(run, "merged", False):
+        shards = ""
+        if layout is not None and layout.sharded:
+            shards = f"; {len(layout.shards)} sharded parameters combined across ranks"
+        return (
+            f"{len(ranks)} ({wrapper}ranks {listed}): merged view, scalars averaged over "
+            f"ranks{shards}; layer statistics of replicas from rank {ranks[0]}; --rank R "
+            "for one rank"
+        )
+    return f"rank {run.rank} of {len(ranks)} ({wrapper}ranks {listed}): one rank's view"
