@@ -29,8 +29,8 @@ from runlens.findings import (
 from runlens.health import layer_health
 from runlens.links import link_findings, rank_findings
 from runlens.metrics import is_schedule
-from runlens.run import Run
 from runlens.ranks import RANKS_FACT, ranks_text
+from runlens.run import Run
 from runlens.sampling import SAMPLING_FACT, sampling_text
 from runlens.signatures import REGISTRY
 from runlens.signatures.base import NotChecked, Params, Signature

@@ -65,9 +65,7 @@ class RankLayout:
         return len(self.ranks) > 1 or self.world_size > 1
 
 
-def read_layout(
-    meta: dict[str, Any], events: list[dict[str, Any]], ranks: list[int]
-) -> RankLayout:
+def read_layout(meta: dict[str, Any], events: list[dict[str, Any]], ranks: list[int]) -> RankLayout:
     """The layout the ranks recorded (the latest ``start`` of each rank wins)."""
     per_rank: dict[int, dict[str, Any]] = {}
     dist_meta = meta.get("distributed")
@@ -155,10 +153,7 @@ def merge_layers(lf: pl.LazyFrame, layout: RankLayout) -> pl.LazyFrame:
         merged = _combine_shards(lf.filter(is_shard), layout, columns)
         whole = pl.concat([whole.select(["_i", *columns]), merged], how="vertical_relaxed")
     out = whole.sort("_i").select(
-        [
-            pl.col(c).cast(pl.Categorical) if c in ("layer", "kind") else pl.col(c)
-            for c in columns
-        ]
+        [pl.col(c).cast(pl.Categorical) if c in ("layer", "kind") else pl.col(c) for c in columns]
     )
     return out.with_columns(pl.lit(lowest, pl.Int64).alias("rank"))
 
@@ -235,11 +230,7 @@ def _combine_shards(lf: pl.LazyFrame, layout: RankLayout, columns: list[str]) ->
     return merged.select(
         [
             "_i",
-            *[
-                pl.col(c) if c in present else pl.lit(None).alias(c)
-                for c in columns
-                if c != "rank"
-            ],
+            *[pl.col(c) if c in present else pl.lit(None).alias(c) for c in columns if c != "rank"],
             pl.lit(None, pl.Int64).alias("rank"),
         ]
     )

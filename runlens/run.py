@@ -163,9 +163,7 @@ class Run:
         schema = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
         return _scan_ranks(files, schema, self.events, table)
 
-    def rank_query(
-        self, table: str, build: Callable[[pl.LazyFrame], pl.LazyFrame]
-    ) -> pl.DataFrame:
+    def rank_query(self, table: str, build: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame:
         """:meth:`query` over every rank's rows (see :meth:`rank_frame`); cached."""
         key = ("rank_query", table, build)
         if key not in self._cache:
@@ -196,7 +194,6 @@ class Run:
     def _drop_unreadable(self, table: str) -> bool:
         """Read each segment of ``table`` in full; drop the ones that fail. True if any."""
         files = self._files.get(table, [])
-        schema = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
         good = []
         for f in files:
             try:

@@ -68,9 +68,10 @@ def zero_code(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproces
     """`runlens collect -- torchrun ...` on an unmodified DDP script (no Collector)."""
     base = tmp_path_factory.mktemp("dist")
     out = base / "zc"
-    cmd = [sys.executable, "-c", "from runlens.cli import main; main()", "collect", "--overhead", "none", "--out", str(base),
-           "--name", "zc", "--", *_torchrun("--out", str(out), "--mode", "healthy",
-                                             "--zero-code")]  # fmt: skip
+    runlens = [sys.executable, "-c", "from runlens.cli import main; main()"]
+    trainer = _torchrun("--out", str(out), "--mode", "healthy", "--zero-code")
+    cmd = [*runlens, "collect", "--overhead", "none", "--out", str(base), "--name", "zc", "--"]
+    cmd += trainer
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
@@ -207,9 +208,7 @@ def test_fsdp2_records_local_shards_with_offsets(fsdp2) -> None:
     run1 = load_run(fsdp2, rank=1)
     start1 = next(e for e in run1.events if e["kind"] == "start" and e["rank"] == 1)
     assert start1["layout"]["shards"]["0.weight"]["offset"] == [8, 0]
-    numel = {
-        r: dict(zip(*_last_numels(load_run(fsdp2, rank=r)), strict=True)) for r in (0, 1)
-    }
+    numel = {r: dict(zip(*_last_numels(load_run(fsdp2, rank=r)), strict=True)) for r in (0, 1)}
     assert numel[0]["0.weight"] == 48 and numel[1]["0.weight"] == 42
     assert numel[0]["2.weight"] == 15 and "2.weight" not in numel[1]  # empty shard: no rows
 

@@ -47,7 +47,6 @@ from runlens_collect import format as fmt
 from runlens_collect import resume as resume_mod
 from runlens_collect.activation_stats import ActivationStats
 from runlens_collect.budget import Workspace, default_budget
-from runlens_collect.dist import local
 from runlens_collect.compiled import (
     OutsideCompiled,
     compiled_in_place,
@@ -56,6 +55,7 @@ from runlens_collect.compiled import (
 )
 from runlens_collect.config import CollectorConfig
 from runlens_collect.contract import MEAN, StepContract
+from runlens_collect.dist import local
 from runlens_collect.hooks import Hooks, Observer
 from runlens_collect.lifecycle import Shutdown, flush_at_exit
 from runlens_collect.overhead import OverheadController

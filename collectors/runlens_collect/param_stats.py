@@ -122,7 +122,8 @@ class ParamStats:
             numel = local(p).numel()
             if numel == 0 and p.numel() > 0:
                 continue  # an empty shard (uneven sharding): the other ranks hold it all
-            self._params.append(_Param(name, p, tuple(_source(p).shape), layer_id(name), numel=numel))
+            shape = tuple(_source(p).shape)
+            self._params.append(_Param(name, p, shape, layer_id(name), numel=numel))
         self._plain = not any(p.param.is_complex() for p in self._params)
         self.n_groups = 0
         self._round = 0  # update snapshots taken: the rotation's position

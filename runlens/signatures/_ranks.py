@@ -40,7 +40,9 @@ def rank_scalars(run: Run, names: tuple[str, ...]) -> dict[str, RankTable]:
     def build(lf: pl.LazyFrame) -> pl.LazyFrame:
         return (
             lf.filter(pl.col("name").cast(pl.String).is_in(list(names)))
-            .select(pl.col("name").cast(pl.String), "rank", "step", pl.col("value").cast(pl.Float64))
+            .select(
+                pl.col("name").cast(pl.String), "rank", "step", pl.col("value").cast(pl.Float64)
+            )
             .with_row_index("_i")
             .unique(["name", "rank", "step"], keep="last", maintain_order=True)
         )

@@ -124,7 +124,13 @@ class RankImbalance(Signature):
         return out
 
     def _same(
-        self, ctx: Context, ranks: tuple[int, ...], frac: float, n: int, steps: np.ndarray, p: Params
+        self,
+        ctx: Context,
+        ranks: tuple[int, ...],
+        frac: float,
+        n: int,
+        steps: np.ndarray,
+        p: Params,
     ) -> Finding:
         return Finding(
             signature=self.name,
@@ -195,14 +201,13 @@ def _mesh_dims(mesh: str) -> int:
     return len([s for s in shape.split(",") if s.strip()])
 
 
-def _same_data(
-    tables: dict[str, RankTable], p: Params
-) -> tuple[float, int, np.ndarray] | None:
+def _same_data(tables: dict[str, RankTable], p: Params) -> tuple[float, int, np.ndarray] | None:
     """(fraction of matching steps, steps compared, those steps) when the batches match."""
     if any(n not in tables for n in _FINGERPRINT):
         return None
     match: np.ndarray | None = None
     steps = tables[_FINGERPRINT[0]].steps
+    valid = np.ones(steps.size, bool)
     for name in _FINGERPRINT:
         t = tables[name]
         if len(t.ranks) < 2 or not np.array_equal(t.steps, steps):
@@ -214,7 +219,7 @@ def _same_data(
         with np.errstate(invalid="ignore"):
             eq = (np.abs(v - ref) <= p.fingerprint_tol * scale).all(axis=1) & ok
         match = eq if match is None else (match & eq)
-        valid = ok if name == _FINGERPRINT[0] else valid & ok
+        valid &= ok
     assert match is not None
     n = int(valid.sum())
     if n < p.min_steps:
@@ -246,7 +251,7 @@ def _offset(
             continue
         tstat = gap / (sd / np.sqrt(d.shape[0]))
         rel = gap / med if med > 0 else np.inf
-        if abs(tstat) >= p.t_min and abs(rel) >= p.min_gap:
-            if best is None or abs(tstat) > abs(best[2]):
-                best = (int(rank), gap, float(tstat), float(rel), int(d.shape[0]), t.steps[keep])
+        big = abs(tstat) >= p.t_min and abs(rel) >= p.min_gap
+        if big and (best is None or abs(tstat) > abs(best[2])):
+            best = (int(rank), gap, float(tstat), float(rel), int(d.shape[0]), t.steps[keep])
     return best

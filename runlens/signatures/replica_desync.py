@@ -180,4 +180,3 @@ def _desync(
         k = int(np.argmax(dd))
         out.append((str(layer), int(steps[bad].min()), float(dd[k]), int(rk[k]), int(bad.sum())))
     return out, not_replicas
-

@@ -79,7 +79,7 @@ class StragglerRank(Signature):
     )
 
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
-        ranks = require_ranks(ctx)
+        require_ranks(ctx)
         names = (fmt.TIME_STEP, fmt.TIME_DATA)
         tables = rank_scalars(ctx.run, names)
         if fmt.TIME_STEP not in tables:
@@ -116,7 +116,8 @@ class StragglerRank(Signature):
                     and med >= p.min_share * job_step
                     and slowest >= p.persist
                 ):
-                    share = float(np.clip(excess, 0, None).sum() / max(job_step * v.shape[0], 1e-12))
+                    waited = float(np.clip(excess, 0, None).sum())
+                    share = waited / max(job_step * v.shape[0], 1e-12)
                     candidates.append((share, rank, what, med, slowest, v.shape[0]))
         if not candidates:
             return []
