@@ -245,3 +245,35 @@ def test_fsdp2_grad_norm_and_clean_report(fsdp2) -> None:
     gn = load_run(fsdp2).scalar(fmt.GRAD_NORM)
     np.testing.assert_allclose(gn.values, want, rtol=2e-6)
     assert _findings(fsdp2) == {}
+
+
+# -- watch and compare: the merged view ---------------------------------------------------
+
+
+def test_watch_follows_every_rank_merged(zero_code, nosync, slow, samedata) -> None:
+    from runlens.live.watcher import Watcher
+
+    out, _ = zero_code
+    w = Watcher(out)
+    events = w.poll()
+    assert not [e for e in events if e.finding is not None]
+    snap = w._data.snapshot()
+    assert snap.merged and snap.ranks == (0, 1)
+    np.testing.assert_array_equal(
+        snap.scalar(fmt.TRAIN_LOSS).values, load_run(out).scalar(fmt.TRAIN_LOSS).values
+    )
+    for run_dir, sig in ((nosync, "replica-desync"), (slow, "straggler-rank"),
+                         (samedata, "rank-imbalance")):  # fmt: skip
+        seen = [e.finding.signature for e in Watcher(run_dir).poll() if e.finding is not None]
+        assert sig in seen
+
+
+def test_compare_reads_multi_rank_runs_merged(zero_code, nosync) -> None:
+    from runlens import compare
+
+    out, _ = zero_code
+    cmp = compare([load_run(out), load_run(nosync)])
+    by_name = {r.label: r for r in cmp.runs}
+    assert set(by_name) == {"zc", "nosync"}
+    assert [f.signature for f in by_name["nosync"].report.findings] == ["replica-desync"]
+    assert not by_name["zc"].report.findings
