@@ -42,6 +42,21 @@ def stats(t: torch.Tensor) -> dict[str, float]:
     }
 
 
+def _fsdp1_full(model: nn.Module, grads: bool) -> dict[str, dict[str, float]]:
+    """Statistics of FSDP1's unsharded parameters (or gradients): each rank's 1-D parts
+    all-gathered and concatenated in rank order (the flat shards are contiguous)."""
+    out = {}
+    world = dist.get_world_size()
+    for name, p in model.named_parameters():
+        t = (p.grad if grads else p).detach().reshape(-1).double()
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([t.numel()]))
+        parts = [torch.zeros(int(s), dtype=torch.double) for s in sizes]
+        dist.all_gather(parts, t.contiguous())
+        out[name] = stats(torch.cat(parts))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -68,6 +83,10 @@ def main() -> None:
             if isinstance(m, nn.Linear):
                 fully_shard(m)
         fully_shard(model)
+    elif args.mode == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = FullyShardedDataParallel(model, use_orig_params=True)
     else:
         if args.mode == "nosync":
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -96,6 +115,9 @@ def main() -> None:
             full_g = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
             truth_w.append({n: stats(t) for n, t in full_w.items()})
             truth_g.append({n: stats(t) for n, t in full_g.items()})
+        elif args.mode == "fsdp1":
+            truth_w.append(_fsdp1_full(model, grads=False))
+            truth_g.append(_fsdp1_full(model, grads=True))
         opt.step()
         opt.zero_grad()
         losses.append(float(loss.detach()))

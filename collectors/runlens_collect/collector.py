@@ -264,7 +264,11 @@ class Collector(Hooks, Shutdown):
         )
         # What this rank holds (sharded parameters with their offsets): run.json for rank
         # 0, the start event for every rank. Local facts only, no collective.
-        self.layout = dist.layout(inner, params, self.rank, self.world_size)
+        try:
+            self.layout = dist.layout(inner, params, self.rank, self.world_size)
+        except Exception as exc:  # a wrapper's internals changed: record without it
+            self._report("layout", "could not read the distributed layout", exc)
+            self.layout = {"rank": self.rank, "world_size": self.world_size, "n_sharded": 0}
         if self.world_size > 1 or self.layout["n_sharded"]:
             self.meta["distributed"] = self.layout
         self._task.changed = False

@@ -59,6 +59,33 @@ def shard_of(p: torch.Tensor) -> dict[str, Any] | None:
     }
 
 
+def flat_shards(model: nn.Module) -> dict[int, dict[str, Any]]:
+    """FSDP1 with ``use_orig_params=True``: id(original parameter) -> its part of this
+    rank's flat-parameter shard ({offset, shape, global_shape} in the *flattened*
+    parameter, from ``FlatParameter._shard_param_infos``). The original parameters are
+    1-D views of that part (empty when it holds none). Empty for other layouts and for
+    ``use_orig_params=False`` (one ``_flat_param`` per unit, recorded as it is)."""
+    out: dict[int, dict[str, Any]] = {}
+    for m in model.modules():
+        handle = getattr(m, "_handle", None)
+        flat = getattr(handle, "flat_param", None)
+        params = getattr(flat, "_params", None)
+        infos = getattr(flat, "_shard_param_infos", None)
+        shapes = getattr(flat, "_shapes", None)
+        if not params or infos is None or shapes is None:
+            continue
+        for p, info, shape in zip(params, infos, shapes, strict=False):
+            numel = int(info.numel_in_shard or 0) if info.in_shard else 0
+            start = int(info.intra_param_start_idx or 0) if info.in_shard else 0
+            out[id(p)] = {
+                "offset": [start],
+                "shape": [numel],
+                "global_shape": [int(s) for s in shape],
+                "placements": ["FlatShard"],
+            }
+    return out
+
+
 def wrapper_of(model: nn.Module) -> str | None:
     """The data-parallel wrapper around ``model``: 'DDP', 'FSDP1', 'FSDP2', 'DeepSpeed',
     'DTensor' (parameters are DTensors without FSDP2: tensor parallel), or None."""
@@ -94,8 +121,9 @@ def layout(
     """What this rank holds (format.DISTRIBUTED_KEYS). ``params``: the collector's
     (name, parameter) pairs (names as its rows carry them)."""
     shards: dict[str, dict[str, Any]] = {}
+    flat = flat_shards(model)
     for name, p in params:
-        info = shard_of(p)
+        info = shard_of(p) or flat.get(id(p))
         if info is not None:
             shards[name] = info
     backend = None

@@ -120,8 +120,8 @@ class ParamStats:
                 self.skipped.append(name)
                 continue
             numel = local(p).numel()
-            if numel == 0 and p.numel() > 0:
-                continue  # an empty shard (uneven sharding): the other ranks hold it all
+            if numel == 0:
+                continue  # no statistics; an empty shard: the other ranks hold it all
             shape = tuple(_source(p).shape)
             self._params.append(_Param(name, p, shape, layer_id(name), numel=numel))
         self._plain = not any(p.param.is_complex() for p in self._params)
