@@ -9,6 +9,8 @@ Modes (every one trains the same small regression MLP with SGD for ``--steps`` s
   ``_set_params_and_buffers_to_ignore_for_model``): the replicas' ``0.bias`` drift apart;
 * ``slow``: DDP, rank 1 waits ``--delay`` seconds for each batch (a slow input pipeline);
 * ``samedata``: DDP, every rank reads rank 0's slice (the sampler was forgotten);
+* ``zero1`` / ``zero2``: DeepSpeed ZeRO stage 1 / 2 (CPU accelerator, gloo), the
+  collector on the engine and the client optimizer (runs only where deepspeed imports);
 * ``fsdp2``: ``fully_shard`` on each Linear and the root (uneven shards: 15 rows over 2 ranks, and
   the output layer's single row on rank 0 only).
 
@@ -66,7 +68,12 @@ def main() -> None:
     ap.add_argument("--zero-code", action="store_true")
     args = ap.parse_args()
 
-    dist.init_process_group("gloo")
+    if args.mode.startswith("zero"):
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model: nn.Module = nn.Sequential(nn.Linear(6, 15), nn.Tanh(), nn.Linear(15, 1))
@@ -87,6 +94,8 @@ def main() -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         model = FullyShardedDataParallel(model, use_orig_params=True)
+    elif args.mode.startswith("zero"):
+        pass  # wrapped by deepspeed.initialize below
     else:
         if args.mode == "nosync":
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -94,6 +103,17 @@ def main() -> None:
             )
         model = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = None
+    if args.mode.startswith("zero"):
+        import deepspeed
+
+        config = {
+            "train_micro_batch_size_per_gpu": batch,
+            "zero_optimization": {"stage": int(args.mode[-1])},
+            "zero_allow_untested_optimizer": True,
+        }
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        model = engine
 
     col = None
     if not args.zero_code:
@@ -108,6 +128,13 @@ def main() -> None:
         lo = (step * world + shard) * batch
         x, y = x_all[lo : lo + batch], y_all[lo : lo + batch]
         loss = nn.functional.mse_loss(model(x), y)
+        if engine is not None:
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+            if col is not None:
+                col.step(loss=loss)
+            continue
         loss.backward()
         if args.mode == "fsdp2":
             # Ground truth outside the collector: the unsharded tensors (all-gathered).

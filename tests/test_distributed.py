@@ -277,3 +277,23 @@ def test_compare_reads_multi_rank_runs_merged(zero_code, nosync) -> None:
     assert set(by_name) == {"zc", "nosync"}
     assert [f.signature for f in by_name["nosync"].report.findings] == ["replica-desync"]
     assert not by_name["zc"].report.findings
+
+
+# -- DeepSpeed ZeRO 1-2 (only where deepspeed is installed: not a test dependency) ----------
+
+
+@pytest.mark.parametrize("stage", ["zero1", "zero2"])
+def test_deepspeed_zero_records_weights_without_false_alarms(tmp_path, stage) -> None:
+    pytest.importorskip("deepspeed")
+    out = _train(tmp_path / stage, stage, "--steps", "30")
+    meta = json.loads((out / fmt.RUN_JSON).read_text())
+    assert meta["distributed"]["wrapper"] == "DeepSpeed"
+    # ZeRO keeps gradients in its own partitions and steps flat fp32 copies: no grad or
+    # update rows (they would read as frozen layers), no optimizer-membership probe
+    assert meta["collector"]["kinds_in_effect"] == ["weight", "activation", "output"]
+    truth = [np.array(_truth(out, r)["losses"]) for r in (0, 1)]
+    run = load_run(out)
+    np.testing.assert_allclose(run.scalar(fmt.TRAIN_LOSS).values, sum(truth) / 2, rtol=1e-6)
+    report = analyze(run)
+    assert report.findings == ()
+    assert "replica-desync" in report.coverage.clean  # weights are whole on every rank

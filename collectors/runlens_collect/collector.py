@@ -180,6 +180,14 @@ class Collector(Hooks, Shutdown):
             kinds.discard(fmt.KIND_UPDATE)  # measured across optimizer.step()
         if self._compiled:
             kinds.discard(fmt.KIND_ACTIVATION)  # hooks inside compiled graphs: not supported
+        self._deepspeed = dist.wrapper_of(inner) == "DeepSpeed"
+        if self._deepspeed:
+            # ZeRO moves gradients into its partitioned buffers (param.grad is None) and
+            # its optimizer holds flat fp32 partitions, not the model's parameters: no
+            # gradient or update rows (they would read as frozen layers); weights are
+            # whole on every rank under ZeRO 1-2. See docs/distributed.md.
+            kinds -= {fmt.KIND_GRAD, fmt.KIND_UPDATE}
+            self.probes = [p for p in self.probes if getattr(p, "name", "") != "optimizer"]
         self.kinds = kinds
 
         # Layer ids: parameters first, then activations, then the output (writer's order).
