@@ -763,7 +763,10 @@ def _view(
 ) -> pl.LazyFrame:
     """The frame of ``table`` a Run shows: one rank's, or every rank's merged."""
     schema = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
-    if not merged or layout is None:
+    # Without shards the merged layers are one replica's: scanning only that rank keeps
+    # the analyzer's filters pushed down to the files (as for a single process).
+    one = not merged or layout is None or (table == fmt.LAYERS_DIR and not layout.sharded)
+    if one:
         return _scan(files, rank, schema, _resume_cuts(events, rank, table))
     lf = _scan_ranks(files, schema, events, table)
     return merge_scalars(lf, layout) if table == fmt.SCALARS_DIR else merge_layers(lf, layout)

@@ -297,3 +297,11 @@ def test_deepspeed_zero_records_weights_without_false_alarms(tmp_path, stage) ->
     report = analyze(run)
     assert report.findings == ()
     assert "replica-desync" in report.coverage.clean  # weights are whole on every rank
+
+
+def test_every_rank_signature_fires_on_a_torchrun_job(nosync, slow, samedata) -> None:
+    # sample_runs/ holds single-process runs: the rank signatures are shown here instead
+    from runlens.signatures import RANK_SIGNATURES
+
+    fired = set(_findings(nosync)) | set(_findings(slow)) | set(_findings(samedata))
+    assert {s.name for s in RANK_SIGNATURES} <= fired

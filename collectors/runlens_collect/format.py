@@ -93,9 +93,9 @@ RUN_JSON_KEYS: Final = {
     "(the last write wins). Absent or empty: never resumed",
     "probes": "dict, probe name -> what that probe saw at setup and over the run (see "
     "PROBE_JSON_KEYS); absent or {} when no probe ran (older runs, ``probes=()``)",
-    "distributed": "dict, rank 0's layout under torch.distributed or with sharded (DTensor) "
-    "parameters (see DISTRIBUTED_KEYS); every rank's own is in its `start` event (`layout`). "
-    "Absent in single-process runs and in runs written before it existed",
+    "distributed": "dict | null, rank 0's layout under torch.distributed or with sharded "
+    "(DTensor) parameters (see DISTRIBUTED_KEYS); every rank's own is in its `start` event "
+    "(`layout`). null in single-process runs; absent in runs written before it existed",
 }
 
 # -- run.json "distributed" and the `start` event's `layout` (issue 18) ----------------------
@@ -618,6 +618,7 @@ def new_run_json(run_id: str, name: str, start_time: float) -> dict[str, Any]:
         "task": None,
         "resumed": [],
         "probes": {},
+        "distributed": None,
     }
 
 

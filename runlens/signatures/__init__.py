@@ -75,7 +75,6 @@ LAYER_SIGNATURES: tuple[type[Signature], ...] = (
     LargeUpdates,
     LogitsAsProbabilities,
     InputBound,
-    StragglerRank,
 )
 
 # Mistakes in the training code itself, seen through the collector's probes and layer
@@ -88,7 +87,14 @@ BUG_SIGNATURES: tuple[type[Signature], ...] = (
     TrainEvalMode,
     BatchCollapse,
     Bf16Stagnation,
+)
+
+# Signatures that compare the ranks of a distributed run (docs/distributed.md): not
+# applicable to one process; each is shown on a real torchrun job in
+# tests/test_distributed.py (sample_runs/ holds single-process runs).
+RANK_SIGNATURES: tuple[type[Signature], ...] = (
     ReplicaDesync,
+    StragglerRank,
     RankImbalance,
 )
 
@@ -100,7 +106,14 @@ SANITY_SIGNATURES: tuple[type[Signature], ...] = (
 )
 
 REGISTRY: dict[str, type[Signature]] = {
-    s.name: s for s in (*CURVE_SIGNATURES, *LAYER_SIGNATURES, *BUG_SIGNATURES, *SANITY_SIGNATURES)
+    s.name: s
+    for s in (
+        *CURVE_SIGNATURES,
+        *LAYER_SIGNATURES,
+        *BUG_SIGNATURES,
+        *RANK_SIGNATURES,
+        *SANITY_SIGNATURES,
+    )
 }
 
 
