@@ -163,16 +163,28 @@ class Run:
         schema = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
         return _scan_ranks(files, schema, self.events, table)
 
-    def rank_query(self, table: str, build: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame:
-        """:meth:`query` over every rank's rows (see :meth:`rank_frame`); cached."""
-        key = ("rank_query", table, build)
+    def rank_query(
+        self, table: str, build: Callable[[pl.LazyFrame], pl.LazyFrame], key: Any = None
+    ) -> pl.DataFrame:
+        """:meth:`query` over every rank's rows (see :meth:`rank_frame`); cached under
+        ``key`` when one is given (what ``build`` selects)."""
+        if key is None:
+            lf = self.rank_frame(table)
+            return pl.DataFrame() if lf is None else self._rank_collect(table, build, lf)
+        key = ("rank_query", table, key)
         if key not in self._cache:
             lf = self.rank_frame(table)
-            try:
-                self._cache[key] = pl.DataFrame() if lf is None else build(lf).collect()
-            except (pl.exceptions.PolarsError, OSError) as exc:
-                raise RunLoadError(f"{self.path}: cannot read {table}: {_short(exc)}") from None
+            df = pl.DataFrame() if lf is None else self._rank_collect(table, build, lf)
+            self._cache[key] = df
         return self._cache[key]
+
+    def _rank_collect(
+        self, table: str, build: Callable[[pl.LazyFrame], pl.LazyFrame], lf: pl.LazyFrame
+    ) -> pl.DataFrame:
+        try:
+            return build(lf).collect()
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise RunLoadError(f"{self.path}: cannot read {table}: {_short(exc)}") from None
 
     # -- scalars ----------------------------------------------------------------------
     def query(self, table: str, build: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame:

@@ -47,7 +47,7 @@ def rank_scalars(run: Run, names: tuple[str, ...]) -> dict[str, RankTable]:
             .unique(["name", "rank", "step"], keep="last", maintain_order=True)
         )
 
-    df = run.rank_query(fmt.SCALARS_DIR, build)
+    df = run.rank_query(fmt.SCALARS_DIR, build, ("scalars", names))
     out: dict[str, RankTable] = {}
     if df.height == 0:
         return out
@@ -79,7 +79,7 @@ def rank_layers(run: Run, kind: str, stats: tuple[str, ...], layers: list[str]) 
             .unique(["rank", "step", "layer"], keep="last", maintain_order=True)
         )
 
-    return run.rank_query(fmt.LAYERS_DIR, build)
+    return run.rank_query(fmt.LAYERS_DIR, build, ("layers", kind, stats, tuple(layers)))
 
 
 def first_nonfinite_rank(run: Run) -> tuple[int, tuple[int, ...]] | None:
