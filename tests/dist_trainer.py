@@ -9,6 +9,8 @@ Modes (every one trains the same small regression MLP with SGD for ``--steps`` s
   ``_set_params_and_buffers_to_ignore_for_model``): the replicas' ``0.bias`` drift apart;
 * ``slow``: DDP, rank 1 waits ``--delay`` seconds for each batch (a slow input pipeline);
 * ``samedata``: DDP, every rank reads rank 0's slice (the sampler was forgotten);
+* ``nan``: DDP, rank 1's batch of step 10 holds a NaN (the all-reduce then spreads NaN
+  gradients to every rank);
 * ``zero1`` / ``zero2``: DeepSpeed ZeRO stage 1 / 2 (CPU accelerator, gloo), the
   collector on the engine and the client optimizer (runs only where deepspeed imports);
 * ``fsdp2``: ``fully_shard`` on each Linear and the root (uneven shards: 15 rows over 2 ranks, and
@@ -127,6 +129,9 @@ def main() -> None:
         shard = 0 if args.mode == "samedata" else rank
         lo = (step * world + shard) * batch
         x, y = x_all[lo : lo + batch], y_all[lo : lo + batch]
+        if args.mode == "nan" and rank == 1 and step == 10:
+            x = x.clone()
+            x[0, 0] = float("nan")  # one corrupt example on one rank
         loss = nn.functional.mse_loss(model(x), y)
         if engine is not None:
             engine.backward(loss)

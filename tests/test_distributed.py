@@ -305,3 +305,14 @@ def test_every_rank_signature_fires_on_a_torchrun_job(nosync, slow, samedata) ->
 
     fired = set(_findings(nosync)) | set(_findings(slow)) | set(_findings(samedata))
     assert {s.name for s in RANK_SIGNATURES} <= fired
+
+
+def test_nan_inf_names_the_rank_where_it_appeared_first(tmp_path) -> None:
+    out = _train(tmp_path / "nan", "nan", "--steps", "14")
+    truth = [np.array(_truth(out, r)["losses"]) for r in (0, 1)]
+    assert np.isfinite(truth[0][10]) and not np.isfinite(truth[1][10])  # rank 1 first
+    assert not np.isfinite(truth[0][11])  # then every rank, through the all-reduce
+    f = _findings(out)["nan-inf"]
+    assert "it appeared first on rank 1 (step 10)" in f.summary
+    ev = {e.name: e.value for e in f.evidence}
+    assert ev["first non-finite value on rank 1 at step"] == 10

@@ -32,6 +32,8 @@ class RankTable:
     steps: np.ndarray
     ranks: tuple[int, ...]
     values: np.ndarray
+    written: np.ndarray
+    """Cells a rank wrote (a NaN there is a value, elsewhere a gap)."""
 
 
 def rank_scalars(run: Run, names: tuple[str, ...]) -> dict[str, RankTable]:
@@ -58,10 +60,12 @@ def rank_scalars(run: Run, names: tuple[str, ...]) -> dict[str, RankTable]:
         steps = np.unique(sub["step"].to_numpy())
         ranks = tuple(int(r) for r in sorted(set(sub["rank"].to_list())))
         values = np.full((steps.size, len(ranks)), np.nan)
+        written = np.zeros((steps.size, len(ranks)), bool)
         rows = np.searchsorted(steps, sub["step"].to_numpy())
         cols = np.searchsorted(np.array(ranks), sub["rank"].to_numpy())
         values[rows, cols] = sub["value"].fill_null(float("nan")).to_numpy()
-        out[name] = RankTable(steps, ranks, values)
+        written[rows, cols] = True
+        out[name] = RankTable(steps, ranks, values, written)
     return out
 
 
@@ -83,16 +87,28 @@ def rank_layers(run: Run, kind: str, stats: tuple[str, ...], layers: list[str]) 
 
 
 def first_nonfinite_rank(run: Run) -> tuple[int, tuple[int, ...]] | None:
-    """(step, ranks) where a non-finite value appeared first, from every rank's
-    ``nonfinite`` events; None for a single-process run or when no rank saw one."""
+    """(step, ranks) where a non-finite value appeared first: per rank, the first step
+    whose training loss or input (``probe/input/sum``) is not finite, else its first
+    ``nonfinite`` event (a layer statistic: after an all-reduce every rank's gradients
+    are non-finite at once, so the loss and the input tell the ranks apart first).
+    None for a single-process run or when no rank saw one."""
     if len(getattr(run, "ranks", ()) or ()) < 2:
         return None
     hits: dict[int, int] = {}
-    for e in run.events:
-        step, rank = e.get("step"), e.get("rank", 0)
-        if e.get("kind") != "nonfinite" or not isinstance(step, int) or not isinstance(rank, int):
-            continue
-        hits[rank] = min(step, hits.get(rank, step))
+    for t in rank_scalars(run, (fmt.TRAIN_LOSS, fmt.INPUT_SUM)).values():
+        bad = t.written & ~np.isfinite(t.values)
+        for k, rank in enumerate(t.ranks):
+            rows = np.flatnonzero(bad[:, k])
+            if rows.size:
+                step = int(t.steps[rows[0]])
+                hits[rank] = min(step, hits.get(rank, step))
+    if not hits:
+        for e in run.events:
+            step, rank = e.get("step"), e.get("rank", 0)
+            if e.get("kind") != "nonfinite" or not isinstance(step, int):
+                continue
+            if isinstance(rank, int):
+                hits[rank] = min(step, hits.get(rank, step))
     if not hits:
         return None
     first = min(hits.values())

@@ -166,7 +166,7 @@ def _desync(
         scale = np.abs(b) if s == "norm" else rms
         with np.errstate(invalid="ignore", divide="ignore"):
             diffs.append(np.abs(a - b) / np.maximum(scale, 1e-30))
-    d = np.nanmax(np.vstack(diffs), axis=0)
+    d = np.fmax.reduce(np.vstack(diffs), axis=0)  # NaN only where every stat is NaN
     d = np.where(np.isfinite(d), d, 0.0)
     j = j.with_columns(pl.Series("_d", d))
     for (layer,), g in j.group_by(["layer"], maintain_order=True):
