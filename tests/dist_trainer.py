@@ -16,7 +16,9 @@ Modes (every one trains the same small regression MLP with SGD for ``--steps`` s
 * ``fsdp2``: ``fully_shard`` on each Linear and the root (uneven shards: 15 rows over 2 ranks, and
   the output layer's single row on rank 0 only).
 
-Each rank writes ``RUN.truth/rank<R>.json``: the losses it computed and, under FSDP2,
+Each rank writes ``RUN.truth/rank<R>.json``: the losses it computed, the collectives
+called during its optimizer steps and ``Collector.step()`` calls (0: the collector
+never communicates) and, under FSDP2,
 rank 0 the statistics of the *unsharded* weights and gradients at each step (from
 ``full_tensor()``, outside the collector), the ground truth the tests compare with.
 """
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor.debug import CommDebugMode
 
 
 def stats(t: torch.Tensor) -> dict[str, float]:
@@ -123,6 +126,7 @@ def main() -> None:
 
         col = Collector(model, opt, run_dir=args.out, overhead=None, activation_every=4)
     losses, truth_w, truth_g = [], [], []
+    collectives = training_collectives = 0
     for step in range(args.steps):
         if args.mode == "slow" and rank == 1:
             time.sleep(args.delay)  # the input pipeline of rank 1 is slow
@@ -132,7 +136,15 @@ def main() -> None:
         if args.mode == "nan" and rank == 1 and step == 10:
             x = x.clone()
             x[0, 0] = float("nan")  # one corrupt example on one rank
-        loss = nn.functional.mse_loss(model(x), y)
+        if engine is None:
+            # the positive control of the count below: forward + backward (DDP's gradient
+            # all-reduce, FSDP2's all-gathers and reduce-scatters)
+            with CommDebugMode() as comm_fb:
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+            training_collectives += comm_fb.get_total_counts()
+        else:
+            loss = nn.functional.mse_loss(model(x), y)
         if engine is not None:
             engine.backward(loss)
             engine.step()
@@ -140,7 +152,6 @@ def main() -> None:
             if col is not None:
                 col.step(loss=loss)
             continue
-        loss.backward()
         if args.mode == "fsdp2":
             # Ground truth outside the collector: the unsharded tensors (all-gathered).
             full_w = {n: p.full_tensor() for n, p in model.named_parameters()}
@@ -150,16 +161,27 @@ def main() -> None:
         elif args.mode == "fsdp1":
             truth_w.append(_fsdp1_full(model, grads=False))
             truth_g.append(_fsdp1_full(model, grads=True))
-        opt.step()
+        # The collector's work (the optimizer hooks' reads, step()) must call no collective:
+        # counted over the optimizer step and col.step() (CommDebugMode sees c10d and
+        # functional collectives, DTensor's included).
+        with CommDebugMode() as comm:
+            opt.step()
+            if col is not None:
+                col.step(loss=loss)
+        collectives += comm.get_total_counts()
         opt.zero_grad()
         losses.append(float(loss.detach()))
-        if col is not None:
-            col.step(loss=loss)
     if col is not None:
         col.close()
     out = Path(args.out + ".truth")
     out.mkdir(parents=True, exist_ok=True)
-    rec = {"losses": losses, "weights": truth_w, "grads": truth_g}
+    rec = {
+        "losses": losses,
+        "weights": truth_w,
+        "grads": truth_g,
+        "collectives": collectives,
+        "training_collectives": training_collectives,
+    }
     (out / f"rank{rank}.json").write_text(json.dumps(rec))
     dist.barrier()
     dist.destroy_process_group()

@@ -239,6 +239,16 @@ def test_fsdp2_shards_combine_to_the_unsharded_statistics(fsdp2, kind, key) -> N
                 np.testing.assert_allclose(got, want, rtol=2e-6, err_msg=f"{kind} {stat} {layer}")
 
 
+def test_the_collector_calls_no_collective(zero_code, nosync, fsdp2) -> None:
+    # explicit Collector under DDP and FSDP2 (DTensor parameters read through their local
+    # shards): CommDebugMode around optimizer.step() + col.step() counts nothing
+    for run_dir in (nosync, fsdp2):
+        for r in (0, 1):
+            assert _truth(run_dir, r)["collectives"] == 0
+        # the count sees collectives: the training's own forward/backward communicate
+        assert _truth(run_dir, 0)["training_collectives"] > 0
+
+
 def test_fsdp2_grad_norm_and_clean_report(fsdp2) -> None:
     truth = _truth(fsdp2, 0)["grads"]
     want = [math.sqrt(sum(t[n]["norm"] ** 2 for n in t)) for t in truth]
