@@ -10,6 +10,11 @@ writer, everything.
 
     python benchmarks/collector_memory.py --models                   # all three, 3 repeats
     python benchmarks/collector_memory.py --models lora mlp25m --repeats 5
+    python benchmarks/collector_memory.py --models --probes both   # + without the probes
+
+``--probes off`` runs the collector without the silent-bug probes (``probes=()``);
+``--probes both`` adds that process to each interleaved group, so the probes' own share
+is the difference of two columns measured side by side.
 
 The rest of this docstring is the stress mode (the default):
 
@@ -113,8 +118,13 @@ SCALE_MODELS = {
 }
 
 
-def _one(model_name: str, with_collector: bool, steps: int, out: Path) -> None:
+# --one's collector argument: 0 bare, 1 collector at its defaults, 2 without the probes
+_VARIANTS = {"on": 1, "off": 2}
+
+
+def _one(model_name: str, variant: int, steps: int, out: Path) -> None:
     """One process: build, train ``steps`` steps, write peak RSS and facts to ``out``."""
+    with_collector = variant > 0
     torch.set_num_threads(1)
     torch.manual_seed(0)
     build, batch, optim = SCALE_MODELS[model_name]
@@ -131,7 +141,8 @@ def _one(model_name: str, with_collector: bool, steps: int, out: Path) -> None:
     col = None
     with tempfile.TemporaryDirectory() as tmp:
         if with_collector:
-            col = Collector(model, opt, run_dir=Path(tmp) / "run")
+            probes = () if variant == 2 else None
+            col = Collector(model, opt, run_dir=Path(tmp) / "run", probes=probes)
         t0 = time.perf_counter()
         for _ in range(steps):
             loss = model(x).pow(2).mean()
@@ -146,6 +157,7 @@ def _one(model_name: str, with_collector: bool, steps: int, out: Path) -> None:
         info = {
             "model": model_name,
             "collector": with_collector,
+            "probes": variant == 1,
             "params": sum(p.numel() for p in params),
             "trainable": sum(p.numel() for p in trainable),
             "param_mb": round(sum(p.numel() * p.element_size() for p in params) / 2**20, 1),
@@ -160,17 +172,21 @@ def _one(model_name: str, with_collector: bool, steps: int, out: Path) -> None:
     out.write_text(json.dumps(info))
 
 
-def scale_table(models: list[str], repeats: int, steps: int) -> dict:
-    """Extra peak RSS of the collector per model: fresh processes, interleaved."""
+def scale_table(models: list[str], repeats: int, steps: int, probes: str = "on") -> dict:
+    """Extra peak RSS of the collector per model: fresh processes, interleaved.
+
+    ``probes``: "on" (defaults), "off" (``probes=()``) or "both" (each as its own process
+    in the same interleaved group)."""
     import statistics
     import subprocess
     import sys
 
-    runs: dict[tuple[str, bool], list[dict]] = {}
+    variants = [0] + ([1, 2] if probes == "both" else [_VARIANTS[probes]])
+    runs: dict[tuple[str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
             for m in models:
-                for use in (False, True) if r % 2 == 0 else (True, False):
+                for use in variants if r % 2 == 0 else variants[::-1]:
                     out = Path(tmp) / f"{m}-{use}-{r}.json"
                     cmd = [
                         sys.executable,
@@ -183,24 +199,31 @@ def scale_table(models: list[str], repeats: int, steps: int) -> dict:
                     ]
                     subprocess.run(cmd, check=True)
                     runs.setdefault((m, use), []).append(json.loads(out.read_text()))
-    rows = {}
+    rows: dict = {}
     print(
-        "| model | parameters (trainable) | parameter MB | peak RSS without | with | "
-        "collector adds (median, min-max) | budget | update subsets K |"
+        "| model | probes | parameters (trainable) | parameter MB | peak RSS without | with | "
+        "collector adds (median, min-max) | budget | update subsets K | device buffers MB |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for m in models:
-        bare, col = runs[(m, False)], runs[(m, True)]
-        extra = [c["peak_rss_mb"] - b["peak_rss_mb"] for b, c in zip(bare, col, strict=True)]
-        mem = col[0]["memory"]
-        rows[m] = {"bare": bare, "collector": col, "extra_mb": extra}
-        print(
-            f"| {m} | {col[0]['params'] / 1e6:.1f}M ({col[0]['trainable'] / 1e6:.2f}M) | "
-            f"{col[0]['param_mb']} | {statistics.median(b['peak_rss_mb'] for b in bare):.0f} | "
-            f"{statistics.median(c['peak_rss_mb'] for c in col):.0f} | "
-            f"**{statistics.median(extra):+.0f} MB** ({min(extra):+.0f} to {max(extra):+.0f}) | "
-            f"{mem['budget_bytes'] / 2**20:.0f} MiB | {mem['update_subsets']} |"
-        )
+        bare = runs[(m, 0)]
+        for use in variants[1:]:
+            col = runs[(m, use)]
+            extra = [c["peak_rss_mb"] - b["peak_rss_mb"] for b, c in zip(bare, col, strict=True)]
+            mem = col[0]["memory"]
+            key = m if probes != "both" else f"{m}:probes={'on' if use == 1 else 'off'}"
+            rows[key] = {"bare": bare, "collector": col, "extra_mb": extra}
+            print(
+                f"| {m} | {'on' if use == 1 else 'off'} | "
+                f"{col[0]['params'] / 1e6:.1f}M ({col[0]['trainable'] / 1e6:.2f}M) | "
+                f"{col[0]['param_mb']} | "
+                f"{statistics.median(b['peak_rss_mb'] for b in bare):.0f} | "
+                f"{statistics.median(c['peak_rss_mb'] for c in col):.0f} | "
+                f"**{statistics.median(extra):+.0f} MB** ({min(extra):+.0f} to "
+                f"{max(extra):+.0f}) | {mem['budget_bytes'] / 2**20:.0f} MiB | "
+                f"{mem['update_subsets']} | "
+                f"{max(c['workspace_peak_mb'] for c in col):.1f} |"
+            )
     return rows
 
 
@@ -208,7 +231,7 @@ def main() -> None:
     import sys
 
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        _one(sys.argv[2], bool(int(sys.argv[3])), int(sys.argv[4]), Path(sys.argv[5]))
+        _one(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--models":
         ap = argparse.ArgumentParser(description="extra peak memory by model size")
@@ -216,8 +239,14 @@ def main() -> None:
         ap.add_argument("--repeats", type=int, default=3)
         ap.add_argument("--steps", type=int, default=4)
         ap.add_argument("--json", type=Path, default=None)
+        ap.add_argument(
+            "--probes",
+            choices=["on", "off", "both"],
+            default="on",
+            help="the collector with the silent-bug probes (default), without, or both",
+        )
         args = ap.parse_args()
-        rows = scale_table(args.models or list(SCALE_MODELS), args.repeats, args.steps)
+        rows = scale_table(args.models or list(SCALE_MODELS), args.repeats, args.steps, args.probes)
         machine = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
         if args.json:
             args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))

@@ -124,6 +124,7 @@ def sections() -> dict[str, str]:
         "events": keys_table(fmt.EVENT_KINDS),
         "probe-scalars": keys_table(fmt.PROBE_SCALARS),
         "probe-json": keys_table(fmt.PROBE_JSON_KEYS),
+        "distributed": keys_table(fmt.DISTRIBUTED_KEYS),
         "version": f"Current `SCHEMA_VERSION`: **{fmt.SCHEMA_VERSION}**.",
         "compaction": compaction(),
     }

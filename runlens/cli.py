@@ -311,6 +311,14 @@ def _write_plots(
 @analysis_options
 @memory_option
 @input_options
+@click.option(
+    "--rank",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="R",
+    help="A distributed run: report rank R alone instead of the ranks merged (scalars "
+    "averaged, shards combined). See docs/distributed.md.",
+)
 @handle_errors
 def analyze(
     run_dir: str,
@@ -326,6 +334,7 @@ def analyze(
     memory_mb: float | None,
     input_format: str,
     map_: tuple[str, ...],
+    rank: int | None,
 ) -> None:
     """Diagnose a recorded run: what went wrong, where, the evidence, the fix.
 
@@ -359,8 +368,10 @@ def analyze(
             fail(f"-o {output} is a directory: give a file name")
         if fmt == "html":
             _refuse_html_to_tty(output)
-        status = _analyze_one(found.runs[0], fmt, output, fail_on, plots, options, mapping)
+        status = _analyze_one(found.runs[0], fmt, output, fail_on, plots, options, mapping, rank)
     else:
+        if rank is not None:
+            fail("--rank applies to one run")
         status = _analyze_many(found, fmt, output, fail_on, plots, options, mapping)
     if status:
         sys.exit(status)
@@ -374,6 +385,7 @@ def _analyze_one(
     plots: str | None,
     options: Any,
     mapping: dict[str, str] | None,
+    rank: int | None = None,
 ) -> int:
     """Analyze one run and write its report; the exit status (0 or EXIT_FAIL_ON)."""
     from runlens.engine import analyze as run_analysis
@@ -381,7 +393,7 @@ def _analyze_one(
     from runlens.sources import open_found
 
     # One Context: the graphical reports reuse what the analysis read.
-    run = make_context(open_found(found, mapping), options)
+    run = make_context(open_found(found, mapping, rank), options)
     report = run_analysis(run, options)
     emit(_render(run, report, fmt, output, plots, options), output)
     return _fail_on_status(report, fail_on)

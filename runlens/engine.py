@@ -32,6 +32,7 @@ from runlens.layerscan import DEFAULT_MEMORY_MB
 from runlens.links import link_findings, rank_findings
 from runlens.metrics import is_schedule
 from runlens.needs import REPORT_NEEDS, Need
+from runlens.ranks import RANKS_FACT, ranks_text
 from runlens.run import Run
 from runlens.sampling import SAMPLING_FACT, sampling_text
 from runlens.signatures import REGISTRY
@@ -454,6 +455,9 @@ def _extras(run: Run) -> dict[str, Any]:
     text = sampling_text(run.meta)
     if text is not None:
         extras.setdefault(SAMPLING_FACT, text)
+    text = ranks_text(run)
+    if text is not None:
+        extras.setdefault(RANKS_FACT, text)
     return extras
 
 

@@ -10,6 +10,7 @@ reports the runs the child recorded. See docs/collect.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -48,6 +49,7 @@ class RecordedRun:
     optimizer: str
     status: str | None  # run.json status; None when run.json is missing
     last_step: int | None
+    ranks: tuple[int, ...] = ()  # the ranks that recorded into it (torchrun: every rank)
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,18 @@ def run_collect(
         with contextlib.suppress(OSError):
             os.unlink(manifest)
     runs, notes = [], []
+    seen: dict[str, list[int]] = {}  # run_dir -> ranks (every rank of torchrun reports)
     for e in entries:
         if e.get("stood_down"):
-            notes.append(f"zero-code collection stood down: {e.get('reason')}")
+            note = f"zero-code collection stood down: {e.get('reason')}"
+            if note not in notes:
+                notes.append(note)
+            continue
+        rank, first = e.get("rank"), str(e["run_dir"]) not in seen
+        ranks = seen.setdefault(str(e["run_dir"]), [])
+        if isinstance(rank, int):
+            ranks.append(rank)
+        if not first:
             continue
         meta = _read_json(Path(e["run_dir"]) / "run.json")
         runs.append(
@@ -141,6 +152,7 @@ def run_collect(
                 last_step=meta.get("last_step") if meta else None,
             )
         )
+    runs = [dataclasses.replace(r, ranks=tuple(sorted(seen.get(r.run_dir, ())))) for r in runs]
     return CollectResult(code, tuple(runs), tuple(notes))
 
 
@@ -214,9 +226,10 @@ def describe(result: CollectResult) -> list[str]:
         )
     for r in result.runs:
         steps = "no steps" if r.last_step is None else f"{r.last_step + 1} steps"
+        ranks = f"; ranks {','.join(map(str, r.ranks))}" if len(r.ranks) > 1 else ""
         lines.append(
             f"run recorded in {r.run_dir} ({r.model}, {r.optimizer}; {steps}; "
-            f"status {r.status or 'unknown'})"
+            f"status {r.status or 'unknown'}{ranks})"
         )
         lines.append(f"analyze it: runlens analyze {_quote(r.run_dir)}")
     return lines

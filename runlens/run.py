@@ -47,6 +47,7 @@ from runlens_collect import format as fmt
 from runlens.errors import RunLoadError
 from runlens.layerscan import LayerMatrix
 from runlens.needs import LayerStat
+from runlens.ranks import RankLayout, merge_layers, merge_scalars, read_layout
 from runlens.segments import (  # noqa: F401 (re-exported: the readers' helpers)
     REQUIRED,
     _event_rank,
@@ -105,7 +106,14 @@ class Run:
     warnings: list[str] = field(default_factory=list)
     source_format: str = "runlens"
     rank: int | None = None
-    """Rank whose layer/scalar data is analyzed (the lowest present); None if no data."""
+    """Rank whose layer/scalar data is analyzed (the lowest present, or the one asked);
+    in the merged view of several ranks, the lowest (see ``merged``); None if no data."""
+    ranks: tuple[int, ...] = ()
+    """Every rank that wrote segments."""
+    merged: bool = False
+    """``scalars``/``layers`` are the ranks merged (runlens.ranks), not one rank's."""
+    layout: Any = None
+    """runlens.ranks.RankLayout of a run with ranks (None before loading)."""
     origin: str | None = None
     """Where the run was read from when that is not ``path``: the URL of a run on object
     storage (``path`` is then its local mirror, see runlens.storage)."""
@@ -116,6 +124,8 @@ class Run:
     cuts: dict[str, list[tuple[int, int]]] = field(default_factory=dict, repr=False)
     """Per table, the resumes (step, first segment number of the continuation): rows of
     earlier segments at or after that step are superseded (segments.scan_segments)."""
+    _files_all: dict[str, list[Path]] = field(default_factory=dict, repr=False)
+    """Every rank's segments (the rank signatures' frames)."""
 
     # -- identity ---------------------------------------------------------------------
     @property
@@ -169,6 +179,31 @@ class Run:
         if s is None:
             return np.zeros(0, np.int64)
         return s.steps[np.nan_to_num(s.values, nan=0.0) > 0.5]
+
+    # -- ranks ------------------------------------------------------------------------
+    def rank_frame(self, table: str) -> pl.LazyFrame | None:
+        """Every rank's rows of ``table`` (``scalars`` / ``layers``) with their ``rank``
+        column, each rank's resumes applied: what the rank signatures compare. None when
+        the table has no segments."""
+        files = self._files_all.get(table, [])
+        if not files:
+            return None
+        schema = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
+        return _scan_ranks(files, schema, self.events, table)
+
+    def rank_query(
+        self, table: str, build: Callable[[pl.LazyFrame], pl.LazyFrame], key: Any = None
+    ) -> pl.DataFrame:
+        """:meth:`query` over every rank's rows (see :meth:`rank_frame`). ``key`` is kept
+        for callers that name what ``build`` selects; the Run caches nothing (the analysis'
+        Context does)."""
+        lf = self.rank_frame(table)
+        if lf is None:
+            return pl.DataFrame()
+        try:
+            return build(lf).collect()
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise RunLoadError(f"{self.path}: cannot read {table}: {_short(exc)}") from None
 
     def query(self, table: str, build: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame:
         """Run ``build`` on the scalars (``table="scalars"``) or layers frame and collect it
@@ -342,8 +377,11 @@ def full_param_name(module_path: str, name: str) -> str:
 # -- loading ------------------------------------------------------------------------------
 
 
-def load_run(path: str | os.PathLike[str]) -> Run:
-    """Open a run directory lazily. Raises :class:`RunLoadError` with a one-line message."""
+def load_run(path: str | os.PathLike[str], rank: int | None = None) -> Run:
+    """Open a run directory lazily. Raises :class:`RunLoadError` with a one-line message.
+
+    A run with several ranks (torch.distributed) is seen merged (runlens.ranks), or as
+    rank ``rank`` alone when given."""
     root = Path(path)
     if not root.exists():
         raise RunLoadError(f"no such run directory: {root}")
@@ -375,20 +413,24 @@ def load_run(path: str | os.PathLike[str]) -> Run:
             raise RunLoadError(f"{root}: {exc}") from None
 
     ranks = sorted({_rank_of(f) for f in scalar_files + layer_files})
-    rank = ranks[0] if ranks else None
-    if len(ranks) > 1:
-        warnings.append(f"run has ranks {ranks}; analyzing rank {rank}")
+    asked = rank
+    if asked is not None and asked not in ranks:
+        have = ", ".join(map(str, ranks)) or "none"
+        raise RunLoadError(f"{root}: no rank {asked} in this run (ranks: {have})")
+    rank = asked if asked is not None else (ranks[0] if ranks else None)
+    merged = asked is None and len(ranks) > 1
     events = _read_events(root, warnings)
     for r in fmt.read_resumed(meta):  # rank 0's, in case its events file was lost
         if not any(e.get("kind") == "resume" and e.get("step") == r["step"] for e in events):
             events.append({"kind": "resume", "rank": 0, **r})
-    scalar_files = [f for f in scalar_files if _rank_of(f) == rank]
-    layer_files = [f for f in layer_files if _rank_of(f) == rank]
+    layout = read_layout(meta, events, ranks)
+    all_files = {fmt.SCALARS_DIR: scalar_files, fmt.LAYERS_DIR: layer_files}
+    if not merged:
+        scalar_files = [f for f in scalar_files if _rank_of(f) == rank]
+        layer_files = [f for f in layer_files if _rank_of(f) == rank]
     cuts = {t: resume_cuts(events, rank, t) for t in (fmt.SCALARS_DIR, fmt.LAYERS_DIR)}
     layers = (
-        scan_segments(layer_files, rank, fmt.LAYERS_SCHEMA, cuts[fmt.LAYERS_DIR])
-        if layer_files
-        else None
+        _view(layer_files, fmt.LAYERS_DIR, events, rank, merged, layout) if layer_files else None
     )
     if not scalar_files and not layer_files:
         warnings.append("run has no data segments yet")
@@ -413,7 +455,18 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         )
     # Scalars are small: read them whole now, so an unreadable segment is found (and left
     # out, with a warning) here, once, and the analysis reads them from memory.
-    scalars, scalar_files = _read_scalars(root, scalar_files, rank, warnings, cuts[fmt.SCALARS_DIR])
+    if merged and layout is not None:
+        # Several ranks: their mean (runlens.ranks.merge_scalars), each rank's resumes
+        # applied; an unreadable segment fails the load here (not left out).
+        try:
+            view = _view(scalar_files, fmt.SCALARS_DIR, events, rank, merged, layout)
+            scalars = view.collect().lazy()
+        except (pl.exceptions.PolarsError, OSError, pa.ArrowException) as exc:
+            raise RunLoadError(f"{root}: cannot read scalars: {_short(exc)}") from None
+    else:
+        scalars, scalar_files = _read_scalars(
+            root, scalar_files, rank, warnings, cuts[fmt.SCALARS_DIR]
+        )
     run = Run(
         path=root,
         meta=meta,
@@ -426,6 +479,10 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         facts=RunFacts(scalar_names=_scalar_names(scalars)),
         _files={fmt.SCALARS_DIR: scalar_files, fmt.LAYERS_DIR: layer_files},
         cuts=cuts,
+        ranks=tuple(ranks),
+        merged=merged,
+        layout=layout,
+        _files_all=all_files,
     )
     _check_steps(run)
     return run
@@ -526,6 +583,36 @@ def _read_meta(root: Path, warnings: list[str]) -> dict[str, Any] | None:
         warnings.append("run.json is not an object; using defaults")
         return {"name": root.name, "status": "unknown"}
     return meta
+
+
+def _scan_ranks(
+    files: list[Path], schema: Any, events: list[dict[str, Any]], table: str
+) -> pl.LazyFrame:
+    """Every rank's segments, each with its own resumes applied, one frame."""
+    ranks = sorted({_rank_of(f) for f in files})
+    frames = [scan_segments(files, r, schema, resume_cuts(events, r, table)) for r in ranks]
+    if not frames:
+        return scan_segments([], None, schema)
+    return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")
+
+
+def _view(
+    files: list[Path],
+    table: str,
+    events: list[dict[str, Any]],
+    rank: int | None,
+    merged: bool,
+    layout: RankLayout | None,
+) -> pl.LazyFrame:
+    """The frame of ``table`` a Run shows: one rank's, or every rank's merged."""
+    schema = fmt.SCALARS_SCHEMA if table == fmt.SCALARS_DIR else fmt.LAYERS_SCHEMA
+    # Without shards the merged layers are one replica's: scanning only that rank keeps
+    # the analyzer's filters pushed down to the files (as for a single process).
+    one = not merged or layout is None or (table == fmt.LAYERS_DIR and not layout.sharded)
+    if one:
+        return scan_segments(files, rank, schema, resume_cuts(events, rank, table))
+    lf = _scan_ranks(files, schema, events, table)
+    return merge_scalars(lf, layout) if table == fmt.SCALARS_DIR else merge_layers(lf, layout)
 
 
 def _read_events(root: Path, warnings: list[str]) -> list[dict[str, Any]]:

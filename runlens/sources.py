@@ -68,23 +68,30 @@ def open_run(
     return open_found(discover.single(path, input_format), mapping)
 
 
-def open_found(found: discover.FoundRun, mapping: Mapping[str, str] | None = None) -> Run:
-    """Open one run that :func:`runlens.discover.discover` found."""
+def open_found(
+    found: discover.FoundRun, mapping: Mapping[str, str] | None = None, rank: int | None = None
+) -> Run:
+    """Open one run that :func:`runlens.discover.discover` found (``rank``: that rank's
+    view of a distributed run instead of the merged one)."""
     if found.origin is not None:
         try:
-            return _open_found(found, mapping)
+            return _open_found(found, mapping, rank)
         except RunLoadError as exc:  # name the URL, not its local mirror
             raise RunLoadError(str(exc).replace(str(found.path), found.origin)) from None
-    return _open_found(found, mapping)
+    return _open_found(found, mapping, rank)
 
 
-def _open_found(found: discover.FoundRun, mapping: Mapping[str, str] | None) -> Run:
+def _open_found(
+    found: discover.FoundRun, mapping: Mapping[str, str] | None, rank: int | None = None
+) -> Run:
     p, source_format = found.path, found.format
     if source_format == importers.RUNLENS:
         if mapping:
             raise RunLoadError("--map applies to imported logs, not to runlens run directories")
-        run = load_run(p)
+        run = load_run(p, rank=rank)
     else:
+        if rank is not None:
+            raise RunLoadError("--rank applies to runlens runs recorded by several ranks")
         run = load_run(imported_dir(p, source_format, mapping, found.part))
         run.source_format = source_format
     if found.origin is not None:

@@ -204,17 +204,23 @@ def test_duplicates_inside_one_segment_and_steps_out_of_order(
         np.testing.assert_allclose(values[early], 5.0 * orig.values[early], rtol=1e-6)
 
 
-def test_only_the_lowest_rank_is_analyzed(recorded: Path, tmp_path: Path) -> None:
+def test_replicated_layers_come_from_the_lowest_rank(recorded: Path, tmp_path: Path) -> None:
+    # Several ranks, no shards in the layout: the merged view's layer rows are one
+    # replica's (the lowest rank); --rank R shows rank R's (runlens.ranks).
     run_dir = _copy(recorded, tmp_path)
     for seg in _segments(run_dir):
         dst = run_dir / fmt.LAYERS_DIR / "rank=1" / seg.name
         dst.parent.mkdir(exist_ok=True)
         _rewrite(pq.read_table(seg), dst, 10.0)
     run = load_run(run_dir)
-    assert run.rank == 0
-    assert any("ranks [0, 1]" in w for w in run.warnings)
+    assert run.rank == 0 and run.merged and run.ranks == (0, 1)
     for kind in (fmt.KIND_WEIGHT, fmt.KIND_GRAD, fmt.KIND_ACTIVATION):
         _assert_matches(run_dir, kind, "norm", rank=0)
+    one = load_run(run_dir, rank=1)
+    m0 = run.layer_matrix(fmt.KIND_WEIGHT, "norm")
+    m1 = one.layer_matrix(fmt.KIND_WEIGHT, "norm")
+    assert not one.merged and m0.layers == m1.layers
+    np.testing.assert_allclose(m1.values, 10.0 * m0.values, rtol=1e-6)
 
 
 def test_unknown_statistic_is_a_clear_error(recorded: Path) -> None:

@@ -155,12 +155,11 @@ def activate() -> bool:
     if _STATE.enabled:
         return True
     run_dir = os.environ.get(ENV_DIR)
-    owner = os.environ.get(ENV_OWNER)
-    if not run_dir or (owner and owner != str(os.getpid())):
+    if not run_dir or not _claim():
         return False
     if torch.utils.data.get_worker_info() is not None:
         return False
-    os.environ[ENV_OWNER] = str(os.getpid())  # children (spawned workers) inherit the claim
+    os.environ[ENV_OWNER] = _owner_tag()  # children (spawned workers) inherit the claim
     s = _STATE
     s.pid = os.getpid()
     s.run_dir = Path(run_dir)
@@ -173,6 +172,24 @@ def activate() -> bool:
     _install()
     s.enabled = True
     return True
+
+
+def _owner_tag() -> str:
+    """``pid`` or, in a process a launcher gave a rank (torchrun sets RANK), ``pid@rank``."""
+    rank = os.environ.get("RANK")
+    return f"{os.getpid()}@{rank}" if rank is not None else str(os.getpid())
+
+
+def _claim() -> bool:
+    """Whether this process may collect. A claim is inherited by every child; only a rank
+    of a distributed launcher (``torchrun``: the launcher itself imports torch, then
+    starts one worker per rank with RANK set) overrides a claim made without a rank, so
+    each rank records its own partition of the one run directory, and its DataLoader
+    workers (same rank, inherited claim) stay out."""
+    owner = os.environ.get(ENV_OWNER)
+    if not owner or owner == _owner_tag():
+        return True
+    return "@" not in owner and os.environ.get("RANK") is not None
 
 
 def _install() -> None:
@@ -489,6 +506,7 @@ def _start(opt: torch.optim.Optimizer, model: nn.Module) -> None:
             "run_dir": str(run_dir),
             "model": type(model).__name__,
             "optimizer": type(opt).__name__,
+            "rank": col.rank if col._enabled else None,
         }
     )
 

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from runlens_collect import _active, lifecycle, observe, repro, runinfo, stats
+from runlens_collect import _active, dist, lifecycle, observe, repro, runinfo, stats
 from runlens_collect import format as fmt
 from runlens_collect import resume as resume_mod
 from runlens_collect.activation_stats import ActivationStats
@@ -55,6 +55,7 @@ from runlens_collect.compiled import (
 )
 from runlens_collect.config import CollectorConfig
 from runlens_collect.contract import MEAN, StepContract
+from runlens_collect.dist import local
 from runlens_collect.hooks import Hooks, Observer
 from runlens_collect.lifecycle import Shutdown, flush_at_exit
 from runlens_collect.overhead import OverheadController
@@ -179,6 +180,14 @@ class Collector(Hooks, Shutdown):
             kinds.discard(fmt.KIND_UPDATE)  # measured across optimizer.step()
         if self._compiled:
             kinds.discard(fmt.KIND_ACTIVATION)  # hooks inside compiled graphs: not supported
+        self._deepspeed = dist.wrapper_of(inner) == "DeepSpeed"
+        if self._deepspeed:
+            # ZeRO moves gradients into its partitioned buffers (param.grad is None) and
+            # its optimizer holds flat fp32 partitions, not the model's parameters: no
+            # gradient or update rows (they would read as frozen layers); weights are
+            # whole on every rank under ZeRO 1-2. See docs/distributed.md.
+            kinds -= {fmt.KIND_GRAD, fmt.KIND_UPDATE}
+            self.probes = [p for p in self.probes if getattr(p, "name", "") != "optimizer"]
         self.kinds = kinds
 
         # Layer ids: parameters first, then activations, then the output (writer's order).
@@ -186,7 +195,9 @@ class Collector(Hooks, Shutdown):
         self._layer_ids: dict[str, int] = {}
         budget = s.memory_budget
         if budget is None:
-            trainable = sum(p.numel() * p.element_size() for _, p in params if p.requires_grad)
+            trainable = sum(
+                local(p).numel() * p.element_size() for _, p in params if p.requires_grad
+            )
             budget = default_budget(trainable)
         # One parameter strategy per device, each reading its own device's tensors (a
         # model split across devices) through its own budgeted workspace; the collector's
@@ -259,6 +270,15 @@ class Collector(Hooks, Shutdown):
             task=self._task.record(),
             resumed=list(fmt.read_resumed(prev_meta)),
         )
+        # What this rank holds (sharded parameters with their offsets): run.json for rank
+        # 0, the start event for every rank. Local facts only, no collective.
+        try:
+            self.layout = dist.layout(inner, params, self.rank, self.world_size)
+        except Exception as exc:  # a wrapper's internals changed: record without it
+            self._report("layout", "could not read the distributed layout", exc)
+            self.layout = {"rank": self.rank, "world_size": self.world_size, "n_sharded": 0}
+        if self.world_size > 1 or self.layout["n_sharded"]:
+            self.meta["distributed"] = self.layout
         self._task.changed = False
 
         self._acts = ActivationStats(
@@ -307,7 +327,10 @@ class Collector(Hooks, Shutdown):
             report=self._report,
             write_events=True,
         )
-        self._writer.event("start", run_id=self.run_id, world_size=self.world_size)
+        start: dict[str, Any] = {"run_id": self.run_id, "world_size": self.world_size}
+        if "distributed" in self.meta:
+            start["layout"] = self.layout
+        self._writer.event("start", **start)
         if continuing:
             record = resume_mod.resume_record(
                 self._step, prev, time.time(), self._writer.first_segments(), self.run_id

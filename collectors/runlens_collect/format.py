@@ -94,6 +94,33 @@ RUN_JSON_KEYS: Final = {
     "(the last write wins). Absent or empty: never resumed",
     "probes": "dict, probe name -> what that probe saw at setup and over the run (see "
     "PROBE_JSON_KEYS); absent or {} when no probe ran (older runs, ``probes=()``)",
+    "distributed": "dict | null, rank 0's layout under torch.distributed or with sharded "
+    "(DTensor) parameters (see DISTRIBUTED_KEYS); every rank's own is in its `start` event "
+    "(`layout`). null in single-process runs; absent in runs written before it existed",
+}
+
+# -- run.json "distributed" and the `start` event's `layout` (issue 18) ----------------------
+# Each rank records what it holds; no collective is ever called. A parameter listed in
+# `shards` is a shard: its rows (layer = the global name, numel = the shard's elements)
+# describe this rank's part only, and readers combine the shards of a name across ranks
+# (norm from sums of squares, mean from sums, counts, extremes, histogram bins; replicas:
+# the same offset on several ranks, counted once). Parameters not listed are whole on
+# every rank: replicas under data parallelism, compared across ranks by replica-desync.
+
+DISTRIBUTED_KEYS: Final = {
+    "rank": "int, this rank",
+    "world_size": "int, torch.distributed world size",
+    "local_rank": "int | null, LOCAL_RANK set by the launcher (torchrun, deepspeed)",
+    "local_world_size": "int | null, LOCAL_WORLD_SIZE set by the launcher",
+    "backend": "str | null, the default process group's backend ('gloo', 'nccl', ...)",
+    "wrapper": "'DDP' | 'FSDP1' | 'FSDP2' | 'DeepSpeed' | 'DTensor' (DTensor parameters "
+    "without FSDP2: tensor parallel) | null: what wraps the model",
+    "meshes": "list of str, the device meshes of DTensor parameters: '(dim names):[shape]'",
+    "n_params": "int, parameters recorded",
+    "n_sharded": "int, of those, shards (DTensor parameters with a Shard placement)",
+    "n_replicated": "int, parameters every rank holds whole",
+    "shards": "dict, parameter name -> {offset: this shard's offset in each dimension of "
+    "the global tensor, shape: the shard's shape, global_shape, placements (str)}",
 }
 
 MODEL_SUMMARY_KEYS: Final = {
@@ -443,7 +470,8 @@ LAYERS_COLUMNS: Final = tuple(LAYERS_SCHEMA.names)
 # -- events.jsonl -----------------------------------------------------------------------
 
 EVENT_KINDS: Final = {
-    "start": "collector started: {run_id, world_size}",
+    "start": "collector started: {run_id, world_size, layout?}; `layout` (see "
+    "DISTRIBUTED_KEYS) when distributed or sharded",
     "nonfinite": "first non-finite value: {step, where: 'scalar'|'layer', name, layer_kind?}",
     "warning": "a collector failure that was swallowed: {message, site, step}",
     "skipped": "statistics dropped because the writer fell behind: {steps, total}",
@@ -680,6 +708,7 @@ def new_run_json(run_id: str, name: str, start_time: float) -> dict[str, Any]:
         "task": None,
         "resumed": [],
         "probes": {},
+        "distributed": None,
     }
 
 

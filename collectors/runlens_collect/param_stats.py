@@ -46,6 +46,7 @@ from torch import nn
 
 from runlens_collect import format as fmt
 from runlens_collect.budget import Workspace
+from runlens_collect.dist import local
 from runlens_collect.layout import Section
 from runlens_collect.stats import NRAW
 from runlens_collect.step import StepFlags, StepParts
@@ -61,9 +62,13 @@ class _Param:
     source_shape: tuple[int, ...]  # the view_as_real shape of a complex parameter
     layer: int
     in_optimizer: bool = False
+    numel: int = 0  # of this rank's shard (the whole tensor unless a DTensor)
 
 
 def _source(p: torch.Tensor) -> torch.Tensor:
+    # A DTensor (FSDP2, tensor parallel) is read through this rank's shard: a view, no
+    # all-gather (dist.local).
+    p = local(p)
     return torch.view_as_real(p) if p.is_complex() else p
 
 
@@ -114,7 +119,11 @@ class ParamStats:
             if p.is_sparse or p.device != device or p.dtype == torch.bool:
                 self.skipped.append(name)
                 continue
-            self._params.append(_Param(name, p, tuple(_source(p).shape), layer_id(name)))
+            numel = local(p).numel()
+            if numel == 0:
+                continue  # no statistics; an empty shard: the other ranks hold it all
+            shape = tuple(_source(p).shape)
+            self._params.append(_Param(name, p, shape, layer_id(name), numel=numel))
         self._plain = not any(p.param.is_complex() for p in self._params)
         self.n_groups = 0
         self._round = 0  # update snapshots taken: the rotation's position
@@ -219,7 +228,7 @@ class ParamStats:
         def rows(items: list[int]) -> tuple[np.ndarray, np.ndarray]:
             return (
                 np.array([ps[i].layer for i in items], np.int32),
-                np.array([ps[i].param.numel() for i in items], np.int64),
+                np.array([ps[i].numel for i in items], np.int64),
             )
 
         hists = (False, True)
@@ -247,7 +256,7 @@ class ParamStats:
                 items = [self._snap_items[p.item] for p in region.pieces]
                 layers = np.array([ps[i].layer for i in items], np.int32)
                 numels = np.array(
-                    [ps[i].param.numel() if p.whole else p.numel
+                    [ps[i].numel if p.whole else p.numel
                      for i, p in zip(items, region.pieces, strict=True)],
                     np.int64,
                 )  # fmt: skip
@@ -297,9 +306,9 @@ class ParamStats:
         return {
             "budget_bytes": self._ws.budget,
             "held_bytes": self._ws.held_bytes,
-            "trainable_bytes": sum(p.param.numel() * p.param.element_size() for p in trainable),
+            "trainable_bytes": sum(p.numel * p.param.element_size() for p in trainable),
             "frozen_bytes": sum(
-                p.param.numel() * p.param.element_size() for p in ps if not p.param.requires_grad
+                p.numel * p.param.element_size() for p in ps if not p.param.requires_grad
             ),
             "update_subsets": self.subsets,
             "update_cut_tensors": cut,
@@ -311,11 +320,13 @@ class ParamStats:
         ps = self._params
         if not grads:
             if self._plain:
-                return [ps[i].param for i in items]
+                return [local(ps[i].param) for i in items]
             return [_source(ps[i].param) for i in items]
         out: list[torch.Tensor | None] = []
         for i in items:
             g = ps[i].param.grad
+            if g is not None:
+                g = local(g)
             if g is None or g.device != self.device:
                 out.append(None)
                 continue
@@ -342,7 +353,7 @@ class ParamStats:
                 # Off-steps still get grad_norm: one batched norm, kept on device.
                 ps = self._params
                 grads = [ps[i].param.grad for i in self._items[False]]
-                grads = [g for g in grads if g is not None]
+                grads = [local(g) for g in grads if g is not None]
                 grads = [g for g in grads if not g.is_sparse and g.device == self.device]
                 if grads:
                     norms = torch._foreach_norm(grads, 2)

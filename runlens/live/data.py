@@ -27,6 +27,7 @@ import numpy as np
 import polars as pl
 from runlens_collect import format as fmt
 
+from runlens.ranks import ROOT_SUM_SQUARES, merge_layers, merge_scalars, read_layout
 from runlens.run import Run, Series
 
 
@@ -104,6 +105,8 @@ class LiveSnapshot(Run):
     query over all the rows seen so far); everything else is the ordinary Run."""
 
     series: dict[str, Series] = field(default_factory=dict)
+    by_rank: dict[str, pl.LazyFrame] = field(default_factory=dict)
+    """Every rank's rows (scalars, layers) when the view merges several."""
     layer_steps_dropped: int = 0
     """Recorded layer steps outside the head and window (not in ``layers``)."""
 
@@ -114,6 +117,9 @@ class LiveSnapshot(Run):
     def scalar(self, name: str) -> Series | None:
         s = self.series.get(name)
         return s if s is not None and len(s) else None
+
+    def rank_frame(self, table: str) -> pl.LazyFrame | None:
+        return self.by_rank.get(table)
 
 
 class LiveData:
@@ -127,6 +133,10 @@ class LiveData:
         self.events: list[dict[str, Any]] = []
         self.warnings: list[str] = []
         self.rank: int | None = None
+        """The lowest rank; with several (``ranks``) the snapshot merges them."""
+        self.ranks: list[int] = []
+        self._by_rank: dict[int, dict[str, _Growing]] = {}
+        self._last_by_rank: dict[int, int] = {}
         self._scalars: dict[str, _Growing] = {}
         self._scalar_chunks: list[pl.DataFrame] = []
         self._head: list[pl.DataFrame] = []
@@ -138,11 +148,13 @@ class LiveData:
         self.last_step: int | None = None
 
     # -- growing ----------------------------------------------------------------------
-    def add_scalars(self, df: pl.DataFrame) -> None:
-        """One scalars segment (``run.read_segment``), in write order."""
+    def add_scalars(self, df: pl.DataFrame, rank: int | None = None) -> None:
+        """One scalars segment (``run.read_segment``) of ``rank``, in write order."""
         if df.height == 0:
             return
-        self._scalar_chunks.append(df)
+        rank = self.rank or 0 if rank is None else rank
+        self._scalar_chunks.append(df.with_columns(pl.lit(rank, pl.Int64).alias("rank")))
+        series = self._by_rank.setdefault(rank, {})
         for (name,), part in df.partition_by("name", as_dict=True, maintain_order=True).items():
             if name is None:
                 continue
@@ -151,15 +163,24 @@ class LiveData:
                 part["value"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
                 part["wall_time"].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
             )
-            self._scalars.setdefault(str(name), _Growing(str(name))).append(steps, values, wall)
+            series.setdefault(str(name), _Growing(str(name))).append(steps, values, wall)
+        self._scalars = self._by_rank[min(self._by_rank)]
         top = int(df["step"].max())  # type: ignore[arg-type]
-        self.last_step = top if self.last_step is None else max(self.last_step, top)
+        self._last_by_rank[rank] = max(top, self._last_by_rank.get(rank, top))
+        # Several ranks: the merged view reaches the step every rank has reached.
+        self.last_step = min(self._last_by_rank.values())
 
-    def add_layers(self, df: pl.DataFrame) -> None:
-        """One layers segment: rows of the first ``head_steps`` layer steps are kept for
-        good, the rest enter the trailing window (older steps fall out of it)."""
+    @property
+    def merged(self) -> bool:
+        return len(self.ranks) > 1
+
+    def add_layers(self, df: pl.DataFrame, rank: int | None = None) -> None:
+        """One layers segment of ``rank``: rows of the first ``head_steps`` layer steps are
+        kept for good, the rest enter the trailing window (older steps fall out of it)."""
         if df.height == 0:
             return
+        rank = self.rank or 0 if rank is None else rank
+        df = df.with_columns(pl.lit(rank, pl.Int64).alias("rank"))
         self.layer_rows += df.height
         steps = np.unique(df["step"].to_numpy())
         room = self.head_steps - self._head_steps.size
@@ -203,28 +224,74 @@ class LiveData:
         return g.n if g is not None else 0
 
     def snapshot(self) -> LiveSnapshot:
-        """An immutable Run over the data so far (see the module docstring)."""
+        """An immutable Run over the data so far (see the module docstring); with several
+        ranks, the ranks merged as ``load_run`` merges them (runlens.ranks), up to the
+        step every rank has reached."""
         scalars = _concat(self._scalar_chunks, fmt.SCALARS_SCHEMA)
         # Later appends only add chunks; concatenating the list as it is now is a snapshot.
         self._scalar_chunks = [scalars] if len(self._scalar_chunks) > 64 else self._scalar_chunks
         layer_chunks = [*self._head, *self._tail]
+        lf = scalars.lazy()
+        layers = _concat(layer_chunks, fmt.LAYERS_SCHEMA).lazy() if layer_chunks else None
+        series = {name: g.series() for name, g in self._scalars.items() if g.n}
+        layout = None
+        by_rank: dict[str, pl.LazyFrame] = {}
+        if self.merged:
+            layout = read_layout(self.meta, self.events, self.ranks)
+            horizon = pl.col("step") <= (self.last_step or 0)
+            by_rank[fmt.SCALARS_DIR] = lf = lf.filter(horizon)
+            lf = merge_scalars(lf, layout)
+            if layers is not None:
+                by_rank[fmt.LAYERS_DIR] = layers = layers.filter(horizon)
+                layers = merge_layers(layers, layout)
+            series = self._merged_series(layout.sharded)
         return LiveSnapshot(
             path=self.path,
             meta=dict(self.meta),
-            scalars=scalars.with_columns(pl.lit(self.rank or 0, pl.Int64).alias("rank")).lazy(),
-            layers=(
-                _concat(layer_chunks, fmt.LAYERS_SCHEMA)
-                .with_columns(pl.lit(self.rank or 0, pl.Int64).alias("rank"))
-                .lazy()
-                if layer_chunks
-                else None
-            ),
+            scalars=lf,
+            layers=layers,
             events=list(self.events),
             warnings=list(self.warnings),
             rank=self.rank,
-            series={name: g.series() for name, g in self._scalars.items() if g.n},
+            ranks=tuple(self.ranks),
+            merged=self.merged,
+            layout=layout,
+            series=series,
+            by_rank=by_rank,
             layer_steps_dropped=self.layer_steps_dropped,
         )
+
+    def _merged_series(self, sharded: bool) -> dict[str, Series]:
+        """Each scalar averaged over the ranks that wrote it (the root of the sum of
+        squares for ``grad_norm`` of a sharded model), up to ``last_step``."""
+        horizon = self.last_step if self.last_step is not None else -1
+        names = sorted({n for s in self._by_rank.values() for n in s})
+        out = {}
+        for name in names:
+            parts = [s[name].series() for s in self._by_rank.values() if name in s]
+            parts = [p for p in parts if len(p)]
+            if not parts:
+                continue
+            steps = np.unique(np.concatenate([p.steps for p in parts]))
+            steps = steps[steps <= horizon]
+            vals = np.full((len(parts), steps.size), np.nan)
+            wall = np.full((len(parts), steps.size), np.nan)
+            for k, p in enumerate(parts):
+                at = np.searchsorted(steps, p.steps)
+                ok = (at < steps.size) & (steps[np.minimum(at, steps.size - 1)] == p.steps)
+                vals[k, at[ok]], wall[k, at[ok]] = p.values[ok], p.wall_time[ok]
+            have = ~np.isnan(wall)  # a NaN value that was written still counts (nan-inf)
+            n = have.sum(axis=0)
+            keep = n > 0
+            with np.errstate(invalid="ignore", divide="ignore"):
+                if sharded and name in ROOT_SUM_SQUARES:
+                    merged = np.sqrt(np.where(have, vals**2, 0.0).sum(axis=0))
+                else:
+                    merged = np.where(have, vals, 0.0).sum(axis=0) / np.maximum(n, 1)
+                latest = np.nanmax(np.where(have, wall, -np.inf), axis=0)
+            if keep.any():
+                out[name] = Series(name, steps[keep], merged[keep], latest[keep])
+        return out
 
 
 def _concat(chunks: list[pl.DataFrame], schema: Any) -> pl.DataFrame:

@@ -122,8 +122,8 @@ class _Follower:
         self.local = None if self.url else Path(path)
         self.seen: dict[str, set[Path]] = {fmt.SCALARS_DIR: set(), fmt.LAYERS_DIR: set()}
         self.failures: dict[Path, int] = {}
-        self.events_offset = 0
-        self.events_size = 0
+        self.events_offsets: dict[Path, int] = {}
+        self.events_sizes: dict[Path, int] = {}
 
     def sync(self) -> Path | None:
         """The local folder to read (None while the run does not exist yet)."""
@@ -138,6 +138,7 @@ class _Follower:
             f
             for f in files
             if f.rel in (fmt.RUN_JSON, fmt.EVENTS_JSONL)
+            or (f.rel.startswith("events-rank") and f.rel.endswith(".jsonl"))
             or (
                 f.rel.startswith((f"{fmt.SCALARS_DIR}/", f"{fmt.LAYERS_DIR}/"))
                 and f.rel.endswith(".parquet")
@@ -150,20 +151,24 @@ class _Follower:
         return [f for f in files if f not in self.seen[table]]
 
     def new_events(self, root: Path) -> tuple[list[dict[str, Any]], bool]:
-        """Complete new lines of events.jsonl, and True when the file was rewritten (its
-        lines must then replace those read so far)."""
-        p = root / fmt.EVENTS_JSONL
-        try:
-            size = p.stat().st_size
-        except OSError:
-            return [], False
-        reset = size < self.events_size
+        """Complete new lines of every rank's events file, and True when one was rewritten
+        (the lines of every file must then replace those read so far)."""
+        sizes: dict[Path, int] = {}
+        for p in (root / fmt.EVENTS_JSONL, *sorted(root.glob(fmt.EVENTS_RANK_GLOB))):
+            try:
+                sizes[p] = p.stat().st_size
+            except OSError:
+                continue
+        reset = any(size < self.events_sizes.get(p, 0) for p, size in sizes.items())
         if reset:
-            self.events_offset = 0
-        self.events_size = size
-        if size == self.events_offset:
-            return [], reset
-        events, self.events_offset = read_events_from(p, self.events_offset)
+            self.events_offsets = {}
+        self.events_sizes = sizes
+        events: list[dict[str, Any]] = []
+        for p, size in sizes.items():
+            offset = self.events_offsets.get(p, 0)
+            if size != offset:
+                new, self.events_offsets[p] = read_events_from(p, offset)
+                events.extend(new)
         return events, reset
 
 
@@ -272,20 +277,22 @@ class Watcher:
 
     def _read_new(self, root: Path, data: LiveData, out: list[WatchEvent]) -> None:
         f = self._follower
-        if data.rank is None:
-            ranks = sorted(
+        # Every rank is followed (a rank may start writing later than another): the
+        # snapshot merges them (runlens.ranks), as `runlens analyze` does.
+        ranks = sorted(
+            {
                 int(p.name.split("=", 1)[1])
                 for table in (fmt.SCALARS_DIR, fmt.LAYERS_DIR)
                 for p in (root / table).glob("rank=*")
                 if p.name.split("=", 1)[1].isdigit()
-            )
-            if not ranks:
-                return
-            data.rank = ranks[0]
-            if len(ranks) > 1:
-                data.warnings.append(f"run has ranks {ranks}; watching rank {ranks[0]}")
-        for table in (fmt.SCALARS_DIR, fmt.LAYERS_DIR):
-            for seg in f.new_segments(root, table, data.rank):
+            }
+        )
+        if not ranks:
+            return
+        data.ranks = ranks
+        data.rank = ranks[0]
+        for table, rank in ((t, r) for t in (fmt.SCALARS_DIR, fmt.LAYERS_DIR) for r in ranks):
+            for seg in f.new_segments(root, table, rank):
                 try:
                     df = read_segment(seg, table)
                 except RunLoadError as exc:
@@ -298,7 +305,7 @@ class Watcher:
                 f.seen[table].add(seg)
                 self.stats.segments_read += 1
                 self.stats.rows_read += df.height
-                (data.add_scalars if table == fmt.SCALARS_DIR else data.add_layers)(df)
+                (data.add_scalars if table == fmt.SCALARS_DIR else data.add_layers)(df, rank)
         events, reset = f.new_events(root)
         if reset:
             data.events = []

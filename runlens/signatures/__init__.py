@@ -33,8 +33,11 @@ from runlens.signatures.noisy_loss import NoisyLoss
 from runlens.signatures.not_learning import NotLearning
 from runlens.signatures.optimizer_mismatch import OptimizerMismatch
 from runlens.signatures.overfitting import Overfitting
+from runlens.signatures.rank_imbalance import RankImbalance
+from runlens.signatures.replica_desync import ReplicaDesync
 from runlens.signatures.saturated_activations import SaturatedActivations
 from runlens.signatures.stalled_optimizer import StalledOptimizer
+from runlens.signatures.straggler_rank import StragglerRank
 from runlens.signatures.tiny_updates import TinyUpdates
 from runlens.signatures.train_eval_mode import TrainEvalMode
 from runlens.signatures.underfitting import Underfitting
@@ -86,6 +89,15 @@ BUG_SIGNATURES: tuple[type[Signature], ...] = (
     Bf16Stagnation,
 )
 
+# Signatures that compare the ranks of a distributed run (docs/distributed.md): not
+# applicable to one process; each is shown on a real torchrun job in
+# tests/test_distributed.py (sample_runs/ holds single-process runs).
+RANK_SIGNATURES: tuple[type[Signature], ...] = (
+    ReplicaDesync,
+    StragglerRank,
+    RankImbalance,
+)
+
 # Signatures of sanity runs and initialization.
 SANITY_SIGNATURES: tuple[type[Signature], ...] = (
     BadInitialization,
@@ -94,7 +106,14 @@ SANITY_SIGNATURES: tuple[type[Signature], ...] = (
 )
 
 REGISTRY: dict[str, type[Signature]] = {
-    s.name: s for s in (*CURVE_SIGNATURES, *LAYER_SIGNATURES, *BUG_SIGNATURES, *SANITY_SIGNATURES)
+    s.name: s
+    for s in (
+        *CURVE_SIGNATURES,
+        *LAYER_SIGNATURES,
+        *BUG_SIGNATURES,
+        *RANK_SIGNATURES,
+        *SANITY_SIGNATURES,
+    )
 }
 
 

@@ -9,6 +9,7 @@ from runlens_collect import format as fmt
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
 from runlens.needs import NONFINITE_ROWS
+from runlens.signatures._ranks import first_nonfinite_rank
 from runlens.signatures.base import Param, Params, Signature
 
 # Within one step, tensors go bad in computation order: forward, output, backward, step.
@@ -149,6 +150,12 @@ class NanInf(Signature):
             )
             summary += f"; the first non-finite tensor was the {kind} of `{layer}` at step {lstep}"
             step = min(step, lstep)
+        where = first_nonfinite_rank(ctx.run)
+        if where is not None:
+            rstep, ranks = where
+            names = ", ".join(map(str, ranks))
+            evidence.append(Evidence(f"first non-finite value on rank {names} at step", rstep))
+            summary += f"; it appeared first on rank {names} (step {rstep})"
         last = ctx.steps[1] if ctx.steps else step
         return [
             Finding(
