@@ -12,8 +12,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
 
-from sample_runs.bug_scenarios import batches, ce, collector, seeded, validate
-from sample_runs.common import CLASSES, DIM, Data, Scenario, classifier_config, classifier_data, mlp
+from sample_runs.bug_scenarios import batches, ce, collector, validate
+from sample_runs.common import (
+    CLASSES,
+    DIM,
+    Data,
+    Scenario,
+    classifier_config,
+    classifier_data,
+    mlp,
+    seeded,
+)
 
 # -- duplicate-batches --------------------------------------------------------------------------
 

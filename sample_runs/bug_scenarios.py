@@ -24,15 +24,10 @@ from sample_runs.common import (
     classifier_config,
     classifier_data,
     mlp,
+    seeded,
 )
 
 ce = nn.functional.cross_entropy
-
-
-def seeded(seed: int) -> None:
-    # One thread: tiny models only contend on a shared CPU; it also keeps runs reproducible.
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
 
 
 def batches(data: Data, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -32,6 +32,14 @@ COLLECTOR_OPTIONS: dict[str, Any] = {
 }
 
 
+def seeded(seed: int) -> None:
+    """Seed torch for one recording. One intra-op thread: these models are tiny and more
+    threads only contend (several times slower on a busy 2-core machine); it also keeps
+    the runs bit-reproducible."""
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+
+
 @dataclass(frozen=True)
 class Scenario:
     """One sample run and the diagnosis it must produce."""
@@ -143,9 +151,7 @@ def fit(
     train_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Train ``steps`` mini-batch steps and record them; validation every ``val_every``."""
-    # One intra-op thread: these models are tiny, and more threads only contend (several
-    # times slower on a busy 2-core machine); it also keeps the runs bit-reproducible.
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as seeded(): tiny models, one thread
     g = torch.Generator().manual_seed(seed + 1)
     n = data.x.shape[0]
     perm = torch.randperm(n, generator=g)

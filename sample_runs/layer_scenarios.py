@@ -23,16 +23,10 @@ from sample_runs.common import (
     classifier_data,
     fit,
     mlp,
+    seeded,
 )
 
 ce = nn.functional.cross_entropy
-
-
-def _seed(seed: int) -> None:
-    # One thread: on a small shared CPU, torch's thread pool contends and tiny ops get
-    # ~100x slower; one thread also makes the runs more reproducible.
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
 
 
 def _scaled_init(model: nn.Module, gain: float) -> None:
@@ -64,7 +58,7 @@ def _images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def healthy_cnn_bn(run_dir: Path) -> None:
     """Conv-BatchNorm-ReLU ×3 with pooling on synthetic 12×12 images, Adam 1e-3."""
-    _seed(10)
+    seeded(10)
     x, y = _images(2560, seed=10)
     data = Data(x[:2048], y[:2048], x[2048:], y[2048:])
 
@@ -116,7 +110,7 @@ class _TinyTransformer(nn.Module):
 def healthy_transformer(run_dir: Path) -> None:
     """2-layer pre-norm TransformerEncoder classifying token sequences (label = the most
     frequent of the first 8 tokens), AdamW 1e-3."""
-    _seed(11)
+    seeded(11)
     g = torch.Generator().manual_seed(11)
     vocab, length, n = 16, 12, 3072
     tokens = torch.randint(0, vocab, (n, length), generator=g)
@@ -162,7 +156,7 @@ def exploding_gradients(run_dir: Path) -> None:
     """ReLU RNN (identity recurrent init) over 40-step sequences, SGD+momentum at lr 0.01
     without gradient clipping: the recurrent weights grow past 1 and the gradient norm
     jumps by ~10 orders of magnitude and stays there (Pascanu et al. 2013)."""
-    _seed(20)
+    seeded(20)
     g = torch.Generator().manual_seed(20)
     x = torch.rand(3072, 40, 2, generator=g)
     y = x[..., :1].sum(1) / 10  # the (scaled) sum of the first input channel
@@ -186,7 +180,7 @@ def exploding_gradients(run_dir: Path) -> None:
 def vanishing_gradients(run_dir: Path) -> None:
     """12-layer sigmoid MLP with default init and SGD: the gradient shrinks ~4× per layer
     on its way back, so the first layers get ~1e-6 of the last layers' gradient."""
-    _seed(21)
+    seeded(21)
     data = classifier_data(21)
     model = mlp([DIM] + [32] * 11 + [CLASSES], act=nn.Sigmoid)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -219,7 +213,7 @@ class _DetachedMLP(nn.Module):
 
 def frozen_layer(run_dir: Path) -> None:
     """MLP with a stray .detach(): `inp.weight`/`inp.bias` never get a gradient."""
-    _seed(22)
+    seeded(22)
     data = classifier_data(22)
     model = _DetachedMLP()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -239,7 +233,7 @@ def frozen_layer(run_dir: Path) -> None:
 def dead_relu(run_dir: Path) -> None:
     """ReLU MLP whose first-layer biases are initialized at -2.5 (inputs have std ~1.4):
     most first-layer units never fire for any input, and never recover."""
-    _seed(23)
+    seeded(23)
     data = classifier_data(23)
     model = mlp([DIM, 64, 64, CLASSES])
     with torch.no_grad():
@@ -261,7 +255,7 @@ def dead_relu(run_dir: Path) -> None:
 def saturated_activations(run_dir: Path) -> None:
     """tanh MLP on inputs scaled ×20 (no normalization): pre-activations are huge and
     most outputs sit at ±1."""
-    _seed(24)
+    seeded(24)
     data = classifier_data(24)
     data = Data(data.x * 20, data.y, data.xv * 20, data.yv)
     model = mlp([DIM, 64, 64, 64, CLASSES], act=nn.Tanh)
@@ -282,7 +276,7 @@ def saturated_activations(run_dir: Path) -> None:
 def activation_explosion(run_dir: Path) -> None:
     """10-layer ReLU MLP without normalization, init gain 4 (Kaiming is 1.41), small Adam
     LR: every layer multiplies the activation scale by ~2.8."""
-    _seed(25)
+    seeded(25)
     data = classifier_data(25)
     model = mlp([DIM] + [64] * 9 + [CLASSES])
     _scaled_init(model, 4.0)
@@ -302,7 +296,7 @@ def activation_explosion(run_dir: Path) -> None:
 
 def tiny_updates(run_dir: Path) -> None:
     """A healthy MLP trained with Adam at lr 1e-7 (a typo for 1e-3)."""
-    _seed(26)
+    seeded(26)
     data = classifier_data(26)
     model = mlp([DIM, 64, 64, CLASSES])
     opt = torch.optim.Adam(model.parameters(), lr=1e-7)
@@ -322,7 +316,7 @@ def tiny_updates(run_dir: Path) -> None:
 def large_updates(run_dir: Path) -> None:
     """A healthy MLP trained with plain SGD at lr 2.0 (a copy-paste from an Adadelta
     example): every step changes the weights by ~10% of their norm."""
-    _seed(27)
+    seeded(27)
     data = classifier_data(27)
     model = mlp([DIM, 64, 64, CLASSES])
     opt = torch.optim.SGD(model.parameters(), lr=2.0)
@@ -341,7 +335,7 @@ def large_updates(run_dir: Path) -> None:
 
 def logits_as_probabilities(run_dir: Path) -> None:
     """MLP ending in nn.Softmax, trained with CrossEntropyLoss (softmax applied twice)."""
-    _seed(28)
+    seeded(28)
     data = classifier_data(28, sep=2.0)
     model = nn.Sequential(mlp([DIM, 64, 64, CLASSES]), nn.Softmax(dim=1))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -377,7 +371,7 @@ def input_bound(run_dir: Path) -> None:
     sleeps 2 ms: ~16 ms per batch waiting vs well under 1 ms of compute."""
     from runlens_collect import Collector
 
-    _seed(29)
+    seeded(29)
     data = classifier_data(29)
     loader = torch.utils.data.DataLoader(
         _SlowDataset(data),
