@@ -40,6 +40,7 @@ from runlens.run import (
     model_param_names,
     read_layers,
     scan_segments,
+    skipped_steps_of,
 )
 from runlens.task import TaskInfo, resolve_task
 
@@ -305,13 +306,7 @@ class Context:
         """Steps whose optimizer update did not happen (as :attr:`Run.skipped_steps`),
         read once per analysis."""
 
-        def read() -> np.ndarray:
-            s = self.scalar(fmt.STEP_SKIPPED)
-            if s is None:
-                return np.zeros(0, np.int64)
-            return s.steps[np.nan_to_num(s.values, nan=0.0) > 0.5]
-
-        return self.cached("skipped_steps", read)
+        return self.cached("skipped_steps", lambda: skipped_steps_of(self.scalar(fmt.STEP_SKIPPED)))
 
     def curve(self, name: str) -> Curve | None:
         curves = self._shared.curves

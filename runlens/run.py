@@ -175,10 +175,7 @@ class Run:
         """Steps whose optimizer update did not happen (``optim/skipped`` is 1: an AMP
         GradScaler found inf/NaN gradients, or ``optimizer.step()`` was not called).
         Their gradient statistics were never applied; readers ignore them."""
-        s = self.scalar(fmt.STEP_SKIPPED)
-        if s is None:
-            return np.zeros(0, np.int64)
-        return s.steps[np.nan_to_num(s.values, nan=0.0) > 0.5]
+        return skipped_steps_of(self.scalar(fmt.STEP_SKIPPED))
 
     # -- ranks ------------------------------------------------------------------------
     def rank_frame(self, table: str) -> pl.LazyFrame | None:
@@ -339,6 +336,13 @@ def series_of(name: str, df: pl.DataFrame) -> Series | None:
 SAMPLED_KINDS = (fmt.KIND_WEIGHT, fmt.KIND_GRAD, fmt.KIND_UPDATE)
 """Kinds whose rows the collector may sample (run.json ``collector.memory``): a step that
 did not sample a parameter holds its last sampled value (Context.layer)."""
+
+
+def skipped_steps_of(marks: Series | None) -> np.ndarray:
+    """The steps an ``optim/skipped`` series marks as skipped (value 1)."""
+    if marks is None:
+        return np.zeros(0, np.int64)
+    return marks.steps[np.nan_to_num(marks.values, nan=0.0) > 0.5]
 
 
 def all_series(scalars: pl.LazyFrame) -> dict[str, Series]:
