@@ -105,6 +105,7 @@ def compact_run(
     root = Path(run_dir)
     out = Compaction()
     wanted = None if ranks is None else set(ranks)
+    resumes: dict[int, list[dict]] = {}  # rank -> its resume records, read once
     for table in (fmt.SCALARS_DIR, fmt.LAYERS_DIR):
         base = root / table
         if not base.is_dir():
@@ -114,7 +115,9 @@ def compact_run(
             if not rank_dir.is_dir() or rank is None or (wanted is not None and rank not in wanted):
                 continue
             low = (first or {}).get(table, 0)
-            breaks = _resume_breaks(root, table, rank)
+            if rank not in resumes:
+                resumes[rank] = _resume_records(root, rank)
+            breaks = _breaks(resumes[rank], table)
             _compact_folder(
                 root,
                 table,
@@ -130,11 +133,10 @@ def compact_run(
     return out
 
 
-def _resume_breaks(root: Path, table: str, rank: int) -> set[int]:
-    """First segment numbers of the continuations of a resumed run (rank's ``resume``
-    events, run.json ``resumed`` for rank 0). A compacted segment never spans one: readers
-    drop the rows a continuation superseded by the segments' numbers."""
-    out: set[int] = set()
+def _resume_records(root: Path, rank: int) -> list[dict]:
+    """``rank``'s resume records: its ``resume`` events, and run.json ``resumed`` for rank
+    0 (in case its events file was lost). A compacted segment never spans a continuation's
+    first segment: readers drop the rows a continuation superseded by segment number."""
     records: list[dict] = []
     if rank == 0:
         try:
@@ -153,6 +155,12 @@ def _resume_breaks(root: Path, table: str, rank: int) -> set[int]:
                     records.append(ev)
     except OSError:
         pass
+    return records
+
+
+def _breaks(records: list[dict], table: str) -> set[int]:
+    """First segment numbers of ``table`` where a continuation starts."""
+    out: set[int] = set()
     for r in records:
         segs = r.get("segments")
         first = segs.get(table) if isinstance(segs, dict) else None
