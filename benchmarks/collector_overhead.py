@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from runlens_collect import Collector
+from runlens_collect import Collector, observe
 from torch import nn
 
 
@@ -135,7 +135,21 @@ class Trainer:
             self.named = list(self.model.named_parameters())
 
     def step(self, i: int, timed: bool) -> float:
-        """One training step; its wall time in seconds."""
+        """One training step; its wall time in seconds.
+
+        The collector observes loss functions and ``backward`` process-wide
+        (``runlens_collect.observe``): while another configuration steps, only that
+        configuration's own collector (or none, for bare training) listens, so bare steps
+        pay no collector work and no collector sees another model's losses."""
+        saved = observe._listeners[:]
+        mine = getattr(self.col, "_observer", None)
+        observe._listeners[:] = [r for r in saved if mine is not None and r() is mine]
+        try:
+            return self._step(i, timed)
+        finally:
+            observe._listeners[:] = saved
+
+    def _step(self, i: int, timed: bool) -> float:
         t0 = time.perf_counter()
         loss = self.loss_fn(self.model(self.x), self.y)
         self.opt.zero_grad()

@@ -307,6 +307,7 @@ class Collector(Hooks, Shutdown):
         self._grads_read = False  # read_gradients() called this step
         self._param_in_step = 0.0  # parameter reads made by step() itself (no optimizer hook)
         self._host_device = self.device.type == "cpu"
+        self._parts.host_device = self._host_device
         self._flags = self._control.flags_for(self._step)
         self._arm(self._flags)
         # Moved to the device now: a host-to-device copy at the first histogram step would

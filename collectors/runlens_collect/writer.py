@@ -70,7 +70,7 @@ class Package:
     missing: tuple[np.ndarray | None, ...] = ()
     scalar_steps: tuple[int, ...] = ()
     host_scalars: list[tuple[int, str, float]] = field(default_factory=list)
-    extern: list[tuple[int, str, Any]] = field(default_factory=list)  # tensors read here
+    extern: list[tuple[int, Any, Any]] = field(default_factory=list)  # step.ExternScalars
     host: Any = None  # host buffer (torch tensor) holding `size` values (wire dtype)
     size: int = 0
     event: Any = None
@@ -257,6 +257,13 @@ class Writer(threading.Thread):
                     values.append(value)
                     walls.append(pkg.wall_time)
                 for step, name, t in pkg.extern:
+                    if isinstance(name, tuple):  # one value per name (own_scalars)
+                        vals = t.reshape(-1).tolist()
+                        steps.extend([step] * len(name))
+                        names.extend(name)
+                        values.extend(float(v) for v in vals[: len(name)])
+                        walls.extend([pkg.wall_time] * len(name))
+                        continue
                     steps.append(step)
                     names.append(name)
                     values.append(float(t))
