@@ -61,6 +61,7 @@ from runlens_collect.lifecycle import Shutdown, flush_at_exit
 from runlens_collect.overhead import OverheadController
 from runlens_collect.param_stats import ParamStats
 from runlens_collect.probes import default_probes
+from runlens_collect.probes._base import ProbeBase
 from runlens_collect.step import Probe, StepParts
 from runlens_collect.taskinfer import TaskTracker
 from runlens_collect.timing import StepTimer
@@ -291,6 +292,9 @@ class Collector(Hooks, Shutdown):
             probe_view = OutsideCompiled(self.model)
         for probe in self.probes:
             try:
+                if isinstance(probe, ProbeBase):
+                    # Their hooks' time counts against the overhead budget like the rest.
+                    probe.timed(self._clock, self._control.charge)
                 # The model the user calls (a compiled one's wrapper runs hooks eagerly);
                 # probes unwrap it for parameter names.
                 self._handles.extend(probe.attach(probe_view, self.optimizer))

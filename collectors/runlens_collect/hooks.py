@@ -219,11 +219,15 @@ class Hooks:
 
     def _observed_loss(self, name: str, args: Any, kwargs: Any, out: Any) -> None:
         if self._enabled and not self._closed and not self._task.final:
+            t0 = self._clock()
             self._task.loss(name, args, kwargs, out)
+            self._control.charge("base", self._clock() - t0)
 
     def _observed_backward(self, t: torch.Tensor) -> None:
         if self._enabled and not self._closed and self._watch_backward:
+            t0 = self._clock()
             self._contract.on_backward(t)
+            self._control.charge("base", self._clock() - t0)
 
     def _observed_clip(self, params: list[torch.Tensor], norm: Any) -> None:
         if self._enabled and not self._closed and params and id(params[0]) in self._param_ids:

@@ -111,9 +111,11 @@ class GradCarryProbe(ProbeBase):
             if old is None:
                 self._clean += 1  # reset to None: nothing carried, nothing to measure
                 return None
+            t0 = self.clock()  # only the device work is timed: the rest is a few lookups
             self._old_norms.append(torch.linalg.vector_norm(old.detach(), dtype=torch.float32))
             self._new_norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
             self._hit_bits.append(self._bits[slot])
+            self._spent(t0)
         except Exception as exc:
             self._fail(exc)
         return None

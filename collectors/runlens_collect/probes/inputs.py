@@ -71,6 +71,7 @@ class InputProbe(ProbeBase):
     def _on_forward_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if self.off:
             return None
+        t0 = self.clock()
         try:
             x = first_input(args, kwargs)
             if x is None or x.is_complex() or x.is_sparse:
@@ -95,6 +96,7 @@ class InputProbe(ProbeBase):
                     acc[1].add_(fp[1])
         except Exception as exc:
             self._fail(exc)
+        self._spent(t0)
         return None
 
     def _fingerprint(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
