@@ -300,6 +300,7 @@ class Collector(Hooks, Shutdown):
                 self._handles.extend(probe.attach(probe_view, self.optimizer))
             except Exception as exc:
                 self._guard(_probe_site(probe), exc)
+        self._clip_cache: tuple[tuple[int, ...], bool] | None = None
         self._observer = Observer(self)
         observe.add_listener(self._observer)
         self._probe_meta()

@@ -339,13 +339,24 @@ class ParamStats:
             out.append(_source(g))
         return out
 
+    @property
+    def trainable_params(self) -> list[nn.Parameter]:
+        """The parameters whose gradients make grad_norm (requires_grad ones)."""
+        return self._norm_params
+
     @torch.no_grad()
     def read_grads(
-        self, flags: StepFlags, parts: StepParts, scale: torch.Tensor | None = None
+        self,
+        flags: StepFlags,
+        parts: StepParts,
+        scale: torch.Tensor | None = None,
+        clipped: torch.Tensor | None = None,
     ) -> None:
         """Statistics of the gradients as they are now (final: right before the update).
         ``scale``: the AMP loss scale the gradients are still multiplied by (a fused
-        optimizer unscales inside its step): the statistics are of the unscaled values."""
+        optimizer unscales inside its step): the statistics are of the unscaled values.
+        ``clipped``: their 2-norm as this step's ``clip_grad_norm_`` of all of them left
+        it (``StepContract.clipped_norm``): off stat steps, grad_norm without reading them."""
         site = self.names["grad"]
         plan = self._gplan[flags.full] if fmt.KIND_GRAD in self.kinds else None
         if plan is None or site in self._disabled:
@@ -354,6 +365,10 @@ class ParamStats:
             scale = scale.to(self.device, non_blocking=True)
         try:
             if not flags.stat:
+                if clipped is not None and not self._norm_local:
+                    # The clip already read every gradient: its norm, times its factor.
+                    parts.put_latest(self.grad_norm_name, clipped.to(self.device))
+                    return
                 # Off-steps still get grad_norm: one batched norm, kept on device.
                 grads = [p.grad for p in self._norm_params]
                 if not all(g is not None for g in grads):  # not `None in`: that calls ==
