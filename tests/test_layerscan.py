@@ -10,6 +10,7 @@ resolution, which is what a long run gets.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -198,3 +199,37 @@ def test_verdicts_hold_at_a_coarse_resolution(name: str) -> None:
         assert [(f.signature, f.severity) for f in coarse.findings] == [
             (f.signature, f.severity) for f in exact.findings
         ]
+
+
+def _sample_runs_with_layers() -> list[str]:
+    return sorted(p.name for p in SAMPLES.iterdir() if (p / fmt.LAYERS_DIR).is_dir())
+
+
+def test_analysis_reads_the_layers_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every layers statistic a signature reads is declared in its ``needs``: on each
+    recorded sample run, an analysis makes exactly one pass over the layers table (an
+    undeclared read costs a second full pass)."""
+    import runlens.segments as segments
+
+    passes: list[tuple[LayerStat, ...]] = []
+    real = segments.scan_layers
+
+    def counted(lf: pl.LazyFrame, stats: list[LayerStat], **kwargs: object) -> object:
+        passes.append(tuple(stats))
+        return real(lf, stats, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(segments, "scan_layers", counted)
+    names = _sample_runs_with_layers()
+    assert len(names) >= 10
+    for name in names:
+        run = load_run(SAMPLES / name)
+        # As recorded, and as an older collector (no parameter sampling) wrote it: a
+        # sampled run reads the gradients' missing flags anyway, an unsampled one must
+        # have them declared.
+        older = dataclasses.replace(
+            run, meta={k: v for k, v in run.meta.items() if k != "collector"}
+        )
+        for view in (run, older):
+            passes.clear()
+            runlens.analyze(view)
+            assert len(passes) == 1, f"{name}: passes {passes[1:]} read undeclared statistics"
