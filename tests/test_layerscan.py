@@ -233,3 +233,29 @@ def test_analysis_reads_the_layers_once(monkeypatch: pytest.MonkeyPatch) -> None
             passes.clear()
             runlens.analyze(view)
             assert len(passes) == 1, f"{name}: passes {passes[1:]} read undeclared statistics"
+
+
+def test_block_copies_take_the_same_rows_as_a_gather() -> None:
+    """One kind's rows of a chunk are copied in blocks when they come in the collector's
+    layout, cut anywhere by the chunk; any other pattern is gathered. Either way the
+    values are exactly ``a[rows]``."""
+    from runlens.layerscan import _taker
+
+    kinds = np.repeat(np.arange(3), 4)  # per step: 3 kinds × 4 layers
+    layout = np.tile(kinds, 50)
+    a = np.arange(layout.size, dtype=np.float32) * 1.5
+    patterns = []
+    for start, stop in ((0, layout.size), (5, 590), (3, 30), (13, 14), (7, 19)):
+        chunk = layout[start:stop]
+        patterns += [start + np.flatnonzero(chunk == k) for k in range(3)]
+    rng = np.random.default_rng(0)
+    patterns += [
+        np.sort(rng.choice(layout.size, 100, replace=False)),  # no pattern
+        np.array([0, 1, 2, 12, 13, 14, 24, 25, 37, 38]),  # blocks of unequal length
+        np.array([0, 1, 12, 13, 30, 31, 42, 43]),  # unequal spacing
+        np.array([], dtype=np.int64),
+    ]
+    for rows in patterns:
+        got = _taker(rows)(a)
+        assert got.dtype == a.dtype and np.array_equal(got, a[rows]), rows
+    assert _taker(None)(a) is a
