@@ -124,6 +124,8 @@ class LayerPass:
     nonfinite: pl.DataFrame | None
     """``step, layer, kind`` of the first non-finite rows (None when not planned)."""
     rows: int
+    steps: tuple[int, int] | None = None
+    """First and last step read (None: no rows)."""
 
 
 def scan_layers(
@@ -209,6 +211,7 @@ class _Pass:
         self.bad_rows = 0
         self.kind_codes: dict[int, str] = {}
         self.rows = 0
+        self.steps: tuple[int, int] | None = None
         self.pool: ThreadPoolExecutor | None = None
 
     # -- per chunk --------------------------------------------------------------------------
@@ -230,6 +233,10 @@ class _Pass:
         if self.nonfinite is not None:
             self._probe(df)
         step = df["step"].to_numpy()
+        lo, hi = int(step.min()), int(step.max())
+        if self.steps is not None:
+            lo, hi = min(lo, self.steps[0]), max(hi, self.steps[1])
+        self.steps = (lo, hi)
         lc = df["_layer_code"].to_numpy()
         layer = df["layer"]
         jobs = []
@@ -368,7 +375,7 @@ class _Pass:
             empty = pl.DataFrame(schema=NONFINITE_SCHEMA)
             nonfinite = _first_rows(pl.concat(self.bad), limit) if self.bad else empty
         kinds = tuple(sorted(set(self.kind_codes.values())))
-        return LayerPass(kinds, layers, matrices, nonfinite, self.rows)
+        return LayerPass(kinds, layers, matrices, nonfinite, self.rows, self.steps)
 
 
 def _first_rows(df: pl.DataFrame, limit: int) -> pl.DataFrame:

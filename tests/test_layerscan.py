@@ -259,3 +259,50 @@ def test_block_copies_take_the_same_rows_as_a_gather() -> None:
         got = _taker(rows)(a)
         assert got.dtype == a.dtype and np.array_equal(got, a[rows]), rows
     assert _taker(None)(a) is a
+
+
+def test_windows_come_from_the_real_extent_when_segments_are_out_of_order(
+    recorded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The windows are set from the first and last segment's footers, a guess the pass
+    checks: with the first and last segments swapped (their steps no longer grow from
+    file to file) the guess is wrong, the pass reads again with the steps it saw, and
+    every matrix is the one of the run in order; in order, one pass suffices."""
+    import shutil
+
+    import runlens.segments as segments
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(recorded, swapped)
+    files = sorted((swapped / fmt.LAYERS_DIR).glob(fmt.SEGMENT_GLOB))
+    first, last = files[0], files[-1]
+    first.rename(first.with_suffix(".tmp"))
+    last.rename(first)
+    first.with_suffix(".tmp").rename(last)
+    passes = []
+    real = segments.scan_layers
+
+    def counted(*args: object, **kwargs: object) -> object:
+        passes.append(kwargs.get("step_range"))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(segments, "scan_layers", counted)
+    # Windows of 5 steps; one chunk (rows out of step order are levelled per chunk).
+    res = Resolution(12, None, 100_000)
+    stats = [n for n in NEEDS if n.stat != "numel"]
+    ordered = Context(load_run(recorded), resolution=res)
+    ordered.prepare(stats)
+    assert passes == [(0, STEPS - 1)]
+    passes.clear()
+    ctx = Context(load_run(swapped), resolution=res)
+    ctx.prepare(stats)
+    assert len(passes) == 2 and passes[0] != passes[1] == (0, STEPS - 1)
+    for need in stats:
+        a = ordered.layer(need.kind, need.stat, need.reduce)
+        b = ctx.layer(need.kind, need.stat, need.reduce)
+        assert a is not None and b is not None and a.window == b.window == 5
+        np.testing.assert_array_equal(a.steps, b.steps)
+        assert a.layers == b.layers
+        # (rows out of order are levelled in float64, in order in float32: rounding)
+        np.testing.assert_allclose(a.values, b.values, rtol=1e-6)
+    assert len(passes) == 2  # the later reads kept the real extent: no new pass
