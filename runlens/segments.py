@@ -273,7 +273,7 @@ def scan_segments(
         assert isinstance(empty, pl.DataFrame)
         return empty.with_columns(pl.lit(0, pl.Int64).alias("rank")).lazy()
     groups: list[tuple[int | None, list[str]]] = []  # consecutive files with one cap
-    for f in files:
+    for f in files if cuts else ():
         seq = _seq_of(f)
         caps = [step for step, first in cuts or () if seq is not None and seq < first]
         cap = min(caps) if caps else None
@@ -281,6 +281,8 @@ def scan_segments(
             groups[-1][1].append(str(f))
         else:
             groups.append((cap, [str(f)]))
+    if not cuts:
+        groups.append((None, [str(f) for f in files]))
     frames = []
     for cap, paths in groups:
         lf = pl.scan_parquet(paths, missing_columns="insert", extra_columns="ignore")
