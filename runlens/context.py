@@ -172,18 +172,17 @@ class Context:
         if not exact and lp.steps != steps:
             # The footers' guess was not the table's extent: read again with the real
             # one, and keep it for every later pass (their windows must be the same).
-            extent = (lp.steps, lp.rows, True)
-            self._shared.memo["layer_extent"] = extent
+            self._shared.memo["layer_extent"] = (lp.steps, lp.rows, True)
             opts.update(step_range=lp.steps, total_rows=lp.rows)
-            lp, kept, notes = read_layers(run, needs, files=files, **opts)
+            lp, kept, more = read_layers(run, needs, files=kept, **opts)
+            notes = notes + more
         return lp, kept, notes
 
     def _layer_extent(self) -> tuple[tuple[int, int] | None, int | None, bool]:
-        """First and last step and row count of the layers table, which set the windows
-        of the pass, and whether they are exact. A run of one rank with no resume takes
-        them from the first and last segment's footers (the collector writes steps in
-        order): a guess the pass checks (Context._read). Otherwise polars answers from
-        every segment's footer (~0.1 ms per segment)."""
+        """First and last step and row count of the layers table (they set the windows
+        of the pass), and whether they are exact: one rank with no resume, from the first
+        and last segment's footers (a guess Context._read checks), else from every
+        segment's footer (polars, ~0.1 ms per segment)."""
         run = self._shared.run
         if run.facts.layer_steps is not None:
             return run.facts.layer_steps, run.facts.layer_rows, True
