@@ -4,8 +4,11 @@ One process, CPU. Each configuration is paired with bare training: both train th
 identical model and their steps are interleaved one by one (bare, runlens, runlens, bare,
 ...), so load bursts on a shared machine hit both alike. Reports, over several repeats,
 the median step time and the median of the paired ratios to bare training, the whole-run
-ratio (all steps, activation and histogram steps included, plus the final flush), and
-what the collector recorded per step (its adapted cadence, from run.json).
+ratio (every step after the first, activation and histogram steps included, plus the
+final flush; ``STEPS`` timed steps per model unless ``--steps``), the same ratio in the
+training thread's CPU time (steadier on a shared machine: other processes' load does
+not count; the writer thread's own CPU does not either), and what the collector
+recorded per step (its adapted cadence, from run.json).
 
     python benchmarks/collector_overhead.py --model issue17 --threads 1   # issue 17's table
     python benchmarks/collector_overhead.py --model transformer --repeats 7 --steps 30
@@ -36,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from runlens_collect import Collector
+from runlens_collect import Collector, observe
 from torch import nn
 
 
@@ -90,6 +93,12 @@ def make(model_name: str, batch: int | None):
     return model, x, y, loss_fn
 
 
+STEPS = {"mlp12": 500, "tf2": 300, "mlp": 300, "transformer": 60}
+"""Timed steps per model by default: a whole run, short enough to repeat; the one-off
+close (final flush, compaction) spread over them. Real runs are far longer, which only
+spreads it thinner."""
+
+
 class OwnClock:
     """``perf_counter`` minus the time spent in the other configurations' steps.
 
@@ -112,6 +121,7 @@ class Trainer:
         self.model, self.x, self.y, self.loss_fn = make(model_name, batch)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.times: list[float] = []
+        self.cpu: list[float] = []  # the training thread's CPU seconds per step
         self.clock = OwnClock()
         self.col = None
         self.tb = None
@@ -135,7 +145,22 @@ class Trainer:
             self.named = list(self.model.named_parameters())
 
     def step(self, i: int, timed: bool) -> float:
-        """One training step; its wall time in seconds."""
+        """One training step; its wall time in seconds.
+
+        The collector observes loss functions and ``backward`` process-wide
+        (``runlens_collect.observe``): while another configuration steps, only that
+        configuration's own collector (or none, for bare training) listens, so bare steps
+        pay no collector work and no collector sees another model's losses."""
+        saved = observe._listeners[:]
+        mine = getattr(self.col, "_observer", None)
+        observe._listeners[:] = [r for r in saved if mine is not None and r() is mine]
+        try:
+            return self._step(i, timed)
+        finally:
+            observe._listeners[:] = saved
+
+    def _step(self, i: int, timed: bool) -> float:
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         loss = self.loss_fn(self.model(self.x), self.y)
         self.opt.zero_grad()
@@ -152,15 +177,17 @@ class Trainer:
         dt = time.perf_counter() - t0
         if timed:
             self.times.append(dt)
+            self.cpu.append(time.thread_time() - c0)
         return dt
 
-    def close(self) -> float:
-        t0 = time.perf_counter()
+    def close(self) -> tuple[float, float]:
+        """Seconds of wall time and of this thread's CPU time the close took."""
+        c0, t0 = time.thread_time(), time.perf_counter()
         if self.col is not None:
             self.col.close()
         if self.tb is not None:
             self.tb.close()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.thread_time() - c0
 
 
 def _knob(v: str) -> int | float | None:
@@ -212,14 +239,17 @@ def run(configs: list[str], model_name: str, steps: int, warmup: int, batch: int
                         t.clock.excluded += dt  # not part of the other models' steps
         out = {}
         for c, t in trainers.items():
-            close = t.close()
+            close, close_cpu = t.close()
             # median: the typical step; mean: all of them, incl. activation/histogram
-            # steps and the final flush (what a whole training run pays)
+            # steps and the final flush (what a whole training run pays); cpu: the mean
+            # in the training thread's CPU time (the close's wait for the writer thread
+            # excluded), which other processes' load on a shared machine barely moves
             rec = recorded(f"{tmp}/{c}", warmup + steps) if t.col is not None else None
             out[c] = (
                 statistics.median(t.times) + close / steps,
                 (sum(t.times) + close) / steps,
                 rec,
+                (sum(t.cpu) + close_cpu) / steps,
             )
         return out
 
@@ -261,8 +291,10 @@ def main() -> None:
         help="';'-separated: runlens, runlens:every=10,hist_every=100, tensorboard",
     )
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument(
+        "--steps", type=int, default=None, help="timed steps (default: per model, STEPS)"
+    )
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -274,10 +306,12 @@ def main() -> None:
     )
     results = {}
     for m in models:
+        steps = args.steps or STEPS[m]
         samples: dict[str, list[float]] = {c: [] for c in configs}
         means: dict[str, list[float]] = {c: [] for c in configs}
         ratios: dict[str, list[float]] = {c: [] for c in configs}
         mean_ratios: dict[str, list[float]] = {c: [] for c in configs}
+        cpu_ratios: dict[str, list[float]] = {c: [] for c in configs}
         records: dict[str, list] = {c: [] for c in configs}
         for _ in range(args.repeats):
             # Each configuration is interleaved with bare training only: two background
@@ -285,12 +319,13 @@ def main() -> None:
             for c in configs:
                 if c == "bare":
                     continue
-                got = run(["bare", c], m, args.steps, args.warmup, args.batch)
+                got = run(["bare", c], m, steps, args.warmup, args.batch)
                 for name in ("bare", c):
                     samples[name].append(got[name][0])
                     means[name].append(got[name][1])
                 ratios[c].append(got[c][0] / got["bare"][0])
                 mean_ratios[c].append(got[c][1] / got["bare"][1])
+                cpu_ratios[c].append(got[c][3] / got["bare"][3])
                 records[c].append(got[c][2])
         med = {c: statistics.median(v) for c, v in samples.items() if v}
         avg = {c: statistics.median(v) for c, v in means.items() if v}
@@ -301,25 +336,26 @@ def main() -> None:
             "means": means,
             "ratios": ratios,
             "mean_ratios": mean_ratios,
+            "cpu_ratios": cpu_ratios,
+            "steps": steps,
             "recorded": records,
         }
-        print(
-            f"\n{m}: {args.steps} steps, {args.repeats} interleaved repeats (median over repeats)"
-        )
+        print(f"\n{m}: {steps} steps, {args.repeats} interleaved repeats (median over repeats)")
         print(
             "| config | median ms/step | ratio | mean ms/step (all steps + close) | ratio "
-            "(median, min-max) | recorded |"
+            "(median, min-max) | CPU ratio (training thread) | recorded |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         for c in configs:
             r = statistics.median(ratios[c]) if ratios[c] else 1.0
             rm = statistics.median(mean_ratios[c]) if mean_ratios[c] else 1.0
             spread = (
                 f" ({min(mean_ratios[c]):.3f}-{max(mean_ratios[c]):.3f})" if mean_ratios[c] else ""
             )
+            rc = statistics.median(cpu_ratios[c]) if cpu_ratios[c] else 1.0
             print(
                 f"| {c} | {med[c] * 1e3:.1f} | {r:.3f} | {avg[c] * 1e3:.1f} | {rm:.3f}{spread} "
-                f"| {_describe(records[c])} |"
+                f"| {rc:.3f} | {_describe(records[c])} |"
             )
     info = {
         "torch": torch.__version__,

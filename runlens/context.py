@@ -42,6 +42,7 @@ from runlens.run import (
     scan_segments,
     skipped_steps_of,
 )
+from runlens.segments import footer_extent
 from runlens.task import TaskInfo, resolve_task
 
 T = TypeVar("T")
@@ -164,25 +165,33 @@ class Context:
 
     def _read(self, needs: list[Any]) -> tuple[LayerPass, list[Any], list[str]]:
         run = self._shared.run
-        steps, rows = self.cached("layer_extent", self._layer_extent)
-        lp, files, notes = read_layers(
-            run,
-            needs,
-            files=run.segment_files(fmt.LAYERS_DIR),
-            resolution=self.resolution,
-            step_range=steps,
-            total_rows=rows,
-        )
-        return lp, files, notes
+        steps, rows, exact = self.cached("layer_extent", self._layer_extent)
+        files = run.segment_files(fmt.LAYERS_DIR)
+        opts = {"resolution": self.resolution, "step_range": steps, "total_rows": rows}
+        lp, kept, notes = read_layers(run, needs, files=files, **opts)
+        if not exact and lp.steps != steps:
+            # The footers' guess was not the table's extent: read again with the real
+            # one, and keep it for every later pass (their windows must be the same).
+            self._shared.memo["layer_extent"] = (lp.steps, lp.rows, True)
+            opts.update(step_range=lp.steps, total_rows=lp.rows)
+            lp, kept, more = read_layers(run, needs, files=kept, **opts)
+            notes = notes + more
+        return lp, kept, notes
 
-    def _layer_extent(self) -> tuple[tuple[int, int] | None, int | None]:
-        """First and last step and row count of the layers table (polars answers from
-        the segments' footers), which set the windows of the pass."""
+    def _layer_extent(self) -> tuple[tuple[int, int] | None, int | None, bool]:
+        """First and last step and row count of the layers table (they set the windows
+        of the pass), and whether they are exact: one rank with no resume, from the first
+        and last segment's footers (a guess Context._read checks), else from every
+        segment's footer (polars, ~0.1 ms per segment)."""
         run = self._shared.run
         if run.facts.layer_steps is not None:
-            return run.facts.layer_steps, run.facts.layer_rows
+            return run.facts.layer_steps, run.facts.layer_rows, True
         if run.layers is None:
-            return None, 0
+            return None, 0, True
+        if not run.merged and not run.cuts.get(fmt.LAYERS_DIR):
+            guess = footer_extent(run.segment_files(fmt.LAYERS_DIR))
+            if guess is not None:
+                return guess[0], guess[1], False
         try:
             df, _, _ = collect_tolerant(
                 run,
@@ -192,9 +201,9 @@ class Context:
                 ),
             )
         except RunLoadError:
-            return None, None  # the pass finds out what is wrong, and says it
+            return None, None, True  # the pass finds out what is wrong, and says it
         a, b, n = df.row(0)
-        return ((int(a), int(b)) if a is not None and b is not None else None), int(n)
+        return ((int(a), int(b)) if a is not None and b is not None else None), int(n), True
 
     def _keep(self, lp: LayerPass, stats: list[LayerStat], probes: list[NonFiniteRows]) -> None:
         sh = self._shared

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -124,6 +124,8 @@ class LayerPass:
     nonfinite: pl.DataFrame | None
     """``step, layer, kind`` of the first non-finite rows (None when not planned)."""
     rows: int
+    steps: tuple[int, int] | None = None
+    """First and last step read (None: no rows)."""
 
 
 def scan_layers(
@@ -141,7 +143,8 @@ def scan_layers(
     frame when not given and the resolution may need windows. ``total_rows``, when known,
     lets a table that fits in one chunk be collected at once. Statistics that are not
     columns of ``lf`` are left out (their matrices are missing from the result)."""
-    names = lf.collect_schema().names()
+    schema = lf.collect_schema()
+    names = schema.names()
     wanted = list(dict.fromkeys(s for s in stats if s.stat in names))
     columns = list(dict.fromkeys(s.stat for s in wanted))
     probe = nonfinite is not None and {"missing", "frac_nonfinite", "norm"} <= set(names)
@@ -149,7 +152,11 @@ def scan_layers(
         pl.col("step").cast(pl.Int64),
         pl.col("layer").cast(pl.Categorical),
         pl.col("kind").cast(pl.Categorical),
-        *(pl.col(c) for c in columns),
+        # Conversions in the query: the streaming engine's threads do them while this
+        # thread reduces the previous chunk.
+        pl.col("layer").cast(pl.Categorical).to_physical().alias("_layer_code"),
+        pl.col("kind").cast(pl.Categorical).to_physical().alias("_kind_code"),
+        *(_as_float(c, schema[c]) for c in columns),
     ]
     if probe:
         bad = ~pl.col("missing") & (
@@ -204,6 +211,7 @@ class _Pass:
         self.bad_rows = 0
         self.kind_codes: dict[int, str] = {}
         self.rows = 0
+        self.steps: tuple[int, int] | None = None
         self.pool: ThreadPoolExecutor | None = None
 
     # -- per chunk --------------------------------------------------------------------------
@@ -212,7 +220,7 @@ class _Pass:
             return
         self.rows += df.height
         kind_s = df["kind"]
-        kc = kind_s.to_physical().to_numpy()
+        kc = df["_kind_code"].to_numpy()
         first = int(kc[0])
         if bool(np.all(kc == first)):
             where: dict[int, np.ndarray | None] = {first: None}  # one kind: every row
@@ -225,7 +233,11 @@ class _Pass:
         if self.nonfinite is not None:
             self._probe(df)
         step = df["step"].to_numpy()
-        lc = df["layer"].to_physical().to_numpy()
+        lo, hi = int(step.min()), int(step.max())
+        if self.steps is not None:
+            lo, hi = min(lo, self.steps[0]), max(hi, self.steps[1])
+        self.steps = (lo, hi)
+        lc = df["_layer_code"].to_numpy()
         layer = df["layer"]
         jobs = []
         arrays: dict[str, np.ndarray] = {}
@@ -240,10 +252,10 @@ class _Pass:
 
         def run(job: tuple[KindRows, np.ndarray | None]) -> None:
             acc, rows = job
-            cols = acc.columns(lc if rows is None else lc[rows], layer, rows)
-            st = step if rows is None else step[rows]
-            stats = dict.fromkeys(x.stat for x in acc.stats)
-            vals = {k: arrays[k] if rows is None else arrays[k][rows] for k in stats}
+            take = _taker(rows)
+            cols = acc.columns(take(lc), layer, rows)
+            st = take(step)
+            vals = {k: take(arrays[k]) for k in dict.fromkeys(x.stat for x in acc.stats)}
             if acc.window is None:
                 acc.window = self._window(len(acc.names))
             self._add_rows(acc, st, cols, vals, final=False)
@@ -363,7 +375,7 @@ class _Pass:
             empty = pl.DataFrame(schema=NONFINITE_SCHEMA)
             nonfinite = _first_rows(pl.concat(self.bad), limit) if self.bad else empty
         kinds = tuple(sorted(set(self.kind_codes.values())))
-        return LayerPass(kinds, layers, matrices, nonfinite, self.rows)
+        return LayerPass(kinds, layers, matrices, nonfinite, self.rows, self.steps)
 
 
 def _first_rows(df: pl.DataFrame, limit: int) -> pl.DataFrame:
@@ -371,9 +383,50 @@ def _first_rows(df: pl.DataFrame, limit: int) -> pl.DataFrame:
     return df.sort("step", maintain_order=True).head(limit)
 
 
+def _as_float(name: str, dtype: pl.DataType) -> pl.Expr:
+    """Column ``name`` as float values: float32 columns stay float32 (exact in float64
+    later, half the memory traffic until then), others become float64."""
+    col = pl.col(name)
+    return col if dtype.is_float() else col.cast(pl.Float64)
+
+
 def _floats(col: pl.Series) -> np.ndarray:
-    """A column as float values, nulls as NaN: float32 columns stay float32 (exact in
-    float64 later, half the memory traffic until then), others become float64."""
+    """A float column (see _as_float) as numpy, nulls as NaN."""
     if col.dtype.is_float():
         return col.to_numpy()  # nulls come out as NaN
     return col.cast(pl.Float64).fill_null(float("nan")).to_numpy()
+
+
+def _taker(rows: np.ndarray | None) -> Callable[[np.ndarray], np.ndarray]:
+    """``a -> a[rows]`` for the chunk's arrays, by block copies when ``rows`` are blocks
+    of equal length at equal spacing (one kind's rows in the collector's layout: each
+    step writes the kind's layers together), which is several times faster than a
+    gather; the first and last block may be partial (a chunk cut mid-step)."""
+    if rows is None:
+        return lambda a: a
+    if rows.size == 0 or rows[-1] - rows[0] + 1 == rows.size:
+        lo, hi = (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, 0)
+        return lambda a: a[lo:hi]
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # first row of each later block
+    if breaks.size < 3:
+        return lambda a: a[rows]
+    head, tail = int(breaks[0]), int(breaks[-1])  # rows before / from here: partial blocks
+    starts = rows[breaks[:-1]]  # the body's blocks
+    length = int(breaks[1] - breaks[0])
+    spacing = int(starts[1] - starts[0])
+    if bool(np.any(np.diff(breaks) != length)) or bool(np.any(np.diff(starts) != spacing)):
+        return lambda a: a[rows]
+    n_blocks, base = starts.size, int(starts[0])
+    h0, t0 = int(rows[0]), int(rows[tail])
+
+    def take(a: np.ndarray) -> np.ndarray:
+        out = np.empty(rows.size, a.dtype)
+        out[:head] = a[h0 : h0 + head]
+        body = np.lib.stride_tricks.as_strided(
+            a[base:], (n_blocks, length), (spacing * a.strides[0], a.strides[0]), writeable=False
+        )
+        out[head:tail].reshape(n_blocks, length)[...] = body
+        out[tail:] = a[t0 : t0 + rows.size - tail]
+        return out
+
+    return take

@@ -33,6 +33,43 @@ def layer_columns(layers: pl.LazyFrame) -> tuple[str, ...]:
         return (*fmt.LAYERS_COLUMNS, "rank")
 
 
+def footer_extent(files: Sequence[Path]) -> tuple[tuple[int, int], int | None] | None:
+    """(first step of the first segment, last step of the last), from their footers'
+    statistics, and the row count when those two are all the files. The table's extent
+    when steps grow from segment to segment, as the collector writes them; a guess to
+    check otherwise. None when there are no files or a footer lacks the statistics."""
+    if not files:
+        return None
+    try:
+        first = _step_stats(files[0])
+        last = _step_stats(files[-1]) if len(files) > 1 else first
+    except Exception:  # unreadable footer: the exact query finds out, and says it
+        return None
+    if first is None or last is None:
+        return None
+    rows = None
+    if len(files) <= 2:
+        rows = first[2] + (last[2] if len(files) == 2 else 0)
+    return (first[0], last[1]), rows
+
+
+def _step_stats(f: Path) -> tuple[int, int, int] | None:
+    """(min step, max step, rows) of segment ``f`` from its footer (None: no statistics)."""
+    md = pq.ParquetFile(f).metadata
+    paths = [md.schema.column(j).path for j in range(md.num_columns)]
+    if "step" not in paths or md.num_row_groups == 0:
+        return None
+    col = paths.index("step")
+    lo, hi = [], []
+    for i in range(md.num_row_groups):
+        st = md.row_group(i).column(col).statistics
+        if st is None or not st.has_min_max:
+            return None
+        lo.append(int(st.min))
+        hi.append(int(st.max))
+    return min(lo), max(hi), md.num_rows
+
+
 # -- reading segments that may turn out unreadable ------------------------------------------
 
 
@@ -236,7 +273,7 @@ def scan_segments(
         assert isinstance(empty, pl.DataFrame)
         return empty.with_columns(pl.lit(0, pl.Int64).alias("rank")).lazy()
     groups: list[tuple[int | None, list[str]]] = []  # consecutive files with one cap
-    for f in files:
+    for f in files if cuts else ():
         seq = _seq_of(f)
         caps = [step for step, first in cuts or () if seq is not None and seq < first]
         cap = min(caps) if caps else None
@@ -244,6 +281,8 @@ def scan_segments(
             groups[-1][1].append(str(f))
         else:
             groups.append((cap, [str(f)]))
+    if not cuts:
+        groups.append((None, [str(f) for f in files]))
     frames = []
     for cap, paths in groups:
         lf = pl.scan_parquet(paths, missing_columns="insert", extra_columns="ignore")

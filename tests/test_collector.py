@@ -470,3 +470,40 @@ def test_flat_stats_count_nonfinite_and_zeros_exactly():
         values, shape = stats.tensor_raw(t)
         single = stats.single_to_raw(values.numpy(), shape)
         assert raw[i].tolist()[:4] == pytest.approx(single.tolist()[:4], nan_ok=True)
+
+
+@pytest.mark.parametrize("clip_all", [True, False])
+def test_off_step_grad_norm_after_a_clip_equals_the_clipped_gradients_norm(tmp_path, clip_all):
+    """Off stat steps, a clip of every gradient gives grad_norm without reading them (the
+    clip's norm times its factor); a clip of some of them does not. Either way grad_norm
+    is the norm of the gradients the optimizer applied, computed here from the gradients
+    themselves."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    truth, pre, post = [], [], []  # post: the clipped parameters' norm after the clip
+    with Collector(model, opt, run_dir=tmp_path, every=4, overhead=None) as col:
+        for step in range(12):
+            x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            params = list(model.parameters()) if clip_all else list(model[0].parameters())
+            # max_norm below the norm on even steps only: both branches of the clip
+            pre.append(float(torch.nn.utils.clip_grad_norm_(params, 0.05 if step % 2 else 50.0)))
+            post.append(math.sqrt(sum(float(p.grad.double().square().sum()) for p in params)))
+            truth.append(
+                math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()))
+            )
+            opt.step()
+            col.step(loss=0.0)
+    assert col.warnings == []
+    scalars = {}
+    for f in sorted((tmp_path / fmt.SCALARS_DIR).glob(fmt.SEGMENT_GLOB)):
+        for r in pq.read_table(f).to_pylist():
+            scalars[r["step"], r["name"]] = r["value"]
+    norms = [scalars[s, fmt.GRAD_NORM] for s in range(12)]
+    np.testing.assert_allclose(norms, truth, rtol=1e-5)
+    np.testing.assert_allclose(
+        [scalars[s, fmt.GRAD_NORM_PRECLIP] for s in range(12)], pre, rtol=1e-6
+    )
+    assert any(q < p * 0.9 for q, p in zip(post, pre, strict=True))  # some steps did clip

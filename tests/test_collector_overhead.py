@@ -198,3 +198,20 @@ def test_collector_within_its_budget_keeps_the_knobs(tmp_path: Path) -> None:
     assert steps == set(range(200))
     acts = {r["step"] for r in _table(tmp_path, fmt.LAYERS_DIR) if r["kind"] == "activation"}
     assert acts == set(range(0, 200, 10))
+
+
+def test_probe_hooks_are_charged_to_the_budget() -> None:
+    """A probe's hook time counts as the collector's own (``base``: probes record every
+    step), read on the collector's clock."""
+    from runlens_collect.probes import InputProbe
+
+    probe = InputProbe()
+    readings = iter([1.0, 1.25])
+    charged: list[tuple[str, float]] = []
+    probe.timed(lambda: next(readings), lambda cat, s: charged.append((cat, s)))
+    model = nn.Linear(6, 3)
+    handles = probe.attach(model, None)
+    model(torch.randn(4, 6))
+    for h in handles:
+        h.remove()
+    assert charged == [("base", 0.25)]

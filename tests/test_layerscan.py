@@ -10,6 +10,7 @@ resolution, which is what a long run gets.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -198,3 +199,110 @@ def test_verdicts_hold_at_a_coarse_resolution(name: str) -> None:
         assert [(f.signature, f.severity) for f in coarse.findings] == [
             (f.signature, f.severity) for f in exact.findings
         ]
+
+
+def _sample_runs_with_layers() -> list[str]:
+    return sorted(p.name for p in SAMPLES.iterdir() if (p / fmt.LAYERS_DIR).is_dir())
+
+
+def test_analysis_reads_the_layers_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every layers statistic a signature reads is declared in its ``needs``: on each
+    recorded sample run, an analysis makes exactly one pass over the layers table (an
+    undeclared read costs a second full pass)."""
+    import runlens.segments as segments
+
+    passes: list[tuple[LayerStat, ...]] = []
+    real = segments.scan_layers
+
+    def counted(lf: pl.LazyFrame, stats: list[LayerStat], **kwargs: object) -> object:
+        passes.append(tuple(stats))
+        return real(lf, stats, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(segments, "scan_layers", counted)
+    names = _sample_runs_with_layers()
+    assert len(names) >= 10
+    for name in names:
+        run = load_run(SAMPLES / name)
+        # As recorded, and as an older collector (no parameter sampling) wrote it: a
+        # sampled run reads the gradients' missing flags anyway, an unsampled one must
+        # have them declared.
+        older = dataclasses.replace(
+            run, meta={k: v for k, v in run.meta.items() if k != "collector"}
+        )
+        for view in (run, older):
+            passes.clear()
+            runlens.analyze(view)
+            assert len(passes) == 1, f"{name}: passes {passes[1:]} read undeclared statistics"
+
+
+def test_block_copies_take_the_same_rows_as_a_gather() -> None:
+    """One kind's rows of a chunk are copied in blocks when they come in the collector's
+    layout, cut anywhere by the chunk; any other pattern is gathered. Either way the
+    values are exactly ``a[rows]``."""
+    from runlens.layerscan import _taker
+
+    kinds = np.repeat(np.arange(3), 4)  # per step: 3 kinds × 4 layers
+    layout = np.tile(kinds, 50)
+    a = np.arange(layout.size, dtype=np.float32) * 1.5
+    patterns = []
+    for start, stop in ((0, layout.size), (5, 590), (3, 30), (13, 14), (7, 19)):
+        chunk = layout[start:stop]
+        patterns += [start + np.flatnonzero(chunk == k) for k in range(3)]
+    rng = np.random.default_rng(0)
+    patterns += [
+        np.sort(rng.choice(layout.size, 100, replace=False)),  # no pattern
+        np.array([0, 1, 2, 12, 13, 14, 24, 25, 37, 38]),  # blocks of unequal length
+        np.array([0, 1, 12, 13, 30, 31, 42, 43]),  # unequal spacing
+        np.array([], dtype=np.int64),
+    ]
+    for rows in patterns:
+        got = _taker(rows)(a)
+        assert got.dtype == a.dtype and np.array_equal(got, a[rows]), rows
+    assert _taker(None)(a) is a
+
+
+def test_windows_come_from_the_real_extent_when_segments_are_out_of_order(
+    recorded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The windows are set from the first and last segment's footers, a guess the pass
+    checks: with the first and last segments swapped (their steps no longer grow from
+    file to file) the guess is wrong, the pass reads again with the steps it saw, and
+    every matrix is the one of the run in order; in order, one pass suffices."""
+    import shutil
+
+    import runlens.segments as segments
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(recorded, swapped)
+    files = sorted((swapped / fmt.LAYERS_DIR).glob(fmt.SEGMENT_GLOB))
+    first, last = files[0], files[-1]
+    first.rename(first.with_suffix(".tmp"))
+    last.rename(first)
+    first.with_suffix(".tmp").rename(last)
+    passes = []
+    real = segments.scan_layers
+
+    def counted(*args: object, **kwargs: object) -> object:
+        passes.append(kwargs.get("step_range"))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(segments, "scan_layers", counted)
+    # Windows of 5 steps; one chunk (rows out of step order are levelled per chunk).
+    res = Resolution(12, None, 100_000)
+    stats = [n for n in NEEDS if n.stat != "numel"]
+    ordered = Context(load_run(recorded), resolution=res)
+    ordered.prepare(stats)
+    assert passes == [(0, STEPS - 1)]
+    passes.clear()
+    ctx = Context(load_run(swapped), resolution=res)
+    ctx.prepare(stats)
+    assert len(passes) == 2 and passes[0] != passes[1] == (0, STEPS - 1)
+    for need in stats:
+        a = ordered.layer(need.kind, need.stat, need.reduce)
+        b = ctx.layer(need.kind, need.stat, need.reduce)
+        assert a is not None and b is not None and a.window == b.window == 5
+        np.testing.assert_array_equal(a.steps, b.steps)
+        assert a.layers == b.layers
+        # (rows out of order are levelled in float64, in order in float32: rounding)
+        np.testing.assert_allclose(a.values, b.values, rtol=1e-6)
+    assert len(passes) == 2  # the later reads kept the real extent: no new pass

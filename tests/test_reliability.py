@@ -614,7 +614,9 @@ def random_run(seed: int, n: int, n_layers: int, modes: list[str], scale: float)
     steps = np.sort(rng.choice(max(1, 3 * n), size=n, replace=False)).astype(np.int64)
     if n and rng.random() < 0.3:  # duplicated / out-of-order writes
         steps = rng.permutation(np.concatenate([steps, steps[: max(1, n // 3)]]))
-    names = [*_REQUIRED_SCALARS, "time/step", "x"]
+    # new_sq: read by gradient-not-reset where present, no longer required (absent on
+    # steps where every probed .grad was None).
+    names = [*_REQUIRED_SCALARS, "time/step", "x", fmt.GRAD_NEW_SQ]
     rows = []
     for i, name in enumerate(names):
         if rng.random() < 0.15:

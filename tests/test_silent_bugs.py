@@ -139,33 +139,55 @@ def test_mode_counts_and_modules_out_of_step(tmp_path: Path) -> None:
 # -- the gradient carry-over probe --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("reset", [False, True])
-def test_carried_gradient_is_the_previous_steps_gradient(tmp_path: Path, reset: bool) -> None:
+@pytest.mark.parametrize("reset", ["missing", "set_to_none", "zeros"])
+def test_carried_gradient_is_the_previous_steps_gradient(tmp_path: Path, reset: str) -> None:
+    """Against the gradients themselves: carry_sq is Σ ‖p.grad‖² the step started from,
+    new_sq Σ ‖first incoming gradient‖². zero_grad()'s default leaves .grad None: nothing
+    to measure, carry_sq is a 0 and new_sq absent; zero_grad(set_to_none=False) leaves
+    zeros: both measured, carry 0."""
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     probe = GradCarryProbe(max_params=2)
     held: list[float] = []  # Σ ‖p.grad‖² of the probed parameters after each step
+    incoming: list[float] = []  # Σ ‖gradient this step's backward delivered‖²
     with Collector(model, opt, run_dir=tmp_path, probes=[probe]) as col:
-        for _ in range(5):
-            if reset:
-                opt.zero_grad()
+        for _ in range(8):
+            if reset != "missing":
+                opt.zero_grad(set_to_none=reset == "set_to_none")
+            before = [None if p.grad is None else p.grad.clone() for p in probe._params]
             nn.functional.cross_entropy(
                 model(torch.randn(8, 6)), torch.randint(0, 3, (8,))
             ).backward()
             opt.step()
             col.step(loss=0.0)
             held.append(sum(float(p.grad.double().square().sum()) for p in probe._params))
+            incoming.append(
+                sum(
+                    float((p.grad - (0 if b is None else b)).double().square().sum())
+                    for p, b in zip(probe._params, before, strict=True)
+                )
+            )
     names = json.loads((tmp_path / fmt.RUN_JSON).read_text())["probes"]["grad"]["params"]
     assert names == ["0.bias", "2.bias"]  # the smallest tensor of each probed module
     _, carry = _scalar(tmp_path, fmt.GRAD_CARRY_SQ)
     _, mask = _scalar(tmp_path, fmt.GRAD_CARRY_MASK)
-    if reset:
-        assert carry.tolist() == [0.0] * 5 and mask.tolist() == [0.0] * 5
+    run = runlens.load_run(tmp_path)
+    new = run.scalar(fmt.GRAD_NEW_SQ)
+    if reset == "set_to_none":
+        assert carry.tolist() == [0.0] * 8 and mask.tolist() == [0.0] * 8
+        assert new is None  # every .grad was None: no device work, nothing to compare with
+    elif reset == "zeros":
+        assert carry.tolist() == [0.0] * 8 and mask.tolist() == [0.0] * 8
+        assert new.steps.tolist() == list(range(1, 8))  # step 0: .grad None before the first pass
+        np.testing.assert_allclose(new.values, incoming[1:], rtol=1e-5)
     else:
         assert carry[0] == 0.0
         np.testing.assert_allclose(carry[1:], held[:-1], rtol=1e-5)
-        assert mask[1:].tolist() == [3.0] * 4
+        np.testing.assert_allclose(new.values, incoming[1:], rtol=1e-5)
+        assert mask[1:].tolist() == [3.0] * 7
+    found = {f.signature for f in runlens.analyze(tmp_path).findings}
+    assert ("gradient-not-reset" in found) == (reset == "missing")
 
 
 def test_accumulation_within_a_step_carries_nothing(tmp_path: Path) -> None:

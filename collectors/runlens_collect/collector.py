@@ -61,6 +61,7 @@ from runlens_collect.lifecycle import Shutdown, flush_at_exit
 from runlens_collect.overhead import OverheadController
 from runlens_collect.param_stats import ParamStats
 from runlens_collect.probes import default_probes
+from runlens_collect.probes._base import ProbeBase
 from runlens_collect.step import Probe, StepParts
 from runlens_collect.taskinfer import TaskTracker
 from runlens_collect.timing import StepTimer
@@ -291,11 +292,15 @@ class Collector(Hooks, Shutdown):
             probe_view = OutsideCompiled(self.model)
         for probe in self.probes:
             try:
+                if isinstance(probe, ProbeBase):
+                    # Their hooks' time counts against the overhead budget like the rest.
+                    probe.timed(self._clock, self._control.charge)
                 # The model the user calls (a compiled one's wrapper runs hooks eagerly);
                 # probes unwrap it for parameter names.
                 self._handles.extend(probe.attach(probe_view, self.optimizer))
             except Exception as exc:
                 self._guard(_probe_site(probe), exc)
+        self._clip_cache: tuple[tuple[int, ...], bool] | None = None
         self._observer = Observer(self)
         observe.add_listener(self._observer)
         self._probe_meta()
@@ -307,6 +312,7 @@ class Collector(Hooks, Shutdown):
         self._grads_read = False  # read_gradients() called this step
         self._param_in_step = 0.0  # parameter reads made by step() itself (no optimizer hook)
         self._host_device = self.device.type == "cpu"
+        self._parts.host_device = self._host_device
         self._flags = self._control.flags_for(self._step)
         self._arm(self._flags)
         # Moved to the device now: a host-to-device copy at the first histogram step would

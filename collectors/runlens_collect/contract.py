@@ -20,6 +20,7 @@ Everything stays on the device: nothing here reads a tensor's value.
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any
 
@@ -61,6 +62,7 @@ class StepContract:
         self.scaled: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.scale: torch.Tensor | None = None
         self.preclip: torch.Tensor | None = None
+        self.clip_max: float | None = None  # max_norm of a 2-norm clip of every gradient
         self.device_skip: torch.Tensor | None = None
         self.grads_read = False  # the collector read gradients this step
         self.reread = False  # ... and they were clipped after that read
@@ -136,8 +138,30 @@ class StepContract:
 
     # -- clipping ---------------------------------------------------------------------------
 
-    def on_clip(self, norm: Any) -> None:
+    def on_clip(self, norm: Any, max_norm: Any = None, norm_type: Any = 2.0) -> None:
+        """``clip_grad_norm_`` returned ``norm``; ``max_norm`` when it clipped every
+        gradient the collector reads (None otherwise)."""
+        self.clip_max = None
         if isinstance(norm, torch.Tensor) and norm.numel() == 1:
             self.preclip = norm.detach().reshape(())
+            if (
+                isinstance(max_norm, int | float)
+                and not isinstance(max_norm, bool)
+                and math.isfinite(max_norm)
+                and max_norm > 0
+                and norm_type in (2, 2.0)
+            ):
+                self.clip_max = float(max_norm)
         if self.grads_read:
             self.reread = True
+
+    def clipped_norm(self) -> torch.Tensor | None:
+        """The 2-norm of every gradient after this step's clip, from the norm the clip
+        returned and no read of the gradients: ``clip_grad_norm_`` multiplies them all by
+        min(1, max_norm / (norm + 1e-6)) (torch.nn.utils.clip_grad), so their norm is
+        the returned one times that factor (to float rounding). None without such a clip."""
+        pre = self.preclip
+        if pre is None or self.clip_max is None:
+            return None
+        pre = pre.float()
+        return pre * torch.clamp(self.clip_max / (pre + 1e-6), max=1.0)

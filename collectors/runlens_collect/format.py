@@ -365,11 +365,13 @@ PROBE_SCALARS: Final = {
     "first train-mode forward of the run",
     GRAD_CARRY_SQ: "Σ over the probed parameters of ‖p.grad‖² as it was when the first "
     "gradient of an optimizer step arrived (a tensor hook, before accumulation): 0 when "
-    "gradients were reset (zero_grad) since the previous optimizer step; device",
-    GRAD_NEW_SQ: "Σ over the same parameters of ‖incoming gradient‖² of that first "
-    "backward pass; device",
+    "gradients were reset (zero_grad) since the previous optimizer step; device, or a "
+    "host 0 when every probed p.grad was None (nothing to measure)",
+    GRAD_NEW_SQ: "Σ over the probed parameters whose p.grad was not None at that first "
+    "pass of ‖incoming gradient‖²; device; absent when every probed p.grad was None "
+    "(then carry_sq is 0)",
     GRAD_CARRY_MASK: "bit i set when probed parameter i (run.json probes.grad.params) "
-    "carried a non-zero gradient into this step; device",
+    "carried a non-zero gradient into this step; device (a host 0 with carry_sq's)",
     GRAD_PASSES: "backward passes that reached the probed parameters during this step (> 1 "
     "with gradient accumulation)",
 }

@@ -58,6 +58,7 @@ class Hooks:
     _timer: StepTimer
     _task: TaskTracker
     _param_ids: set[int]
+    _clip_cache: tuple[tuple[int, ...], bool] | None
     _watch_backward: bool
     _opt_fired: bool
     _opt_traced: bool
@@ -162,9 +163,11 @@ class Hooks:
             self._control.charge("act", self._clock() - t0)
 
     def _read_grads(self) -> None:
-        scale = self._contract.grad_scale(self.optimizer)
+        contract = self._contract
+        scale = contract.grad_scale(self.optimizer)
+        clip = contract.clipped_norm() if scale is None else None
         for g in self._groups:
-            g.read_grads(self._flags, self._parts, scale)
+            g.read_grads(self._flags, self._parts, scale, clip)
         self._contract.grads_read = True
         self._contract.reread = False
 
@@ -219,15 +222,37 @@ class Hooks:
 
     def _observed_loss(self, name: str, args: Any, kwargs: Any, out: Any) -> None:
         if self._enabled and not self._closed and not self._task.final:
+            t0 = self._clock()
             self._task.loss(name, args, kwargs, out)
+            self._control.charge("base", self._clock() - t0)
 
     def _observed_backward(self, t: torch.Tensor) -> None:
         if self._enabled and not self._closed and self._watch_backward:
+            t0 = self._clock()
             self._contract.on_backward(t)
+            self._control.charge("base", self._clock() - t0)
 
-    def _observed_clip(self, params: list[torch.Tensor], norm: Any) -> None:
+    def _observed_clip(
+        self, params: list[torch.Tensor], norm: Any, max_norm: Any = None, norm_type: Any = 2.0
+    ) -> None:
         if self._enabled and not self._closed and params and id(params[0]) in self._param_ids:
-            self._contract.on_clip(norm)
+            whole = len(self._groups) == 1 and self._clip_covers(params)
+            self._contract.on_clip(norm, max_norm if whole else None, norm_type)
+
+    def _clip_covers(self, params: list[torch.Tensor]) -> bool:
+        """Whether ``params`` are this model's parameters and include every trainable
+        one: then the clip's total norm is the collector's grad_norm before clipping.
+        Cached by the list's ends and length (a loop clips the same list every step) and
+        the trainable count (unfreezing changes the answer)."""
+        g = self._groups[0]
+        key = (len(params), id(params[0]), id(params[-1]), len(g.trainable_params))
+        hit = self._clip_cache
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        ids = {id(p) for p in params}
+        covers = ids <= self._param_ids and {id(p) for p in g.trainable_params} <= ids
+        self._clip_cache = (key, covers)
+        return covers
 
     def _observed_scale(self, scaler: Any, loss: torch.Tensor, scaled: torch.Tensor) -> None:
         if self._enabled and not self._closed:
@@ -252,10 +277,10 @@ class Observer:
         if col is not None:
             col._observed_backward(t)
 
-    def on_clip(self, params: list[torch.Tensor], norm: Any) -> None:
+    def on_clip(self, params: list[torch.Tensor], norm: Any, max_norm: Any, norm_type: Any) -> None:
         col = self._col()
         if col is not None:
-            col._observed_clip(params, norm)
+            col._observed_clip(params, norm, max_norm, norm_type)
 
     def on_scale(self, scaler: Any, loss: torch.Tensor, scaled: torch.Tensor) -> None:
         col = self._col()

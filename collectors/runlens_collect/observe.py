@@ -10,7 +10,8 @@ the registered listeners (the live collectors, and zero-code collection):
 * ``torch.autograd.backward`` (which ``Tensor.backward`` calls): ``on_backward(tensor)``
   for a scalar backwarded -- the training loss of a micro-batch;
 * ``torch.nn.utils.clip_grad_norm_`` (which accelerate and Lightning call):
-  ``on_clip(params, total_norm)`` -- the gradient norm before clipping;
+  ``on_clip(params, total_norm, max_norm, norm_type)`` -- the gradient norm before
+  clipping, and what the clip did with it;
 * ``torch.amp.GradScaler.scale``: ``on_scale(scaler, loss, scaled)`` -- the loss before
   scaling and the scaler in use.
 
@@ -62,8 +63,11 @@ class Listener(Protocol):
     def on_backward(self, tensor: torch.Tensor) -> None:
         """``backward`` was called on the scalar ``tensor``."""
 
-    def on_clip(self, params: list[torch.Tensor], total_norm: Any) -> None:
-        """``clip_grad_norm_`` clipped ``params``; ``total_norm`` is its return value."""
+    def on_clip(
+        self, params: list[torch.Tensor], total_norm: Any, max_norm: Any, norm_type: Any
+    ) -> None:
+        """``clip_grad_norm_`` clipped ``params``; ``total_norm`` is its return value,
+        ``max_norm`` and ``norm_type`` its arguments."""
 
     def on_scale(self, scaler: Any, loss: torch.Tensor, scaled: torch.Tensor) -> None:
         """``scaler.scale(loss)`` returned ``scaled``."""
@@ -189,7 +193,9 @@ def _wrap_clip(fn: Callable[..., Any]) -> Callable[..., Any]:
         # A generator can be read once: materialize it for the clip and for us.
         params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
         norm = fn(params, *args, **kwargs)
-        _notify("on_clip", params, norm)
+        max_norm = args[0] if args else kwargs.get("max_norm")
+        norm_type = args[1] if len(args) > 1 else kwargs.get("norm_type", 2.0)
+        _notify("on_clip", params, norm, max_norm, norm_type)
         return norm
 
     clip_wrapper.__runlens_wrapped__ = fn  # type: ignore[attr-defined]

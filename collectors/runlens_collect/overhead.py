@@ -11,9 +11,9 @@ injectable clock and charges each interval to what it was doing:
 
 From these it keeps a running estimate (exponential moving average, ``EMA``) of the cost
 of each *optional* thing — a stat step, an activation step, the histograms on either, a
-full step — and of the step time without the collector. Every ``DECIDE_EVERY`` steps after
-``WARMUP_STEPS`` it picks, for each of the four cadences, a power-of-two multiple of its
-knob (``every``, ``activation_every``, ``hist_every``, ``frozen_every``; at most
+full step — and of the step time without the collector. Right after ``WARMUP_STEPS`` and
+then every ``DECIDE_EVERY`` steps it picks, for each of the four cadences, a power-of-two
+multiple of its knob (``every``, ``activation_every``, ``hist_every``, ``frozen_every``; at most
 ``MAX_SCALE``) such that
 
     base + param/every' + act/activation_every' + histograms/... + full/...
@@ -47,10 +47,13 @@ MAX_SCALE = 64
 """The most an optional cadence is thinned (64 x its knob): beyond, the analysis would
 have too few points to work with; the overhead may then exceed the budget (the ``base``
 cost alone can, on tiny models), which the ``cadence`` events and run.json show."""
-WARMUP_STEPS = 8
-"""Steps at the knobs' cadences before the first decision (costs are being measured)."""
+WARMUP_STEPS = 3
+"""Steps at the knobs' cadences before the first decision (step 0, whose first-time
+allocations are not what a step costs, and then the steps whose costs are measured). Kept
+short: on a fast step every step at the knobs' cadences costs many times the budget, and
+a too-thin first guess is corrected by the next decisions."""
 DECIDE_EVERY = 8
-"""Steps between decisions."""
+"""Steps between decisions after the first."""
 EMA = 0.25
 """Weight of a new measurement in the running cost estimates."""
 HEADROOM = 0.8
@@ -153,8 +156,10 @@ class OverheadController:
             base += act  # disarming the activation hooks after an activation step
         self._base.add(base)
         self._attribute(flags, param, act)
-        if self.target is None or self._steps < WARMUP_STEPS or step % DECIDE_EVERY:
+        if self.target is None or self._steps <= WARMUP_STEPS:
             return None
+        if self._steps > WARMUP_STEPS + 1 and step % DECIDE_EVERY:
+            return None  # the first decision right after the warm-up, then every DECIDE_EVERY
         return self._decide(step)
 
     def _attribute(self, flags: StepFlags, param: float, act: float) -> None:

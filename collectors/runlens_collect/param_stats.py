@@ -46,7 +46,7 @@ from torch import nn
 
 from runlens_collect import format as fmt
 from runlens_collect.budget import Workspace
-from runlens_collect.dist import local
+from runlens_collect.dist import is_dtensor, local
 from runlens_collect.layout import Section
 from runlens_collect.stats import NRAW
 from runlens_collect.step import StepFlags, StepParts
@@ -159,6 +159,10 @@ class ParamStats:
         every = list(range(len(ps)))
         trainable = [i for i in every if self._trainable_flags[i]]
         self._items = {False: trainable, True: every}
+        # The off-step grad_norm reads these every step: built here, not per step.
+        self._norm_params = [ps[i].param for i in trainable]
+        self._norm_local = any(is_dtensor(p) for p in self._norm_params)
+        self._norm_plain = False  # set once every gradient was seen dense on this device
         want_update = fmt.KIND_UPDATE in kinds and self._has_optimizer
         snap_items = [i for i in trainable if ps[i].in_optimizer] if want_update else []
         # Outside the update: trainable parameters the optimizer does not hold first (their
@@ -335,13 +339,24 @@ class ParamStats:
             out.append(_source(g))
         return out
 
+    @property
+    def trainable_params(self) -> list[nn.Parameter]:
+        """The parameters whose gradients make grad_norm (requires_grad ones)."""
+        return self._norm_params
+
     @torch.no_grad()
     def read_grads(
-        self, flags: StepFlags, parts: StepParts, scale: torch.Tensor | None = None
+        self,
+        flags: StepFlags,
+        parts: StepParts,
+        scale: torch.Tensor | None = None,
+        clipped: torch.Tensor | None = None,
     ) -> None:
         """Statistics of the gradients as they are now (final: right before the update).
         ``scale``: the AMP loss scale the gradients are still multiplied by (a fused
-        optimizer unscales inside its step): the statistics are of the unscaled values."""
+        optimizer unscales inside its step): the statistics are of the unscaled values.
+        ``clipped``: their 2-norm as this step's ``clip_grad_norm_`` of all of them left
+        it (``StepContract.clipped_norm``): off stat steps, grad_norm without reading them."""
         site = self.names["grad"]
         plan = self._gplan[flags.full] if fmt.KIND_GRAD in self.kinds else None
         if plan is None or site in self._disabled:
@@ -350,17 +365,29 @@ class ParamStats:
             scale = scale.to(self.device, non_blocking=True)
         try:
             if not flags.stat:
+                if clipped is not None and not self._norm_local:
+                    # The clip already read every gradient: its norm, times its factor.
+                    parts.put_latest(self.grad_norm_name, clipped.to(self.device))
+                    return
                 # Off-steps still get grad_norm: one batched norm, kept on device.
-                ps = self._params
-                grads = [ps[i].param.grad for i in self._items[False]]
-                grads = [local(g) for g in grads if g is not None]
-                grads = [g for g in grads if not g.is_sparse and g.device == self.device]
+                grads = [p.grad for p in self._norm_params]
+                if not all(g is not None for g in grads):  # not `None in`: that calls ==
+                    grads = [g for g in grads if g is not None]
+                elif self._norm_plain:
+                    # Every gradient was dense and on this device before: a gradient's
+                    # device and layout follow its parameter's, so they are not re-checked.
+                    self._off_norm(grads, scale, parts)
+                    return
+                if self._norm_local:
+                    grads = [local(g) for g in grads]
+                dev = self.device
+                plain = all(g.device == dev and not g.is_sparse for g in grads)
+                if not plain:
+                    grads = [g for g in grads if not g.is_sparse and g.device == dev]
+                elif len(grads) == len(self._norm_params) and not self._norm_local:
+                    self._norm_plain = True
                 if grads:
-                    norms = torch._foreach_norm(grads, 2)
-                    norm = torch.linalg.vector_norm(torch.stack(norms).float())
-                    if scale is not None:
-                        norm = norm / scale
-                    parts.put_latest(self.grad_norm_name, norm)
+                    self._off_norm(grads, scale, parts)
                 return
             items = self._items[flags.full]
             srcs = self._srcs(items, grads=True)
@@ -370,6 +397,15 @@ class ParamStats:
         except Exception as exc:
             parts.sections.pop(site, None)
             self._guard(site, exc)
+
+    def _off_norm(
+        self, grads: list[torch.Tensor], scale: torch.Tensor | None, parts: StepParts
+    ) -> None:
+        """grad_norm off stat steps: one batched norm, kept on the device."""
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)).float())
+        if scale is not None:
+            norm = norm / scale
+        parts.put_latest(self.grad_norm_name, norm)
 
     def _spare(self) -> torch.Tensor | None:
         return self._ws.spare(0)

@@ -63,7 +63,9 @@ Part = tuple[Section, "torch.Tensor", "np.ndarray | None"]
 """A section, its float64 device data (``section.size`` values) and its missing mask."""
 HostScalars = list[tuple[int, str, float]]
 DevScalars = list[tuple[int, str, "torch.Tensor"]]
-ExternScalars = list[tuple[int, str, Any]]
+ExternScalars = list[tuple[int, Any, Any]]
+"""(step, name, tensor) read by the writer thread; (step, names, tensor) for a tensor of
+one value per name (``StepParts.own_scalars``)."""
 
 
 class StepParts:
@@ -74,7 +76,9 @@ class StepParts:
         self.latest: dict[str, torch.Tensor] = {}  # device scalars a later read replaces
         self.host: HostScalars = []
         self.dev: DevScalars = []
-        self.extern: ExternScalars = []  # tensors on another device
+        self.extern: ExternScalars = []  # tensors on another device, or read as they are
+        # Set by the collector when its device is the host (CPU): see own_scalar.
+        self.host_device = False
 
     def put(self, section: Section, data: torch.Tensor, missing: np.ndarray | None = None) -> None:
         """Add (or replace: the last read of a step wins) a section's data."""
@@ -87,6 +91,25 @@ class StepParts:
     def device_scalar(self, step: int, name: str, value: torch.Tensor) -> None:
         """A one-element float tensor on the collector's device (read by the writer)."""
         self.dev.append((step, name, value.reshape(1)))
+
+    def own_scalar(self, step: int, name: str, value: torch.Tensor) -> None:
+        """A one-element tensor computed for this step that nothing changes afterwards
+        (a probe's fresh reduction). On a CPU run the writer thread reads it as it is:
+        no packing and no copy on the training thread. Elsewhere a ``device_scalar``."""
+        if self.host_device and value.device.type == "cpu":
+            self.extern.append((step, name, value))
+        else:
+            self.dev.append((step, name, value.reshape(1)))
+
+    def own_scalars(self, step: int, names: tuple[str, ...], values: torch.Tensor) -> None:
+        """``own_scalar`` for a tensor of ``len(names)`` values, one per name (on a CPU run
+        one entry the writer splits: no indexing on the training thread)."""
+        if self.host_device and values.device.type == "cpu":
+            self.extern.append((step, names, values))
+        else:
+            flat = values.reshape(-1)
+            for i, name in enumerate(names):
+                self.dev.append((step, name, flat[i : i + 1]))
 
     def host_scalar(self, step: int, name: str, value: float) -> None:
         self.host.append((step, name, float(value)))
@@ -119,7 +142,8 @@ class Probe(Protocol):
     record them in ``end_step``, which the collector calls on every step after its own
     reads, under its failure guard (a probe that raises is switched off with the one
     warning). Record through ``parts``: ``device_scalar``/``put_latest`` (kept on the
-    device, read by the writer), ``host_scalar``, or ``put`` for a small section of an
+    device, read by the writer), ``own_scalar`` (a fresh reduction of the probe's own:
+    not even packed on a CPU run), ``host_scalar``, or ``put`` for a small section of an
     existing kind (``layout.Section``, built once).
 
     Optionally a probe has ``run_json() -> dict`` (its entry of run.json ``probes``) and a

@@ -8,6 +8,7 @@ reported once and the thread keeps going: segments already written stay valid.
 from __future__ import annotations
 
 import collections
+import io
 import queue
 import threading
 import time
@@ -70,7 +71,7 @@ class Package:
     missing: tuple[np.ndarray | None, ...] = ()
     scalar_steps: tuple[int, ...] = ()
     host_scalars: list[tuple[int, str, float]] = field(default_factory=list)
-    extern: list[tuple[int, str, Any]] = field(default_factory=list)  # tensors read here
+    extern: list[tuple[int, Any, Any]] = field(default_factory=list)  # step.ExternScalars
     host: Any = None  # host buffer (torch tensor) holding `size` values (wire dtype)
     size: int = 0
     event: Any = None
@@ -257,6 +258,13 @@ class Writer(threading.Thread):
                     values.append(value)
                     walls.append(pkg.wall_time)
                 for step, name, t in pkg.extern:
+                    if isinstance(name, tuple):  # one value per name (own_scalars)
+                        vals = t.reshape(-1).tolist()
+                        steps.extend([step] * len(name))
+                        names.extend(name)
+                        values.extend(float(v) for v in vals[: len(name)])
+                        walls.extend([pkg.wall_time] * len(name))
+                        continue
                     steps.append(step)
                     names.append(name)
                     values.append(float(t))
@@ -508,6 +516,7 @@ class Writer(threading.Thread):
 
     def run(self) -> None:
         self._last_flush = time.monotonic()
+        _warm_up()
         stop = False
         while not stop:
             since = time.monotonic() - self._last_flush
@@ -577,6 +586,27 @@ class Writer(threading.Thread):
             self._decode_batch(chunk)
             if self._flush_due():
                 self.flush()
+
+
+def _warm_up() -> None:
+    """Build and encode one tiny segment of each table in memory, at the writer's start:
+    pyarrow's one-time set-up (dictionary arrays, the Parquet writer, zstd) costs tens of
+    milliseconds, paid here while training runs rather than at the first flush or inside
+    ``close()``, where a short run would wait for it."""
+    try:
+        names = pa.array(["x"], pa.string())
+        table = pa.Table.from_arrays(
+            [
+                pa.array(np.zeros(1, np.int64)),
+                pa.array(np.zeros(1)),
+                pa.DictionaryArray.from_arrays(pa.array(np.zeros(1, np.int32)), names),
+                pa.array(np.zeros(1)),
+            ],
+            schema=fmt.SCALARS_SCHEMA,
+        )
+        pyarrow.parquet.write_table(table, io.BytesIO(), compression="zstd")
+    except Exception:  # only a warm-up: the real writes report their own failures
+        pass
 
 
 def _device_times(step: int, end: Any, forward: Any, t_step: float) -> list[tuple[int, str, float]]:

@@ -60,7 +60,7 @@ class GradientNotReset(Signature):
     summary = "gradients carried over between optimizer steps (missing or misplaced zero_grad)"
     category = "bug"
     severity = "error"
-    requires = (fmt.GRAD_CARRY_SQ, fmt.GRAD_NEW_SQ)
+    requires = (fmt.GRAD_CARRY_SQ,)  # new_sq is absent while every .grad was None
     params = (
         Param(
             "min_ratio",
@@ -82,13 +82,17 @@ class GradientNotReset(Signature):
     def detect(self, ctx: Context, p: Params) -> list[Finding]:
         steps, carry_sq = series(ctx, fmt.GRAD_CARRY_SQ)
         new_sq = on_steps(ctx, fmt.GRAD_NEW_SQ, steps)
-        ok = np.isfinite(carry_sq) & np.isfinite(new_sq) & (new_sq > 0)
+        # new_sq is absent when every probed .grad was None (nothing carried, nothing to
+        # measure: the collector skips the norms); such a step carried exactly 0.
+        reset = (carry_sq == 0) & np.isnan(new_sq)
+        ok = np.isfinite(carry_sq) & ((np.isfinite(new_sq) & (new_sq > 0)) | reset)
         ok[:1] = False  # the first optimizer step has nothing to carry
         if ok.sum() < p.min_steps:
             raise NotChecked.too_few(
                 int(ok.sum()), "steps with a measured gradient", int(p.min_steps)
             )
-        ratio = np.sqrt(carry_sq[ok] / new_sq[ok])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(reset[ok], 0.0, np.sqrt(carry_sq[ok] / new_sq[ok]))
         carried = ratio > p.min_ratio
         share = float(carried.mean())
         if share < p.min_fraction:

@@ -8,7 +8,7 @@ from runlens_collect import format as fmt
 
 from runlens.context import Context
 from runlens.findings import Evidence, Finding, fmt_num
-from runlens.needs import NONFINITE_ROWS
+from runlens.needs import NONFINITE_ROWS, LayerStat
 from runlens.signatures._ranks import first_nonfinite_rank
 from runlens.signatures.base import Param, Params, Signature
 
@@ -78,7 +78,8 @@ class NanInf(Signature):
     category = "curve"
     severity = "error"
     requires = ("train/loss",)
-    needs = (NONFINITE_ROWS,)
+    # The gradients' missing flags: grad_norm NaN where no parameter had a gradient.
+    needs = (NONFINITE_ROWS, LayerStat(fmt.KIND_GRAD, "missing"))
     params = (
         Param(
             "max_loss_scale",

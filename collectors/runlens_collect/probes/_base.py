@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +25,19 @@ class ProbeBase:
         self.off = False
         self.changed = True
         self._error: BaseException | None = None
+        self.clock: Callable[[], float] = time.perf_counter
+        self._charge: Callable[[str, float], None] | None = None
+
+    def timed(self, clock: Callable[[], float], charge: Callable[[str, float], None]) -> None:
+        """Time the hooks with ``clock`` and report their seconds to ``charge`` (the
+        collector's overhead budget, category ``base``: probes record every step)."""
+        self.clock = clock
+        self._charge = charge
+
+    def _spent(self, t0: float) -> None:
+        """Charge the time since ``t0`` (a ``clock()`` reading at the hook's start)."""
+        if self._charge is not None:
+            self._charge("base", self.clock() - t0)
 
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:

@@ -5,11 +5,13 @@ the smallest tensor of each, usually its bias) runs when a backward pass deliver
 gradient for that parameter, *before* autograd adds it to ``p.grad``. At the first such
 call after an optimizer step, ``p.grad`` should be ``None`` or zero
 (``optimizer.zero_grad()`` ran); if it still holds the previous step's gradient, every
-update uses the sum of all past gradients. The hook takes, on the device, the norms of
-``p.grad`` (the carried gradient) and of the incoming one (two reductions); the end of the
-step sums their squares over the probed parameters. Later calls in the same optimizer step
-are counted only (legitimate gradient accumulation: several backward passes, then one
-``optimizer.step()`` and one ``zero_grad()``).
+update uses the sum of all past gradients. When ``p.grad`` is ``None`` (``zero_grad()``
+with its default ``set_to_none=True``: the common, healthy case) nothing carried and the
+hook does no device work at all. Otherwise it takes, on the device, the norms of ``p.grad``
+(the carried gradient, zero after ``zero_grad(set_to_none=False)``) and of the incoming
+one (two reductions); the end of the step sums their squares over those parameters. Later
+calls in the same optimizer step are counted only (legitimate gradient accumulation:
+several backward passes, then one ``optimizer.step()`` and one ``zero_grad()``).
 
 "After an optimizer step" means after the collector's optimizer's ``step()`` for the
 parameters it holds, and after ``Collector.step()`` for parameters it does not (another
@@ -29,8 +31,8 @@ from runlens_collect.probes._base import ProbeBase, model_device, unwrap
 from runlens_collect.step import StepFlags, StepParts
 
 MAX_PARAMS = 8
-"""Parameters hooked: one hook call and two reductions (over that tensor) each per
-optimizer step."""
+"""Parameters hooked: one hook call per backward pass each, and two reductions (over that
+tensor) per optimizer step when it still holds a gradient."""
 
 
 class GradCarryProbe(ProbeBase):
@@ -53,7 +55,7 @@ class GradCarryProbe(ProbeBase):
         self._hit_bits: list[torch.Tensor] = []
         self._calls: list[int] = []
         self._bits: list[torch.Tensor] = []
-        self._zero: torch.Tensor | None = None
+        self._clean = 0  # first passes this step that found .grad None
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[Any]:
         inner = unwrap(model)
@@ -107,13 +109,13 @@ class GradCarryProbe(ProbeBase):
             # Before autograd adds ``grad`` into it, .grad is what the step starts from.
             old = self._params[slot].grad
             if old is None:
-                if self._zero is None:
-                    self._zero = torch.zeros((), device=self._device)
-                self._old_norms.append(self._zero)
-            else:
-                self._old_norms.append(torch.linalg.vector_norm(old.detach(), dtype=torch.float32))
+                self._clean += 1  # reset to None: nothing carried, nothing to measure
+                return None
+            t0 = self.clock()  # only the device work is timed: the rest is a few lookups
+            self._old_norms.append(torch.linalg.vector_norm(old.detach(), dtype=torch.float32))
             self._new_norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
             self._hit_bits.append(self._bits[slot])
+            self._spent(t0)
         except Exception as exc:
             self._fail(exc)
         return None
@@ -128,13 +130,21 @@ class GradCarryProbe(ProbeBase):
     def end_step(self, step: int, flags: StepFlags, parts: StepParts) -> None:
         self._raise_pending()
         if self._new_norms:
-            old = torch.stack(self._old_norms)
-            new = torch.stack(self._new_norms)
-            parts.device_scalar(step, fmt.GRAD_CARRY_SQ, old.square().sum())
-            parts.device_scalar(step, fmt.GRAD_NEW_SQ, new.square().sum())
-            mask = ((old > 0) * torch.stack(self._hit_bits)).sum()
-            parts.device_scalar(step, fmt.GRAD_CARRY_MASK, mask)
+            # One stack of [old; new; bits] and two reductions: the fewest kernels for
+            # the three scalars (this runs every step).
+            both = torch.stack(self._old_norms + self._new_norms)
+            n = len(self._old_norms)
+            sq = both.square()
+            parts.own_scalar(step, fmt.GRAD_CARRY_SQ, sq[:n].sum())
+            parts.own_scalar(step, fmt.GRAD_NEW_SQ, sq[n:].sum())
+            mask = ((both[:n] > 0) * torch.stack(self._hit_bits)).sum()
+            parts.own_scalar(step, fmt.GRAD_CARRY_MASK, mask)
             self._old_norms, self._new_norms, self._hit_bits = [], [], []
+        elif self._clean:
+            # Every probed first pass found .grad None: nothing carried, known on the host.
+            parts.host_scalar(step, fmt.GRAD_CARRY_SQ, 0.0)
+            parts.host_scalar(step, fmt.GRAD_CARRY_MASK, 0.0)
+        self._clean = 0
         passes = max(self._calls, default=0)
         if passes:
             parts.host_scalar(step, fmt.GRAD_PASSES, passes)

@@ -2,15 +2,18 @@
 
 Per training forward the probe reduces the model's first input tensor on its device to
 three numbers — the sum, the sum of squares and an order-free projection (the input as
-(batch, rest), summed over the batch, dotted with fixed weights) — and adds them to a
-3-element device accumulator. Nothing is copied to the host and nothing waits for the
-device: the accumulator is shipped with the step's other device scalars. The batch size is
-the input's first dimension, known on the host from the shape.
+(batch, rest), summed over the batch, dotted with fixed weights) — kept in device
+accumulators (added to on later forwards of the step). Nothing is copied to the host and
+nothing waits for the device: the accumulators are shipped with the step's other device
+scalars. The batch size is the input's first dimension, known on the host from the shape.
 
-What it costs per training forward: two passes over the input (a column sum and a norm;
-integer inputs such as token ids are first converted to float32, a copy the size of the
-input), a product with the projection weights, three small sums and an add; per step three
-device scalars and four host scalars. The projection weights are cached per width (at most
+What it costs per training forward: three kernels — a column sum, a dot product of the
+input with itself (both passes over the input) and two small dot products of the column
+sums with ``[ones; projection weights]``. Inputs that are not float32 (token ids,
+masks, uint8 images, 16-bit inputs) are first converted to float32, a copy the size of the
+input; under autocast the product and the dot are done as a multiply and sums, which
+autocast leaves in float32. Per step three device
+scalars and four host scalars. The projection weights are cached per width (at most
 ``MAX_WIDTHS``).
 """
 
@@ -26,10 +29,10 @@ from runlens_collect import format as fmt
 from runlens_collect.probes._base import ProbeBase, model_device, unwrap
 from runlens_collect.step import StepFlags, StepParts
 
+_SUM_PROJ = (fmt.INPUT_SUM, fmt.INPUT_PROJ)
 MAX_WIDTHS = 16
 """Projection weight vectors kept (one per distinct example width): variable-length
 inputs must not grow memory without bound."""
-_FP_NAMES = (fmt.INPUT_SUM, fmt.INPUT_SUMSQ, fmt.INPUT_PROJ)
 
 
 def first_input(args: Sequence[Any], kwargs: dict[str, Any] | None) -> torch.Tensor | None:
@@ -52,7 +55,8 @@ class InputProbe(ProbeBase):
         super().__init__()
         self._device = torch.device("cpu")
         self._weights: dict[int, torch.Tensor] = {}
-        self._acc: dict[bool, torch.Tensor | None] = {True: None, False: None}
+        # Per mode (train/eval): [sum, projection] and the sum of squares, on the device.
+        self._acc: dict[bool, tuple[torch.Tensor, torch.Tensor] | None] = {True: None, False: None}
         self._examples = {True: 0, False: 0}
         self._forwards = {True: 0, False: 0}
         self._numel = {True: 0, False: 0}
@@ -67,6 +71,7 @@ class InputProbe(ProbeBase):
     def _on_forward_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if self.off:
             return None
+        t0 = self.clock()
         try:
             x = first_input(args, kwargs)
             if x is None or x.is_complex() or x.is_sparse:
@@ -84,21 +89,30 @@ class InputProbe(ProbeBase):
             if x.device == self._device and x.numel():
                 fp = self._fingerprint(x.detach(), batch)
                 acc = self._acc[mode]
-                self._acc[mode] = fp if acc is None else acc.add_(fp)
+                if acc is None:
+                    self._acc[mode] = fp
+                else:
+                    acc[0].add_(fp[0])
+                    acc[1].add_(fp[1])
         except Exception as exc:
             self._fail(exc)
+        self._spent(t0)
         return None
 
-    def _fingerprint(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+    def _fingerprint(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([sum, projection], sum of squares) of one input, in three kernels (this runs on
+        every training forward)."""
         x2 = x.reshape(max(batch, 1), -1)
-        if not x2.is_floating_point():
+        if x2.dtype != torch.float32:
             x2 = x2.float()  # token ids, masks, uint8 images: one copy the size of the input
-        cols = x2.sum(0, dtype=torch.float32)
-        sq = torch.linalg.vector_norm(x2, dtype=torch.float32).square().reshape(1)
-        # [sum, projection] from one product with [ones; cos] and a row sum, not mv/dot:
-        # autocast would run those in 16 bits.
-        sum_proj = (cols * self._projection(cols.numel())).sum(1)
-        return torch.cat([sum_proj[:1], sq, sum_proj[1:]])
+        cols = x2.sum(0)
+        w = self._projection(cols.numel())
+        if torch.is_autocast_enabled(x2.device.type):
+            # Autocast may run these products in 16 bits; a multiply and sums stay float32.
+            return (cols * w).sum(1), x2.square().sum()
+        flat = x2.reshape(-1)
+        # vecdot, not mv: a BLAS call per step costs ~2x more on CPU (measured in-loop).
+        return torch.linalg.vecdot(w, cols), torch.linalg.vecdot(flat, flat)
 
     def _projection(self, width: int) -> torch.Tensor:
         w = self._weights.get(width)
@@ -118,8 +132,9 @@ class InputProbe(ProbeBase):
         if self._forwards[mode]:
             acc = self._acc[mode]
             if acc is not None:
-                for i, name in enumerate(_FP_NAMES):
-                    parts.device_scalar(step, name, acc[i])
+                sum_proj, sumsq = acc
+                parts.own_scalars(step, _SUM_PROJ, sum_proj)
+                parts.own_scalar(step, fmt.INPUT_SUMSQ, sumsq)
             parts.host_scalar(step, fmt.INPUT_EXAMPLES, self._examples[mode])
             parts.host_scalar(step, fmt.INPUT_NUMEL, self._numel[mode])
             parts.host_scalar(step, fmt.INPUT_FORWARDS, self._forwards[mode])
