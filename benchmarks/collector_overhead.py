@@ -148,16 +148,13 @@ class Trainer:
         """One training step; its wall time in seconds.
 
         The collector observes loss functions and ``backward`` process-wide
-        (``runlens_collect.observe``): while another configuration steps, only that
-        configuration's own collector (or none, for bare training) listens, so bare steps
-        pay no collector work and no collector sees another model's losses."""
-        saved = observe._listeners[:]
-        mine = getattr(self.col, "_observer", None)
-        observe._listeners[:] = [r for r in saved if mine is not None and r() is mine]
-        try:
+        (``runlens_collect.observe``): bare steps run ``observe.quiet()``, so they pay no
+        collector work and the collector never sees their losses. (Each configuration is
+        paired with bare training alone: one collector per process at a time.)"""
+        if self.col is not None:
             return self._step(i, timed)
-        finally:
-            observe._listeners[:] = saved
+        with observe.quiet():
+            return self._step(i, timed)
 
     def _step(self, i: int, timed: bool) -> float:
         c0 = time.thread_time()

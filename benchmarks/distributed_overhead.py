@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from runlens_collect import Collector
+from runlens_collect import Collector, observe
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -77,7 +77,11 @@ def main() -> None:
         for i in range(args.warmup + args.steps):
             order = (False, True) if i % 2 == 0 else (True, False)
             for with_col in order:
-                t = step(seen, opt_b, col) if with_col else step(bare, opt_a, None)
+                if with_col:
+                    t = step(seen, opt_b, col)
+                else:
+                    with observe.quiet():  # the bare model's losses are no collector's
+                        t = step(bare, opt_a, None)
                 if i >= args.warmup:
                     (times_b if with_col else times_a).append(t)
                     if with_col:

@@ -24,6 +24,7 @@ CPU in the test suite).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import subprocess
@@ -99,6 +100,8 @@ class Trainer:
 
 
 def overhead(device: torch.device, steps: int, warmup: int, batch: int, seq: int) -> list[dict]:
+    from runlens_collect import observe
+
     rows = []
     for label, knobs in (
         ("defaults (overhead 3%)", {}),
@@ -117,7 +120,8 @@ def overhead(device: torch.device, steps: int, warmup: int, batch: int, seq: int
             col = Trainer(device, batch, seq, {**knobs, "clock": own_clock}, tmp + "/run")
             for i in range(warmup + steps):
                 for t in (bare, col) if i % 2 == 0 else (col, bare):
-                    dt = t.step(timed=i >= warmup)
+                    with observe.quiet() if t is bare else contextlib.nullcontext():
+                        dt = t.step(timed=i >= warmup)  # bare losses are no collector's
                     if t is bare:
                         bare_s[0] += dt
             t0 = time.perf_counter()

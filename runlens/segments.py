@@ -54,20 +54,10 @@ def footer_extent(files: Sequence[Path]) -> tuple[tuple[int, int], int | None] |
 
 
 def _step_stats(f: Path) -> tuple[int, int, int] | None:
-    """(min step, max step, rows) of segment ``f`` from its footer (None: no statistics)."""
-    md = pq.ParquetFile(f).metadata
-    paths = [md.schema.column(j).path for j in range(md.num_columns)]
-    if "step" not in paths or md.num_row_groups == 0:
-        return None
-    col = paths.index("step")
-    lo, hi = [], []
-    for i in range(md.num_row_groups):
-        st = md.row_group(i).column(col).statistics
-        if st is None or not st.has_min_max:
-            return None
-        lo.append(int(st.min))
-        hi.append(int(st.max))
-    return min(lo), max(hi), md.num_rows
+    """(min step, max step, rows) of segment ``f`` from its footer (None: not every row
+    group has statistics)."""
+    steps = fmt.segment_steps(f)
+    return steps[:3] if steps is not None and steps[3] else None
 
 
 # -- reading segments that may turn out unreadable ------------------------------------------

@@ -507,3 +507,33 @@ def test_off_step_grad_norm_after_a_clip_equals_the_clipped_gradients_norm(tmp_p
         [scalars[s, fmt.GRAD_NORM_PRECLIP] for s in range(12)], pre, rtol=1e-6
     )
     assert any(q < p * 0.9 for q, p in zip(post, pre, strict=True))  # some steps did clip
+
+
+def test_a_bare_model_stepped_quietly_is_not_seen_by_the_collector(tmp_path):
+    """The overhead benchmarks train a bare twin in the collector's process: inside
+    ``observe.quiet()`` its loss and backward reach no collector, so the loss recorded
+    from the observed backward passes is the collected model's alone."""
+    from runlens_collect import observe
+
+    torch.manual_seed(0)
+    seen, bare = nn.Linear(4, 2), nn.Linear(4, 2)
+    opt_s, opt_b = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (seen, bare))
+    losses = []
+    with Collector(seen, opt_s, run_dir=tmp_path) as col:
+        for _ in range(5):
+            x = torch.randn(8, 4)
+            with observe.quiet():
+                opt_b.zero_grad()
+                nn.functional.mse_loss(bare(x), torch.ones(8, 2) * 5).backward()
+                opt_b.step()
+            opt_s.zero_grad()
+            loss = nn.functional.mse_loss(seen(x), torch.zeros(8, 2))
+            loss.backward()
+            opt_s.step()
+            col.step()  # the loss: the mean of the step's observed backward passes
+            losses.append(float(loss))
+    rows = [r for f in sorted((tmp_path / fmt.SCALARS_DIR).glob(fmt.SEGMENT_GLOB))
+            for r in pq.read_table(f).to_pylist() if r["name"] == fmt.TRAIN_LOSS]  # fmt: skip
+    np.testing.assert_allclose(
+        [r["value"] for r in sorted(rows, key=lambda r: r["step"])], losses, rtol=1e-6
+    )

@@ -311,8 +311,7 @@ class Collector(Hooks, Shutdown):
         self._opt_traced = False  # the optimizer step ran inside compiled code
         self._grads_read = False  # read_gradients() called this step
         self._param_in_step = 0.0  # parameter reads made by step() itself (no optimizer hook)
-        self._host_device = self.device.type == "cpu"
-        self._parts.host_device = self._host_device
+        self._parts.host_device = self.device.type == "cpu"  # see StepParts.own_scalar
         self._flags = self._control.flags_for(self._step)
         self._arm(self._flags)
         # Moved to the device now: a host-to-device copy at the first histogram step would
@@ -517,16 +516,16 @@ class Collector(Hooks, Shutdown):
     def _add_scalar(self, step: int, name: str, v: Any, own: bool = False) -> None:
         """A scalar into the step's parts: tensors stay on the device (or, on another
         device, are read by the writer thread); numbers are host values. ``own``: a fresh
-        tensor of the step's own (the loss) nobody changes afterwards: on a CPU run the
-        writer thread reads it as is (no copy on the training thread)."""
+        tensor of the step's own (the loss) nobody changes afterwards
+        (``StepParts.own_scalar``)."""
         parts = self._parts
         if isinstance(v, torch.Tensor):
             if v.numel() != 1:
                 self._report("log", f"{name}: only scalar tensors can be logged", None)
                 return
             t = v.detach().reshape(1)
-            if own and self._host_device and t.device == self.device:
-                parts.extern.append((step, name, t))
+            if own and t.device == self.device:
+                parts.own_scalar(step, name, t)
             elif t.device == self.device:
                 parts.dev.append((step, name, t))
             elif t.device.type == "cpu":
@@ -619,10 +618,7 @@ class Collector(Hooks, Shutdown):
         elif norms and norms[0] != fmt.GRAD_NORM:
             latest[fmt.GRAD_NORM] = latest.pop(norms[0]).to(self.device, non_blocking=True)
         for name, value in latest.items():
-            if self._host_device:
-                self._parts.extern.append((step, name, value))  # see _add_scalar
-            else:
-                self._parts.device_scalar(step, name, value)
+            self._parts.own_scalar(step, name, value)  # fresh reductions of this step
 
     def _probe_meta(self) -> None:
         """run.json ``probes``: rebuilt when a probe has news, and replaced whole (the writer

@@ -617,6 +617,26 @@ def next_segment_number(paths: Iterable[str | os.PathLike[str]]) -> int:
     return max(r[1] for r in ranges) + 1 if ranges else 0
 
 
+def segment_steps(path: str | os.PathLike[str]) -> tuple[int, int, int, bool] | None:
+    """(first step, last step, rows, complete) of a segment from its Parquet footer's
+    ``step`` statistics, without reading data: over the row groups that have them,
+    ``complete`` when all do; None when none does. Raises when the footer is unreadable."""
+    md = pq.read_metadata(path)
+    i = md.schema.to_arrow_schema().get_field_index("step")
+    if i < 0:
+        return None
+    lo: list[int] = []
+    hi: list[int] = []
+    for g in range(md.num_row_groups):
+        st = md.row_group(g).column(i).statistics
+        if st is not None and st.has_min_max:
+            lo.append(int(st.min))
+            hi.append(int(st.max))
+    if not lo:
+        return None
+    return min(lo), max(hi), md.num_rows, len(lo) == md.num_row_groups
+
+
 def write_segment(table: pa.Table, path: str | os.PathLike[str]) -> None:
     """Write one complete Parquet segment atomically and durably: temp file, fsync,
     rename, fsync of the directory (a node crash can otherwise leave an empty file under

@@ -27,7 +27,7 @@ import contextlib
 import functools
 import sys
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -93,6 +93,19 @@ def add_listener(listener: Any, weak: bool = True) -> None:
 
 def remove_listener(listener: Any) -> None:
     _listeners[:] = [r for r in _listeners if r() is not None and r() is not listener]
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """No listener hears anything within the block: for a bare model trained beside a
+    collected one in the same process (the overhead benchmarks), whose losses and
+    backward passes no collector should see or pay for."""
+    saved = _listeners[:]
+    _listeners.clear()
+    try:
+        yield
+    finally:
+        _listeners[:] = saved + _listeners  # keep any added within the block
 
 
 def _each(method: str) -> list[Callable[..., Any]]:

@@ -370,24 +370,21 @@ class ParamStats:
                     parts.put_latest(self.grad_norm_name, clipped.to(self.device))
                     return
                 # Off-steps still get grad_norm: one batched norm, kept on device.
-                grads = [p.grad for p in self._norm_params]
-                if not all(g is not None for g in grads):  # not `None in`: that calls ==
-                    grads = [g for g in grads if g is not None]
-                elif self._norm_plain:
-                    # Every gradient was dense and on this device before: a gradient's
-                    # device and layout follow its parameter's, so they are not re-checked.
-                    self._off_norm(grads, scale, parts)
-                    return
+                grads = [g for g in (p.grad for p in self._norm_params) if g is not None]
                 if self._norm_local:
                     grads = [local(g) for g in grads]
-                dev = self.device
-                plain = all(g.device == dev and not g.is_sparse for g in grads)
-                if not plain:
-                    grads = [g for g in grads if not g.is_sparse and g.device == dev]
-                elif len(grads) == len(self._norm_params) and not self._norm_local:
-                    self._norm_plain = True
+                if not self._norm_plain:
+                    dev = self.device
+                    kept = [g for g in grads if not g.is_sparse and g.device == dev]
+                    # All of them dense and here: a gradient's device and layout follow
+                    # its parameter's, so later steps skip this check.
+                    self._norm_plain = len(kept) == len(self._norm_params)
+                    grads = kept
                 if grads:
-                    self._off_norm(grads, scale, parts)
+                    norm = torch.linalg.vector_norm(
+                        torch.stack(torch._foreach_norm(grads, 2)).float()
+                    )
+                    parts.put_latest(self.grad_norm_name, norm if scale is None else norm / scale)
                 return
             items = self._items[flags.full]
             srcs = self._srcs(items, grads=True)
@@ -397,15 +394,6 @@ class ParamStats:
         except Exception as exc:
             parts.sections.pop(site, None)
             self._guard(site, exc)
-
-    def _off_norm(
-        self, grads: list[torch.Tensor], scale: torch.Tensor | None, parts: StepParts
-    ) -> None:
-        """grad_norm off stat steps: one batched norm, kept on the device."""
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)).float())
-        if scale is not None:
-            norm = norm / scale
-        parts.put_latest(self.grad_norm_name, norm)
 
     def _spare(self) -> torch.Tensor | None:
         return self._ws.spare(0)

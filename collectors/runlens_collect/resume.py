@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from runlens_collect import format as fmt
 
 
@@ -36,14 +34,11 @@ def _max_step(files: list[Path]) -> int | None:
     best: int | None = None
     for f in files:
         try:
-            md = pq.read_metadata(f)
-            i = md.schema.to_arrow_schema().get_field_index("step")
-            for g in range(md.num_row_groups):
-                st = md.row_group(g).column(i).statistics
-                if st is not None and st.has_min_max:
-                    best = int(st.max) if best is None else max(best, int(st.max))
+            steps = fmt.segment_steps(f)
         except Exception:
             continue  # a segment being written or damaged: run.json still says
+        if steps is not None:
+            best = steps[1] if best is None else max(best, steps[1])
     return best
 
 

@@ -259,10 +259,9 @@ class Writer(threading.Thread):
                     walls.append(pkg.wall_time)
                 for step, name, t in pkg.extern:
                     if isinstance(name, tuple):  # one value per name (own_scalars)
-                        vals = t.reshape(-1).tolist()
                         steps.extend([step] * len(name))
                         names.extend(name)
-                        values.extend(float(v) for v in vals[: len(name)])
+                        values.extend(t.reshape(-1).tolist())
                         walls.extend([pkg.wall_time] * len(name))
                         continue
                     steps.append(step)
@@ -413,15 +412,12 @@ class Writer(threading.Thread):
 
     def _scalars_table(self) -> pa.Table:
         c = self._sc
-        names = pa.array(list(self._scalar_names), pa.string())
-        return pa.Table.from_arrays(
-            [
-                pa.array(np.concatenate(c["step"])),
-                pa.array(np.concatenate(c["wall"])),
-                pa.DictionaryArray.from_arrays(pa.array(np.concatenate(c["name"])), names),
-                pa.array(np.concatenate(c["value"])),
-            ],
-            schema=fmt.SCALARS_SCHEMA,
+        return _scalars_table(
+            np.concatenate(c["step"]),
+            np.concatenate(c["wall"]),
+            np.concatenate(c["name"]),
+            self._scalar_names,
+            np.concatenate(c["value"]),
         )
 
     def _layers_table(self) -> pa.Table:
@@ -588,22 +584,29 @@ class Writer(threading.Thread):
                 self.flush()
 
 
+def _scalars_table(
+    steps: np.ndarray, walls: np.ndarray, name_ids: np.ndarray, names: list[str], values: np.ndarray
+) -> pa.Table:
+    """A scalars segment: ``name_ids`` index ``names`` (a dictionary column)."""
+    return pa.Table.from_arrays(
+        [
+            pa.array(steps),
+            pa.array(walls),
+            pa.DictionaryArray.from_arrays(pa.array(name_ids), pa.array(list(names), pa.string())),
+            pa.array(values),
+        ],
+        schema=fmt.SCALARS_SCHEMA,
+    )
+
+
 def _warm_up() -> None:
-    """Build and encode one tiny segment of each table in memory, at the writer's start:
+    """Build and encode a one-row scalars segment in memory at the writer's start:
     pyarrow's one-time set-up (dictionary arrays, the Parquet writer, zstd) costs tens of
     milliseconds, paid here while training runs rather than at the first flush or inside
     ``close()``, where a short run would wait for it."""
     try:
-        names = pa.array(["x"], pa.string())
-        table = pa.Table.from_arrays(
-            [
-                pa.array(np.zeros(1, np.int64)),
-                pa.array(np.zeros(1)),
-                pa.DictionaryArray.from_arrays(pa.array(np.zeros(1, np.int32)), names),
-                pa.array(np.zeros(1)),
-            ],
-            schema=fmt.SCALARS_SCHEMA,
-        )
+        one = np.zeros(1)
+        table = _scalars_table(one.astype(np.int64), one, np.zeros(1, np.int32), ["x"], one)
         pyarrow.parquet.write_table(table, io.BytesIO(), compression="zstd")
     except Exception:  # only a warm-up: the real writes report their own failures
         pass

@@ -130,8 +130,8 @@ class GradCarryProbe(ProbeBase):
     def end_step(self, step: int, flags: StepFlags, parts: StepParts) -> None:
         self._raise_pending()
         if self._new_norms:
-            # One stack of [old; new; bits] and two reductions: the fewest kernels for
-            # the three scalars (this runs every step).
+            # Old and new norms in one stack (and one square): few kernels for the three
+            # scalars, on the steps that measured any.
             both = torch.stack(self._old_norms + self._new_norms)
             n = len(self._old_norms)
             sq = both.square()
