@@ -509,6 +509,40 @@ def test_off_step_grad_norm_after_a_clip_equals_the_clipped_gradients_norm(tmp_p
     assert any(q < p * 0.9 for q, p in zip(post, pre, strict=True))  # some steps did clip
 
 
+def test_off_step_grad_norm_without_a_clip_is_the_norm_of_the_gradients_present(tmp_path):
+    """Off stat steps without a clip, grad_norm is computed from the gradients (on a CPU
+    run the writer thread combines the per-tensor norms): the 2-norm of every gradient
+    there, also on steps where one parameter got none (its ``.grad`` is None: a branch the
+    step did not use) and after it gets one again."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    side = nn.Linear(8, 4)  # used on odd steps only
+    params = [*model.parameters(), *side.parameters()]
+    opt = torch.optim.SGD(params, lr=0.05)
+    truth = []
+    with Collector(
+        nn.ModuleList([model, side]), opt, run_dir=tmp_path, every=5, overhead=None
+    ) as col:
+        for step in range(12):
+            x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+            opt.zero_grad()
+            out = model(x) + (side(x) if step % 2 else 0.0)
+            nn.functional.cross_entropy(out, y).backward()
+            truth.append(
+                math.sqrt(
+                    sum(float(p.grad.double().square().sum()) for p in params if p.grad is not None)
+                )
+            )
+            opt.step()
+            col.step(loss=0.0)
+    assert col.warnings == []
+    scalars = {}
+    for f in sorted((tmp_path / fmt.SCALARS_DIR).glob(fmt.SEGMENT_GLOB)):
+        for r in pq.read_table(f).to_pylist():
+            scalars[r["step"], r["name"]] = r["value"]
+    np.testing.assert_allclose([scalars[s, fmt.GRAD_NORM] for s in range(12)], truth, rtol=1e-6)
+
+
 def test_a_bare_model_stepped_quietly_is_not_seen_by_the_collector(tmp_path):
     """The overhead benchmarks train a bare twin in the collector's process: inside
     ``observe.quiet()`` its loss and backward reach no collector, so the loss recorded

@@ -62,7 +62,7 @@ from runlens_collect.overhead import OverheadController
 from runlens_collect.param_stats import ParamStats
 from runlens_collect.probes import default_probes
 from runlens_collect.probes._base import ProbeBase
-from runlens_collect.step import Probe, StepParts
+from runlens_collect.step import NormOf, Probe, StepParts
 from runlens_collect.taskinfer import TaskTracker
 from runlens_collect.timing import StepTimer
 from runlens_collect.transfer import Transfer
@@ -613,10 +613,12 @@ class Collector(Hooks, Shutdown):
         latest = self._parts.latest
         norms = [k for k in latest if k == fmt.GRAD_NORM or k.startswith(fmt.GRAD_NORM + "@")]
         if len(norms) > 1:
-            vals = [latest.pop(k).reshape(()).to(self.device, non_blocking=True) for k in norms]
+            vals = [
+                _tensor(latest.pop(k)).reshape(()).to(self.device, non_blocking=True) for k in norms
+            ]
             latest[fmt.GRAD_NORM] = torch.linalg.vector_norm(torch.stack(vals))
         elif norms and norms[0] != fmt.GRAD_NORM:
-            latest[fmt.GRAD_NORM] = latest.pop(norms[0]).to(self.device, non_blocking=True)
+            latest[fmt.GRAD_NORM] = _tensor(latest.pop(norms[0])).to(self.device, non_blocking=True)
         for name, value in latest.items():
             self._parts.own_scalar(step, name, value)  # fresh reductions of this step
 
@@ -688,6 +690,10 @@ class Collector(Hooks, Shutdown):
         self._report(
             "writer", "writer fell behind; statistics of some steps dropped", None, event=False
         )
+
+
+def _tensor(v: torch.Tensor | NormOf) -> torch.Tensor:
+    return v.tensor() if isinstance(v, NormOf) else v
 
 
 def _memory_info(groups: Sequence[ParamStats]) -> dict[str, object]:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 import torch
@@ -49,10 +50,13 @@ from runlens_collect.budget import Workspace
 from runlens_collect.dist import is_dtensor, local
 from runlens_collect.layout import Section
 from runlens_collect.stats import NRAW
-from runlens_collect.step import StepFlags, StepParts
+from runlens_collect.step import NormOf, StepFlags, StepParts
 from runlens_collect.stream import Region, StreamPlan, piece_of, region_raw
 
 Guard = Callable[[str, BaseException], None]
+
+
+_GRAD = attrgetter("grad")
 
 
 @dataclass
@@ -370,21 +374,16 @@ class ParamStats:
                     parts.put_latest(self.grad_norm_name, clipped.to(self.device))
                     return
                 # Off-steps still get grad_norm: one batched norm, kept on device.
-                grads = [g for g in (p.grad for p in self._norm_params) if g is not None]
-                if self._norm_local:
-                    grads = [local(g) for g in grads]
-                if not self._norm_plain:
-                    dev = self.device
-                    kept = [g for g in grads if not g.is_sparse and g.device == dev]
-                    # All of them dense and here: a gradient's device and layout follow
-                    # its parameter's, so later steps skip this check.
-                    self._norm_plain = len(kept) == len(self._norm_params)
-                    grads = kept
-                if grads:
-                    norm = torch.linalg.vector_norm(
-                        torch.stack(torch._foreach_norm(grads, 2)).float()
-                    )
-                    parts.put_latest(self.grad_norm_name, norm if scale is None else norm / scale)
+                norms = self._grad_norms()
+                if not norms:
+                    return
+                if scale is None and parts.host_device:
+                    # CPU: the writer thread combines the per-tensor norms (NormOf), as
+                    # a device would: a stack and a norm fewer on the training thread.
+                    parts.put_latest(self.grad_norm_name, NormOf(norms))
+                    return
+                norm = torch.linalg.vector_norm(torch.stack(norms).float())
+                parts.put_latest(self.grad_norm_name, norm if scale is None else norm / scale)
                 return
             items = self._items[flags.full]
             srcs = self._srcs(items, grads=True)
@@ -394,6 +393,25 @@ class ParamStats:
         except Exception as exc:
             parts.sections.pop(site, None)
             self._guard(site, exc)
+
+    def _grad_norms(self) -> Sequence[torch.Tensor]:
+        """The 2-norm of each trainable parameter's gradient (absent ones left out), in
+        one multi-tensor kernel."""
+        grads = list(map(_GRAD, self._norm_params))  # attribute reads in C: cheaper
+        if self._norm_plain:
+            try:  # every gradient there, dense and here (the usual case)
+                return torch._foreach_norm(grads, 2)
+            except TypeError:  # one is None this step
+                pass
+        grads = [g for g in grads if g is not None]
+        if self._norm_local:
+            grads = [local(g) for g in grads]
+        dev = self.device
+        kept = [g for g in grads if not g.is_sparse and g.device == dev]
+        # All of them dense and here: a gradient's device and layout follow its
+        # parameter's, so later steps try the list as it is first.
+        self._norm_plain = len(kept) == len(self._norm_params) and not self._norm_local
+        return torch._foreach_norm(kept, 2) if kept else []
 
     def _spare(self) -> torch.Tensor | None:
         return self._ws.spare(0)

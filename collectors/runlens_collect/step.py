@@ -68,12 +68,34 @@ ExternScalars = list[tuple[int, Any, Any]]
 one value per name (``StepParts.own_scalars``)."""
 
 
+class NormOf:
+    """The 2-norm of several one-value tensors (per-tensor 2-norms of the gradients): on a
+    CPU run the writer thread combines them (``float()``, in the ops the device path
+    uses), so the training thread runs one multi-tensor kernel for ``grad_norm``, not
+    three. Handed to the writer only through ``StepParts.own_scalar``."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: Sequence[torch.Tensor]) -> None:
+        self.parts = parts
+
+    def tensor(self) -> torch.Tensor:
+        """The norm as a 0-d float32 tensor (the ops of the device path)."""
+        import torch
+
+        return torch.linalg.vector_norm(torch.stack(list(self.parts)).float())
+
+    def __float__(self) -> float:
+        return float(self.tensor())
+
+
 class StepParts:
     """What the current step has recorded so far (training thread only)."""
 
     def __init__(self) -> None:
         self.sections: dict[str, Part] = {}  # by section name; insertion order is packing order
-        self.latest: dict[str, torch.Tensor] = {}  # device scalars a later read replaces
+        # Device scalars a later read replaces (on a CPU run grad_norm may be a NormOf).
+        self.latest: dict[str, torch.Tensor | NormOf] = {}
         self.host: HostScalars = []
         self.dev: DevScalars = []
         self.extern: ExternScalars = []  # tensors on another device, or read as they are
@@ -84,7 +106,7 @@ class StepParts:
         """Add (or replace: the last read of a step wins) a section's data."""
         self.sections[section.name] = (section, data, missing)
 
-    def put_latest(self, name: str, value: torch.Tensor) -> None:
+    def put_latest(self, name: str, value: torch.Tensor | NormOf) -> None:
         """A device scalar recorded once at the step's end, whatever replaced it before."""
         self.latest[name] = value
 
@@ -92,11 +114,12 @@ class StepParts:
         """A one-element float tensor on the collector's device (read by the writer)."""
         self.dev.append((step, name, value.reshape(1)))
 
-    def own_scalar(self, step: int, name: str, value: torch.Tensor) -> None:
+    def own_scalar(self, step: int, name: str, value: torch.Tensor | NormOf) -> None:
         """A one-element tensor computed for this step that nothing changes afterwards
         (a probe's fresh reduction). On a CPU run the writer thread reads it as it is:
-        no packing and no copy on the training thread. Elsewhere a ``device_scalar``."""
-        if self.host_device and value.device.type == "cpu":
+        no packing and no copy on the training thread. Elsewhere a ``device_scalar``.
+        A ``NormOf`` (CPU runs only) is combined by the writer thread."""
+        if self.host_device and (type(value) is NormOf or value.device.type == "cpu"):
             self.extern.append((step, name, value))
         else:
             self.dev.append((step, name, value.reshape(1)))
