@@ -546,6 +546,10 @@ COMPACT_SMALL_ROWS: Final = 1 << 18
 COMPACT_MAX_FILE_ROWS: Final = 1 << 24
 """Rows per compacted segment at most (a damaged file loses no more than this)."""
 
+ROLL_FANOUT: Final = 4
+"""Rolling compaction (the collector's writer, while the run records) merges this many
+consecutive segments of one tier into one of the tier above."""
+
 COMPACTION_STEPS: Final = (
     "Per table and rank, the live segments in order are grouped: consecutive readable "
     f"segments with one schema, each of fewer than {COMPACT_SMALL_ROWS:,} rows, up to "

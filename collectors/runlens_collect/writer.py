@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute
 import pyarrow.parquet
 
+from runlens_collect import compact
 from runlens_collect import format as fmt
 from runlens_collect.layout import LayoutError, Section, StepLayout
 from runlens_collect.stats import NBINS, NRAW, NSINGLE, single_to_raw
@@ -151,6 +152,16 @@ class BoundedQueue:
         return self._q.get_nowait()
 
 
+@dataclass
+class RollStats:
+    """What the writer spent on segments: writing them, and merging them as it goes."""
+
+    write_seconds: float = 0.0
+    roll_seconds: float = 0.0
+    merges: int = 0
+    rows_rewritten: int = 0
+
+
 class Writer(threading.Thread):
     """Consumes Packages from a bounded queue; flushes by steps, by seconds and on close."""
 
@@ -167,6 +178,7 @@ class Writer(threading.Thread):
         on_flush: Callable[[int], None],
         report: Callable[[str, str, BaseException | None], None],
         write_events: bool,
+        rolling: bool = True,
     ) -> None:
         super().__init__(name="runlens-writer", daemon=True)
         self.run_dir = run_dir
@@ -200,6 +212,11 @@ class Writer(threading.Thread):
         self.last_step: int | None = None
         self.flush_requested = threading.Event()
         self._last_flush = time.monotonic()
+        self.rolling = rolling
+        """Merge this writer's segments after each flush (compact.roll): a run that is
+        still recording, or crashed, has few segments however often it flushed."""
+        self.roll_stats = RollStats()
+        self._roll_rows: dict[str, int] = {}  # compact.roll's footer cache
 
     def first_segments(self) -> dict[str, int]:
         """The number of the next segment of each table (before the first flush: the first
@@ -464,21 +481,51 @@ class Writer(threading.Thread):
         if self._pending_steps == 0 and not self._sc["step"]:
             return
         last = self._pending_max_step
+        written: list[str] = []
+        t0 = time.perf_counter()
         try:
             if self._sc["step"]:
+                written.append(fmt.SCALARS_DIR)
                 self._write(fmt.SCALARS_DIR, self._scalars_table())
             if self._ly["step"]:
+                written.append(fmt.LAYERS_DIR)
                 self._write(fmt.LAYERS_DIR, self._layers_table())
         except Exception as exc:  # e.g. ENOSPC: drop these rows, keep going
             self.report("writer", "writing a segment failed; those rows are lost", exc)
         finally:
             self._reset_pending()
+        self.roll_stats.write_seconds += time.perf_counter() - t0
         if last is not None:
             self.last_step = last
             try:
                 self.on_flush(last)
             except Exception as exc:
                 self.report("writer", "updating run.json failed", exc)
+        self._roll(written)  # after on_flush, which may turn it off (config rolling=False)
+
+    def _roll(self, tables: list[str]) -> None:
+        """Rolling compaction of the tables just written (compact.roll). A failure turns
+        it off for the rest of the run with one warning: the segments stay readable
+        (the merge is crash-safe) and close() compacts them."""
+        if not self.rolling:
+            return
+        t0 = time.perf_counter()
+        try:
+            for table in tables:
+                merged = compact.roll(
+                    self.run_dir,
+                    table,
+                    self.rank,
+                    self.first_seq[table],
+                    rows_cache=self._roll_rows,
+                )
+                self.roll_stats.merges += len(merged)
+                self.roll_stats.rows_rewritten += sum(m.rows for m in merged)
+        except Exception as exc:
+            self.rolling = False
+            self.report("writer", "rolling compaction failed; it is off for this run", exc)
+        finally:
+            self.roll_stats.roll_seconds += time.perf_counter() - t0
 
     def _write(self, table_dir: str, table: pa.Table) -> None:
         seq = self._seq[table_dir]
