@@ -579,6 +579,8 @@ def _check_steps(run: Run) -> None:
                 .agg(pl.len().alias("n"))
             ),
         )
+    except SegmentsChanged:
+        raise  # load_run lists again
     except RunLoadError as exc:
         run.warnings.append(str(exc))
         return

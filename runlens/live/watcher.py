@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow.parquet as pq
 from runlens_collect import format as fmt
 
 from runlens import importers, storage
@@ -121,6 +122,8 @@ class _Follower:
         self.url = path if storage.is_url(path) else None
         self.local = None if self.url else Path(path)
         self.seen: dict[str, set[Path]] = {fmt.SCALARS_DIR: set(), fmt.LAYERS_DIR: set()}
+        self.read: dict[tuple[str, int], list[tuple[int, int, int]]] = {}
+        """Per table and rank: (first, last segment number, rows) of each segment read."""
         self.failures: dict[Path, int] = {}
         self.events_offsets: dict[Path, int] = {}
         self.events_sizes: dict[Path, int] = {}
@@ -147,8 +150,29 @@ class _Follower:
         return storage.mirror(self.url, keep) if keep else None
 
     def new_segments(self, root: Path, table: str, rank: int) -> list[Path]:
-        files = sorted((root / table / f"rank={rank}").glob("part-*.parquet"))
+        """The live segments (format.live_segments) not read yet, in order: a merged
+        segment (the collector's rolling compaction) among them may cover segments
+        already read (see :meth:`rows_read`)."""
+        files = fmt.live_segments((root / table / f"rank={rank}").glob("part-*.parquet"))
         return [f for f in files if f not in self.seen[table]]
+
+    def rows_read(self, table: str, rank: int, seg: Path) -> int:
+        """Rows already read from the segments ``seg`` covers. A merged segment holds
+        its segments' rows in their order (compact._merge), and the segments read are
+        always a prefix of those it covers (each poll reads every live segment in order
+        and stops at one that vanished), so these are its first rows."""
+        r = fmt.segment_range(seg)
+        if r is None:
+            return 0
+        return sum(n for a, b, n in self.read.get((table, rank), ()) if r[0] <= a and b <= r[1])
+
+    def mark_read(self, table: str, rank: int, seg: Path, rows: int) -> None:
+        self.seen[table].add(seg)
+        r = fmt.segment_range(seg)
+        if r is None:
+            return
+        done = [x for x in self.read.get((table, rank), []) if not (r[0] <= x[0] and x[1] <= r[1])]
+        self.read[(table, rank)] = [*done, (r[0], r[1], rows)]
 
     def new_events(self, root: Path) -> tuple[list[dict[str, Any]], bool]:
         """Complete new lines of every rank's events file, and True when one was rewritten
@@ -293,16 +317,25 @@ class Watcher:
         data.rank = ranks[0]
         for table, rank in ((t, r) for t in (fmt.SCALARS_DIR, fmt.LAYERS_DIR) for r in ranks):
             for seg in f.new_segments(root, table, rank):
+                done = f.rows_read(table, rank, seg)
                 try:
+                    if done and done >= pq.read_metadata(seg).num_rows:
+                        f.mark_read(table, rank, seg, done)  # every row of it read already
+                        continue
                     df = read_segment(seg, table)
-                except RunLoadError as exc:
+                except Exception as exc:  # read_segment's RunLoadError, a footer's
+                    if not seg.exists():  # merged away: the next poll reads what replaced it
+                        break
+                    if not isinstance(exc, RunLoadError):
+                        exc = RunLoadError(f"unreadable segment {seg.name}: {exc}")
                     f.failures[seg] = f.failures.get(seg, 0) + 1
                     if f.failures[seg] >= SEGMENT_RETRIES:
                         f.seen[table].add(seg)
                         data.warnings.append(f"skipped {table}/{seg.name}: {exc}")
                         out.append(self._event("warning", f"skipped {table}/{seg.name}: {exc}"))
                     continue
-                f.seen[table].add(seg)
+                f.mark_read(table, rank, seg, df.height)
+                df = df.slice(done)  # the rows of the segments it covers read before
                 self.stats.segments_read += 1
                 self.stats.rows_read += df.height
                 (data.add_scalars if table == fmt.SCALARS_DIR else data.add_layers)(df, rank)
