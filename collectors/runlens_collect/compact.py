@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -470,7 +471,7 @@ def _lock(folder: Path):  # type: ignore[no-untyped-def]
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         try:
-            stale = time.time() - path.stat().st_mtime > STALE_LOCK_S
+            stale = time.time() - path.stat().st_mtime > STALE_LOCK_S or _dead_holder(path)
         except FileNotFoundError:
             stale = True
         if not stale:
@@ -484,12 +485,36 @@ def _lock(folder: Path):  # type: ignore[no-untyped-def]
             yield False
             return
     try:
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         os.close(fd)
+        # Held: a compaction's temporary file here is an orphan of one that died.
+        for orphan in folder.glob(".tmp-compact-*.parquet"):
+            with contextlib.suppress(OSError):
+                orphan.unlink()
         yield True
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def _dead_holder(path: Path) -> bool:
+    """Whether the lock at ``path`` was taken by a process of this host that is gone (a
+    collector killed in the middle of a rolling merge): taken over at once rather than
+    after STALE_LOCK_S. A holder on another host is never judged from here."""
+    try:
+        pid_text, host = path.read_text(encoding="utf-8").split()
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return False
+    if host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, not ours to signal
+        return False
+    return False
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -216,6 +216,8 @@ class Writer(threading.Thread):
         """Merge this writer's segments after each flush (compact.roll): a run that is
         still recording, or crashed, has few segments however often it flushed."""
         self.roll_stats = RollStats()
+        self.done_step: int | None = None
+        """The last step written, its segments' merges done (last_step: written)."""
         self._roll_rows: dict[str, int] = {}  # compact.roll's footer cache
 
     def first_segments(self) -> dict[str, int]:
@@ -502,6 +504,8 @@ class Writer(threading.Thread):
             except Exception as exc:
                 self.report("writer", "updating run.json failed", exc)
         self._roll(written)  # after on_flush, which may turn it off (config rolling=False)
+        if last is not None:
+            self.done_step = last
 
     def _roll(self, tables: list[str]) -> None:
         """Rolling compaction of the tables just written (compact.roll). A failure turns
