@@ -111,14 +111,14 @@ def test_policy_keeps_few_segments_and_rewrites_rows_log_times() -> None:
     rewritten = most = 0
     for seq in range(300):
         segs.append((seq, seq, 4000))
-        while (pick := C.roll_plan(segs)) is not None:
+        while (pick := C.roll_plan(segs, fanout=4)) is not None:
             a, b = segs[pick[0]][0], segs[pick[-1]][1]
             rows = sum(segs[i][2] for i in pick)
             rewritten += rows
             segs[pick[0] : pick[-1] + 1] = [(a, b, rows)]
         most = max(most, len(segs))
-    assert most <= _bound(300) == 15
-    assert [C.roll_level(a, b) for a, b, _ in segs] == [4, 2, 2, 1, 1, 1]  # 300 = 10230 in base 4
+    assert most <= _bound(300, fanout=4) == 15
+    assert [C.roll_level(a, b, 4) for a, b, _ in segs] == [4, 2, 2, 1, 1, 1]  # 300 = 10230 base 4
     # Each row rewritten once per tier it climbed: at most log4(300) < 5 times, here 3.35.
     assert rewritten / (300 * 4000) < math.log(300, 4)
     # Segments already large are never merged again; a merge never crosses one.

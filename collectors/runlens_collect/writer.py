@@ -158,6 +158,9 @@ class RollStats:
 
     write_seconds: float = 0.0
     roll_seconds: float = 0.0
+    write_cpu: float = 0.0
+    """CPU seconds of the writer thread writing segments (the seconds above: wall)."""
+    roll_cpu: float = 0.0
     merges: int = 0
     rows_rewritten: int = 0
 
@@ -484,7 +487,7 @@ class Writer(threading.Thread):
             return
         last = self._pending_max_step
         written: list[str] = []
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             if self._sc["step"]:
                 written.append(fmt.SCALARS_DIR)
@@ -497,6 +500,7 @@ class Writer(threading.Thread):
         finally:
             self._reset_pending()
         self.roll_stats.write_seconds += time.perf_counter() - t0
+        self.roll_stats.write_cpu += time.thread_time() - c0
         if last is not None:
             self.last_step = last
             try:
@@ -513,7 +517,7 @@ class Writer(threading.Thread):
         (the merge is crash-safe) and close() compacts them."""
         if not self.rolling:
             return
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             for table in tables:
                 merged = compact.roll(
@@ -530,6 +534,7 @@ class Writer(threading.Thread):
             self.report("writer", "rolling compaction failed; it is off for this run", exc)
         finally:
             self.roll_stats.roll_seconds += time.perf_counter() - t0
+            self.roll_stats.roll_cpu += time.thread_time() - c0
 
     def _write(self, table_dir: str, table: pa.Table) -> None:
         seq = self._seq[table_dir]
