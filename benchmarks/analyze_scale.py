@@ -261,7 +261,7 @@ def split_segments(src: Path, dest: Path, parts: int, rolled: dict | None = None
     written is followed by the collector writer's rolling compaction (compact.roll), as
     a run still recording (or crashed) with rolling on leaves it."""
     import pyarrow.parquet as pq
-    from runlens_collect import compact
+    from runlens_collect import rolling
 
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
@@ -279,7 +279,7 @@ def split_segments(src: Path, dest: Path, parts: int, rolled: dict | None = None
             if rolled is None:
                 continue
             t1, c1 = time.perf_counter(), time.thread_time()
-            merged = compact.roll(dest, table, 0, 0, rows_cache=rolled.setdefault("cache", {}))
+            merged = rolling.roll(dest, table, 0, 0, rows_cache=rolled.setdefault("cache", {}))
             t2, c2 = time.perf_counter(), time.thread_time()
             for key, v in (("write_s", t1 - t0), ("roll_s", t2 - t1), ("write_cpu", c1 - c0),
                            ("roll_cpu", c2 - c1)):  # fmt: skip

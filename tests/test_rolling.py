@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,7 @@ from click.testing import CliRunner
 from runlens_collect import Collector
 from runlens_collect import compact as C
 from runlens_collect import format as fmt
+from runlens_collect import rolling as R
 
 import runlens
 from runlens.cli import cli
@@ -95,7 +97,7 @@ def _rows(run: Path, table: str, rank: int = 0) -> pl.DataFrame:
     return df
 
 
-def _bound(flushes: int, fanout: int = C.ROLL_FANOUT) -> int:
+def _bound(flushes: int, fanout: int = R.ROLL_FANOUT) -> int:
     """(fanout - 1) segments per tier at most."""
     return (fanout - 1) * max(1, math.ceil(math.log(flushes + 1, fanout)))
 
@@ -111,18 +113,18 @@ def test_policy_keeps_few_segments_and_rewrites_rows_log_times() -> None:
     rewritten = most = 0
     for seq in range(300):
         segs.append((seq, seq, 4000))
-        while (pick := C.roll_plan(segs, fanout=4)) is not None:
+        while (pick := R.roll_plan(segs, fanout=4)) is not None:
             a, b = segs[pick[0]][0], segs[pick[-1]][1]
             rows = sum(segs[i][2] for i in pick)
             rewritten += rows
             segs[pick[0] : pick[-1] + 1] = [(a, b, rows)]
         most = max(most, len(segs))
     assert most <= _bound(300, fanout=4) == 15
-    assert [C.roll_level(a, b, 4) for a, b, _ in segs] == [4, 2, 2, 1, 1, 1]  # 300 = 10230 base 4
+    assert [R.roll_level(a, b, 4) for a, b, _ in segs] == [4, 2, 2, 1, 1, 1]  # 300 = 10230 base 4
     # Each row rewritten once per tier it climbed: at most log4(300) < 5 times, here 3.35.
     assert rewritten / (300 * 4000) < math.log(300, 4)
     # Segments already large are never merged again; a merge never crosses one.
-    assert C.roll_plan([(0, 0, C.SMALL_ROWS)] * 1 + [(i, i, 10) for i in range(1, 4)]) is None
+    assert R.roll_plan([(0, 0, C.SMALL_ROWS)] * 1 + [(i, i, 10) for i in range(1, 4)]) is None
 
 
 def test_rolled_run_has_few_segments_and_the_same_rows(plain: Path, tmp_path: Path) -> None:
@@ -228,8 +230,9 @@ def test_a_failed_merge_is_one_warning_and_loses_nothing(
         real(src, dst)
 
     monkeypatch.setattr(C.os, "replace", replace)
-    col = _train(tmp_path / "run", steps=30, close=False)
-    _wait_written(col)
+    with pytest.warns(RuntimeWarning, match="rolling compaction failed"):
+        col = _train(tmp_path / "run", steps=30, close=False)
+        _wait_written(col)
     assert not col._writer.rolling  # off for the rest of the run
     assert [w for w in col.warnings if "rolling compaction failed" in w]
     assert not list(col.run_dir.glob("*/rank=0/.tmp-*"))
@@ -358,3 +361,24 @@ def test_analysis_lists_again_when_segments_merge_under_it(
     assert res.exit_code == 0, res.output
     assert res.output.replace("run3", "w3") == want_cli.output
     assert not list(run3.glob("layers/rank=0/part-??????.parquet"))  # it read the merged one
+
+
+def test_a_held_lock_defers_the_merge_and_a_dead_holders_is_taken_over(
+    plain: Path, tmp_path: Path
+) -> None:
+    run = shutil.copytree(plain, tmp_path / "run")
+    folder = run / fmt.LAYERS_DIR / "rank=0"
+    lock = folder / C.LOCK_NAME
+    # Held by a live process of this host (`runlens compact`, say): nothing is merged.
+    lock.write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    assert R.roll(run, fmt.LAYERS_DIR, 0, 0) == []
+    assert len(_files(run, fmt.LAYERS_DIR)) == STEPS
+    # Its holder died (a collector killed inside a merge): taken over at once.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    lock.write_text(f"{dead.stdout.strip()} {socket.gethostname()}\n")
+    (folder / ".tmp-compact-orphan.parquet").write_bytes(b"half a file")
+    merged = R.roll(run, fmt.LAYERS_DIR, 0, 0)
+    assert merged and not lock.exists() and not list(folder.glob(".tmp-*"))
+    assert len(_files(run, fmt.LAYERS_DIR)) <= _bound(STEPS)
+    assert _rows(run, fmt.LAYERS_DIR).equals(_rows(plain, fmt.LAYERS_DIR))

@@ -564,9 +564,29 @@ COMPACTION_STEPS: Final = (
     "The file is renamed to `part-A-B.parquet`, A and B the first and last segment numbers "
     "of the group, and the folder fsynced. From then on readers read it and ignore every "
     "segment whose numbers it covers.",
-    "The covered segments are deleted (a later compaction deletes any left by a crash).",
+    "The covered segments are deleted (a later compaction deletes any left by a crash, and "
+    "any orphan temporary file). A lock left by a process that died is taken over at once "
+    "when its holder (process id and host name in the file) was on this host, otherwise "
+    "after ten minutes.",
 )
 """The compaction protocol, step by step (docs/run-format.md is generated from this)."""
+
+ROLLING_POLICY: Final = (
+    "Rolling compaction (the collector's writer thread, after each flush, while the run "
+    "records; `Collector(rolling=False)` or `compact=False` turns it off): among the live "
+    "segments this writer wrote (numbered from its first segment on: never an earlier "
+    "collector's, so never across a resume, and never another rank's), a segment's tier "
+    f"is floor(log{ROLL_FANOUT} of the segment numbers it covers). Whenever {ROLL_FANOUT} "
+    "consecutive segments of one tier, each of fewer than "
+    f"{COMPACT_SMALL_ROWS:,} rows, are there, they are merged into one of the tier above "
+    "by steps 2-4, under the same lock file (`.compact.lock` in the rank folder) as "
+    "`runlens compact`. So n flushes leave at most "
+    f"{ROLL_FANOUT - 1} x log{ROLL_FANOUT}(n) small segments per table and rank, and each "
+    f"row is rewritten about log{ROLL_FANOUT}(n) times. A merge reads its segments in "
+    f"batches of {COMPACT_ROW_GROUP_ROWS:,} rows (its memory is bounded, whatever their "
+    "size). A merged segment holds the rows of the segments it covers in their order."
+)
+"""When the collector merges segments while the run records (runlens_collect.rolling.roll)."""
 
 READER_RULE: Final = (
     "Readers read the *live* segments of a rank folder (`format.live_segments`): the files "

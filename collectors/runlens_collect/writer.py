@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute
 import pyarrow.parquet
 
-from runlens_collect import compact
 from runlens_collect import format as fmt
+from runlens_collect import rolling as rolling_mod
 from runlens_collect.layout import LayoutError, Section, StepLayout
 from runlens_collect.stats import NBINS, NRAW, NSINGLE, single_to_raw
 
@@ -216,12 +216,12 @@ class Writer(threading.Thread):
         self.flush_requested = threading.Event()
         self._last_flush = time.monotonic()
         self.rolling = rolling
-        """Merge this writer's segments after each flush (compact.roll): a run that is
+        """Merge this writer's segments after each flush (rolling.roll): a run that is
         still recording, or crashed, has few segments however often it flushed."""
         self.roll_stats = RollStats()
         self.done_step: int | None = None
         """The last step written, its segments' merges done (last_step: written)."""
-        self._roll_rows: dict[str, int] = {}  # compact.roll's footer cache
+        self._roll_rows: dict[str, int] = {}  # rolling.roll's footer cache
 
     def first_segments(self) -> dict[str, int]:
         """The number of the next segment of each table (before the first flush: the first
@@ -512,7 +512,7 @@ class Writer(threading.Thread):
             self.done_step = last
 
     def _roll(self, tables: list[str]) -> None:
-        """Rolling compaction of the tables just written (compact.roll). A failure turns
+        """Rolling compaction of the tables just written (rolling.roll). A failure turns
         it off for the rest of the run with one warning: the segments stay readable
         (the merge is crash-safe) and close() compacts them."""
         if not self.rolling:
@@ -520,7 +520,7 @@ class Writer(threading.Thread):
         t0, c0 = time.perf_counter(), time.thread_time()
         try:
             for table in tables:
-                merged = compact.roll(
+                merged = rolling_mod.roll(
                     self.run_dir,
                     table,
                     self.rank,
