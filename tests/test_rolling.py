@@ -244,6 +244,24 @@ def test_a_failed_merge_is_one_warning_and_loses_nothing(
     col.close()
 
 
+def test_runlens_compact_while_the_writer_rolls(plain: Path, tmp_path: Path) -> None:
+    compactions: list[int] = []
+
+    def compact(col: Collector, step: int) -> None:
+        if step % 5 == 2:  # while the writer thread writes and rolls
+            compactions.append(len(C.compact_run(col.run_dir).merged))
+
+    col = _train(tmp_path / "run", each=compact, close=False)
+    _wait_written(col)
+    assert sum(compactions) > 0 and col._writer.roll_stats.merges > 0
+    assert col._writer.rolling and not col.warnings
+    for table in TABLES:
+        assert _rows(col.run_dir, table).equals(_rows(plain, table))
+    col.close()
+    for table in TABLES:
+        assert _rows(col.run_dir, table).equals(_rows(plain, table))
+
+
 def test_resume_and_a_second_rank_are_never_merged_across(tmp_path: Path) -> None:
     run = tmp_path / "run"
     _train(run, steps=10, compact=False)  # an earlier attempt: 10 segments per table

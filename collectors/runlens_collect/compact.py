@@ -191,17 +191,19 @@ def _compact_folder(
     low: int = 0,
     breaks: set[int] | None = None,
 ) -> None:
-    files = list(folder.glob("part-*.parquet"))
-    live = fmt.live_segments(files)
-    _remove_covered(files, live, dry_run)
-    mine = [p for p in live if (fmt.segment_range(p) or (-1, -1))[0] >= low]
-    out.kept += len(live) - len(mine)
-    groups, kept = _plan(mine, out, row_group_rows, max_file_rows, breaks or set())
-    out.kept += kept
-    if not groups:
-        return
+
+    def planned() -> list[_Group]:
+        files = list(folder.glob("part-*.parquet"))
+        live = fmt.live_segments(files)
+        _remove_covered(files, live, dry_run)
+        mine = [p for p in live if (fmt.segment_range(p) or (-1, -1))[0] >= low]
+        out.kept += len(live) - len(mine)
+        groups, kept = _plan(mine, out, row_group_rows, max_file_rows, breaks or set())
+        out.kept += kept
+        return groups
+
     if dry_run:
-        for g in groups:
+        for g in planned():
             first, last = _span(g.paths)
             path = fmt.compacted_segment_path(root, table, rank, first, last)
             out.merged.append(Merged(path, tuple(g.paths), g.rows, g.bytes, g.bytes))
@@ -209,9 +211,10 @@ def _compact_folder(
     with _lock(folder) as held:
         if not held:
             out.skipped.append(f"{folder}: another compaction is running")
-            out.kept += sum(len(g.paths) for g in groups)
+            out.kept += sum(len(g.paths) for g in planned())
             return
-        for g in groups:
+        # Listed under the lock: a live collector's writer may have merged since (rolling).
+        for g in planned():
             out.merged.append(_merge(root, table, rank, g, row_group_rows))
 
 
