@@ -400,3 +400,19 @@ def test_a_held_lock_defers_the_merge_and_a_dead_holders_is_taken_over(
     assert merged and not lock.exists() and not list(folder.glob(".tmp-*"))
     assert len(_files(run, fmt.LAYERS_DIR)) <= _bound(STEPS)
     assert _rows(run, fmt.LAYERS_DIR).equals(_rows(plain, fmt.LAYERS_DIR))
+
+
+def test_an_unreadable_segment_is_never_merged(plain: Path, tmp_path: Path) -> None:
+    run = shutil.copytree(plain, tmp_path / "run")
+    bad = _files(run, fmt.LAYERS_DIR)[3]
+    bad.write_bytes(b"not parquet")
+    merged = R.roll(run, fmt.LAYERS_DIR, 0, 0)
+    assert merged and all(bad not in m.replaced for m in merged)
+    assert bad in fmt.live_segments(_files(run, fmt.LAYERS_DIR))  # left as it was
+    keep = [f for f in fmt.live_segments(_files(run, fmt.LAYERS_DIR)) if f != bad]
+    rows = pl.concat(pl.read_parquet(f) for f in keep).height
+    want = (
+        _rows(plain, fmt.LAYERS_DIR).height
+        - pq.read_metadata(_files(plain, fmt.LAYERS_DIR)[3]).num_rows
+    )
+    assert rows == want

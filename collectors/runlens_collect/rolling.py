@@ -127,7 +127,10 @@ def _next_roll(
     segs = []
     for p in mine:
         if p.name not in cache:
-            cache[p.name] = pq.read_metadata(p).num_rows
+            try:
+                cache[p.name] = pq.read_metadata(p).num_rows
+            except Exception:  # unreadable: a barrier, never merged (readers skip it)
+                cache[p.name] = SMALL_ROWS
         r = fmt.segment_range(p)
         assert r is not None
         segs.append((r[0], r[1], cache[p.name]))

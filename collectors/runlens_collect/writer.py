@@ -219,6 +219,7 @@ class Writer(threading.Thread):
         """Merge this writer's segments after each flush (rolling.roll): a run that is
         still recording, or crashed, has few segments however often it flushed."""
         self.roll_stats = RollStats()
+        self._stopping = False
         self.done_step: int | None = None
         """The last step written, its segments' merges done (last_step: written)."""
         self._roll_rows: dict[str, int] = {}  # rolling.roll's footer cache
@@ -515,7 +516,7 @@ class Writer(threading.Thread):
         """Rolling compaction of the tables just written (rolling.roll). A failure turns
         it off for the rest of the run with one warning: the segments stay readable
         (the merge is crash-safe) and close() compacts them."""
-        if not self.rolling:
+        if not self.rolling or self._stopping:
             return
         t0, c0 = time.perf_counter(), time.thread_time()
         try:
@@ -574,6 +575,8 @@ class Writer(threading.Thread):
             since = time.monotonic() - self._last_flush
             self.queue.wait(max(0.01, min(POLL_SECONDS, self.flush_seconds - since)))
             stop = self._drain()
+            # Closing: no rolling merge delays the close (whose compaction merges anyway).
+            self._stopping = stop
             flush_now = (
                 stop
                 or time.monotonic() - self._last_flush >= self.flush_seconds
