@@ -18,7 +18,7 @@ grad_norm and time/*. Then:
     python benchmarks/analyze_scale.py                         # 10M rows, 3 repeats
     python benchmarks/analyze_scale.py --steps 500000 --repeat 1            # 100M rows
     python benchmarks/analyze_scale.py --steps 500000 --tensors 500 --repeat 1   # 1B
-    python benchmarks/analyze_scale.py --segments 6000 300     # 300 segments vs compacted
+    python benchmarks/analyze_scale.py --segments 6000 300     # 300 segments, rolled, compacted
     python benchmarks/analyze_scale.py --profile               # cProfile of analyze
 
 Runs are cached under --dir (default: $TMPDIR/runlens-bench) and rebuilt only when the
@@ -254,10 +254,14 @@ def _write(table: pa.Table, path: Path) -> None:
     pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
 
 
-def split_segments(src: Path, dest: Path, parts: int) -> Path:
+def split_segments(src: Path, dest: Path, parts: int, rolled: dict | None = None) -> Path:
     """A copy of run ``src`` with each table cut into ``parts`` segments by step (the
-    same rows, as a collector flushing more often would have written them)."""
+    same rows, as a collector flushing more often would have written them). With
+    ``rolled`` (a dict, filled with the seconds spent writing and merging), each segment
+    written is followed by the collector writer's rolling compaction (compact.roll), as
+    a run still recording (or crashed) with rolling on leaves it."""
     import pyarrow.parquet as pq
+    from runlens_collect import rolling
 
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
@@ -270,7 +274,20 @@ def split_segments(src: Path, dest: Path, parts: int) -> Path:
         cuts = np.linspace(steps.min(), steps.max() + 1, parts + 1).astype(np.int64)
         for seq, (lo, hi) in enumerate(itertools.pairwise(cuts)):
             part = t.filter(pa.array((steps >= lo) & (steps < hi)))
+            t0, c0 = time.perf_counter(), time.thread_time()
             fmt.write_segment(part, fmt.segment_path(dest, table, 0, seq))
+            if rolled is None:
+                continue
+            t1, c1 = time.perf_counter(), time.thread_time()
+            merged = rolling.roll(dest, table, 0, 0, rows_cache=rolled.setdefault("cache", {}))
+            t2, c2 = time.perf_counter(), time.thread_time()
+            for key, v in (("write_s", t1 - t0), ("roll_s", t2 - t1), ("write_cpu", c1 - c0),
+                           ("roll_cpu", c2 - c1)):  # fmt: skip
+                rolled[key] = rolled.get(key, 0.0) + v
+            rolled["rows"] = rolled.get("rows", 0) + part.num_rows
+            rolled["rewritten"] = rolled.get("rewritten", 0) + sum(m.rows for m in merged)
+            live = len(fmt.live_segments((dest / table / "rank=0").glob("part-*.parquet")))
+            rolled["most"] = max(rolled.get("most", 0), live)
     return dest
 
 
@@ -430,45 +447,62 @@ def report(
 
 
 def segments(path: Path, parts: int, repeat: int, workdir: Path) -> None:
-    """The same run as ``parts`` segments and compacted: analyze time of each,
-    interleaved in one process."""
+    """The same run as ``parts`` segments, as the collector's rolling compaction leaves
+    it while recording, and compacted: analyze time of each, interleaved in one
+    process; and what the rolling compaction cost the writer."""
     from runlens_collect.compact import compact_run
 
     many = split_segments(path, workdir / f"{path.name}-{parts}-segments", parts)
+    cost: dict = {}
+    rolled = split_segments(path, workdir / f"{path.name}-{parts}-rolled", parts, cost)
     one = split_segments(path, workdir / f"{path.name}-compacted", parts)
     done = compact_run(one)
     code = r"""
 import json, sys, time, runlens
-a, b, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3])
-runlens.analyze(a); runlens.analyze(b)
-ta, tb, ca, cb = [], [], [], []
-def timed(p, wall, cpu):
-    # CPU seconds of the process (all threads) too: less moved by other jobs than wall
-    t, c = time.perf_counter(), time.process_time(); runlens.analyze(p)
-    wall.append(time.perf_counter() - t); cpu.append(time.process_time() - c)
+paths, repeat = sys.argv[1:-1], int(sys.argv[-1])
+for p in paths:
+    runlens.analyze(p)
+wall, cpu = [[] for _ in paths], [[] for _ in paths]
 for _ in range(repeat):
-    timed(a, ta, ca); timed(b, tb, cb)
-print(json.dumps([ta, tb, ca, cb]))
+    for i, p in enumerate(paths):
+        # CPU seconds of the process (all threads) too: less moved by other jobs than wall
+        t, c = time.perf_counter(), time.process_time(); runlens.analyze(p)
+        wall[i].append(time.perf_counter() - t); cpu[i].append(time.process_time() - c)
+print(json.dumps([wall, cpu]))
 """
+    runs = [many, rolled, one]
     out = subprocess.run(
-        [sys.executable, "-c", code, str(many), str(one), str(repeat)],
+        [sys.executable, "-c", code, *map(str, runs), str(repeat)],
         check=True,
         capture_output=True,
         text=True,
     )
-    ta, tb, ca, cb = json.loads(out.stdout)
+    wall, cpu = json.loads(out.stdout)
     load = os.getloadavg()
     n = len(list((many / fmt.LAYERS_DIR).glob(fmt.SEGMENT_GLOB)))
-    print(f"\nsegments: {n} per table vs compacted ({done.describe()}); load {load[0]:.1f}")
-    print("| run | wall s (median) | min–max | CPU s (median) | min–max |")
-    print("|---|---:|---:|---:|---:|")
-    for name, w, c in ((f"{n} segments", ta, ca), ("compacted", tb, cb)):
-        print(f"| {name} | {_med(w):.3f} | {min(w):.3f}–{max(w):.3f} "
-              f"| {_med(c):.3f} | {min(c):.3f}–{max(c):.3f} |")  # fmt: skip
+    r = len(list((rolled / fmt.LAYERS_DIR).glob(fmt.SEGMENT_GLOB)))
+    print(f"\nsegments: {n} per table, rolled {r}, compacted ({done.describe()}); "
+          f"load {load[0]:.1f}")  # fmt: skip
     print(
-        f"{n} segments / compacted: wall {_med(ta) / _med(tb):.3f} (medians), "
-        f"{min(ta) / min(tb):.3f} (minima); CPU {_med(ca) / _med(cb):.3f} (medians)"
+        f"rolling (writer side, both tables): writing {cost['write_s']:.2f} s wall "
+        f"({cost['write_cpu']:.2f} s CPU), merging {cost['roll_s']:.2f} s wall "
+        f"({cost['roll_cpu']:.2f} s CPU, {cost['roll_cpu'] / cost['write_cpu']:.2f}x the "
+        f"writing's); rows rewritten {cost['rewritten'] / cost['rows']:.2f}x; at most "
+        f"{cost['most']} live segments per table"
     )
+    print("| run | wall s (median) | min–max | CPU s (median) | min–max | wall / compacted |")
+    print("|---|---:|---:|---:|---:|---:|")
+    names = (f"{n} segments", f"rolled ({r} segments)", "compacted")
+    for name, w, c in zip(names, wall, cpu, strict=True):
+        ratio = _med(w) / _med(wall[2])
+        print(f"| {name} | {_med(w):.3f} | {min(w):.3f}–{max(w):.3f} "
+              f"| {_med(c):.3f} | {min(c):.3f}–{max(c):.3f} | {ratio:.3f} |")  # fmt: skip
+    for name, i in ((f"{n} segments", 0), ("rolled", 1)):
+        print(
+            f"{name} / compacted: wall {_med(wall[i]) / _med(wall[2]):.3f} (medians), "
+            f"{min(wall[i]) / min(wall[2]):.3f} (minima); CPU "
+            f"{_med(cpu[i]) / _med(cpu[2]):.3f} (medians)"
+        )
 
 
 def profile(path: Path, top: int = 30) -> None:

@@ -107,7 +107,7 @@ def scalar_names_table() -> str:
 
 def compaction() -> str:
     steps = [f"{i}. {text}" for i, text in enumerate(fmt.COMPACTION_STEPS, 1)]
-    return "\n".join([fmt.READER_RULE, "", *steps])
+    return "\n".join([fmt.READER_RULE, "", *steps, "", fmt.ROLLING_POLICY])
 
 
 def sections() -> dict[str, str]:

@@ -390,12 +390,20 @@ def _analyze_one(
     """Analyze one run and write its report; the exit status (0 or EXIT_FAIL_ON)."""
     from runlens.engine import analyze as run_analysis
     from runlens.engine import make_context
+    from runlens.segments import LIST_RETRIES, SegmentsChanged
     from runlens.sources import open_found
 
-    # One Context: the graphical reports reuse what the analysis read.
-    run = make_context(open_found(found, mapping, rank), options)
-    report = run_analysis(run, options)
-    emit(_render(run, report, fmt, output, plots, options), output)
+    for attempt in range(LIST_RETRIES):
+        try:
+            # One Context: the graphical reports reuse what the analysis read.
+            run = make_context(open_found(found, mapping, rank), options)
+            report = run_analysis(run, options)
+            text = _render(run, report, fmt, output, plots, options)
+            break
+        except SegmentsChanged:  # a live run's segments merged while read: read again
+            if attempt == LIST_RETRIES - 1:
+                raise
+    emit(text, output)
     return _fail_on_status(report, fail_on)
 
 

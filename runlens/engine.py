@@ -33,8 +33,9 @@ from runlens.links import link_findings, rank_findings
 from runlens.metrics import is_schedule
 from runlens.needs import REPORT_NEEDS, Need
 from runlens.ranks import RANKS_FACT, ranks_text
-from runlens.run import Run
+from runlens.run import Run, load_run
 from runlens.sampling import SAMPLING_FACT, sampling_text
+from runlens.segments import LIST_RETRIES, SegmentsChanged
 from runlens.signatures import REGISTRY
 from runlens.signatures.base import NotChecked, Params, Signature
 from runlens.sources import open_run
@@ -172,7 +173,25 @@ def analyze(
 ) -> Report:
     """Diagnose one run. ``run`` is a :class:`Run`, a path to a run directory or to a
     log :func:`runlens.sources.open_run` imports (TensorBoard, CSV, HF trainer state), or
-    a :class:`Context` from :func:`make_context` with the same options."""
+    a :class:`Context` from :func:`make_context` with the same options.
+
+    A live run's segments may be merged while they are read (the collector's rolling
+    compaction): a path or a :class:`Run` is then loaded again and analyzed afresh; a
+    :class:`Context` raises ``segments.SegmentsChanged`` for its owner to do the same."""
+    for attempt in range(LIST_RETRIES):
+        try:
+            return _analyze(run, options)
+        except SegmentsChanged:
+            if isinstance(run, Context) or attempt == LIST_RETRIES - 1:
+                raise
+            if isinstance(run, Run):
+                run = load_run(run.path, None if run.merged else run.rank)
+    raise AssertionError("unreachable")
+
+
+def _analyze(
+    run: Run | Context | str | os.PathLike[str], options: AnalyzeOptions | None = None
+) -> Report:
     options = options or AnalyzeOptions()
     ctx = run if isinstance(run, Context) else make_context(run, options)
     todo: list[tuple[str, type[Signature]]] = []
@@ -262,6 +281,8 @@ def _run_one(ctx: Context, name: str, sig: type[Signature], params: Params) -> _
         found = sig().detect(own, params)
     except NotChecked as nc:  # could not look: not checked, and the report says why
         return _Outcome(skipped=Skipped(name, nc.reason, nc.kind))
+    except SegmentsChanged:  # a live run's segment merged under it: analyze() retries
+        raise
     except Exception as exc:  # one broken signature must not hide the others
         text = f"{type(exc).__name__}: {exc}"
         return _Outcome(

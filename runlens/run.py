@@ -49,7 +49,9 @@ from runlens.layerscan import LayerMatrix
 from runlens.needs import LayerStat
 from runlens.ranks import RankLayout, merge_layers, merge_scalars, read_layout
 from runlens.segments import (  # noqa: F401 (re-exported: the readers' helpers)
+    LIST_RETRIES,
     REQUIRED,
+    SegmentsChanged,
     _event_rank,
     _footer_problem,
     _rank_of,
@@ -385,7 +387,18 @@ def load_run(path: str | os.PathLike[str], rank: int | None = None) -> Run:
     """Open a run directory lazily. Raises :class:`RunLoadError` with a one-line message.
 
     A run with several ranks (torch.distributed) is seen merged (runlens.ranks), or as
-    rank ``rank`` alone when given."""
+    rank ``rank`` alone when given. A segment merged away while loading (a live run's
+    rolling compaction) makes it list the segments again (segments.SegmentsChanged)."""
+    for attempt in range(LIST_RETRIES):
+        try:
+            return _load_run(path, rank)
+        except SegmentsChanged:
+            if attempt == LIST_RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _load_run(path: str | os.PathLike[str], rank: int | None) -> Run:
     root = Path(path)
     if not root.exists():
         raise RunLoadError(f"no such run directory: {root}")
@@ -466,6 +479,9 @@ def load_run(path: str | os.PathLike[str], rank: int | None = None) -> Run:
             view = _view(scalar_files, fmt.SCALARS_DIR, events, rank, merged, layout)
             scalars = view.collect().lazy()
         except (pl.exceptions.PolarsError, OSError, pa.ArrowException) as exc:
+            gone = next((f for f in scalar_files if not f.exists()), None)
+            if gone is not None:
+                raise SegmentsChanged(f"segment {gone.name} was merged while being read") from None
             raise RunLoadError(f"{root}: cannot read scalars: {_short(exc)}") from None
     else:
         scalars, scalar_files = _read_scalars(
@@ -563,6 +579,8 @@ def _check_steps(run: Run) -> None:
                 .agg(pl.len().alias("n"))
             ),
         )
+    except SegmentsChanged:
+        raise  # load_run lists again
     except RunLoadError as exc:
         run.warnings.append(str(exc))
         return

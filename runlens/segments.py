@@ -24,6 +24,21 @@ if TYPE_CHECKING:
     from runlens.run import Run
 
 
+LIST_RETRIES = 5
+"""Listings (and loads) tried before a folder that keeps changing is read as it is."""
+
+
+class SegmentsChanged(RunLoadError):
+    """A listed segment vanished before it was read: a compaction (the collector's
+    rolling one, while the run records, or ``runlens compact``) merged it. Nothing is
+    lost: its rows are in the merged segment, which a fresh listing reads; so readers
+    list again and retry rather than leave the segment out."""
+
+
+def _vanished(f: Path) -> SegmentsChanged:
+    return SegmentsChanged(f"segment {f.name} was merged while being read; read again")
+
+
 def layer_columns(layers: pl.LazyFrame) -> tuple[str, ...]:
     """Columns of a layers frame. A scan takes them from its first segment; when that
     one is unreadable (the pass will leave it out), they are the format's columns."""
@@ -159,6 +174,8 @@ def _split_readable(
             try:
                 build(scan_segments([f], rank, schema)).collect()
             except Exception as exc:
+                if not f.exists():
+                    raise _vanished(f) from None
                 why = f"skipped unreadable segment {_rel(f, root)}: {_short(exc)}"
         if why is not None:
             notes.append(why)
@@ -182,8 +199,22 @@ def segment_listing(root: Path, table: str) -> list[Path]:
         return out
     for rank_dir in sorted(base.glob("rank=*")):
         if rank_dir.is_dir():
-            out += fmt.live_segments(rank_dir.glob("part-*.parquet"))
+            out += _stable_listing(rank_dir)
     return out
+
+
+def _stable_listing(folder: Path) -> list[Path]:
+    """The live segments of a rank folder, listed until two listings agree: a merge
+    renamed in and its segments deleted while the directory was being read can leave a
+    listing with neither (rows missed); a listing taken between changes has one or the
+    other (format.live_segments)."""
+    prev: list[Path] | None = None
+    for _ in range(LIST_RETRIES):
+        cur = fmt.live_segments(folder.glob("part-*.parquet"))
+        if cur == prev:
+            break
+        prev = cur
+    return cur
 
 
 REQUIRED = {
@@ -200,7 +231,11 @@ def _footer_problem(
     missing, a column of the wrong type (None when it looks fine)."""
     try:
         schema = pq.read_schema(f)
+    except FileNotFoundError:
+        raise _vanished(f) from None
     except Exception as exc:  # truncated / not parquet
+        if not f.exists():
+            raise _vanished(f) from None
         return f"skipped unreadable segment {_rel(f, root)}: {_short(exc)}"
     missing = [c for c in required if c not in schema.names]
     if missing:

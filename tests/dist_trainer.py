@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--delay", type=float, default=0.03)
     ap.add_argument("--zero-code", action="store_true")
+    ap.add_argument("--flush-steps", type=int, default=None, help="the collector's flush_steps")
     args = ap.parse_args()
 
     if args.mode.startswith("zero"):
@@ -124,7 +125,8 @@ def main() -> None:
     if not args.zero_code:
         from runlens_collect import Collector
 
-        col = Collector(model, opt, run_dir=args.out, overhead=None, activation_every=4)
+        knobs = {} if args.flush_steps is None else {"flush_steps": args.flush_steps}
+        col = Collector(model, opt, run_dir=args.out, overhead=None, activation_every=4, **knobs)
     losses, truth_w, truth_g = [], [], []
     collectives = training_collectives = 0
     for step in range(args.steps):
@@ -171,11 +173,26 @@ def main() -> None:
         collectives += comm.get_total_counts()
         opt.zero_grad()
         losses.append(float(loss.detach()))
+    rolled: dict[str, object] = {}
+    if col is not None and args.flush_steps is not None and col._writer is not None:
+        # What the writer's rolling compaction left before close() compacts: its segments.
+        for _ in range(1000):
+            if col._writer.done_step == col._step - 1:
+                break
+            col.flush()
+            time.sleep(0.01)
+        from runlens_collect import format as fmt
+
+        rolled["merges"] = col._writer.roll_stats.merges
+        for table in (fmt.SCALARS_DIR, fmt.LAYERS_DIR):
+            folder = Path(args.out) / table / f"rank={rank}"
+            rolled[table] = len(fmt.live_segments(folder.glob("part-*.parquet")))
     if col is not None:
         col.close()
     out = Path(args.out + ".truth")
     out.mkdir(parents=True, exist_ok=True)
     rec = {
+        "rolled": rolled,
         "losses": losses,
         "weights": truth_w,
         "grads": truth_g,

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from click.testing import CliRunner
 from runlens_collect import format as fmt
@@ -326,3 +327,21 @@ def test_nan_inf_names_the_rank_where_it_appeared_first(tmp_path) -> None:
     assert "it appeared first on rank 1 (step 10)" in f.summary
     ev = {e.name: e.value for e in f.evidence}
     assert ev["first non-finite value on rank 1 at step"] == 10
+
+
+def test_each_rank_rolls_its_own_segments(tmp_path: Path) -> None:
+    """Flushing every step, each rank's writer merges its segments while training runs
+    (rolling compaction): few segments per rank before close(), every row once."""
+    steps = 60
+    out = _train(tmp_path / "rolled", "healthy", "--steps", str(steps), "--flush-steps", "1")
+    for rank in (0, 1):
+        rolled = _truth(out, rank)["rolled"]
+        assert rolled["merges"] > 0
+        assert rolled[fmt.SCALARS_DIR] <= 14 and rolled[fmt.LAYERS_DIR] <= 14  # 7 x log8(61)
+        run = load_run(out, rank=rank)
+        layers = run.layers.filter(pl.col("kind") == fmt.KIND_WEIGHT).collect()
+        counts = layers.group_by("step", "layer").len()
+        assert counts["len"].max() == 1 and sorted(set(layers["step"])) == list(range(steps))
+        loss = run.scalar(fmt.TRAIN_LOSS)
+        assert list(loss.steps) == list(range(steps))
+        assert np.allclose(loss.values, _truth(out, rank)["losses"], rtol=1e-6)

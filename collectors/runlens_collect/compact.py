@@ -3,7 +3,9 @@
 A collector writes one segment per flush, so a long run leaves hundreds of small files,
 and reading many small files costs more than reading a few large ones. ``compact_run``
 merges them; the collector calls it from ``close()`` and ``runlens compact RUN_DIR`` does
-it for runs that ended abnormally. The protocol (format.py, "compaction"):
+it for runs that ended abnormally (while the run records, the collector's writer merges
+as it goes: runlens_collect.rolling, by the same protocol under the same lock). The
+protocol (format.py, "compaction"):
 
 1. Per table and rank, the live segments (``format.live_segments``) in order are grouped:
    consecutive readable segments with the same schema, each of fewer than
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -188,17 +191,19 @@ def _compact_folder(
     low: int = 0,
     breaks: set[int] | None = None,
 ) -> None:
-    files = list(folder.glob("part-*.parquet"))
-    live = fmt.live_segments(files)
-    _remove_covered(files, live, dry_run)
-    mine = [p for p in live if (fmt.segment_range(p) or (-1, -1))[0] >= low]
-    out.kept += len(live) - len(mine)
-    groups, kept = _plan(mine, out, row_group_rows, max_file_rows, breaks or set())
-    out.kept += kept
-    if not groups:
-        return
+
+    def planned() -> list[_Group]:
+        files = list(folder.glob("part-*.parquet"))
+        live = fmt.live_segments(files)
+        _remove_covered(files, live, dry_run)
+        mine = [p for p in live if (fmt.segment_range(p) or (-1, -1))[0] >= low]
+        out.kept += len(live) - len(mine)
+        groups, kept = _plan(mine, out, row_group_rows, max_file_rows, breaks or set())
+        out.kept += kept
+        return groups
+
     if dry_run:
-        for g in groups:
+        for g in planned():
             first, last = _span(g.paths)
             path = fmt.compacted_segment_path(root, table, rank, first, last)
             out.merged.append(Merged(path, tuple(g.paths), g.rows, g.bytes, g.bytes))
@@ -206,9 +211,10 @@ def _compact_folder(
     with _lock(folder) as held:
         if not held:
             out.skipped.append(f"{folder}: another compaction is running")
-            out.kept += sum(len(g.paths) for g in groups)
+            out.kept += sum(len(g.paths) for g in planned())
             return
-        for g in groups:
+        # Listed under the lock: a live collector's writer may have merged since (rolling).
+        for g in planned():
             out.merged.append(_merge(root, table, rank, g, row_group_rows))
 
 
@@ -286,8 +292,9 @@ def _merge(root: Path, table: str, rank: int, g: _Group, row_group_rows: int) ->
             writer = pq.ParquetWriter(fh, g.schema, compression="zstd", write_statistics=True)
             pending: list[pa.Table] = []
             n_pending = 0
-            for p in g.paths:  # one segment in memory at a time, plus one row group
-                t = pq.read_table(p, schema=g.schema)
+            for t in _batches(g.paths, g.schema, row_group_rows):
+                # One input batch in memory at a time, plus at most one row group: a merge
+                # of large (already merged) segments holds no more than a small one's.
                 pending.append(t)
                 n_pending += t.num_rows
                 rows += t.num_rows
@@ -309,6 +316,14 @@ def _merge(root: Path, table: str, rank: int, g: _Group, row_group_rows: int) ->
                 p.unlink()
     _fsync_dir(dest.parent)
     return Merged(dest, tuple(g.paths), rows, g.bytes, dest.stat().st_size)
+
+
+def _batches(paths: list[Path], schema: pa.Schema, rows: int) -> Iterable[pa.Table]:
+    """The rows of ``paths`` in order, at most ``rows`` at a time."""
+    for p in paths:
+        with pq.ParquetFile(p) as pf:
+            for b in pf.iter_batches(batch_size=rows):
+                yield pa.Table.from_batches([b]).cast(schema)
 
 
 def _write_groups(
@@ -349,7 +364,7 @@ def _lock(folder: Path):  # type: ignore[no-untyped-def]
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         try:
-            stale = time.time() - path.stat().st_mtime > STALE_LOCK_S
+            stale = time.time() - path.stat().st_mtime > STALE_LOCK_S or _dead_holder(path)
         except FileNotFoundError:
             stale = True
         if not stale:
@@ -363,12 +378,36 @@ def _lock(folder: Path):  # type: ignore[no-untyped-def]
             yield False
             return
     try:
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         os.close(fd)
+        # Held: a compaction's temporary file here is an orphan of one that died.
+        for orphan in folder.glob(".tmp-compact-*.parquet"):
+            with contextlib.suppress(OSError):
+                orphan.unlink()
         yield True
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def _dead_holder(path: Path) -> bool:
+    """Whether the lock at ``path`` was taken by a process of this host that is gone (a
+    collector killed in the middle of a rolling merge): taken over at once rather than
+    after STALE_LOCK_S. A holder on another host is never judged from here."""
+    try:
+        pid_text, host = path.read_text(encoding="utf-8").split()
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return False
+    if host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, not ours to signal
+        return False
+    return False
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -77,6 +77,12 @@ class CollectorConfig:
         compact: on ``close()``, merge this rank's small segments into few large ones
             (runlens_collect.compact: crash-safe, the old segments stay readable until the
             merged one is in place), so the run reads fast however often it flushed.
+        rolling: with ``compact``, the writer thread also merges this rank's segments
+            while the run records (after each flush, ``ROLL_FANOUT`` = 4 consecutive
+            segments of one tier into one of the tier above: each row is rewritten
+            O(log n) times), so a live or crashed run of n flushes has at most about
+            3 x log4(n) segments per table (15 for 300 flushes). False: one segment per
+            flush until ``close()``.
     """
 
     kinds: tuple[str, ...] = fmt.KINDS
@@ -95,6 +101,7 @@ class CollectorConfig:
     name: str | None = None
     rank: int | None = None
     compact: bool = True
+    rolling: bool = True
 
     def validate(self) -> None:
         unknown = set(self.kinds) - set(fmt.KINDS)

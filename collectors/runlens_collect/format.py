@@ -546,6 +546,12 @@ COMPACT_SMALL_ROWS: Final = 1 << 18
 COMPACT_MAX_FILE_ROWS: Final = 1 << 24
 """Rows per compacted segment at most (a damaged file loses no more than this)."""
 
+ROLL_FANOUT: Final = 8
+"""Rolling compaction (the collector's writer, while the run records) merges this many
+consecutive segments of one tier into one of the tier above: n flushes leave at most
+7 x log8(n) segments (17 at most for 300 flushes) and rewrite each row ~log8(n) times
+(1.8 for 300; fanout 4: 12 segments, 3.7 times, twice the writer's merging time)."""
+
 COMPACTION_STEPS: Final = (
     "Per table and rank, the live segments in order are grouped: consecutive readable "
     f"segments with one schema, each of fewer than {COMPACT_SMALL_ROWS:,} rows, up to "
@@ -558,9 +564,29 @@ COMPACTION_STEPS: Final = (
     "The file is renamed to `part-A-B.parquet`, A and B the first and last segment numbers "
     "of the group, and the folder fsynced. From then on readers read it and ignore every "
     "segment whose numbers it covers.",
-    "The covered segments are deleted (a later compaction deletes any left by a crash).",
+    "The covered segments are deleted (a later compaction deletes any left by a crash, and "
+    "any orphan temporary file). A lock left by a process that died is taken over at once "
+    "when its holder (process id and host name in the file) was on this host, otherwise "
+    "after ten minutes.",
 )
 """The compaction protocol, step by step (docs/run-format.md is generated from this)."""
+
+ROLLING_POLICY: Final = (
+    "Rolling compaction (the collector's writer thread, after each flush, while the run "
+    "records; `Collector(rolling=False)` or `compact=False` turns it off): among the live "
+    "segments this writer wrote (numbered from its first segment on: never an earlier "
+    "collector's, so never across a resume, and never another rank's), a segment's tier "
+    f"is floor(log{ROLL_FANOUT} of the segment numbers it covers). Whenever {ROLL_FANOUT} "
+    "consecutive segments of one tier, each of fewer than "
+    f"{COMPACT_SMALL_ROWS:,} rows, are there, they are merged into one of the tier above "
+    "by steps 2-4, under the same lock file (`.compact.lock` in the rank folder) as "
+    "`runlens compact`. So n flushes leave at most "
+    f"{ROLL_FANOUT - 1} x log{ROLL_FANOUT}(n) small segments per table and rank, and each "
+    f"row is rewritten about log{ROLL_FANOUT}(n) times. A merge reads its segments in "
+    f"batches of {COMPACT_ROW_GROUP_ROWS:,} rows (its memory is bounded, whatever their "
+    "size). A merged segment holds the rows of the segments it covers in their order."
+)
+"""When the collector merges segments while the run records (runlens_collect.rolling.roll)."""
 
 READER_RULE: Final = (
     "Readers read the *live* segments of a rank folder (`format.live_segments`): the files "

@@ -26,6 +26,7 @@ import pyarrow.compute
 import pyarrow.parquet
 
 from runlens_collect import format as fmt
+from runlens_collect import rolling as rolling_mod
 from runlens_collect.layout import LayoutError, Section, StepLayout
 from runlens_collect.stats import NBINS, NRAW, NSINGLE, single_to_raw
 
@@ -151,6 +152,19 @@ class BoundedQueue:
         return self._q.get_nowait()
 
 
+@dataclass
+class RollStats:
+    """What the writer spent on segments: writing them, and merging them as it goes."""
+
+    write_seconds: float = 0.0
+    roll_seconds: float = 0.0
+    write_cpu: float = 0.0
+    """CPU seconds of the writer thread writing segments (the seconds above: wall)."""
+    roll_cpu: float = 0.0
+    merges: int = 0
+    rows_rewritten: int = 0
+
+
 class Writer(threading.Thread):
     """Consumes Packages from a bounded queue; flushes by steps, by seconds and on close."""
 
@@ -167,6 +181,7 @@ class Writer(threading.Thread):
         on_flush: Callable[[int], None],
         report: Callable[[str, str, BaseException | None], None],
         write_events: bool,
+        rolling: bool = True,
     ) -> None:
         super().__init__(name="runlens-writer", daemon=True)
         self.run_dir = run_dir
@@ -200,6 +215,14 @@ class Writer(threading.Thread):
         self.last_step: int | None = None
         self.flush_requested = threading.Event()
         self._last_flush = time.monotonic()
+        self.rolling = rolling
+        """Merge this writer's segments after each flush (rolling.roll): a run that is
+        still recording, or crashed, has few segments however often it flushed."""
+        self.roll_stats = RollStats()
+        self._stopping = False
+        self.done_step: int | None = None
+        """The last step written, its segments' merges done (last_step: written)."""
+        self._roll_rows: dict[str, int] = {}  # rolling.roll's footer cache
 
     def first_segments(self) -> dict[str, int]:
         """The number of the next segment of each table (before the first flush: the first
@@ -464,21 +487,55 @@ class Writer(threading.Thread):
         if self._pending_steps == 0 and not self._sc["step"]:
             return
         last = self._pending_max_step
+        written: list[str] = []
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             if self._sc["step"]:
+                written.append(fmt.SCALARS_DIR)
                 self._write(fmt.SCALARS_DIR, self._scalars_table())
             if self._ly["step"]:
+                written.append(fmt.LAYERS_DIR)
                 self._write(fmt.LAYERS_DIR, self._layers_table())
         except Exception as exc:  # e.g. ENOSPC: drop these rows, keep going
             self.report("writer", "writing a segment failed; those rows are lost", exc)
         finally:
             self._reset_pending()
+        self.roll_stats.write_seconds += time.perf_counter() - t0
+        self.roll_stats.write_cpu += time.thread_time() - c0
         if last is not None:
             self.last_step = last
             try:
                 self.on_flush(last)
             except Exception as exc:
                 self.report("writer", "updating run.json failed", exc)
+        self._roll(written)  # after on_flush, which may turn it off (config rolling=False)
+        if last is not None:
+            self.done_step = last
+
+    def _roll(self, tables: list[str]) -> None:
+        """Rolling compaction of the tables just written (rolling.roll). A failure turns
+        it off for the rest of the run with one warning: the segments stay readable
+        (the merge is crash-safe) and close() compacts them."""
+        if not self.rolling or self._stopping:
+            return
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            for table in tables:
+                merged = rolling_mod.roll(
+                    self.run_dir,
+                    table,
+                    self.rank,
+                    self.first_seq[table],
+                    rows_cache=self._roll_rows,
+                )
+                self.roll_stats.merges += len(merged)
+                self.roll_stats.rows_rewritten += sum(m.rows for m in merged)
+        except Exception as exc:
+            self.rolling = False
+            self.report("writer", "rolling compaction failed; it is off for this run", exc)
+        finally:
+            self.roll_stats.roll_seconds += time.perf_counter() - t0
+            self.roll_stats.roll_cpu += time.thread_time() - c0
 
     def _write(self, table_dir: str, table: pa.Table) -> None:
         seq = self._seq[table_dir]
@@ -518,6 +575,8 @@ class Writer(threading.Thread):
             since = time.monotonic() - self._last_flush
             self.queue.wait(max(0.01, min(POLL_SECONDS, self.flush_seconds - since)))
             stop = self._drain()
+            # Closing: no rolling merge delays the close (whose compaction merges anyway).
+            self._stopping = stop
             flush_now = (
                 stop
                 or time.monotonic() - self._last_flush >= self.flush_seconds

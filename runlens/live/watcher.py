@@ -23,15 +23,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow.parquet as pq
 from runlens_collect import format as fmt
 
-from runlens import importers, storage
+from runlens import importers
 from runlens.engine import AnalyzeOptions, analyze
 from runlens.errors import OptionError, RunlensError, RunLoadError
 from runlens.findings import Finding, Report, _jsonable
 from runlens.live.data import LiveData
 from runlens.live.dedupe import Seen, Sighting
-from runlens.run import read_events_from, read_meta, read_segment
+from runlens.live.follower import Follower
+from runlens.run import read_meta, read_segment
 from runlens.signatures import REGISTRY
 
 EventKind = Literal["waiting", "watching", "finding", "stalled", "resumed", "finished", "warning"]
@@ -114,64 +116,6 @@ class WatchStats:
     analyze_seconds: float = 0.0
 
 
-class _Follower:
-    """New files of one run: a local folder, or a URL mirrored afresh on each poll."""
-
-    def __init__(self, path: str) -> None:
-        self.url = path if storage.is_url(path) else None
-        self.local = None if self.url else Path(path)
-        self.seen: dict[str, set[Path]] = {fmt.SCALARS_DIR: set(), fmt.LAYERS_DIR: set()}
-        self.failures: dict[Path, int] = {}
-        self.events_offsets: dict[Path, int] = {}
-        self.events_sizes: dict[Path, int] = {}
-
-    def sync(self) -> Path | None:
-        """The local folder to read (None while the run does not exist yet)."""
-        if self.local is not None:
-            return self.local if self.local.exists() else None
-        assert self.url is not None
-        try:
-            files = storage.list_files(self.url)
-        except RunLoadError:
-            return None
-        keep = [
-            f
-            for f in files
-            if f.rel in (fmt.RUN_JSON, fmt.EVENTS_JSONL)
-            or (f.rel.startswith("events-rank") and f.rel.endswith(".jsonl"))
-            or (
-                f.rel.startswith((f"{fmt.SCALARS_DIR}/", f"{fmt.LAYERS_DIR}/"))
-                and f.rel.endswith(".parquet")
-            )
-        ]
-        return storage.mirror(self.url, keep) if keep else None
-
-    def new_segments(self, root: Path, table: str, rank: int) -> list[Path]:
-        files = sorted((root / table / f"rank={rank}").glob("part-*.parquet"))
-        return [f for f in files if f not in self.seen[table]]
-
-    def new_events(self, root: Path) -> tuple[list[dict[str, Any]], bool]:
-        """Complete new lines of every rank's events file, and True when one was rewritten
-        (the lines of every file must then replace those read so far)."""
-        sizes: dict[Path, int] = {}
-        for p in (root / fmt.EVENTS_JSONL, *sorted(root.glob(fmt.EVENTS_RANK_GLOB))):
-            try:
-                sizes[p] = p.stat().st_size
-            except OSError:
-                continue
-        reset = any(size < self.events_sizes.get(p, 0) for p, size in sizes.items())
-        if reset:
-            self.events_offsets = {}
-        self.events_sizes = sizes
-        events: list[dict[str, Any]] = []
-        for p, size in sizes.items():
-            offset = self.events_offsets.get(p, 0)
-            if size != offset:
-                new, self.events_offsets[p] = read_events_from(p, offset)
-                events.extend(new)
-        return events, reset
-
-
 class Watcher:
     """One live run; call :meth:`poll` every ``options.interval`` seconds."""
 
@@ -187,7 +131,7 @@ class Watcher:
         self.stats = WatchStats()
         self.done = False
         self.seen = Seen()
-        self._follower = _Follower(self.path)
+        self._follower = Follower(self.path)
         self._data: LiveData | None = None
         self._said_waiting = False
         self._started = False
@@ -293,16 +237,25 @@ class Watcher:
         data.rank = ranks[0]
         for table, rank in ((t, r) for t in (fmt.SCALARS_DIR, fmt.LAYERS_DIR) for r in ranks):
             for seg in f.new_segments(root, table, rank):
+                done = f.rows_read(table, rank, seg)
                 try:
+                    if done and done >= pq.read_metadata(seg).num_rows:
+                        f.mark_read(table, rank, seg, done)  # every row of it read already
+                        continue
                     df = read_segment(seg, table)
-                except RunLoadError as exc:
+                except Exception as exc:  # read_segment's RunLoadError, a footer's
+                    if not seg.exists():  # merged away: the next poll reads what replaced it
+                        break
+                    if not isinstance(exc, RunLoadError):
+                        exc = RunLoadError(f"unreadable segment {seg.name}: {exc}")
                     f.failures[seg] = f.failures.get(seg, 0) + 1
                     if f.failures[seg] >= SEGMENT_RETRIES:
                         f.seen[table].add(seg)
                         data.warnings.append(f"skipped {table}/{seg.name}: {exc}")
                         out.append(self._event("warning", f"skipped {table}/{seg.name}: {exc}"))
                     continue
-                f.seen[table].add(seg)
+                f.mark_read(table, rank, seg, df.height)
+                df = df.slice(done)  # the rows of the segments it covers read before
                 self.stats.segments_read += 1
                 self.stats.rows_read += df.height
                 (data.add_scalars if table == fmt.SCALARS_DIR else data.add_layers)(df, rank)
