@@ -331,6 +331,7 @@ class Collector(Hooks, Shutdown):
             on_flush=self._on_flush,
             report=self._report,
             write_events=True,
+            rolling=s.compact and s.rolling,
         )
         start: dict[str, Any] = {"run_id": self.run_id, "world_size": self.world_size}
         if "distributed" in self.meta:

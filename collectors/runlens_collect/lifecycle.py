@@ -133,9 +133,6 @@ class Shutdown:
 
     def _on_flush(self, last_step: int) -> None:
         # Runs on the writer thread, before the writer's rolling compaction of this flush.
-        writer = self._writer
-        if writer is not None and not (self.settings.compact and self.settings.rolling):
-            writer.rolling = False
         if self._is_meta_writer:
             self.meta["last_step"] = last_step
             fmt.write_json_atomic(self.meta, self.run_dir / fmt.RUN_JSON)
