@@ -4,7 +4,8 @@ Trains ``mlp12`` (12 Linear(128, 128) + ReLU layers and a head, batch 256, the m
 benchmarks/collector_overhead.py) on CPU for STEPS steps with the real Collector,
 flushing every FLUSH steps, alternately with rolling compaction on and off (ROUNDS
 times each), and reports per configuration: the writer thread's CPU seconds (from
-/proc, Linux), of which writing segments and merging them (``Writer.roll_stats``), the
+/proc, Linux; with the roller thread that merges), of which writing segments and
+merging them (``Writer.roll_stats``), the
 rows rewritten by merges per row written, the live segments per table just before
 ``close()``, and the training wall time per step.
 
@@ -60,7 +61,12 @@ def one_run(run_dir: Path, steps: int, flush: int, rolling: bool) -> dict[str, f
     col.flush()
     while writer.done_step != col._step - 1 and writer.is_alive():
         time.sleep(0.01)
-    cpu = _thread_cpu(writer.native_id)  # before close(): its compaction is not the writer's
+    # Before close(): its compaction is not the writer's. The merges run on the roller
+    # thread (rolling.Roller): both threads' CPU, the collector's background cost.
+    roller = writer._roller
+    cpu = _thread_cpu(writer.native_id)
+    if roller is not None and roller.native_id is not None:
+        cpu += _thread_cpu(roller.native_id)
     segments = max(
         len(fmt.live_segments((run_dir / tb / "rank=0").glob("part-*.parquet")))
         for tb in (fmt.SCALARS_DIR, fmt.LAYERS_DIR)
@@ -98,8 +104,8 @@ def main() -> None:
     print(f"mlp12, {args.steps} steps, flush every {args.flush} "
           f"({args.steps // args.flush} flushes), medians of {args.rounds}; load "
           f"{os.getloadavg()[0]:.1f}")  # fmt: skip
-    print("| rolling | writer CPU s | writing segments CPU s | merging CPU s | rows rewritten "
-          "| live segments before close | ms / step |")  # fmt: skip
+    print("| rolling | writer + roller CPU s | writing segments CPU s | merging CPU s "
+          "| rows rewritten | live segments before close | ms / step |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|")
     for rolling in (True, False):
         med = {k: statistics.median(r[k] for r in out[rolling]) for k in out[rolling][0]}

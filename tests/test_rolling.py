@@ -153,6 +153,50 @@ def test_rolled_run_has_few_segments_and_the_same_rows(plain: Path, tmp_path: Pa
     assert not col.warnings
 
 
+def test_the_writer_keeps_writing_while_a_merge_runs(
+    plain: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Merges run on their own thread: while one is held (a merge of a high tier rewrites
+    the rows of hundreds of flushes at once), the writer keeps taking steps off the queue
+    and writing them, so a fast loop's queue never fills because of a merge. On the
+    writer thread the held merge would stop every later step from being written."""
+    import threading
+
+    real, gate, entered = C._merge, threading.Event(), threading.Event()
+
+    def held(*args, **kwargs):
+        entered.set()
+        assert gate.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "_merge", held)
+    model, opt, x, y = _model()
+    col = Collector(model, opt, run_dir=tmp_path / "run", **KNOBS)
+    w = col._writer
+    assert w is not None
+    written_during_merge = 0
+    for i in range(STEPS):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        col.step(loss=loss)
+        merging = entered.is_set()
+        for _ in range(2000):  # every step written before the next (a flush per step)
+            if w.last_step == i:
+                break
+            col.flush()
+            time.sleep(0.005)
+        assert w.last_step == i, f"step {i} not written (a merge held: {merging})"
+        written_during_merge += merging
+    assert written_during_merge > 40  # steps written while the first merge was held
+    gate.set()
+    col.close()
+    assert w.roll_stats.merges > 0 and not col.warnings
+    for table in TABLES:  # nothing lost or doubled: the reference run's rows
+        assert _rows(col.run_dir, table).equals(_rows(plain, table))
+
+
 def test_rolling_off_leaves_a_segment_per_flush(tmp_path: Path) -> None:
     col = _train(tmp_path / "run", steps=20, close=False, rolling=False)
     _wait_written(col)

@@ -572,7 +572,7 @@ COMPACTION_STEPS: Final = (
 """The compaction protocol, step by step (docs/run-format.md is generated from this)."""
 
 ROLLING_POLICY: Final = (
-    "Rolling compaction (the collector's writer thread, after each flush, while the run "
+    "Rolling compaction (the collector's roller thread, after each flush, while the run "
     "records; `Collector(rolling=False)` or `compact=False` turns it off): among the live "
     "segments this writer wrote (numbered from its first segment on: never an earlier "
     "collector's, so never across a resume, and never another rank's), a segment's tier "

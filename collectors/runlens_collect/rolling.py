@@ -2,12 +2,16 @@
 
 A run still recording, or one that crashed, would otherwise have one segment per flush
 per table (hundreds of small files, slower to analyze than a few large ones). After each
-flush the writer thread calls :func:`roll`: segments are grouped in tiers (a flush's
+flush the writer hands the tables it wrote to its :class:`Roller` thread, which calls
+:func:`roll`: segments are grouped in tiers (a flush's
 segment is tier 0; a merge of ``ROLL_FANOUT`` segments of tier L is of tier L+1) and
 whenever ``ROLL_FANOUT`` consecutive segments of one tier are there, they are merged by
 compaction's crash-safe protocol (runlens_collect.compact) under its lock. The policy
 (format.ROLLING_POLICY, docs/run-format.md) bounds both the number of segments and how
-often a row is rewritten by log(flushes).
+often a row is rewritten by log(flushes). The merges run on their own thread because a
+merge of a high tier rewrites the rows of hundreds of flushes at once: on the writer
+thread it would stop the step queue draining for that long, and a fast training loop
+would fill the queue and drop steps.
 
 Standard library and pyarrow only, like compact.py.
 """
@@ -15,6 +19,10 @@ Standard library and pyarrow only, like compact.py.
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -143,3 +151,92 @@ def _next_roll(
 def _mine(p: Path, first: int) -> bool:
     r = fmt.segment_range(p)
     return r is not None and r[0] >= first
+
+
+@dataclass
+class RollStats:
+    """What the writer spent on segments: writing them (writer thread), and merging them
+    as it goes (roller thread)."""
+
+    write_seconds: float = 0.0
+    roll_seconds: float = 0.0
+    write_cpu: float = 0.0
+    """CPU seconds of the writer thread writing segments (the seconds above: wall)."""
+    roll_cpu: float = 0.0
+    merges: int = 0
+    rows_rewritten: int = 0
+
+
+class Roller(threading.Thread):
+    """Rolling merges of one writer's segments, off the writer thread.
+
+    ``request(tables, step)`` after each flush (writer thread): the tables just written,
+    and the last step they hold. Requests that arrive during a merge are taken together.
+    ``on_done(step)`` is called once the merges a flush allowed are done. ``close()``
+    (writer thread, at its end): no merge starts after it; it waits for the one running,
+    so that ``Collector.close()``'s compaction finds the lock free. A failed merge turns
+    rolling off for the rest of the run with one report (the merge is crash-safe: the
+    segments stay readable, and ``close()`` compacts them)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        first_seq: dict[str, int],
+        stats: RollStats,
+        report: Callable[[str, str, BaseException | None], None],
+        on_done: Callable[[int], None],
+    ) -> None:
+        super().__init__(name="runlens-roller", daemon=True)
+        self.run_dir, self.rank, self.first_seq = run_dir, rank, first_seq
+        self.stats, self.report, self.on_done = stats, report, on_done
+        self.enabled = True
+        self._cv = threading.Condition()
+        self._tables: set[str] = set()
+        self._step: int | None = None
+        self._closing = False
+        self._rows: dict[str, int] = {}  # roll()'s footer cache
+
+    def request(self, tables: list[str], step: int | None) -> None:
+        with self._cv:
+            self._tables.update(tables)
+            if step is not None:
+                self._step = step if self._step is None else max(self._step, step)
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if self.is_alive():
+            self.join()
+
+    def run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closing and not self._tables and self._step is None:
+                    self._cv.wait()
+                if self._closing:
+                    return
+                tables, step = sorted(self._tables), self._step
+                self._tables, self._step = set(), None
+            if self.enabled and tables:
+                self._roll(tables)
+            if step is not None:
+                self.on_done(step)
+
+    def _roll(self, tables: list[str]) -> None:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            for table in tables:
+                merged = roll(
+                    self.run_dir, table, self.rank, self.first_seq[table], rows_cache=self._rows
+                )
+                self.stats.merges += len(merged)
+                self.stats.rows_rewritten += sum(m.rows for m in merged)
+        except Exception as exc:
+            self.enabled = False
+            self.report("writer", "rolling compaction failed; it is off for this run", exc)
+        finally:
+            self.stats.roll_seconds += time.perf_counter() - t0
+            self.stats.roll_cpu += time.thread_time() - c0

@@ -26,8 +26,8 @@ import pyarrow.compute
 import pyarrow.parquet
 
 from runlens_collect import format as fmt
-from runlens_collect import rolling as rolling_mod
 from runlens_collect.layout import LayoutError, Section, StepLayout
+from runlens_collect.rolling import Roller, RollStats
 from runlens_collect.stats import NBINS, NRAW, NSINGLE, single_to_raw
 
 _HIST_TYPE = pa.list_(pa.int64())
@@ -152,19 +152,6 @@ class BoundedQueue:
         return self._q.get_nowait()
 
 
-@dataclass
-class RollStats:
-    """What the writer spent on segments: writing them, and merging them as it goes."""
-
-    write_seconds: float = 0.0
-    roll_seconds: float = 0.0
-    write_cpu: float = 0.0
-    """CPU seconds of the writer thread writing segments (the seconds above: wall)."""
-    roll_cpu: float = 0.0
-    merges: int = 0
-    rows_rewritten: int = 0
-
-
 class Writer(threading.Thread):
     """Consumes Packages from a bounded queue; flushes by steps, by seconds and on close."""
 
@@ -215,14 +202,26 @@ class Writer(threading.Thread):
         self.last_step: int | None = None
         self.flush_requested = threading.Event()
         self._last_flush = time.monotonic()
-        self.rolling = rolling
-        """Merge this writer's segments after each flush (rolling.roll): a run that is
-        still recording, or crashed, has few segments however often it flushed."""
         self.roll_stats = RollStats()
         self._stopping = False
         self.done_step: int | None = None
         """The last step written, its segments' merges done (last_step: written)."""
-        self._roll_rows: dict[str, int] = {}  # rolling.roll's footer cache
+        # Merges this writer's segments after each flush (rolling.Roller, its own thread):
+        # a run that is still recording, or crashed, has few segments however often it
+        # flushed.
+        self._roller = (
+            Roller(run_dir, rank, self.first_seq, self.roll_stats, report, self._done)
+            if rolling
+            else None
+        )
+
+    @property
+    def rolling(self) -> bool:
+        """Whether segments are merged as the run records (off after a failed merge)."""
+        return self._roller is not None and self._roller.enabled
+
+    def _done(self, step: int) -> None:
+        self.done_step = step
 
     def first_segments(self) -> dict[str, int]:
         """The number of the next segment of each table (before the first flush: the first
@@ -508,34 +507,10 @@ class Writer(threading.Thread):
                 self.on_flush(last)
             except Exception as exc:
                 self.report("writer", "updating run.json failed", exc)
-        self._roll(written)  # after on_flush, which may turn it off (config rolling=False)
-        if last is not None:
+        if self._roller is not None and not self._stopping:
+            self._roller.request(written, last)  # done_step once merged
+        elif last is not None:
             self.done_step = last
-
-    def _roll(self, tables: list[str]) -> None:
-        """Rolling compaction of the tables just written (rolling.roll). A failure turns
-        it off for the rest of the run with one warning: the segments stay readable
-        (the merge is crash-safe) and close() compacts them."""
-        if not self.rolling or self._stopping:
-            return
-        t0, c0 = time.perf_counter(), time.thread_time()
-        try:
-            for table in tables:
-                merged = rolling_mod.roll(
-                    self.run_dir,
-                    table,
-                    self.rank,
-                    self.first_seq[table],
-                    rows_cache=self._roll_rows,
-                )
-                self.roll_stats.merges += len(merged)
-                self.roll_stats.rows_rewritten += sum(m.rows for m in merged)
-        except Exception as exc:
-            self.rolling = False
-            self.report("writer", "rolling compaction failed; it is off for this run", exc)
-        finally:
-            self.roll_stats.roll_seconds += time.perf_counter() - t0
-            self.roll_stats.roll_cpu += time.thread_time() - c0
 
     def _write(self, table_dir: str, table: pa.Table) -> None:
         seq = self._seq[table_dir]
@@ -569,14 +544,22 @@ class Writer(threading.Thread):
 
     def run(self) -> None:
         self._last_flush = time.monotonic()
+        if self._roller is not None:
+            self._roller.start()
+        try:
+            self._loop()
+        finally:
+            self._stop_rolling()
+
+    def _loop(self) -> None:
         _warm_up()
         stop = False
         while not stop:
             since = time.monotonic() - self._last_flush
             self.queue.wait(max(0.01, min(POLL_SECONDS, self.flush_seconds - since)))
             stop = self._drain()
-            # Closing: no rolling merge delays the close (whose compaction merges anyway).
-            self._stopping = stop
+            if stop:
+                self._stop_rolling()
             flush_now = (
                 stop
                 or time.monotonic() - self._last_flush >= self.flush_seconds
@@ -589,6 +572,13 @@ class Writer(threading.Thread):
             self.drain_events()
         self.flush()
         self.drain_events()
+
+    def _stop_rolling(self) -> None:
+        """Closing: no merge starts (close() compacts anyway), and the one running ends
+        before this thread does, so close()'s compaction finds the lock free."""
+        self._stopping = True
+        if self._roller is not None:
+            self._roller.close()
 
     def request_flush(self) -> None:
         """Write what is pending at the next wake-up, which this brings forward."""
