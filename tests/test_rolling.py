@@ -369,6 +369,42 @@ def test_a_watcher_following_a_rolled_run_reads_each_row_once(tmp_path: Path) ->
     assert layers.select(keys).sort(keys).equals(final.select(keys).sort(keys))
 
 
+def test_a_watcher_reads_in_order_past_a_segment_it_failed_to_read(
+    plain: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A segment the watcher cannot read on one poll (a mirror not complete yet, a
+    transient I/O error) holds back the ones after it, so that what it has read stays a
+    prefix of any merge that later covers them: reading past it and then a merge of all
+    of them would skip its rows and read the next ones twice. A run that has ended is not
+    made final while such a segment waits to be read again (it was: its rows were lost
+    from the final report without a word)."""
+    import runlens.live.watcher as W
+
+    run = shutil.copytree(plain, tmp_path / "run")  # one segment per flush, not merged
+    real, failed = W.read_segment, []
+
+    def flaky(seg, table):
+        if table == fmt.LAYERS_DIR and fmt.segment_range(seg) == (10, 10) and not failed:
+            failed.append(seg)
+            raise OSError("transient")
+        return real(seg, table)
+
+    monkeypatch.setattr(W, "read_segment", flaky)
+    watcher = Watcher(run, WatchOptions(min_steps=10**6, head_steps=0, window_steps=None))
+    watcher.poll()  # reads layers segments 0-9, fails on 10
+    assert failed
+    C.compact_run(run)  # every segment merged into one, 10 and those after it included
+    for _ in range(3):
+        watcher.poll()
+    data = watcher._data
+    assert data is not None
+    layers = pl.concat([*data._head, *data._tail]).drop("rank")
+    keys = ["step", "layer", "kind"]
+    final = _rows(run, fmt.LAYERS_DIR)
+    assert layers.height == final.height
+    assert layers.select(keys).sort(keys).equals(final.select(keys).sort(keys))
+
+
 def _report(run: Path) -> str:
     return json_report.render(runlens.analyze(run)).replace(str(run), "RUN")
 

@@ -170,7 +170,7 @@ class Watcher:
             data.meta = meta
         status = str(data.meta.get("status") or "unknown")
         before = data.last_step
-        self._read_new(root, data, out)
+        complete = self._read_new(root, data, out)
         self.stats.read_seconds += time.perf_counter() - t0
         if not self._started and (data.last_step is not None or meta is not None):
             self._started = True
@@ -186,7 +186,7 @@ class Watcher:
         if ended and self._follower.url is not None and not self._ending:
             self._ending = True  # object storage: one more poll for uploads still under way
             ended = False
-        if ended:
+        if ended and complete:
             out += self._final(status)
             self.done = True
             return out
@@ -219,8 +219,12 @@ class Watcher:
             if not warnings:  # an unreadable run.json got defaults: keep following
                 raise RunLoadError(f"{self.path}: {exc}") from None
 
-    def _read_new(self, root: Path, data: LiveData, out: list[WatchEvent]) -> None:
+    def _read_new(self, root: Path, data: LiveData, out: list[WatchEvent]) -> bool:
+        """Read the new segments and events; False when a segment is to be read again at
+        the next poll (it vanished, merged away, or failed fewer than SEGMENT_RETRIES
+        times): an ended run is not final until it is read."""
         f = self._follower
+        complete = True
         # Every rank is followed (a rank may start writing later than another): the
         # snapshot merges them (runlens.ranks), as `runlens analyze` does.
         ranks = sorted(
@@ -232,7 +236,7 @@ class Watcher:
             }
         )
         if not ranks:
-            return
+            return complete
         data.ranks = ranks
         data.rank = ranks[0]
         for table, rank in ((t, r) for t in (fmt.SCALARS_DIR, fmt.LAYERS_DIR) for r in ranks):
@@ -245,6 +249,7 @@ class Watcher:
                     df = read_segment(seg, table)
                 except Exception as exc:  # read_segment's RunLoadError, a footer's
                     if not seg.exists():  # merged away: the next poll reads what replaced it
+                        complete = False
                         break
                     if not isinstance(exc, RunLoadError):
                         exc = RunLoadError(f"unreadable segment {seg.name}: {exc}")
@@ -253,7 +258,11 @@ class Watcher:
                         f.seen[table].add(seg)
                         data.warnings.append(f"skipped {table}/{seg.name}: {exc}")
                         out.append(self._event("warning", f"skipped {table}/{seg.name}: {exc}"))
-                    continue
+                        continue
+                    # Read in order: the segments read stay a prefix of any merge that
+                    # covers them (rows_read); the next poll tries this one again first.
+                    complete = False
+                    break
                 f.mark_read(table, rank, seg, df.height)
                 df = df.slice(done)  # the rows of the segments it covers read before
                 self.stats.segments_read += 1
@@ -263,6 +272,7 @@ class Watcher:
         if reset:
             data.events = []
         data.events.extend(events)
+        return complete
 
     # -- analysis -----------------------------------------------------------------------
     def _analysis_pass(self, data: LiveData) -> list[WatchEvent]:
