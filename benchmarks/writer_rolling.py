@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +30,9 @@ import pyarrow.parquet as pq
 import torch
 from runlens_collect import Collector
 from runlens_collect import format as fmt
-from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from collector_overhead import make
 
 
 def _thread_cpu(native_id: int) -> float:
@@ -39,20 +42,15 @@ def _thread_cpu(native_id: int) -> float:
 
 
 def one_run(run_dir: Path, steps: int, flush: int, rolling: bool) -> dict[str, float]:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for _ in range(12):
-        layers += [nn.Linear(128, 128), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(128, 10))
+    model, x, y, loss_fn = make("mlp12", None)  # collector_overhead's model and batch
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = torch.randn(256, 128), torch.randint(0, 10, (256,))
     shutil.rmtree(run_dir, ignore_errors=True)
     col = Collector(model, opt, run_dir=run_dir, flush_steps=flush, rolling=rolling)
     writer = col._writer
     assert writer is not None
     t = time.perf_counter()
     for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = loss_fn(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

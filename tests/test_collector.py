@@ -27,6 +27,12 @@ def read_table(run_dir, table: str) -> dict[str, list]:
     return {name: t.column(name).to_pylist() for name in t.column_names}
 
 
+def scalar_values(run_dir) -> dict[tuple[int, str], float]:
+    """(step, name) -> value of every scalar row (read_table's columns)."""
+    cols = read_table(run_dir, fmt.SCALARS_DIR)
+    return {(s, n): v for s, n, v in zip(cols["step"], cols["name"], cols["value"], strict=True)}
+
+
 def rows(cols, **where):
     n = len(cols["step"])
     out = []
@@ -497,10 +503,7 @@ def test_off_step_grad_norm_after_a_clip_equals_the_clipped_gradients_norm(tmp_p
             opt.step()
             col.step(loss=0.0)
     assert col.warnings == []
-    scalars = {}
-    for f in sorted((tmp_path / fmt.SCALARS_DIR).glob(fmt.SEGMENT_GLOB)):
-        for r in pq.read_table(f).to_pylist():
-            scalars[r["step"], r["name"]] = r["value"]
+    scalars = scalar_values(tmp_path)
     norms = [scalars[s, fmt.GRAD_NORM] for s in range(12)]
     np.testing.assert_allclose(norms, truth, rtol=1e-5)
     np.testing.assert_allclose(
@@ -536,10 +539,7 @@ def test_off_step_grad_norm_without_a_clip_is_the_norm_of_the_gradients_present(
             opt.step()
             col.step(loss=0.0)
     assert col.warnings == []
-    scalars = {}
-    for f in sorted((tmp_path / fmt.SCALARS_DIR).glob(fmt.SEGMENT_GLOB)):
-        for r in pq.read_table(f).to_pylist():
-            scalars[r["step"], r["name"]] = r["value"]
+    scalars = scalar_values(tmp_path)
     np.testing.assert_allclose([scalars[s, fmt.GRAD_NORM] for s in range(12)], truth, rtol=1e-6)
 
 
