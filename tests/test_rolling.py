@@ -49,10 +49,18 @@ def _model() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torc
     return model, opt, torch.randn(64, 8), torch.randint(0, 3, (64,))
 
 
-def _train(run_dir: Path, steps: int = STEPS, each=None, close: bool = True, **knobs) -> Collector:
+def _train(
+    run_dir: Path,
+    steps: int = STEPS,
+    each=None,
+    close: bool = True,
+    settle: bool = True,
+    **knobs,
+) -> Collector:
     """Train and record; ``each(col, step)`` after every step; the collector, closed
-    when ``close``. Every 8 steps it waits for the writer, so that no step is dropped
-    for want of a free host buffer and two recordings hold the same rows."""
+    when ``close``. With ``settle``, every 8 steps it waits for the writer (and its
+    merges), so that no step is dropped for want of a free host buffer and two
+    recordings hold the same rows."""
     model, opt, x, y = _model()
     col = Collector(model, opt, run_dir=run_dir, **{**KNOBS, **knobs})
     for i in range(steps):
@@ -61,7 +69,7 @@ def _train(run_dir: Path, steps: int = STEPS, each=None, close: bool = True, **k
         loss.backward()
         opt.step()
         col.step(loss=loss)
-        if i % 8 == 7:
+        if settle and i % 8 == 7:
             _wait_written(col)
         if each is not None:
             each(col, i)
@@ -170,29 +178,27 @@ def test_the_writer_keeps_writing_while_a_merge_runs(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(R, "_merge", held)
-    model, opt, x, y = _model()
-    col = Collector(model, opt, run_dir=tmp_path / "run", **KNOBS)
-    w = col._writer
-    assert w is not None
     written_during_merge = 0
-    for i in range(STEPS):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        col.step(loss=loss)
+
+    def written(col: Collector, i: int) -> None:  # before the next step (a flush per step)
+        nonlocal written_during_merge
         merging = entered.is_set()
-        for _ in range(2000):  # every step written before the next (a flush per step)
+        w = col._writer
+        assert w is not None
+        for _ in range(2000):
             if w.last_step == i:
                 break
             col.flush()
             time.sleep(0.005)
         assert w.last_step == i, f"step {i} not written (a merge held: {merging})"
         written_during_merge += merging
+
+    # No settling: it waits for the merges, and this one is held.
+    col = _train(tmp_path / "run", each=written, close=False, settle=False)
     assert written_during_merge > 40  # steps written while the first merge was held
     gate.set()
     col.close()
-    assert w.roll_stats.merges > 0 and not col.warnings
+    assert col._writer.roll_stats.merges > 0 and not col.warnings
     for table in TABLES:  # nothing lost or doubled: the reference run's rows
         assert _rows(col.run_dir, table).equals(_rows(plain, table))
 
