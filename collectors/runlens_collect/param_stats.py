@@ -375,15 +375,11 @@ class ParamStats:
                     return
                 # Off-steps still get grad_norm: one batched norm, kept on device.
                 norms = self._grad_norms()
-                if not norms:
-                    return
-                if scale is None and parts.host_device:
-                    # CPU: the writer thread combines the per-tensor norms (NormOf), as
-                    # a device would: a stack and a norm fewer on the training thread.
-                    parts.put_latest(self.grad_norm_name, NormOf(norms))
-                    return
-                norm = torch.linalg.vector_norm(torch.stack(norms).float())
-                parts.put_latest(self.grad_norm_name, norm if scale is None else norm / scale)
+                if norms:
+                    # Combined where it is read (StepParts.own_scalar: on a CPU run by the
+                    # writer thread, a stack and a norm fewer on the training thread).
+                    norm = NormOf(norms) if scale is None else NormOf(norms).tensor() / scale
+                    parts.put_latest(self.grad_norm_name, norm)
                 return
             items = self._items[flags.full]
             srcs = self._srcs(items, grads=True)

@@ -70,9 +70,9 @@ one value per name (``StepParts.own_scalars``)."""
 
 class NormOf:
     """The 2-norm of several one-value tensors (per-tensor 2-norms of the gradients): on a
-    CPU run the writer thread combines them (``float()``, in the ops the device path
-    uses), so the training thread runs one multi-tensor kernel for ``grad_norm``, not
-    three. Handed to the writer only through ``StepParts.own_scalar``."""
+    CPU run the writer thread combines them (``float()``), so the training thread runs
+    one multi-tensor kernel for ``grad_norm``, not three; elsewhere
+    ``StepParts.own_scalar`` combines them on the device (``tensor()``)."""
 
     __slots__ = ("parts",)
 
@@ -119,7 +119,12 @@ class StepParts:
         (a probe's fresh reduction). On a CPU run the writer thread reads it as it is:
         no packing and no copy on the training thread. Elsewhere a ``device_scalar``.
         A ``NormOf`` (CPU runs only) is combined by the writer thread."""
-        if self.host_device and (type(value) is NormOf or value.device.type == "cpu"):
+        if type(value) is NormOf:
+            if self.host_device:
+                self.extern.append((step, name, value))
+                return
+            value = value.tensor()
+        if self.host_device and value.device.type == "cpu":
             self.extern.append((step, name, value))
         else:
             self.dev.append((step, name, value.reshape(1)))
